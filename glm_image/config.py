@@ -233,11 +233,11 @@ class ArTextConfig(_Config):
             "rope_theta",
         )
         if self.hidden_size % self.num_attention_heads:
-            self._fail("hidden_size", f"must be a multiple of num_attention_heads ({self.num_attention_heads})")
-        if self.num_attention_heads % self.num_key_value_heads:
             self._fail(
-                "num_key_value_heads", f"must divide num_attention_heads ({self.num_attention_heads})"
+                "hidden_size", f"must be a multiple of num_attention_heads ({self.num_attention_heads})"
             )
+        if self.num_attention_heads % self.num_key_value_heads:
+            self._fail("num_key_value_heads", f"must divide num_attention_heads ({self.num_attention_heads})")
         if not 0.0 < self.partial_rotary_factor <= 1.0:
             self._fail("partial_rotary_factor", "must be in (0, 1]")
         if len(self.mrope_section) != 3 or min(self.mrope_section) <= 0:
@@ -308,12 +308,18 @@ class ArConfig(_Config):
     image_start_token_id: int = 16384
     image_end_token_id: int = 16385
 
-    _IGNORED: ClassVar[frozenset[str]] = frozenset({"text_config", "vision_config", "vq_config", "tie_word_embeddings"})
+    _IGNORED: ClassVar[frozenset[str]] = frozenset(
+        {"text_config", "vision_config", "vq_config", "tie_word_embeddings"}
+    )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> ArConfig:
         subs = {}
-        for key, sub_cls in (("text_config", ArTextConfig), ("vision_config", VisionConfig), ("vq_config", VqConfig)):
+        for key, sub_cls in (
+            ("text_config", ArTextConfig),
+            ("vision_config", VisionConfig),
+            ("vq_config", VqConfig),
+        ):
             if not isinstance(data.get(key), Mapping):
                 raise ConfigError(f"{source}: missing required section '{key}'")
             subs[key.removesuffix("_config")] = sub_cls.from_dict(data[key], f"{source} [{key}]")
@@ -434,7 +440,10 @@ class VaeConfig(_Config):
     def _validate(self) -> None:
         self._require_positive("latent_channels", "layers_per_block", "norm_num_groups")
         if not self.block_out_channels or any(c % self.norm_num_groups for c in self.block_out_channels):
-            self._fail("block_out_channels", f"must be non-empty multiples of norm_num_groups ({self.norm_num_groups})")
+            self._fail(
+                "block_out_channels",
+                f"must be non-empty multiples of norm_num_groups ({self.norm_num_groups})",
+            )
         for key in ("latents_mean", "latents_std"):
             if len(getattr(self, key)) != self.latent_channels:
                 self._fail(key, f"must have one value per latent channel ({self.latent_channels})")
@@ -480,7 +489,9 @@ class GlyphConfig(_Config):
     def _validate(self) -> None:
         self._require_positive("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")
         if self.feed_forward_proj not in ("gated-gelu", "relu", "gated-relu", "gelu"):
-            self._fail("feed_forward_proj", "is not supported; allowed: 'gated-gelu', 'gelu', 'gated-relu', 'relu'")
+            self._fail(
+                "feed_forward_proj", "is not supported; allowed: 'gated-gelu', 'gelu', 'gated-relu', 'relu'"
+            )
 
 
 @dataclass(frozen=True)
@@ -542,6 +553,14 @@ class ImageProcessorConfig(_Config):
     do_convert_rgb: bool = True
 
     _IGNORED: ClassVar[frozenset[str]] = frozenset({"image_processor_type", "processor_class", "size"})
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> ImageProcessorConfig:
+        # transformers 5 re-saves the pixel budget as size = {shortest_edge: min, longest_edge: max}.
+        size = data.get("size")
+        if isinstance(size, Mapping):
+            data = {"min_pixels": size.get("shortest_edge"), "max_pixels": size.get("longest_edge"), **data}
+        return super().from_dict(data, source)
 
     def _validate(self) -> None:
         self._require_positive("patch_size", "min_pixels", "max_pixels", "temporal_patch_size", "merge_size")
@@ -620,9 +639,7 @@ def _processor_image_config(folder: Path) -> ImageProcessorConfig:
         data = read_json(nested).get("image_processor")
         if isinstance(data, Mapping):
             return ImageProcessorConfig.from_dict(data, f"{nested} [image_processor]")
-    raise CheckpointError(
-        f"missing config file: {direct} (or an 'image_processor' section in {nested})"
-    )
+    raise CheckpointError(f"missing config file: {direct} (or an 'image_processor' section in {nested})")
 
 
 @dataclass(frozen=True)
@@ -655,7 +672,9 @@ class CheckpointConfig:
             raise ConfigError(f"{root / 'model_index.json'}: missing components {missing}")
         processor_dir = root / "processor"
         tokens_file = processor_dir / "tokenizer_config.json"
-        tokens = PromptTokens.from_json(tokens_file) if tokens_file.is_file() else PromptTokens(source="defaults")
+        tokens = (
+            PromptTokens.from_json(tokens_file) if tokens_file.is_file() else PromptTokens(source="defaults")
+        )
         vle = root / "vision_language_encoder"
         return cls(
             root=root,
@@ -676,8 +695,16 @@ class CheckpointConfig:
                 ("text_encoder/config.json", "d_model", self.glyph.d_model),
             ),
             (
-                ("transformer/config.json", "prior_vq_quantizer_codebook_size", self.dit.prior_vq_quantizer_codebook_size),
-                ("vision_language_encoder/config.json", "vq_config.num_embeddings", self.ar.vq.num_embeddings),
+                (
+                    "transformer/config.json",
+                    "prior_vq_quantizer_codebook_size",
+                    self.dit.prior_vq_quantizer_codebook_size,
+                ),
+                (
+                    "vision_language_encoder/config.json",
+                    "vq_config.num_embeddings",
+                    self.ar.vq.num_embeddings,
+                ),
             ),
             (
                 ("transformer/config.json", "in_channels", self.dit.in_channels),
@@ -685,7 +712,11 @@ class CheckpointConfig:
             ),
             (
                 ("processor/preprocessor_config.json", "patch_size", self.image_processor.patch_size),
-                ("vision_language_encoder/config.json", "vision_config.patch_size", self.ar.vision.patch_size),
+                (
+                    "vision_language_encoder/config.json",
+                    "vision_config.patch_size",
+                    self.ar.vision.patch_size,
+                ),
             ),
         ]
         for (file_a, key_a, a), (file_b, key_b, b) in pairs:

@@ -160,7 +160,9 @@ class WeightIndex:
             raise CheckpointError(f"checkpoint component folder not found: {folder}")
         indexes = sorted(folder.glob("*.safetensors.index.json"))
         if len(indexes) > 1:
-            raise CheckpointError(f"{folder}: several weight indexes ({', '.join(p.name for p in indexes)}); keep one")
+            raise CheckpointError(
+                f"{folder}: several weight indexes ({', '.join(p.name for p in indexes)}); keep one"
+            )
         if indexes:
             return cls._from_index(indexes[0])
         files = sorted(folder.glob("*.safetensors"))
@@ -201,14 +203,15 @@ class WeightIndex:
                 )
             by_shard.setdefault(shard, []).append(name)
 
-        tensors: dict[str, TensorInfo] = {}
         for shard, names in sorted(by_shard.items()):
-            path = index_file.parent / shard
-            if not path.is_file():
+            if not (index_file.parent / shard).is_file():
                 raise CheckpointError(
                     f"{index_file}: shard '{shard}' (holding {len(names)} tensors, e.g. '{names[0]}') "
                     f"is missing from {index_file.parent}"
                 )
+        tensors: dict[str, TensorInfo] = {}
+        for shard, names in sorted(by_shard.items()):
+            path = index_file.parent / shard
             header = read_safetensors_header(path)
             absent = [n for n in names if n not in header]
             if absent:
@@ -347,7 +350,9 @@ def load_weights(
             info = index.tensors[name]
             if info.file not in handles:
                 try:
-                    handles[info.file] = stack.enter_context(safe_open(str(info.file), framework="pt", device="cpu"))
+                    handles[info.file] = stack.enter_context(
+                        safe_open(str(info.file), framework="pt", device="cpu")
+                    )
                 except Exception as e:  # the library's own errors are terse; name the file
                     raise CorruptCheckpointError(f"{info.file}: cannot be opened as safetensors ({e})") from e
             try:
@@ -378,7 +383,11 @@ def load_weights(
         meta_buffers=meta_buffers,
     )
     log.info(
-        "loaded %d tensors (%.1f MB) from %s in %.2fs", report.num_tensors, num_bytes / 1e6, index.folder, report.seconds
+        "loaded %d tensors (%.1f MB) from %s in %.2fs",
+        report.num_tensors,
+        num_bytes / 1e6,
+        index.folder,
+        report.seconds,
     )
     return report
 

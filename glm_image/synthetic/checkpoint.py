@@ -24,6 +24,7 @@ import torch
 
 from ..config import CheckpointConfig, read_json
 from ..errors import CheckpointError
+from .reference import REFERENCE_FACTORIES
 from .tokenizer import build_glm_tokenizer
 
 __all__ = ["PRESETS", "make_checkpoint", "preset_dir", "randomize_"]
@@ -35,6 +36,8 @@ _PRESET_ROOT = Path(__file__).resolve().parent.parent / "configs"
 # Release shard counts (vision_language_encoder: 4, transformer: 3); we mimic the sharding.
 _SHARDS = {"vision_language_encoder": 4, "transformer": 3}
 
+_Writer = Callable[[Path, Path, torch.Generator, torch.dtype], None]
+
 
 def preset_dir(name: str | os.PathLike) -> Path:
     """The config folder of a named preset, or ``name`` itself if it is a folder."""
@@ -42,7 +45,9 @@ def preset_dir(name: str | os.PathLike) -> Path:
         return _PRESET_ROOT / str(name)
     path = Path(name)
     if not (path / "model_index.json").is_file():
-        raise CheckpointError(f"unknown preset {str(name)!r}; allowed: {', '.join(PRESETS)} or a preset folder")
+        raise CheckpointError(
+            f"unknown preset {str(name)!r}; allowed: {', '.join(PRESETS)} or a preset folder"
+        )
     return path
 
 
@@ -72,37 +77,23 @@ def _shard_size(module: torch.nn.Module, dtype: torch.dtype, shards: int) -> int
     return max(1, math.ceil(total / shards))
 
 
-def _save_vision_language_encoder(cfg: Path, out: Path, gen: torch.Generator, dtype: torch.dtype) -> None:
-    from transformers import GenerationConfig, GlmImageConfig, GlmImageForConditionalGeneration
+def _save_weights(component: str) -> _Writer:
+    """A writer that builds the reference class, randomises it and saves it the reference's way."""
 
-    model = GlmImageForConditionalGeneration(GlmImageConfig.from_pretrained(cfg))
-    randomize_(model, gen)
-    model.generation_config = GenerationConfig.from_pretrained(cfg)
-    model.to(dtype).save_pretrained(out, max_shard_size=_shard_size(model, dtype, _SHARDS[out.name]))
+    def write(cfg: Path, out: Path, gen: torch.Generator, dtype: torch.dtype) -> None:
+        model = REFERENCE_FACTORIES[component](cfg)
+        randomize_(model, gen)
+        model.to(dtype)
+        if component == "vision_language_encoder":
+            from transformers import GenerationConfig
 
+            model.generation_config = GenerationConfig.from_pretrained(cfg)
+        kwargs = (
+            {"max_shard_size": _shard_size(model, dtype, _SHARDS[component])} if component in _SHARDS else {}
+        )
+        model.save_pretrained(out, **kwargs)
 
-def _save_transformer(cfg: Path, out: Path, gen: torch.Generator, dtype: torch.dtype) -> None:
-    from diffusers import GlmImageTransformer2DModel
-
-    model = GlmImageTransformer2DModel.from_config(GlmImageTransformer2DModel.load_config(cfg))
-    randomize_(model, gen)
-    model.to(dtype).save_pretrained(out, max_shard_size=_shard_size(model, dtype, _SHARDS[out.name]))
-
-
-def _save_vae(cfg: Path, out: Path, gen: torch.Generator, dtype: torch.dtype) -> None:
-    from diffusers import AutoencoderKL
-
-    model = AutoencoderKL.from_config(AutoencoderKL.load_config(cfg))
-    randomize_(model, gen)
-    model.to(dtype).save_pretrained(out)
-
-
-def _save_text_encoder(cfg: Path, out: Path, gen: torch.Generator, dtype: torch.dtype) -> None:
-    from transformers import T5Config, T5EncoderModel
-
-    model = T5EncoderModel(T5Config.from_pretrained(cfg))
-    randomize_(model, gen)
-    model.to(dtype).save_pretrained(out)
+    return write
 
 
 def _save_tokenizer(cfg: Path, out: Path, gen: torch.Generator, dtype: torch.dtype) -> None:
@@ -117,9 +108,13 @@ def _save_processor(cfg: Path, out: Path, gen: torch.Generator, dtype: torch.dty
     tokens = read_json(cfg / "tokenizer_config.json")
     ar = read_json(cfg.parent / "vision_language_encoder" / "config.json")
     specials = {int(i): entry["content"] for i, entry in tokens["added_tokens_decoder"].items()}
-    specials |= {ar[key]: f"<|dit_token_{ar[key]}|>" for key in ("image_start_token_id", "image_end_token_id")}
+    specials |= {
+        ar[key]: f"<|dit_token_{ar[key]}|>" for key in ("image_start_token_id", "image_end_token_id")
+    }
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=build_glm_tokenizer(specials, vision_vocab_size=ar["text_config"]["vision_vocab_size"]),
+        tokenizer_object=build_glm_tokenizer(
+            specials, vision_vocab_size=ar["text_config"]["vision_vocab_size"]
+        ),
         bos_token=tokens["bos_token"],
         eos_token=tokens["eos_token"],
         pad_token=tokens["pad_token"],
@@ -143,15 +138,13 @@ def _save_processor(cfg: Path, out: Path, gen: torch.Generator, dtype: torch.dty
 def _save_scheduler(cfg: Path, out: Path, gen: torch.Generator, dtype: torch.dtype) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    FlowMatchEulerDiscreteScheduler.from_config(FlowMatchEulerDiscreteScheduler.load_config(cfg)).save_pretrained(out)
+    FlowMatchEulerDiscreteScheduler.from_config(
+        FlowMatchEulerDiscreteScheduler.load_config(cfg)
+    ).save_pretrained(out)
 
 
-_Writer = Callable[[Path, Path, torch.Generator, torch.dtype], None]
 _WRITERS: dict[str, _Writer] = {
-    "vision_language_encoder": _save_vision_language_encoder,
-    "transformer": _save_transformer,
-    "text_encoder": _save_text_encoder,
-    "vae": _save_vae,
+    **{component: _save_weights(component) for component in REFERENCE_FACTORIES},
     "tokenizer": _save_tokenizer,
     "processor": _save_processor,
     "scheduler": _save_scheduler,
@@ -181,12 +174,14 @@ def make_checkpoint(
     CheckpointConfig.from_dir(cfg_root)  # fail on a bad preset before writing anything
     dtype = dtype or (torch.float32 if str(preset) == "tiny" else torch.bfloat16)
     out = Path(out_dir)
-    if out.exists():
-        if not overwrite and any(out.iterdir()):
-            raise CheckpointError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    if out.exists() and not overwrite and any(out.iterdir()):
+        raise CheckpointError(
+            f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint folder is an ordinary folder
     try:
         for index, (name, write) in enumerate(_WRITERS.items()):
             log.info("writing %s (%s)", name, preset)

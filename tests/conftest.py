@@ -1,0 +1,38 @@
+"""Shared fixtures. Nothing here downloads: the hub is forced offline and checkpoints are built."""
+
+from __future__ import annotations
+
+import os
+
+# Set before transformers / diffusers / huggingface_hub are imported by any test module.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+from pathlib import Path
+
+import pytest
+
+from glm_image.synthetic import make_checkpoint
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep `--model tiny` builds out of the user's real cache."""
+    os.environ["GLM_IMAGE_CACHE"] = str(tmp_path_factory.mktemp("glm-image-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny preset written through the reference classes, fp32, seed 0 (read-only for tests)."""
+    return make_checkpoint(tmp_path_factory.mktemp("checkpoints") / "tiny", "tiny", seed=0)
+
+
+@pytest.fixture
+def tiny_copy(tiny_checkpoint: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny checkpoint that a test may damage."""
+    import shutil
+
+    return Path(shutil.copytree(tiny_checkpoint, tmp_path / "tiny"))
