@@ -7,7 +7,9 @@ index files are the reference's, not ours: a loader that reads these files reads
 The configs come from a preset folder (``glm_image/configs/<name>``) in the checkpoint's layout.
 
 Weights are random but not degenerate: zero-initialised tensors (biases, AdaLN-zero modulation,
-output projections) get small random values too, so parity tests see every parameter.
+output projections) get small random values too, so parity tests see every parameter. One
+exception, on purpose: the AR lm_head rows of the special tokens are zero (see
+``_quiet_special_tokens``).
 """
 
 from __future__ import annotations
@@ -72,6 +74,19 @@ def randomize_(module: torch.nn.Module, generator: torch.Generator) -> None:
         param.copy_(value.to(param.dtype))
 
 
+@torch.no_grad()
+def _quiet_special_tokens(model: torch.nn.Module) -> None:
+    """Zero the lm_head rows of the non-code tokens (EOS and the other specials).
+
+    A random lm_head samples one of its 128 special tokens every ~100 steps and so cuts most
+    grids short, which the released model does not do. A zero logit sits below the nucleus of
+    top_p 0.75 (and is never the greedy pick), so the synthetic model, like the released one,
+    writes whole grids, and any seed can be compared with the reference.
+    """
+    codes = model.config.vq_config.num_embeddings
+    model.lm_head.weight[codes:] = 0.0
+
+
 def _shard_size(module: torch.nn.Module, dtype: torch.dtype, shards: int) -> int:
     total = sum(p.numel() for p in module.parameters()) * torch.finfo(dtype).bits // 8
     return max(1, math.ceil(total / shards))
@@ -83,11 +98,12 @@ def _save_weights(component: str) -> _Writer:
     def write(cfg: Path, out: Path, gen: torch.Generator, dtype: torch.dtype) -> None:
         model = REFERENCE_FACTORIES[component](cfg)
         randomize_(model, gen)
-        model.to(dtype)
         if component == "vision_language_encoder":
             from transformers import GenerationConfig
 
+            _quiet_special_tokens(model)
             model.generation_config = GenerationConfig.from_pretrained(cfg)
+        model.to(dtype)
         kwargs = (
             {"max_shard_size": _shard_size(model, dtype, _SHARDS[component])} if component in _SHARDS else {}
         )

@@ -1,0 +1,310 @@
+"""The AR engine: prompts in, prior tokens for the DiT out.
+
+One call is planned in full before the first token: the prompts are tokenized by the
+checkpoint's own processor, left-padded into one batch, and every position, rotary table and
+cache slot of the whole generation is known (preview grid + target grid [+ EOS]). Then a
+prefill and a fixed-length decode loop run with a static KV cache and no host synchronisation
+per token: the sampled token stays on the device and feeds the next step. Each sample has its
+own seeded generator, so a batch gives the same images as its samples run one by one.
+
+``constrain_grid=True`` (default) masks EOS and the special tokens while a grid is incomplete,
+*after* temperature/top-k/top-p, so whenever the reference would have written a valid grid we
+write the same one, and where it would have cut the grid short we cannot. ``False`` reproduces
+the reference exactly, including its failures (for parity tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..config import CheckpointConfig
+from ..errors import GlmImageError
+from ..models.ar import ArModel, KVCache, rotary_tables
+from ..sampling import SamplingParams, apply_filters, draw, greedy
+from ..weights import build_on_meta, load_weights
+from .protocol import GridSpec, decode_positions, prompt_positions, upsample_grid
+
+__all__ = ["ArEngine", "ArResult"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class ArResult:
+    """Everything one generation produced (``generate_prior_tokens`` returns only ``prior_tokens``)."""
+
+    tokens: torch.Tensor  # (B, steps) generated ids, preview grid first
+    prior_tokens: torch.Tensor | None  # (B, 4 * rows * cols) target grid upsampled x2; None if broken
+    spec: GridSpec
+    seeds: tuple[int, ...]
+    logits: list[torch.Tensor] | None  # raw (B, V) logits per step, when asked for
+
+
+@dataclass(frozen=True)
+class _Batch:
+    input_ids: torch.Tensor  # (B, P) left-padded
+    valid: torch.Tensor  # (B, P) bool, False on padding
+    positions: torch.Tensor  # (3, B, P)
+    decode_positions: torch.Tensor  # (3, B, num_tokens + 1)
+
+
+def _seeds(seeds: int | Sequence[int] | None, count: int) -> tuple[int, ...]:
+    if seeds is None:
+        return tuple(secrets.randbits(63) for _ in range(count))
+    if isinstance(seeds, int):
+        return tuple(seeds + i for i in range(count))
+    seeds = tuple(int(s) for s in seeds)
+    if len(seeds) != count:
+        raise GlmImageError(f"seeds: got {len(seeds)}, need one per image ({count}) or a single int")
+    return seeds
+
+
+class ArEngine:
+    """The AR text decoder with its processor and sampling defaults, on one device."""
+
+    def __init__(self, model: ArModel, config: CheckpointConfig, processor, device: torch.device) -> None:
+        self.model = model.eval()
+        self.config = config
+        self.processor = processor
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+        g = config.generation
+        self.sampling = SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> ArEngine:
+        from transformers import GlmImageProcessor
+
+        from ..hub import resolve_checkpoint
+
+        root = resolve_checkpoint(path)
+        config = CheckpointConfig.from_dir(root)
+        device = torch.device(device)
+        model = build_on_meta(lambda: ArModel(config.ar.text))
+        load_weights(
+            model,
+            root / "vision_language_encoder",
+            device=device,
+            dtype=dtype,
+            key_map=model.checkpoint_key_map(),
+            ignore_prefixes=ArModel.UNUSED_CHECKPOINT_PREFIXES,
+        )
+        processor = GlmImageProcessor.from_pretrained(root / "processor")
+        return cls(model, config, processor, device)
+
+    # ---------------------------------------------------------------- planning
+
+    def _grid_spec(self, grids: torch.Tensor) -> GridSpec:
+        (_, rows, cols), (_, p_rows, p_cols) = grids.tolist()
+        return GridSpec((rows, cols), (p_rows, p_cols))
+
+    def _plan(self, prompts: Sequence[str], height: int, width: int) -> tuple[_Batch, GridSpec]:
+        ar = self.config.ar
+        ids, positions, decode, spec = [], [], [], None
+        for prompt in prompts:
+            messages = [[{"role": "user", "content": [{"type": "text", "text": prompt}]}]]
+            out = self.processor.apply_chat_template(
+                messages,
+                tokenize=True,
+                return_dict=True,
+                return_tensors="pt",
+                processor_kwargs={"target_h": height, "target_w": width},
+            )
+            sample_ids = out["input_ids"][0]
+            spec = self._grid_spec(out["image_grid_thw"])
+            pos, offset = prompt_positions(
+                sample_ids, image_start_id=ar.image_start_token_id, image_end_id=ar.image_end_token_id
+            )
+            ids.append(sample_ids)
+            positions.append(pos)
+            decode.append(decode_positions(offset, spec))
+
+        length = max(len(x) for x in ids)
+        pad_id = self.config.ar.text.pad_token_id
+        input_ids = torch.full((len(ids), length), pad_id, dtype=torch.long)
+        valid = torch.zeros((len(ids), length), dtype=torch.bool)
+        pos = torch.zeros((3, len(ids), length), dtype=torch.long)
+        for i, (x, p) in enumerate(zip(ids, positions, strict=True)):
+            input_ids[i, length - len(x) :] = x
+            valid[i, length - len(x) :] = True
+            pos[:, i, length - len(x) :] = p
+        to = self.device
+        batch = _Batch(input_ids.to(to), valid.to(to), pos.to(to), torch.stack(decode, dim=1).to(to))
+        return batch, spec
+
+    def _check_size(self, height: int, width: int) -> None:
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value < 32 or value % 32:
+                raise GlmImageError(f"{name} = {value!r} must be a positive multiple of 32")
+
+    # ---------------------------------------------------------------- generation
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: str | Sequence[str],
+        height: int,
+        width: int,
+        *,
+        seeds: int | Sequence[int] | None = None,
+        greedy_decoding: bool = False,
+        constrain_grid: bool = True,
+        num_images_per_prompt: int = 1,
+        include_eos: bool = False,
+        return_logits: bool = False,
+        progress: Progress | None = None,
+    ) -> ArResult:
+        """Generate the grids for every (prompt, image) pair; see ``generate_prior_tokens``."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise GlmImageError("prompts: need at least one prompt")
+        if num_images_per_prompt < 1:
+            raise GlmImageError(f"num_images_per_prompt = {num_images_per_prompt} must be >= 1")
+        self._check_size(height, width)
+        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
+        batch, spec = self._plan(prompts, height, width)
+        seeds = _seeds(seeds, len(prompts))
+        generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
+        steps = spec.num_tokens + (1 if include_eos else 0)
+
+        tokens, logits = self._decode(
+            batch, steps, generators, greedy_decoding, constrain_grid, return_logits, progress
+        )
+        target = tokens[:, spec.target_offset : spec.target_offset + spec.target[0] * spec.target[1]]
+        codes = self.config.ar.vq.num_embeddings
+        prior = upsample_grid(target, *spec.target) if bool((target < codes).all()) else None
+        return ArResult(tokens, prior, spec, seeds, logits)
+
+    def generate_prior_tokens(
+        self,
+        prompts: str | Sequence[str],
+        height: int,
+        width: int,
+        seeds: int | Sequence[int] | None = None,
+        greedy: bool = False,
+        constrain_grid: bool = True,
+        *,
+        num_images_per_prompt: int = 1,
+        progress: Progress | None = None,
+    ) -> torch.Tensor:
+        """Prior tokens for the DiT: (B, (H/16) * (W/16)), B = prompts x images per prompt.
+
+        ``seeds``: one per image, or one int (image ``i`` uses ``seed + i``), or None (random).
+        """
+        result = self.generate(
+            prompts,
+            height,
+            width,
+            seeds=seeds,
+            greedy_decoding=greedy,
+            constrain_grid=constrain_grid,
+            num_images_per_prompt=num_images_per_prompt,
+            progress=progress,
+        )
+        if result.prior_tokens is None:
+            codes = self.config.ar.vq.num_embeddings
+            bad = (result.tokens[:, result.spec.target_offset :] >= codes).nonzero()[0].tolist()
+            raise GlmImageError(
+                f"the AR model wrote a non-image token inside the target grid (image {bad[0]}, grid token "
+                f"{bad[1]}); the reference fails the same way. Use constrain_grid=True to prevent it."
+            )
+        return result.prior_tokens
+
+    def _prefill(self, batch: _Batch, cache: KVCache) -> torch.Tensor:
+        """The whole prompt at once, causal, padding hidden; hidden states (B, P, hidden)."""
+        prompt_len = batch.input_ids.shape[1]
+        causal = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=self.device).tril()
+        # A padding row may see itself, so that no attention row is empty (an empty row is NaN,
+        # and NaN in a masked value still poisons the weighted sum of the rows that skip it).
+        eye = torch.eye(prompt_len, dtype=torch.bool, device=self.device)
+        mask = (causal & batch.valid[:, None, :]) | eye
+        rope = rotary_tables(batch.positions, self.config.ar.text, self.dtype)
+        slots = torch.arange(prompt_len, device=self.device)
+        return self.model(batch.input_ids, rope, cache, slots, mask[:, None], window=prompt_len)
+
+    @torch.inference_mode()
+    def prompt_logits(
+        self, prompts: str | Sequence[str], height: int, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image-vocabulary logits (B, P, V) at every prompt position (left-padded), and (B, P) validity."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        self._check_size(height, width)
+        batch, _ = self._plan(prompts, height, width)
+        cache = KVCache(self.config.ar.text, len(prompts), batch.input_ids.shape[1], self.device, self.dtype)
+        return self.model.logits(self._prefill(batch, cache)), batch.valid
+
+    def _decode(
+        self,
+        batch: _Batch,
+        steps: int,
+        generators: list[torch.Generator],
+        greedy_decoding: bool,
+        constrain_grid: bool,
+        return_logits: bool,
+        progress: Progress | None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        model, text = self.model, self.config.ar.text
+        b, prompt_len = batch.input_ids.shape
+        capacity = prompt_len + steps
+        cache = KVCache(text, b, capacity, self.device, self.dtype)
+        tokens = torch.empty((b, steps), dtype=torch.long, device=self.device)
+        kept_logits: list[torch.Tensor] | None = [] if return_logits else None
+        codes = self.config.ar.vq.num_embeddings
+        eos, pad = text.eos_token_id, self.config.generation.pad_token_id
+        unfinished = torch.ones(b, dtype=torch.bool, device=self.device)
+
+        def pick(hidden: torch.Tensor, step: int) -> torch.Tensor:
+            nonlocal unfinished
+            logits = model.logits(hidden[:, -1])
+            if kept_logits is not None:
+                kept_logits.append(logits)
+            scores = logits if greedy_decoding else apply_filters(logits, self.sampling)
+            if constrain_grid:
+                # Inside a grid only image codes are allowed; if the filters kept none, fall back
+                # to the best codes of the raw logits rather than dividing by zero.
+                masked = scores.clone()
+                masked[:, codes:] = float("-inf")
+                empty = torch.isinf(masked).all(dim=-1, keepdim=True)
+                fallback = logits.clone()
+                fallback[:, codes:] = float("-inf")
+                scores = torch.where(empty, fallback, masked)
+            token = greedy(scores) if greedy_decoding else draw(scores, generators)
+            if not constrain_grid and pad is not None:
+                # As transformers' generate: a finished sequence continues with padding.
+                token = torch.where(unfinished, token, torch.full_like(token, pad))
+                unfinished = unfinished & (token != eos)
+            tokens[:, step] = token
+            if progress is not None:
+                progress(step + 1, steps)
+            return token
+
+        token = pick(self._prefill(batch, cache), 0)
+
+        # decode: one token per step over the static cache; every table is indexed, nothing synced
+        cos, sin = rotary_tables(batch.decode_positions[:, :, : steps - 1], text, self.dtype)
+        slots = torch.arange(1, device=self.device)
+        visible = torch.zeros((b, capacity), dtype=torch.bool, device=self.device)
+        visible[:, :prompt_len] = batch.valid
+        for step in range(1, steps):
+            slot = prompt_len + step - 1
+            visible[:, slot] = True
+            hidden = model(
+                token[:, None],
+                (cos[:, step - 1 : step], sin[:, step - 1 : step]),
+                cache,
+                slots + slot,
+                visible[:, None, None, :],
+                window=capacity,
+            )
+            token = pick(hidden, step)
+        return tokens, kept_logits

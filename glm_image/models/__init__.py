@@ -1,0 +1,1 @@
+"""Our own implementations of the GLM-Image models, one file per model."""
