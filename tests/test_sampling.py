@@ -78,3 +78,22 @@ def test_greedy_and_parameter_validation():
             SamplingParams(**bad)
     with pytest.raises(ValueError, match="2 generators for 3 rows"):
         draw(logits, [torch.Generator(), torch.Generator()])
+
+
+@pytest.mark.parametrize(
+    "params", [SamplingParams(1.0, 0.75), SamplingParams(1.0, 0.75, 16512), SamplingParams(0.9, 0.5)]
+)
+def test_filters_never_modify_their_input(params):
+    logits = _logits(8)
+    before = logits.clone()
+    apply_filters(logits, params)
+    assert torch.equal(logits, before)
+
+
+def test_ties_across_the_nucleus_edge_take_the_reference_path():
+    """Quantised logits tie everywhere; the result must still be the reference warper's."""
+    logits = torch.randint(-3, 4, (4, 16512), generator=torch.Generator().manual_seed(9)).float()
+    for p in (0.3, 0.75, 0.9):
+        assert torch.equal(top_p_filter(logits, p), TopPLogitsWarper(top_p=p)(None, logits.clone()))
+        expected = TopPLogitsWarper(top_p=p)(None, logits / 0.9)
+        assert torch.equal(apply_filters(logits, SamplingParams(0.9, p)), expected)

@@ -36,18 +36,19 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalise in float32, scale in the input dtype, as the reference does.
         h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        scale = h.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
+        return self.weight * (h * scale).to(x.dtype)
 
 
 def rotary_tables(
     positions: torch.Tensor, config: ArTextConfig, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin for M-RoPE: positions (3, B, T) -> two (B, T, rotary_dim) tables.
+    """cos and signed sin for M-RoPE: positions (3, B, T) -> two (B, T, rotary_dim) tables.
 
     Frequency ``i`` of the rotated half takes its angle from the t, h or w position according
     to ``mrope_section`` (the first 8 frequencies from t, the next 12 from h, the last 12 from
-    w for the released model); the table is repeated for the two halves of rotate-half.
+    w for the released model); the table is repeated for the two halves of rotate-half. The
+    sin table carries rotate-half's sign (-sin on the first half), see ``_rotate_``.
     """
     half = config.rotary_dim // 2
     inv_freq = 1.0 / (
@@ -59,17 +60,20 @@ def rotary_tables(
         torch.arange(3, device=positions.device), torch.tensor(config.mrope_section, device=positions.device)
     )  # (half,): which position axis drives each frequency
     angles = angles.gather(0, axis.view(1, 1, 1, half).expand(1, *angles.shape[1:])).squeeze(0)
-    angles = torch.cat([angles, angles], dim=-1)  # (B, T, rotary_dim)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    cos, sin = angles.cos(), angles.sin()  # (B, T, half)
+    return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
 
 
-def _apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first rotary_dim channels of x (B, H, T, D); cos/sin (B, 1, T, rotary_dim)."""
+def _rotate_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
+    """Rotate the first rotary_dim channels of x (B, T, heads, D) in place; tables (B, T, 1, rot).
+
+    rotate_half(x) * sin == roll(x, half) * signed_sin exactly (a sign flip is exact), so this
+    is the reference's ``x * cos + rotate_half(x) * sin``, product for product, in 4 ops.
+    """
     rot = cos.shape[-1]
-    x_rot, x_pass = x[..., :rot], x[..., rot:]
-    x1, x2 = x_rot.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return torch.cat([x_rot * cos + rotated * sin, x_pass], dim=-1)
+    x_rot = x[..., :rot]
+    rolled = torch.roll(x_rot, rot // 2, dims=-1).mul_(signed_sin)
+    x_rot.mul_(cos).add_(rolled)
 
 
 class KVCache:
@@ -108,14 +112,13 @@ class Attention(nn.Module):
         window: int,  # attend over cache slots [0, window)
     ) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(
-            [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1
-        )
-        q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, T, D)
-        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = (r.unsqueeze(1) for r in rope)
-        q, k = _apply_rotary(q, cos, sin), _apply_rotary(k, cos, sin)
+        heads, kv = self.heads, self.kv_heads
+        qkv = self.qkv_proj(x).view(b, t, heads + 2 * kv, self.head_dim)
+        cos, sin = (r.unsqueeze(2) for r in rope)
+        _rotate_(qkv[:, :, : heads + kv], cos, sin)  # q and k heads together
+        q = qkv[:, :, :heads].transpose(1, 2)  # (B, H, T, D)
+        k = qkv[:, :, heads : heads + kv].transpose(1, 2)  # (B, KV, T, D)
+        v = qkv[:, :, heads + kv :].transpose(1, 2)
 
         cache.keys[layer].index_copy_(2, slots, k)
         cache.values[layer].index_copy_(2, slots, v)
@@ -135,7 +138,7 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(up * F.silu(gate))
+        return self.down_proj(F.silu(gate).mul_(up))
 
 
 class Block(nn.Module):

@@ -46,6 +46,10 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     """Keep the smallest set of tokens whose probability reaches ``p`` (nucleus); at least one."""
     if p >= 1.0:
         return logits
+    if logits.device.type == "cpu" and logits.dim() == 2:
+        threshold = _top_p_threshold(logits, p)
+        if threshold is not None:
+            return logits.masked_fill(logits < threshold, float("-inf"))
     sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     remove_sorted = cumulative <= (1 - p)
@@ -54,13 +58,43 @@ def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
     return logits.masked_fill(remove, float("-inf"))
 
 
+def _top_p_threshold(logits: torch.Tensor, p: float) -> torch.Tensor | None:
+    """The smallest kept logit of each row (B, 1): tokens below it are what top-p removes.
+
+    ``top_p_filter`` without sorting indices: bit-identical, several times faster on a CPU.
+
+    The reference's decision depends only on the sorted *values* (softmax and cumsum over them),
+    and the removed tokens are a prefix of that order: everything below the smallest kept value.
+    NumPy sorts values alone far faster than ``torch.sort`` sorts with indices. Returns None when
+    a tie straddles the cut, where only the reference's own ordering decides (rare; the caller
+    then takes the sorting path).
+    """
+    import numpy as np
+
+    values = torch.from_numpy(np.sort(logits.detach().numpy(), axis=-1))
+    cumulative = values.softmax(dim=-1).cumsum(dim=-1)
+    removed = (cumulative <= (1 - p)).sum(dim=-1, keepdim=True).clamp_(max=values.shape[-1] - 1)
+    threshold = values.gather(-1, removed)
+    below = values.gather(-1, (removed - 1).clamp_(min=0))
+    if bool(((removed > 0) & (below == threshold)).any()):
+        return None
+    return threshold
+
+
 def apply_filters(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, top-k, top-p, in that order, on float32 logits (B, V)."""
+    original = logits
     logits = logits.float()
     if params.temperature != 1.0:
         logits = logits / params.temperature
     if params.top_k:
         logits = top_k_filter(logits, params.top_k)
+    if params.top_p < 1.0 and logits.device.type == "cpu":
+        # the hot path: mask in place, on a copy only if nothing above made one already
+        threshold = _top_p_threshold(logits, params.top_p)
+        if threshold is not None:
+            owned = logits.clone() if logits is original else logits
+            return owned.masked_fill_(owned < threshold, float("-inf"))
     return top_p_filter(logits, params.top_p)
 
 
@@ -72,7 +106,7 @@ def draw(logits: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.T
     q = torch.empty_like(probs)
     for row, generator in enumerate(generators):
         q[row].exponential_(generator=generator)
-    return (probs / q).argmax(dim=-1)
+    return torch.div(probs, q, out=q).argmax(dim=-1)
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:
