@@ -172,3 +172,37 @@ def test_meta_model_maps_one_to_one_onto_the_released_checkpoint():
         used.extend(sources)
     assert sorted(used) == sorted(released), "every released text-model tensor is read exactly once"
     assert sum(t.numel() for t in ours.state_dict().values()) == 8_914_788_352
+
+
+def test_bfloat16_prefill_is_close_to_the_reference_in_bfloat16(tiny_checkpoint):
+    """bf16 rounding differs between a fused and a split q/k/v GEMM, so only closeness holds."""
+    from transformers import GlmImageForConditionalGeneration
+
+    prompt, height, width = "一张写着「欢迎」的海报", 512, 768
+    engine = ArEngine.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16)
+    reference = GlmImageForConditionalGeneration.from_pretrained(
+        tiny_checkpoint / "vision_language_encoder", dtype=torch.bfloat16
+    ).eval()
+    messages = [[{"role": "user", "content": [{"type": "text", "text": prompt}]}]]
+    inputs = engine.processor.apply_chat_template(
+        messages,
+        tokenize=True,
+        return_dict=True,
+        return_tensors="pt",
+        processor_kwargs={"target_h": height, "target_w": width},
+    )
+    with torch.no_grad():
+        expected = reference(**inputs).logits.float()
+    logits, _ = engine.prompt_logits(prompt, height, width)
+    assert engine.model.lm_head.weight.dtype == torch.bfloat16
+    torch.testing.assert_close(logits, expected, rtol=0, atol=2e-2)
+    assert engine.generate_prior_tokens(prompt, height, width, seeds=[0]).shape == (1, 32 * 48)
+
+
+def test_max_new_tokens_stops_early(engine):
+    partial = engine.generate(PROMPT, 512, 512, seeds=[2], max_new_tokens=10)
+    whole = engine.generate(PROMPT, 512, 512, seeds=[2])
+    assert partial.tokens.shape == (1, 10) and partial.prior_tokens is None
+    assert torch.equal(partial.tokens, whole.tokens[:, :10])
+    with pytest.raises(GlmImageError, match="max_new_tokens = 0"):
+        engine.generate(PROMPT, 512, 512, max_new_tokens=0)
