@@ -1,5 +1,19 @@
-"""Pure sampling functions: token sampling for the AR stage (flow matching joins with the DiT)."""
+"""Pure sampling functions: AR token sampling and the DiT's flow-matching schedule."""
 
+from .flow import FlowSchedule, euler_step, flow_schedule, guidance, image_seq_len, resolution_shift
 from .tokens import SamplingParams, apply_filters, draw, greedy, top_k_filter, top_p_filter
 
-__all__ = ["SamplingParams", "apply_filters", "draw", "greedy", "top_k_filter", "top_p_filter"]
+__all__ = [
+    "FlowSchedule",
+    "SamplingParams",
+    "apply_filters",
+    "draw",
+    "euler_step",
+    "flow_schedule",
+    "greedy",
+    "guidance",
+    "image_seq_len",
+    "resolution_shift",
+    "top_k_filter",
+    "top_p_filter",
+]
