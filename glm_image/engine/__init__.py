@@ -1,5 +1,6 @@
-"""Runners that drive the models: the AR prior-token engine (and, later, the DiT engine)."""
+"""Runners that drive the models: the AR prior-token engine and the DiT denoise/decode engine."""
 
 from .ar_engine import ArEngine, ArResult
+from .dit_engine import DitEngine
 
-__all__ = ["ArEngine", "ArResult"]
+__all__ = ["ArEngine", "ArResult", "DitEngine"]

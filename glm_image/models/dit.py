@@ -287,7 +287,8 @@ class DitModel(nn.Module):
         target_size: torch.Tensor,  # (B, 2) (height, width) in pixels
         crop_coords: torch.Tensor,  # (B, 2)
         *,
-        text_mask: torch.Tensor | None = None,  # (B, T), 1 = real glyph token
+        text_mask: torch.Tensor | None = None,  # (B, T), 1 = real glyph token (the reference's mask)
+        text_keep: torch.Tensor | None = None,  # (B, T) bool, False = padding no query may see
         cache: ConditionKVCache | None = None,
         mode: CacheMode | None = None,
         read_rows: torch.Tensor | None = None,  # (B,) bool: rows that read the cache (default all)
@@ -305,7 +306,7 @@ class DitModel(nn.Module):
         image = image + self.prior_projector(prior)
         temb = self.time_condition_embed(timestep, target_size, crop_coords, image.dtype)
         rope = image_rotary_tables(rows, cols, self.config.attention_head_dim, latents.device)
-        bias = self._attention_bias(text, image, text_mask, cache, mode, read_rows)
+        bias = self._attention_bias(text, image, text_mask, text_keep, cache, mode, read_rows)
 
         for i, block in enumerate(self.transformer_blocks):
             image, text = block(image, text, temb, rope, bias, cache, mode, i, read_rows)
@@ -316,28 +317,35 @@ class DitModel(nn.Module):
         return out.permute(0, 3, 1, 4, 2, 5).flatten(4, 5).flatten(2, 3)
 
     @staticmethod
-    def _attention_bias(text, image, text_mask, cache, mode, read_rows) -> torch.Tensor | None:
-        """The additive attention bias, or None when every row sees every key unbiased."""
+    def _attention_bias(text, image, text_mask, text_keep, cache, mode, read_rows) -> torch.Tensor | None:
+        """The additive attention bias, or None when every row sees every key unbiased.
+
+        ``text_mask`` is the reference's: a 0/1 *float* matrix that SDPA adds to the scores (real
+        pairs +1, pairs touching glyph padding +0), reproduced as it is. ``text_keep`` and rows
+        that skip the condition cache hide keys for real (-inf); these let one batched forward
+        equal separate ones (e.g. CFG branches with glyph sequences of different lengths).
+        """
         b, t_len, n = text.shape[0], text.shape[1], image.shape[1]
+        reading = cache is not None and mode is CacheMode.READ
+        stored = cache.keys[0][0].shape[1] if reading and cache.num_samples else 0
         bias = None
         if text_mask is not None:
-            if mode is CacheMode.READ:
+            if reading:
                 raise ValueError(
                     "text_mask with a condition cache read is not supported (nor by the reference)"
                 )
-            # The reference builds a 0/1 *float* mask, which SDPA adds to the scores: pairs of
-            # real tokens get +1, pairs touching glyph padding +0. Reproduced as it is.
             mix = torch.ones(b, t_len + n, device=image.device)
             mix[:, :t_len] = text_mask.float()
             bias = ((mix[:, :, None] * mix[:, None, :]) > 0).unsqueeze(1).to(image.dtype)
-        if (
-            cache is not None
-            and mode is CacheMode.READ
-            and read_rows is not None
-            and not bool(read_rows.all())
-        ):
-            stored = cache.keys[0][0].shape[1] * (1 if cache.num_samples else 0)
-            hidden = torch.zeros(b, 1, 1, stored + t_len + n, dtype=image.dtype, device=image.device)
-            hidden[~read_rows, :, :, :stored] = float("-inf")
-            bias = hidden
+        hide = torch.zeros(b, stored + t_len + n, dtype=torch.bool, device=image.device)
+        if text_keep is not None:
+            hide[:, stored : stored + t_len] = ~text_keep
+        if reading and read_rows is not None:
+            hide[~read_rows, :stored] = True
+        if text_keep is not None or (reading and read_rows is not None):
+            hidden = torch.zeros(hide.shape, dtype=image.dtype, device=image.device).masked_fill_(
+                hide, float("-inf")
+            )
+            hidden = hidden[:, None, None, :]
+            bias = hidden if bias is None else bias + hidden
         return bias

@@ -1,0 +1,186 @@
+"""The DiT engine: prior tokens + prompts -> latents -> images.
+
+Each step runs classifier-free guidance as ONE batched forward: the conditional rows (prior
+tokens, glyph embeddings of the prompt) and the unconditional rows (prior dropped, glyph of "")
+go together, the shorter glyph sequence padded with keys no query can see, so the batch equals
+the reference's two forwards. Timesteps, sigmas and the Euler step are the pipeline's, bit for
+bit (``sampling.flow``); the DiT sees ``t - 1``. Initial noise is drawn per image from its own
+seed, so a batch equals its images generated one by one.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import CheckpointConfig
+from ..errors import GlmImageError
+from ..models.dit import DitModel
+from ..models.glyph import GlyphEncoder
+from ..sampling import euler_step, flow_schedule, guidance, image_seq_len
+from ..weights import build_on_meta, load_weights
+
+__all__ = ["DitEngine"]
+
+Progress = Callable[[int, int], None]
+
+
+class DitEngine:
+    def __init__(
+        self, model: DitModel, glyph: GlyphEncoder, vae, config: CheckpointConfig, device: torch.device
+    ) -> None:
+        self.model = model.eval()
+        self.glyph = glyph
+        self.vae = vae.eval()
+        self.config = config
+        self.device = device
+        self.dtype = next(model.parameters()).dtype
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    ) -> DitEngine:
+        from diffusers import AutoencoderKL
+
+        from ..hub import resolve_checkpoint
+
+        root = resolve_checkpoint(path)
+        config = CheckpointConfig.from_dir(root)
+        device = torch.device(device)
+        model = build_on_meta(lambda: DitModel(config.dit))
+        load_weights(
+            model, root / "transformer", device=device, dtype=dtype, key_map=model.checkpoint_key_map()
+        )
+        glyph = GlyphEncoder.from_pretrained(root, config, device=device, dtype=dtype)
+        vae = build_on_meta(lambda: AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae")))
+        # fp16 overflows in this VAE (force_upcast in its config): decode it in float32 then.
+        vae_dtype = torch.float32 if dtype == torch.float16 and config.vae.force_upcast else dtype
+        load_weights(vae, root / "vae", device=device, dtype=vae_dtype)
+        return cls(model, glyph, vae, config, device)
+
+    def _check(self, prior: torch.Tensor, prompts: Sequence[str], height: int, width: int) -> int:
+        factor = self.config.image_grid_factor
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value < factor or value % factor:
+                raise GlmImageError(f"{name} = {value!r} must be a positive multiple of {factor}")
+        patch = self.config.vae.scale_factor * self.config.dit.patch_size
+        expected = (height // patch) * (width // patch)
+        if prior.dim() != 2 or prior.shape[1] != expected:
+            raise GlmImageError(
+                f"prior_token_ids: shape {tuple(prior.shape)}, expected (B, {expected}) for {width}x{height}"
+            )
+        if not prompts or prior.shape[0] % len(prompts):
+            raise GlmImageError(
+                f"prompts: {len(prompts)} prompts for {prior.shape[0]} images; need a divisor"
+            )
+        return prior.shape[0] // len(prompts)
+
+    def _noise(self, batch: int, height: int, width: int, seeds) -> torch.Tensor:
+        if seeds is None:
+            seeds = [secrets.randbits(63) for _ in range(batch)]
+        elif isinstance(seeds, int):
+            seeds = [seeds + i for i in range(batch)]
+        if len(seeds) != batch:
+            raise GlmImageError(f"seeds: got {len(seeds)}, need one per image ({batch}) or a single int")
+        scale = self.config.vae.scale_factor
+        shape = (1, self.config.dit.in_channels, height // scale, width // scale)
+        noise = [
+            torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=self.dtype)
+            for s in seeds
+        ]
+        return torch.cat(noise).to(self.device)
+
+    @torch.inference_mode()
+    def denoise(
+        self,
+        prior_token_ids: torch.Tensor,
+        prompts: str | Sequence[str],
+        height: int,
+        width: int,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.5,
+        seeds: int | Sequence[int] | None = None,
+        latents: torch.Tensor | None = None,
+        progress: Progress | None = None,
+    ) -> torch.Tensor:
+        """Final latents (B, C, H/8, W/8). ``prompts`` has one entry per image or per prompt."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        per_prompt = self._check(prior_token_ids, prompts, height, width)
+        if guidance_scale < 1:
+            raise GlmImageError(f"guidance_scale = {guidance_scale} must be >= 1")
+        b = prior_token_ids.shape[0]
+        prior = prior_token_ids.to(self.device)
+        latents = (
+            self._noise(b, height, width, seeds) if latents is None else latents.to(self.device, self.dtype)
+        )
+
+        cond = self.glyph.encode(prompts).repeat_interleave(per_prompt, dim=0).to(self.dtype)
+        schedule = flow_schedule(num_inference_steps, image_seq_len(height, width), self.config.scheduler)
+        use_cfg = guidance_scale > 1
+        size = torch.tensor([[height, width]], dtype=self.dtype, device=self.device).repeat(b, 1)
+        crop = torch.zeros((b, 2), dtype=self.dtype, device=self.device)
+        keep_all = torch.zeros_like(prior, dtype=torch.bool)
+        if use_cfg:
+            uncond = (
+                self.glyph.encode([""] * len(prompts)).repeat_interleave(per_prompt, dim=0).to(self.dtype)
+            )
+            text, keep = _stack_padded(cond, uncond)
+            prior_in = torch.cat([prior, prior])
+            drop = torch.cat([keep_all, torch.ones_like(keep_all)])
+            size, crop = torch.cat([size, size]), torch.cat([crop, crop])
+        else:
+            text, keep, prior_in, drop = cond, None, prior, keep_all
+
+        sigmas = schedule.sigmas.to(self.device)
+        # The latents stay float32 between steps (the scheduler's upcast); the model sees its dtype.
+        latents = latents.float()
+        for i, t in enumerate(schedule.timesteps.tolist()):
+            x = (torch.cat([latents, latents]) if use_cfg else latents).to(self.dtype)
+            step_t = torch.full((x.shape[0],), t - 1, dtype=torch.float32, device=self.device)
+            velocity = self.model(x, text, prior_in, drop, step_t, size, crop, text_keep=keep).float()
+            if use_cfg:
+                velocity = guidance(velocity[:b], velocity[b:], guidance_scale)
+            latents = euler_step(latents, velocity, sigmas[i], sigmas[i + 1])
+            if progress is not None:
+                progress(i + 1, num_inference_steps)
+        return latents
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, *, tiled: bool | None = None) -> list:
+        """Images from final latents: de-normalise with the VAE's statistics, decode, to 8-bit RGB.
+
+        ``tiled`` (default: for images above 1024x1024) decodes in overlapping tiles so a
+        2048x2048 decode needs a fraction of the memory; the seams are blended.
+        """
+        from PIL import Image
+
+        vae_cfg = self.config.vae
+        dtype = next(self.vae.parameters()).dtype
+        mean = torch.tensor(vae_cfg.latents_mean, device=self.device, dtype=dtype).view(1, -1, 1, 1)
+        std = torch.tensor(vae_cfg.latents_std, device=self.device, dtype=dtype).view(1, -1, 1, 1)
+        latents = latents.to(dtype) * std + mean
+        pixels = latents.shape[-2] * latents.shape[-1] * vae_cfg.scale_factor**2
+        if tiled if tiled is not None else pixels > 1024 * 1024:
+            self.vae.enable_tiling()
+        else:
+            self.vae.disable_tiling()
+        images = self.vae.decode(latents, return_dict=False)[0]
+        images = (images / 2 + 0.5).clamp(0, 1).float().permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in images]
+
+
+def _stack_padded(cond: torch.Tensor, uncond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[cond; uncond] along the batch, the shorter left-padded; (B2, T) mask of real tokens."""
+    length = max(cond.shape[1], uncond.shape[1])
+    parts, keeps = [], []
+    for x in (cond, uncond):
+        pad = length - x.shape[1]
+        parts.append(torch.cat([x.new_zeros((x.shape[0], pad, x.shape[2])), x], dim=1))
+        keep = torch.ones((x.shape[0], length), dtype=torch.bool, device=x.device)
+        keep[:, :pad] = False
+        keeps.append(keep)
+    return torch.cat(parts), torch.cat(keeps)
