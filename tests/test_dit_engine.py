@@ -151,3 +151,25 @@ def test_bad_requests_name_the_field(engine, kwargs, message):
 
 def test_cache_modes_are_an_enum():
     assert {m.value for m in CacheMode} == {"write", "read", "skip"}
+
+
+def test_tiled_decode_never_runs_the_decoder_on_the_full_frame(engine, monkeypatch):
+    seen = []
+    forward = engine.vae.decoder.forward
+
+    def spy(z, *args, **kwargs):
+        seen.append(tuple(z.shape[-2:]))
+        return forward(z, *args, **kwargs)
+
+    monkeypatch.setattr(engine.vae.decoder, "forward", spy)
+    latents = torch.randn(1, 16, 32, 24, generator=torch.Generator().manual_seed(9))
+    full = engine.decode(latents, tiled=False)[0]
+    assert seen == [(32, 24)]
+    seen.clear()
+    tiled = engine.decode(latents, tiled=True)[0]
+    tile = engine.vae.tile_latent_min_size
+    assert len(seen) > 1 and all(h <= tile and w <= tile for h, w in seen)
+    assert tiled.size == full.size == (24 * 8, 32 * 8)
+    seen.clear()
+    engine.decode(latents)  # 256x192 pixels: below the automatic tiling threshold
+    assert seen == [(32, 24)]

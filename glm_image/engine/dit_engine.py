@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,17 @@ from ..weights import build_on_meta, load_weights
 __all__ = ["DitEngine"]
 
 Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    text: torch.Tensor  # glyph embeddings: (B, T) or, with guidance, (2B, T) [cond; uncond]
+    keep: torch.Tensor | None  # (2B, T) real glyph tokens when the branches are padded together
+    prior: torch.Tensor
+    drop: torch.Tensor  # prior dropped: False on conditional rows, True on unconditional rows
+    size: torch.Tensor
+    crop: torch.Tensor
+    guidance: float
 
 
 class DitEngine:
@@ -112,42 +124,51 @@ class DitEngine:
         per_prompt = self._check(prior_token_ids, prompts, height, width)
         if guidance_scale < 1:
             raise GlmImageError(f"guidance_scale = {guidance_scale} must be >= 1")
-        b = prior_token_ids.shape[0]
         prior = prior_token_ids.to(self.device)
+        # Given latents keep their dtype until the first step upcasts them, as in the reference.
         latents = (
-            self._noise(b, height, width, seeds) if latents is None else latents.to(self.device, self.dtype)
+            self._noise(prior.shape[0], height, width, seeds) if latents is None else latents.to(self.device)
         )
 
-        cond = self.glyph.encode(prompts).repeat_interleave(per_prompt, dim=0).to(self.dtype)
+        plan = self._plan(prior, prompts, per_prompt, height, width, guidance_scale)
         schedule = flow_schedule(num_inference_steps, image_seq_len(height, width), self.config.scheduler)
-        use_cfg = guidance_scale > 1
-        size = torch.tensor([[height, width]], dtype=self.dtype, device=self.device).repeat(b, 1)
-        crop = torch.zeros((b, 2), dtype=self.dtype, device=self.device)
-        keep_all = torch.zeros_like(prior, dtype=torch.bool)
-        if use_cfg:
-            uncond = (
-                self.glyph.encode([""] * len(prompts)).repeat_interleave(per_prompt, dim=0).to(self.dtype)
-            )
-            text, keep = _stack_padded(cond, uncond)
-            prior_in = torch.cat([prior, prior])
-            drop = torch.cat([keep_all, torch.ones_like(keep_all)])
-            size, crop = torch.cat([size, size]), torch.cat([crop, crop])
-        else:
-            text, keep, prior_in, drop = cond, None, prior, keep_all
-
         sigmas = schedule.sigmas.to(self.device)
         # The latents stay float32 between steps (the scheduler's upcast); the model sees its dtype.
         latents = latents.float()
         for i, t in enumerate(schedule.timesteps.tolist()):
-            x = (torch.cat([latents, latents]) if use_cfg else latents).to(self.dtype)
-            step_t = torch.full((x.shape[0],), t - 1, dtype=torch.float32, device=self.device)
-            velocity = self.model(x, text, prior_in, drop, step_t, size, crop, text_keep=keep).float()
-            if use_cfg:
-                velocity = guidance(velocity[:b], velocity[b:], guidance_scale)
+            velocity = self._velocity(plan, latents, t)
             latents = euler_step(latents, velocity, sigmas[i], sigmas[i + 1])
             if progress is not None:
                 progress(i + 1, num_inference_steps)
         return latents
+
+    def _plan(self, prior, prompts, per_prompt, height, width, guidance_scale) -> _Plan:
+        """Everything a step needs besides the latents and t: built once per call."""
+        b = prior.shape[0]
+        cond = self.glyph.encode(prompts).repeat_interleave(per_prompt, dim=0).to(self.dtype)
+        size = torch.tensor([[height, width]], dtype=self.dtype, device=self.device).repeat(b, 1)
+        crop = torch.zeros((b, 2), dtype=self.dtype, device=self.device)
+        keep_prior = torch.zeros_like(prior, dtype=torch.bool)
+        if guidance_scale == 1:
+            return _Plan(cond, None, prior, keep_prior, size, crop, 1.0)
+        uncond = self.glyph.encode([""] * len(prompts)).repeat_interleave(per_prompt, dim=0).to(self.dtype)
+        text, keep = _stack_padded(cond, uncond)
+        drop = torch.cat([keep_prior, torch.ones_like(keep_prior)])
+        twice = (torch.cat([x, x]) for x in (prior, size, crop))
+        return _Plan(text, keep, next(twice), drop, next(twice), next(twice), guidance_scale)
+
+    def _velocity(self, plan: _Plan, latents: torch.Tensor, t: float) -> torch.Tensor:
+        """The guided velocity (float32) at timestep ``t``: one forward for both CFG branches."""
+        b = latents.shape[0]
+        x = (torch.cat([latents, latents]) if plan.guidance > 1 else latents).to(self.dtype)
+        step_t = torch.full(
+            (x.shape[0],), t - 1, dtype=torch.float32, device=self.device
+        )  # the DiT sees t - 1
+        velocity = self.model(
+            x, plan.text, plan.prior, plan.drop, step_t, plan.size, plan.crop, text_keep=plan.keep
+        )
+        velocity = velocity.float()
+        return guidance(velocity[:b], velocity[b:], plan.guidance) if plan.guidance > 1 else velocity
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, *, tiled: bool | None = None) -> list:
