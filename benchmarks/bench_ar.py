@@ -50,14 +50,7 @@ def bench_preset(
     reference = GlmImageForConditionalGeneration.from_pretrained(
         root / "vision_language_encoder", dtype=torch.float32
     ).eval()
-    messages = [[{"role": "user", "content": [{"type": "text", "text": PROMPT}]}]]
-    inputs = ours.processor.apply_chat_template(
-        messages,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-        processor_kwargs={"target_h": height, "target_w": width},
-    )
+    inputs = ours.processor_inputs(PROMPT, height, width)
     protocol = ours.generate(PROMPT, height, width, max_new_tokens=1).spec.num_tokens
     tokens = min(protocol, max_tokens) if max_tokens else protocol
 

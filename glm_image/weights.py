@@ -34,6 +34,7 @@ __all__ = [
     "TensorInfo",
     "WeightIndex",
     "build_on_meta",
+    "load_model",
     "load_weights",
     "read_safetensors_header",
 ]
@@ -253,6 +254,26 @@ def build_on_meta(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     """Construct a module with no storage; its tensors get real values only when loaded."""
     with torch.device("meta"):
         return factory()
+
+
+def load_model(
+    factory: Callable[[], torch.nn.Module],
+    folder: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> torch.nn.Module:
+    """Build on ``meta`` and load ``folder`` strictly; the module may declare how it reads it.
+
+    A model whose names differ from the checkpoint's declares ``checkpoint_key_map()`` (see
+    ``load_weights``) and, for tensors of the folder it deliberately leaves unread,
+    ``UNUSED_CHECKPOINT_PREFIXES``.
+    """
+    module = build_on_meta(factory)
+    key_map = module.checkpoint_key_map() if hasattr(module, "checkpoint_key_map") else None
+    unused = tuple(getattr(module, "UNUSED_CHECKPOINT_PREFIXES", ()))
+    load_weights(module, folder, device=device, dtype=dtype, key_map=key_map, ignore_prefixes=unused)
+    return module
 
 
 def _names(names: Iterable[str]) -> str:

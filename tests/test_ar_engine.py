@@ -24,20 +24,9 @@ def reference(tiny_checkpoint):
     return GlmImagePipeline.from_pretrained(tiny_checkpoint)
 
 
-def _reference_inputs(pipe, prompt: str, height: int, width: int):
-    messages = [[{"role": "user", "content": [{"type": "text", "text": prompt}]}]]
-    return pipe.processor.apply_chat_template(
-        messages,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-        processor_kwargs={"target_h": height, "target_w": width},
-    )
-
-
 @pytest.mark.parametrize(("height", "width"), SIZES)
 def test_prefill_logits_match(engine, reference, height, width):
-    inputs = _reference_inputs(reference, PROMPT, height, width)
+    inputs = engine.processor_inputs(PROMPT, height, width)
     with torch.no_grad():
         expected = reference.vision_language_encoder(**inputs).logits
     logits, valid = engine.prompt_logits(PROMPT, height, width)
@@ -47,7 +36,7 @@ def test_prefill_logits_match(engine, reference, height, width):
 
 @pytest.mark.parametrize(("height", "width"), SIZES)
 def test_greedy_protocol_and_decode_logits_match_generate(engine, reference, height, width):
-    inputs = _reference_inputs(reference, PROMPT, height, width)
+    inputs = engine.processor_inputs(PROMPT, height, width)
     ours = engine.generate(
         PROMPT,
         height,
@@ -183,14 +172,7 @@ def test_bfloat16_prefill_is_close_to_the_reference_in_bfloat16(tiny_checkpoint)
     reference = GlmImageForConditionalGeneration.from_pretrained(
         tiny_checkpoint / "vision_language_encoder", dtype=torch.bfloat16
     ).eval()
-    messages = [[{"role": "user", "content": [{"type": "text", "text": prompt}]}]]
-    inputs = engine.processor.apply_chat_template(
-        messages,
-        tokenize=True,
-        return_dict=True,
-        return_tensors="pt",
-        processor_kwargs={"target_h": height, "target_w": width},
-    )
+    inputs = engine.processor_inputs(prompt, height, width)
     with torch.no_grad():
         expected = reference(**inputs).logits.float()
     logits, _ = engine.prompt_logits(prompt, height, width)

@@ -27,7 +27,7 @@ from ..config import CheckpointConfig
 from ..errors import GlmImageError
 from ..models.ar import ArModel, KVCache, rotary_tables
 from ..sampling import SamplingParams, apply_filters, draw, greedy
-from ..weights import build_on_meta, load_weights
+from ..weights import load_model
 from .protocol import GridSpec, decode_positions, prompt_positions, upsample_grid
 
 __all__ = ["ArEngine", "ArResult"]
@@ -91,14 +91,8 @@ class ArEngine:
         root = resolve_checkpoint(path)
         config = CheckpointConfig.from_dir(root)
         device = torch.device(device)
-        model = build_on_meta(lambda: ArModel(config.ar.text))
-        load_weights(
-            model,
-            root / "vision_language_encoder",
-            device=device,
-            dtype=dtype,
-            key_map=model.checkpoint_key_map(),
-            ignore_prefixes=ArModel.UNUSED_CHECKPOINT_PREFIXES,
+        model = load_model(
+            lambda: ArModel(config.ar.text), root / "vision_language_encoder", device=device, dtype=dtype
         )
         if device.type == "cpu":
             # A CPU GEMV over a short-rowed matrix is faster with the matrix stored column-major
@@ -115,18 +109,23 @@ class ArEngine:
         (_, rows, cols), (_, p_rows, p_cols) = grids.tolist()
         return GridSpec((rows, cols), (p_rows, p_cols))
 
+    def processor_inputs(self, prompt: str, height: int, width: int):
+        """The checkpoint processor's output for one text-to-image prompt (what the reference feeds
+        ``GlmImageForConditionalGeneration``): input_ids, attention_mask, image_grid_thw, ..."""
+        messages = [[{"role": "user", "content": [{"type": "text", "text": prompt}]}]]
+        return self.processor.apply_chat_template(
+            messages,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            processor_kwargs={"target_h": height, "target_w": width},
+        )
+
     def _plan(self, prompts: Sequence[str], height: int, width: int) -> tuple[_Batch, GridSpec]:
         ar = self.config.ar
         ids, positions, decode, spec = [], [], [], None
         for prompt in prompts:
-            messages = [[{"role": "user", "content": [{"type": "text", "text": prompt}]}]]
-            out = self.processor.apply_chat_template(
-                messages,
-                tokenize=True,
-                return_dict=True,
-                return_tensors="pt",
-                processor_kwargs={"target_h": height, "target_w": width},
-            )
+            out = self.processor_inputs(prompt, height, width)
             sample_ids = out["input_ids"][0]
             spec = self._grid_spec(out["image_grid_thw"])
             pos, offset = prompt_positions(

@@ -23,7 +23,7 @@ from ..errors import GlmImageError
 from ..models.dit import DitModel
 from ..models.glyph import GlyphEncoder
 from ..sampling import euler_step, flow_schedule, guidance, image_seq_len
-from ..weights import build_on_meta, load_weights
+from ..weights import load_model
 
 __all__ = ["DitEngine"]
 
@@ -63,15 +63,14 @@ class DitEngine:
         root = resolve_checkpoint(path)
         config = CheckpointConfig.from_dir(root)
         device = torch.device(device)
-        model = build_on_meta(lambda: DitModel(config.dit))
-        load_weights(
-            model, root / "transformer", device=device, dtype=dtype, key_map=model.checkpoint_key_map()
-        )
+        model = load_model(lambda: DitModel(config.dit), root / "transformer", device=device, dtype=dtype)
         glyph = GlyphEncoder.from_pretrained(root, config, device=device, dtype=dtype)
-        vae = build_on_meta(lambda: AutoencoderKL.from_config(AutoencoderKL.load_config(root / "vae")))
         # fp16 overflows in this VAE (force_upcast in its config): decode it in float32 then.
         vae_dtype = torch.float32 if dtype == torch.float16 and config.vae.force_upcast else dtype
-        load_weights(vae, root / "vae", device=device, dtype=vae_dtype)
+        vae_config = AutoencoderKL.load_config(root / "vae")
+        vae = load_model(
+            lambda: AutoencoderKL.from_config(vae_config), root / "vae", device=device, dtype=vae_dtype
+        )
         return cls(model, glyph, vae, config, device)
 
     def _check(self, prior: torch.Tensor, prompts: Sequence[str], height: int, width: int) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from ..config import CheckpointConfig
-from ..weights import build_on_meta, load_weights
+from ..weights import load_model
 
 __all__ = ["GlyphEncoder", "glyph_texts"]
 
@@ -50,8 +50,9 @@ class GlyphEncoder:
 
         root = Path(root)
         t5_config = T5Config.from_pretrained(root / "text_encoder")
-        encoder = build_on_meta(lambda: T5EncoderModel(t5_config))
-        load_weights(encoder, root / "text_encoder", device=device, dtype=dtype)
+        encoder = load_model(
+            lambda: T5EncoderModel(t5_config), root / "text_encoder", device=device, dtype=dtype
+        )
         return cls(encoder, ByT5Tokenizer.from_pretrained(root / "tokenizer"))
 
     @torch.inference_mode()
