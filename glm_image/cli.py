@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 from .errors import GlmImageError
@@ -40,11 +41,123 @@ def _cmd_make_checkpoint(args: argparse.Namespace) -> None:
     print(f"wrote the {args.preset} checkpoint (seed {args.seed}) to {out}")
 
 
+def _size(text: str) -> tuple[int, int]:
+    """'1280x1280' -> (width, height)."""
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r}: expected WIDTHxHEIGHT, e.g. 1024x1024") from None
+    return width, height
+
+
+def _requests(args: argparse.Namespace) -> list[dict]:
+    """One dict per generation: from the positional prompt, or one per line of --prompts."""
+    if args.prompts is None:
+        if not args.prompt:
+            raise GlmImageError("prompt: give a prompt, or --prompts FILE.jsonl")
+        return [{"prompt": args.prompt}]
+    import json
+
+    requests = []
+    try:
+        lines = open(args.prompts, encoding="utf-8").read().splitlines()  # noqa: SIM115
+    except OSError as e:
+        raise GlmImageError(f"--prompts {args.prompts}: cannot be read ({e.strerror})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise GlmImageError(f"--prompts {args.prompts}, line {number}: not JSON ({e.msg})") from None
+        if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
+            raise GlmImageError(
+                f'--prompts {args.prompts}, line {number}: expected an object with a "prompt" string'
+            )
+        unknown = set(item) - {"prompt", "size", "seed", "steps", "guidance"}
+        if unknown:
+            raise GlmImageError(
+                f"--prompts {args.prompts}, line {number}: unknown keys {sorted(unknown)}; "
+                "allowed: prompt, size, seed, steps, guidance"
+            )
+        requests.append(item)
+    return requests
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+    from PIL.PngImagePlugin import PngInfo
+    from tqdm import tqdm
+
+    from .pipeline import GlmImage
+
+    requests = _requests(args)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
+    pipe = GlmImage.from_pretrained(args.model, device=args.device, dtype=dtype)
+    out = Path(args.output)
+    total = sum(args.num_images for _ in requests)
+    written = 0
+    for request in requests:
+        width, height = _size(request["size"]) if "size" in request else args.size
+        steps, guidance = request.get("steps", args.steps), request.get("guidance", args.guidance)
+        seed = request.get("seed", args.seed)
+        bars: dict[str, tqdm] = {}
+
+        def progress(stage: str, done: int, of: int, bars=bars) -> None:
+            if stage not in bars:
+                label = {"ar": "AR tokens", "dit": "DiT steps"}[stage]
+                bars[stage] = tqdm(total=of, desc=label, unit="tok" if stage == "ar" else "step", leave=False)
+            bars[stage].update(done - bars[stage].n)
+
+        result = pipe.generate(
+            request["prompt"],
+            height=height,
+            width=width,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            seed=seed,
+            num_images_per_prompt=args.num_images,
+            progress=progress,
+        )
+        for bar in bars.values():
+            bar.close()
+        for image, image_seed in zip(result.images, result.seeds, strict=True):
+            written += 1
+            path = out if total == 1 else out.with_name(f"{out.stem}-{written}{out.suffix or '.png'}")
+            info = PngInfo()
+            for key, value in pipe.png_info(
+                request["prompt"], image_seed, height, width, steps, guidance
+            ).items():
+                info.add_itxt(key, value)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.save(path, format="PNG", pnginfo=info)
+            timing = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
+            print(f"{path}  ({width}x{height}, seed {image_seed}; {timing})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm-image", description="Local inference engine for GLM-Image.")
     parser.add_argument("--version", action="version", version=f"glm-image {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress and timings")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="text to image: write PNG files with the parameters embedded")
+    gen.add_argument("prompt", nargs="?", help="the prompt (quote the text to render: 'OPEN')")
+    gen.add_argument("--prompts", help='a JSONL file, one {"prompt", "size", "seed", ...} per line')
+    gen.add_argument("--size", type=_size, default=(1024, 1024), help="WIDTHxHEIGHT (default 1024x1024)")
+    gen.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    gen.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance (default 1.5)")
+    gen.add_argument(
+        "--seed", type=int, help="seed of the first image; the next ones count up (default: random)"
+    )
+    gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    gen.add_argument("-o", "--output", default="glm-image.png", help="output PNG (numbered when several)")
+    gen.add_argument("--model", default="tiny", help="tiny | wide | a checkpoint folder | a Hugging Face id")
+    gen.add_argument("--device", help="cpu | cuda | npu (default: cuda when available)")
+    gen.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), help="default: float32 on cpu, else bfloat16"
+    )
+    gen.set_defaults(func=_cmd_generate)
 
     info = sub.add_parser("info", help="show a checkpoint's components, sizes and dtypes")
     which = info.add_mutually_exclusive_group()

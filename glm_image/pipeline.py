@@ -1,0 +1,190 @@
+"""GlmImage: validate -> AR prior tokens -> glyph embeddings -> denoise -> VAE -> images.
+
+The one object a user needs. Both stages load from one checkpoint; the request is checked before
+any work starts, with an error that names the field and the allowed values; every image has its
+own seed (``seed`` numbers them ``seed, seed + 1, ...``), used by the AR sampler and the initial
+noise alike, so a seed gives the image diffusers' ``GlmImagePipeline`` gives with
+``generator=torch.Generator().manual_seed(seed)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .engine import ArEngine, DitEngine
+from .errors import GlmImageError
+
+__all__ = ["GenerationOutput", "GlmImage", "SizeLimits"]
+
+log = logging.getLogger(__name__)
+
+MAX_PROMPT_CHARS = 1000
+
+# stage name -> (done, total), called as work progresses
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class SizeLimits:
+    """Allowed image sides: ``minimum``..``maximum`` pixels, multiples of ``multiple``."""
+
+    minimum: int
+    maximum: int
+    multiple: int
+
+    def check(self, name: str, value: object) -> None:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise GlmImageError(f"{name} = {value!r} must be an integer number of pixels")
+        if not self.minimum <= value <= self.maximum or value % self.multiple:
+            raise GlmImageError(
+                f"{name} = {value} is not allowed; allowed: {self.minimum}..{self.maximum} in multiples of {self.multiple}"
+            )
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    images: list  # PIL images, one per (prompt, image) pair, prompt-major
+    prior_token_ids: torch.Tensor  # (B, (H/16) * (W/16))
+    seeds: tuple[int, ...]
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+
+class GlmImage:
+    def __init__(self, ar: ArEngine, dit: DitEngine, name: str) -> None:
+        self.ar, self.dit, self.name = ar, dit, name
+        config = ar.config
+        multiple = config.image_grid_factor
+        processor = config.image_processor
+
+        def side(pixels: int, rounding) -> int:
+            return int(rounding(math.sqrt(pixels) / multiple)) * multiple
+
+        # The released processor's pixel budget (512^2 .. 2048^2) is the service's 512..2048 rule;
+        # a smaller preset states its own budget in its config.
+        self.limits = SizeLimits(
+            side(processor.min_pixels, math.ceil), side(processor.max_pixels, math.floor), multiple
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | Path = "tiny",
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> GlmImage:
+        """``model``: tiny | wide | a checkpoint folder | a Hugging Face id (see ``hub``)."""
+        from .hub import resolve_checkpoint
+
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type not in ("cpu", "cuda", "npu"):
+            raise GlmImageError(f"device = {str(device)!r} is not supported; allowed: cpu, cuda, npu")
+        dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+        root = resolve_checkpoint(model)
+        log.info("loading %s on %s (%s)", root, device, dtype)
+        ar = ArEngine.from_pretrained(root, device=device, dtype=dtype)
+        dit = DitEngine.from_pretrained(root, device=device, dtype=dtype)
+        return cls(ar, dit, str(model))
+
+    def validate(
+        self,
+        prompts: Sequence[str],
+        height: int,
+        width: int,
+        num_inference_steps: int,
+        guidance_scale: float,
+        num_images_per_prompt: int,
+    ) -> None:
+        """Raise ``GlmImageError`` naming the first field that is not allowed."""
+        if not prompts:
+            raise GlmImageError("prompt: need at least one prompt")
+        for i, prompt in enumerate(prompts):
+            where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise GlmImageError(f"{where}: must be a non-empty string")
+            if len(prompt) > MAX_PROMPT_CHARS:
+                raise GlmImageError(f"{where}: {len(prompt)} characters; allowed: at most {MAX_PROMPT_CHARS}")
+        self.limits.check("height", height)
+        self.limits.check("width", width)
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise GlmImageError(f"num_inference_steps = {num_inference_steps!r}; allowed: an integer >= 1")
+        if not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 1:
+            raise GlmImageError(f"guidance_scale = {guidance_scale!r}; allowed: a number >= 1")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise GlmImageError(
+                f"num_images_per_prompt = {num_images_per_prompt!r}; allowed: an integer >= 1"
+            )
+
+    def generate(
+        self,
+        prompt: str | Sequence[str],
+        height: int = 1024,
+        width: int = 1024,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 1.5,
+        seed: int | None = None,
+        images: Sequence | None = None,
+        num_images_per_prompt: int = 1,
+        progress: Progress | None = None,
+    ) -> GenerationOutput:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        self.validate(prompts, height, width, num_inference_steps, guidance_scale, num_images_per_prompt)
+        if images:
+            raise GlmImageError("images: image-to-image is not available in this version yet; allowed: None")
+        count = len(prompts) * num_images_per_prompt
+        first = secrets.randbits(62) if seed is None else int(seed)
+        seeds = tuple(first + i for i in range(count))
+        timings: dict[str, float] = {}
+
+        start = time.perf_counter()
+        prior = self.ar.generate_prior_tokens(
+            prompts,
+            height,
+            width,
+            seeds=seeds,
+            num_images_per_prompt=num_images_per_prompt,
+            progress=(lambda done, total: progress("ar", done, total)) if progress else None,
+        )
+        timings["ar"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        latents = self.dit.denoise(
+            prior,
+            prompts,
+            height,
+            width,
+            num_inference_steps,
+            guidance_scale,
+            seeds=seeds,
+            progress=(lambda done, total: progress("dit", done, total)) if progress else None,
+        )
+        timings["dit"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        decoded = self.dit.decode(latents)
+        timings["vae"] = time.perf_counter() - start
+        log.info("generated %d image(s) %dx%d: %s", count, width, height, timings)
+        return GenerationOutput(decoded, prior.cpu(), seeds, timings)
+
+    def png_info(
+        self, prompt: str, seed: int, height: int, width: int, steps: int, guidance: float
+    ) -> dict[str, str]:
+        """The generation parameters, as PNG text chunks."""
+        return {
+            "prompt": prompt,
+            "seed": str(seed),
+            "size": f"{width}x{height}",
+            "steps": str(steps),
+            "guidance": str(guidance),
+            "model": self.name,
+            "engine": f"glm-image {__version__}",
+        }

@@ -1,0 +1,164 @@
+"""GlmImage end to end: same prompt, size and seed as diffusers' GlmImagePipeline -> same image."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from glm_image import GlmImage
+from glm_image.config import CheckpointConfig
+from glm_image.errors import GlmImageError
+from glm_image.synthetic import preset_dir
+
+
+@pytest.fixture(scope="module")
+def glm(tiny_checkpoint):
+    return GlmImage.from_pretrained(tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoint):
+    from diffusers import GlmImagePipeline
+
+    return GlmImagePipeline.from_pretrained(tiny_checkpoint)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "height", "width", "seed"),
+    [("A storefront sign that says 'OPEN'", 128, 128, 0), ("一张写着「春节快乐」的海报", 96, 160, 5)],
+)
+def test_text_to_image_equals_the_pipeline(glm, pipe, prompt, height, width, seed):
+    ours = glm.generate(prompt, height, width, num_inference_steps=3, seed=seed)
+    expected = pipe(
+        prompt=prompt,
+        height=height,
+        width=width,
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="np",
+    ).images[0]
+    image = ours.images[0]
+    assert image.size == (width, height) and ours.seeds == (seed,)
+    assert np.abs(np.asarray(image, dtype=np.float32) / 255 - expected).max() <= 1 / 255
+    assert set(ours.timings) == {"ar", "dit", "vae"}
+
+
+def test_images_of_a_batch_equal_the_same_seeds_alone(glm):
+    batch = glm.generate(["'A'", "'B'"], 64, 64, num_inference_steps=2, seed=10, num_images_per_prompt=2)
+    assert batch.seeds == (10, 11, 12, 13) and len(batch.images) == 4
+    alone = glm.generate("'B'", 64, 64, num_inference_steps=2, seed=13)
+    # batched GEMMs round differently in the last bits: at most one 8-bit level apart
+    diff = np.abs(np.asarray(batch.images[3], dtype=np.int16) - np.asarray(alone.images[0], dtype=np.int16))
+    assert diff.max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"height": 1056}, "height = 1056 is not allowed; allowed: 64..1024 in multiples of 32"),
+        ({"width": 100}, "width = 100 is not allowed"),
+        ({"width": 32}, "allowed: 64..1024"),
+        ({"num_inference_steps": 0}, "num_inference_steps = 0; allowed: an integer >= 1"),
+        ({"guidance_scale": 0.9}, "guidance_scale = 0.9; allowed: a number >= 1"),
+        ({"prompt": "x" * 1001}, "prompt: 1001 characters; allowed: at most 1000"),
+        ({"prompt": "   "}, "prompt: must be a non-empty string"),
+        ({"prompt": []}, "need at least one prompt"),
+        ({"num_images_per_prompt": 0}, "num_images_per_prompt = 0"),
+        ({"images": [Image.new("RGB", (64, 64))]}, "images: image-to-image is not available"),
+    ],
+)
+def test_bad_requests_name_the_field(glm, kwargs, message):
+    call = {"prompt": "p", "height": 64, "width": 64, "num_inference_steps": 1} | kwargs
+    with pytest.raises(GlmImageError, match=message):
+        glm.generate(**call)
+
+
+def test_released_limits_come_from_the_config():
+    config = CheckpointConfig.from_dir(preset_dir("glm-image"))
+    stub = types.SimpleNamespace(config=config)
+    limits = GlmImage(stub, stub, "glm-image").limits
+    assert (limits.minimum, limits.maximum, limits.multiple) == (512, 2048, 32)
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "glm_image.cli", *args], capture_output=True, text=True, check=False, cwd=cwd
+    )
+
+
+def test_cli_generate_writes_pngs_with_their_parameters(tiny_checkpoint, tmp_path):
+    out = tmp_path / "open.png"
+    run = _cli(
+        "generate",
+        "a sign that says 'OPEN'",
+        "--model",
+        str(tiny_checkpoint),
+        "--size",
+        "96x64",
+        "--steps",
+        "2",
+        "--seed",
+        "7",
+        "-o",
+        str(out),
+    )
+    assert run.returncode == 0, run.stderr
+    image = Image.open(out)
+    assert image.size == (96, 64)
+    assert image.text["prompt"] == "a sign that says 'OPEN'" and image.text["seed"] == "7"
+    assert image.text["size"] == "96x64" and image.text["steps"] == "2" and image.text["guidance"] == "1.5"
+    assert image.text["engine"].startswith("glm-image ")
+
+    batch = tmp_path / "batch.jsonl"
+    batch.write_text(
+        json.dumps({"prompt": "'A'", "size": "64x64", "seed": 1})
+        + "\n\n"
+        + json.dumps({"prompt": "「乙」", "steps": 1})
+        + "\n"
+    )
+    run = _cli(
+        "generate",
+        "--prompts",
+        str(batch),
+        "--model",
+        str(tiny_checkpoint),
+        "--size",
+        "64x96",
+        "--steps",
+        "2",
+        "-o",
+        str(tmp_path / "b.png"),
+    )
+    assert run.returncode == 0, run.stderr
+    assert Image.open(tmp_path / "b-1.png").size == (64, 64)
+    second = Image.open(tmp_path / "b-2.png")
+    assert second.size == (64, 96) and second.text["prompt"] == "「乙」" and second.text["steps"] == "1"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["p", "--size", "100x64"], "width = 100 is not allowed"),
+        (["p", "--size", "64x2048"], "height = 2048 is not allowed"),
+        (["p", "--steps", "0"], "num_inference_steps = 0"),
+        (["p", "--guidance", "0.5"], "guidance_scale = 0.5"),
+        (["x" * 1001], "prompt: 1001 characters"),
+        ([], "prompt: give a prompt, or --prompts"),
+        (["--prompts", "/nonexistent.jsonl"], "--prompts /nonexistent.jsonl: cannot be read"),
+    ],
+)
+def test_cli_bad_input_exits_2_naming_the_field(tiny_checkpoint, tmp_path, args, message):
+    run = _cli("generate", *args, "--model", str(tiny_checkpoint), "-o", str(tmp_path / "x.png"))
+    assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
+
+
+def test_cli_rejects_a_bad_size_string(tmp_path):
+    run = _cli("generate", "p", "--size", "big")
+    assert run.returncode == 2 and "expected WIDTHxHEIGHT" in run.stderr
