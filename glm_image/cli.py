@@ -118,6 +118,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
             seed=seed,
             num_images_per_prompt=args.num_images,
             progress=progress,
+            images=args.image,
         )
         for bar in bars.values():
             bar.close()
@@ -151,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed", type=int, help="seed of the first image; the next ones count up (default: random)"
     )
     gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    gen.add_argument(
+        "--image", action="append", metavar="PATH", help="a condition image (image-to-image); repeat for more"
+    )
     gen.add_argument("-o", "--output", default="glm-image.png", help="output PNG (numbered when several)")
     gen.add_argument("--model", default="tiny", help="tiny | wide | a checkpoint folder | a Hugging Face id")
     gen.add_argument("--device", help="cpu | cuda | npu (default: cuda when available)")

@@ -138,22 +138,30 @@ class GlmImage:
     ) -> GenerationOutput:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         self.validate(prompts, height, width, num_inference_steps, guidance_scale, num_images_per_prompt)
-        if images:
-            raise GlmImageError("images: image-to-image is not available in this version yet; allowed: None")
+        condition_images = self._condition_images(images, len(prompts))
         count = len(prompts) * num_images_per_prompt
         first = secrets.randbits(62) if seed is None else int(seed)
         seeds = tuple(first + i for i in range(count))
         timings: dict[str, float] = {}
 
         start = time.perf_counter()
-        prior = self.ar.generate_prior_tokens(
+        result = self.ar.generate(
             prompts,
             height,
             width,
             seeds=seeds,
             num_images_per_prompt=num_images_per_prompt,
             progress=(lambda done, total: progress("ar", done, total)) if progress else None,
+            images=condition_images,
         )
+        prior = result.prior_tokens  # never None: the grid is constrained to image codes
+        conditions = None
+        if condition_images is not None:  # the AR's codes of each prompt's images, for the DiT cache
+            per_row = result.conditions[::num_images_per_prompt]
+            conditions = [
+                [(image, codes, grid) for image, (codes, grid) in zip(images_, row, strict=True)]
+                for images_, row in zip(condition_images, per_row, strict=True)
+            ]
         timings["ar"] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -166,6 +174,7 @@ class GlmImage:
             guidance_scale,
             seeds=seeds,
             progress=(lambda done, total: progress("dit", done, total)) if progress else None,
+            conditions=conditions,
         )
         timings["dit"] = time.perf_counter() - start
 
@@ -174,6 +183,47 @@ class GlmImage:
         timings["vae"] = time.perf_counter() - start
         log.info("generated %d image(s) %dx%d: %s", count, width, height, timings)
         return GenerationOutput(decoded, prior.cpu(), seeds, timings)
+
+    def _condition_images(self, images, prompts: int) -> list[list] | None:
+        """Normalise ``images`` to one list of RGB PIL images per prompt, checking each one.
+
+        One prompt may take a flat list (or a single image); several prompts take one list each,
+        all of the same length (as the reference requires). Paths are opened.
+        """
+        from PIL import Image
+
+        if images is None or (isinstance(images, (list, tuple)) and len(images) == 0):
+            return None
+        if isinstance(images, (str, Path, Image.Image)):
+            images = [images]
+        nested = all(isinstance(item, (list, tuple)) for item in images)
+        if not nested:
+            if prompts != 1:
+                raise GlmImageError(f"images: with {prompts} prompts, give one list of images per prompt")
+            images = [images]
+        if len(images) != prompts:
+            raise GlmImageError(f"images: {len(images)} lists for {prompts} prompts; need one per prompt")
+        if len({len(group) for group in images}) != 1 or not images[0]:
+            raise GlmImageError("images: every prompt needs the same number (>= 1) of condition images")
+        out = []
+        for i, group in enumerate(images):
+            converted = []
+            for j, item in enumerate(group):
+                where = f"images[{i}][{j}]" if prompts > 1 else f"images[{j}]"
+                try:
+                    image = item if isinstance(item, Image.Image) else Image.open(item)
+                    image = image.convert("RGB")
+                except (OSError, ValueError, TypeError) as e:
+                    raise GlmImageError(f"{where}: not a readable image ({e})") from None
+                self.limits.check(f"{where} height", image.height)
+                self.limits.check(f"{where} width", image.width)
+                if max(image.size) > 4 * min(image.size):
+                    raise GlmImageError(
+                        f"{where}: aspect ratio {image.width}x{image.height}; allowed: at most 4:1"
+                    )
+                converted.append(image)
+            out.append(converted)
+        return out
 
     def png_info(
         self, prompt: str, seed: int, height: int, width: int, steps: int, guidance: float

@@ -71,7 +71,6 @@ def test_images_of_a_batch_equal_the_same_seeds_alone(glm):
         ({"prompt": "   "}, "prompt: must be a non-empty string"),
         ({"prompt": []}, "need at least one prompt"),
         ({"num_images_per_prompt": 0}, "num_images_per_prompt = 0"),
-        ({"images": [Image.new("RGB", (64, 64))]}, "images: image-to-image is not available"),
     ],
 )
 def test_bad_requests_name_the_field(glm, kwargs, message):

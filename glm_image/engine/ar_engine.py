@@ -26,6 +26,7 @@ import torch
 from ..config import CheckpointConfig
 from ..errors import GlmImageError
 from ..models.ar import ArModel, KVCache, rotary_tables
+from ..models.vision import VisionEncoder
 from ..sampling import SamplingParams, apply_filters, draw, greedy
 from ..weights import load_model
 from .protocol import GridSpec, decode_positions, prompt_positions, upsample_grid
@@ -46,6 +47,8 @@ class ArResult:
     spec: GridSpec
     seeds: tuple[int, ...]
     logits: list[torch.Tensor] | None  # raw (B, V) logits per step, when asked for
+    # image-to-image: per row, each condition image's VQ codes (h*w,) and its grid (h, w)
+    conditions: list[list[tuple[torch.Tensor, tuple[int, int]]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,8 +73,17 @@ def _seeds(seeds: int | Sequence[int] | None, count: int) -> tuple[int, ...]:
 class ArEngine:
     """The AR text decoder with its processor and sampling defaults, on one device."""
 
-    def __init__(self, model: ArModel, config: CheckpointConfig, processor, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: ArModel,
+        config: CheckpointConfig,
+        processor,
+        device: torch.device,
+        root: Path | None = None,
+    ) -> None:
         self.model = model.eval()
+        self.root = root
+        self._vision: VisionEncoder | None = None
         self.config = config
         self.processor = processor
         self.device = device
@@ -101,7 +113,24 @@ class ArEngine:
             head = model.lm_head.weight
             head.data = head.data.t().contiguous().t()
         processor = GlmImageProcessor.from_pretrained(root / "processor")
-        return cls(model, config, processor, device)
+        return cls(model, config, processor, device, root)
+
+    @property
+    def vision(self) -> VisionEncoder:
+        """The ViT + VQ tokenizer, loaded on the first image-to-image request (1.2B parameters)."""
+        if self._vision is None:
+            if self.root is None:
+                raise GlmImageError(
+                    "images: this engine was built without a checkpoint folder to load the ViT from"
+                )
+            ar = self.config.ar
+            self._vision = load_model(
+                lambda: VisionEncoder(ar.vision, ar.vq),
+                self.root / "vision_language_encoder",
+                device=self.device,
+                dtype=self.dtype,
+            ).eval()
+        return self._vision
 
     # ---------------------------------------------------------------- planning
 
@@ -109,10 +138,12 @@ class ArEngine:
         (_, rows, cols), (_, p_rows, p_cols) = grids.tolist()
         return GridSpec((rows, cols), (p_rows, p_cols))
 
-    def processor_inputs(self, prompt: str, height: int, width: int):
-        """The checkpoint processor's output for one text-to-image prompt (what the reference feeds
-        ``GlmImageForConditionalGeneration``): input_ids, attention_mask, image_grid_thw, ..."""
-        messages = [[{"role": "user", "content": [{"type": "text", "text": prompt}]}]]
+    def processor_inputs(self, prompt: str, height: int, width: int, images: Sequence | None = None):
+        """The checkpoint processor's output for one prompt (what the reference feeds
+        ``GlmImageForConditionalGeneration``): input_ids, attention_mask, image_grid_thw, and for
+        condition images pixel_values, with one image placeholder per patch in input_ids."""
+        content = [{"type": "image", "image": image} for image in images or ()]
+        messages = [[{"role": "user", "content": [*content, {"type": "text", "text": prompt}]}]]
         return self.processor.apply_chat_template(
             messages,
             tokenize=True,
@@ -121,15 +152,35 @@ class ArEngine:
             processor_kwargs={"target_h": height, "target_w": width},
         )
 
-    def _plan(self, prompts: Sequence[str], height: int, width: int) -> tuple[_Batch, GridSpec]:
+    def _conditions(self, out) -> tuple[torch.Tensor, list[tuple[torch.Tensor, tuple[int, int]]]]:
+        """Put the condition images' VQ codes where the processor left placeholders."""
+        ids = out["input_ids"][0].clone()
+        grids = [tuple(g) for g in out["image_grid_thw"][:-1].tolist()]
+        vision = self.vision
+        pixels = out["pixel_values"].to(self.device, self.dtype)
+        codes = [c.cpu() for c in vision.tokens(vision.features(pixels, grids))]
+        ids[ids == self.config.ar.image_token_id] = torch.cat(codes)
+        return ids, [(c, (h, w)) for c, (_, h, w) in zip(codes, grids, strict=True)]
+
+    def _plan(
+        self, prompts: Sequence[str], height: int, width: int, images: Sequence[Sequence] | None = None
+    ) -> tuple[_Batch, GridSpec, list | None]:
         ar = self.config.ar
-        ids, positions, decode, spec = [], [], [], None
-        for prompt in prompts:
-            out = self.processor_inputs(prompt, height, width)
-            sample_ids = out["input_ids"][0]
-            spec = self._grid_spec(out["image_grid_thw"])
+        ids, positions, decode, spec, conditions = [], [], [], None, []
+        for row, prompt in enumerate(prompts):
+            out = self.processor_inputs(prompt, height, width, images[row] if images else None)
+            if images:
+                sample_ids, condition = self._conditions(out)
+                conditions.append(condition)
+                (_, rows, cols) = out["image_grid_thw"][-1].tolist()
+                spec = GridSpec((rows, cols), None)  # image-to-image: the target grid only
+            else:
+                sample_ids, spec = out["input_ids"][0], self._grid_spec(out["image_grid_thw"])
             pos, offset = prompt_positions(
-                sample_ids, image_start_id=ar.image_start_token_id, image_end_id=ar.image_end_token_id
+                sample_ids,
+                [grid for _, grid in conditions[-1]] if images else (),
+                image_start_id=ar.image_start_token_id,
+                image_end_id=ar.image_end_token_id,
             )
             ids.append(sample_ids)
             positions.append(pos)
@@ -146,7 +197,7 @@ class ArEngine:
             pos[:, i, length - len(x) :] = p
         to = self.device
         batch = _Batch(input_ids.to(to), valid.to(to), pos.to(to), torch.stack(decode, dim=1).to(to))
-        return batch, spec
+        return batch, spec, (conditions if images else None)
 
     def _check_size(self, height: int, width: int) -> None:
         for name, value in (("height", height), ("width", width)):
@@ -170,12 +221,15 @@ class ArEngine:
         max_new_tokens: int | None = None,
         return_logits: bool = False,
         progress: Progress | None = None,
+        images: Sequence[Sequence] | None = None,
     ) -> ArResult:
         """Generate the grids for every (prompt, image) pair; see ``generate_prior_tokens``.
 
         ``include_eos`` runs the step after the last grid token too (the reference's final EOS
         step; the prior tokens do not need it). ``max_new_tokens`` stops early, for benchmarks
         and experiments: ``prior_tokens`` is then None unless the target grid is complete.
+        ``images``: image-to-image, one list of condition images (PIL) per prompt; the model then
+        writes the target grid only (no preview), and ``conditions`` carries the images' codes.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
@@ -183,8 +237,14 @@ class ArEngine:
         if num_images_per_prompt < 1:
             raise GlmImageError(f"num_images_per_prompt = {num_images_per_prompt} must be >= 1")
         self._check_size(height, width)
+        if images is not None and len(images) != len(prompts):
+            raise GlmImageError(
+                f"images: {len(images)} image lists for {len(prompts)} prompts; need one per prompt"
+            )
         prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        batch, spec = self._plan(prompts, height, width)
+        if images is not None:
+            images = [list(i) for i in images for _ in range(num_images_per_prompt)]
+        batch, spec, conditions = self._plan(prompts, height, width, images)
         seeds = _seeds(seeds, len(prompts))
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
         steps = spec.num_tokens + (1 if include_eos else 0)
@@ -200,7 +260,7 @@ class ArEngine:
         target = tokens[:, spec.target_offset : end]
         whole = steps >= end and bool((target < self.num_codes).all())
         prior = upsample_grid(target, *spec.target) if whole else None
-        return ArResult(tokens, prior, spec, seeds, logits)
+        return ArResult(tokens, prior, spec, seeds, logits, conditions)
 
     def generate_prior_tokens(
         self,
@@ -270,7 +330,7 @@ class ArEngine:
         """Image-vocabulary logits (B, P, V) at every prompt position (left-padded), and (B, P) validity."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         self._check_size(height, width)
-        batch, _ = self._plan(prompts, height, width)
+        batch, _, _ = self._plan(prompts, height, width)
         cache = KVCache(self.config.ar.text, len(prompts), batch.input_ids.shape[1], self.device, self.dtype)
         return self.model.logits(self._prefill(batch, cache)), batch.valid
 

@@ -10,6 +10,7 @@ seed, so a batch equals its images generated one by one.
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,10 +21,11 @@ import torch
 
 from ..config import CheckpointConfig
 from ..errors import GlmImageError
-from ..models.dit import DitModel
+from ..models.dit import CacheMode, ConditionKVCache, DitModel
 from ..models.glyph import GlyphEncoder
 from ..sampling import euler_step, flow_schedule, guidance, image_seq_len
 from ..weights import load_model
+from .protocol import upsample_grid
 
 __all__ = ["DitEngine"]
 
@@ -39,6 +41,21 @@ class _Plan:
     size: torch.Tensor
     crop: torch.Tensor
     guidance: float
+    cache: ConditionKVCache | None = None  # image-to-image condition K/V
+    read_rows: torch.Tensor | None = None  # rows that attend to it (the conditional branch)
+
+
+# one condition image: the picture, its VQ codes (h*w,) and its code grid (h, w)
+Condition = tuple[object, torch.Tensor, tuple[int, int]]
+
+
+def _first_half(rows: int, guidance: float) -> torch.Tensor | None:
+    """With CFG the first half of the batch is conditional: only those rows read the cache."""
+    if guidance == 1:
+        return None
+    read = torch.zeros(rows, dtype=torch.bool)
+    read[: rows // 2] = True
+    return read
 
 
 class DitEngine:
@@ -117,8 +134,14 @@ class DitEngine:
         seeds: int | Sequence[int] | None = None,
         latents: torch.Tensor | None = None,
         progress: Progress | None = None,
+        conditions: Sequence[Sequence[Condition]] | None = None,
     ) -> torch.Tensor:
-        """Final latents (B, C, H/8, W/8). ``prompts`` has one entry per image or per prompt."""
+        """Final latents (B, C, H/8, W/8). ``prompts`` has one entry per image or per prompt.
+
+        ``conditions`` (image-to-image): per prompt, its condition images as (PIL image, VQ codes
+        (h*w,), (h, w)); each is encoded once into the condition cache, which the conditional
+        branch attends to at every step and the unconditional branch does not.
+        """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         per_prompt = self._check(prior_token_ids, prompts, height, width)
         if guidance_scale < 1:
@@ -130,6 +153,11 @@ class DitEngine:
         )
 
         plan = self._plan(prior, prompts, per_prompt, height, width, guidance_scale)
+        if conditions is not None:
+            if len(conditions) != len(prompts):
+                raise GlmImageError(f"conditions: {len(conditions)} lists for {len(prompts)} prompts")
+            read_rows = _first_half(plan.prior.shape[0], plan.guidance)
+            plan = dataclasses.replace(plan, cache=self._write_conditions(conditions), read_rows=read_rows)
         schedule = flow_schedule(num_inference_steps, image_seq_len(height, width), self.config.scheduler)
         sigmas = schedule.sigmas.to(self.device)
         # The latents stay float32 between steps (the scheduler's upcast); the model sees its dtype.
@@ -156,15 +184,60 @@ class DitEngine:
         twice = (torch.cat([x, x]) for x in (prior, size, crop))
         return _Plan(text, keep, next(twice), drop, next(twice), next(twice), guidance_scale)
 
+    def _write_conditions(self, conditions: Sequence[Sequence[Condition]]) -> ConditionKVCache:
+        """Run each condition image once at t = 0 and keep its per-layer K/V, one sample per prompt."""
+        from diffusers.image_processor import VaeImageProcessor
+
+        vae_cfg, multiple = self.config.vae, self.config.vae.scale_factor * self.config.dit.patch_size
+        processor = VaeImageProcessor(vae_scale_factor=vae_cfg.scale_factor)
+        mean = torch.tensor(vae_cfg.latents_mean, device=self.device, dtype=self.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(vae_cfg.latents_std, device=self.device, dtype=self.dtype).view(1, -1, 1, 1)
+        cache = ConditionKVCache(self.config.dit.num_layers)
+        for prompt_index, prompt_conditions in enumerate(conditions):
+            for image_index, (image, codes, (rows, cols)) in enumerate(prompt_conditions):
+                height, width = (image.height // multiple) * multiple, (image.width // multiple) * multiple
+                if (height // multiple, width // multiple) != (2 * rows, 2 * cols):
+                    raise GlmImageError(
+                        f"images[{prompt_index}][{image_index}]: {image.width}x{image.height} gives a {cols}x{rows} "
+                        f"token grid that does not cover its {width // multiple}x{height // multiple} latent patches; "
+                        "allowed: sides that are multiples of 32 within the processor's pixel budget"
+                    )
+                pixels = processor.preprocess(image, height=height, width=width).to(self.device)
+                latent = self.vae.encode(pixels.to(next(self.vae.parameters()).dtype)).latent_dist.mode()
+                latent = (latent.to(self.dtype) - mean) / std
+                prior = upsample_grid(codes[None].to(self.device), rows, cols)
+                self.model(
+                    latent,
+                    latent.new_zeros((1, 0, self.config.dit.text_embed_dim)),
+                    prior,
+                    torch.zeros_like(prior, dtype=torch.bool),
+                    torch.zeros(1, device=self.device),
+                    torch.tensor([[height, width]], device=self.device),
+                    torch.zeros((1, 2), device=self.device),
+                    cache=cache,
+                    mode=CacheMode.WRITE,
+                )
+            cache.next_sample()
+        return cache
+
     def _velocity(self, plan: _Plan, latents: torch.Tensor, t: float) -> torch.Tensor:
         """The guided velocity (float32) at timestep ``t``: one forward for both CFG branches."""
         b = latents.shape[0]
         x = (torch.cat([latents, latents]) if plan.guidance > 1 else latents).to(self.dtype)
-        step_t = torch.full(
-            (x.shape[0],), t - 1, dtype=torch.float32, device=self.device
-        )  # the DiT sees t - 1
+        # the DiT sees t - 1
+        step_t = torch.full((x.shape[0],), t - 1, dtype=torch.float32, device=self.device)
         velocity = self.model(
-            x, plan.text, plan.prior, plan.drop, step_t, plan.size, plan.crop, text_keep=plan.keep
+            x,
+            plan.text,
+            plan.prior,
+            plan.drop,
+            step_t,
+            plan.size,
+            plan.crop,
+            text_keep=plan.keep,
+            cache=plan.cache,
+            mode=CacheMode.READ if plan.cache is not None else None,
+            read_rows=plan.read_rows,
         )
         velocity = velocity.float()
         return guidance(velocity[:b], velocity[b:], plan.guidance) if plan.guidance > 1 else velocity
