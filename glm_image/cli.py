@@ -29,6 +29,21 @@ def _cmd_info(args: argparse.Namespace) -> None:
     else:
         config, infos = describe_checkpoint(resolve_checkpoint(args.model))
     print(format_checkpoint(config, infos))
+    print(_runtime())
+
+
+def _runtime() -> str:
+    """Where `generate` would run by default, and with which attention."""
+    import torch
+
+    if torch.cuda.is_available():
+        device, dtype = f"cuda ({torch.cuda.get_device_name(0)})", "bfloat16"
+    else:
+        device, dtype = "cpu", "float32"
+    return (
+        f"Runtime          device {device}, dtype {dtype}; attention: sdpa "
+        f"(torch scaled_dot_product_attention, torch {torch.__version__})"
+    )
 
 
 def _cmd_make_checkpoint(args: argparse.Namespace) -> None:

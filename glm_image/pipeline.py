@@ -58,9 +58,27 @@ class GenerationOutput:
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
 
+def _needs_offload(root: Path, device: torch.device, dtype: torch.dtype) -> bool:
+    if device.type != "cuda":
+        return False
+    from .weights import WeightIndex
+
+    folders = ("vision_language_encoder", "transformer", "text_encoder", "vae")
+    params = sum(WeightIndex.from_folder(root / f).num_params for f in folders)
+    needed = params * torch.finfo(dtype).bits // 8
+    free, _ = torch.cuda.mem_get_info(device)
+    return needed > 0.85 * free
+
+
 class GlmImage:
-    def __init__(self, ar: ArEngine, dit: DitEngine, name: str) -> None:
+    def __init__(
+        self, ar: ArEngine, dit: DitEngine, name: str, *, offload_to: str | torch.device | None = None
+    ) -> None:
+        """``offload_to``: where a stage waits while the other runs (e.g. "cpu"); None keeps both
+        stages on their device."""
         self.ar, self.dit, self.name = ar, dit, name
+        self.device = ar.device
+        self.offload_to = torch.device(offload_to) if offload_to is not None else None
         config = ar.config
         multiple = config.image_grid_factor
         processor = config.image_processor
@@ -81,8 +99,14 @@ class GlmImage:
         *,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
+        offload: bool | None = None,
     ) -> GlmImage:
-        """``model``: tiny | wide | a checkpoint folder | a Hugging Face id (see ``hub``)."""
+        """``model``: tiny | wide | a checkpoint folder | a Hugging Face id (see ``hub``).
+
+        ``offload``: keep only the running stage on the device (the other waits in host memory).
+        None decides: on a GPU whose free memory cannot hold both stages' weights (with 15%
+        headroom for activations), offload; everywhere else, keep both. The choice is logged.
+        """
         from .hub import resolve_checkpoint
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -90,10 +114,21 @@ class GlmImage:
             raise GlmImageError(f"device = {str(device)!r} is not supported; allowed: cpu, cuda, npu")
         dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
         root = resolve_checkpoint(model)
-        log.info("loading %s on %s (%s)", root, device, dtype)
-        ar = ArEngine.from_pretrained(root, device=device, dtype=dtype)
-        dit = DitEngine.from_pretrained(root, device=device, dtype=dtype)
-        return cls(ar, dit, str(model))
+        if offload is None:
+            offload = _needs_offload(root, device, dtype)
+        home = torch.device("cpu") if offload else device
+        log.info(
+            "loading %s (%s) on %s%s",
+            root,
+            dtype,
+            device,
+            "; the AR and DiT stages take turns on it" if offload else "",
+        )
+        ar = ArEngine.from_pretrained(root, device=home, dtype=dtype)
+        dit = DitEngine.from_pretrained(root, device=home, dtype=dtype)
+        pipe = cls(ar, dit, str(model), offload_to=home if offload else None)
+        pipe.device = device
+        return pipe
 
     def validate(
         self,
@@ -145,6 +180,7 @@ class GlmImage:
         timings: dict[str, float] = {}
 
         start = time.perf_counter()
+        self._resident(self.ar, self.dit)
         result = self.ar.generate(
             prompts,
             height,
@@ -165,6 +201,7 @@ class GlmImage:
         timings["ar"] = time.perf_counter() - start
 
         start = time.perf_counter()
+        self._resident(self.dit, self.ar)
         latents = self.dit.denoise(
             prior,
             prompts,
@@ -183,6 +220,12 @@ class GlmImage:
         timings["vae"] = time.perf_counter() - start
         log.info("generated %d image(s) %dx%d: %s", count, width, height, timings)
         return GenerationOutput(decoded, prior.cpu(), seeds, timings)
+
+    def _resident(self, running, waiting) -> None:
+        """With offloading, only the stage about to run sits on the device."""
+        if self.offload_to is not None:
+            waiting.to(self.offload_to)
+            running.to(self.device)
 
     def _condition_images(self, images, prompts: int) -> list[list] | None:
         """Normalise ``images`` to one list of RGB PIL images per prompt, checking each one.

@@ -27,6 +27,7 @@ def test_info_reports_sizes_from_the_weight_headers(tiny_checkpoint, capsys):
         assert _human(n) in line and "F32" in line
     assert "2 layers, hidden 128" in out and "M-RoPE [2, 3, 3]" in out
     assert "shards + index" in out
+    assert "Runtime          device cpu, dtype float32; attention: sdpa" in out
 
 
 def test_info_on_the_released_preset_counts_on_meta(capsys):

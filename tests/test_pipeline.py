@@ -161,3 +161,20 @@ def test_cli_bad_input_exits_2_naming_the_field(tiny_checkpoint, tmp_path, args,
 def test_cli_rejects_a_bad_size_string(tmp_path):
     run = _cli("generate", "p", "--size", "big")
     assert run.returncode == 2 and "expected WIDTHxHEIGHT" in run.stderr
+
+
+def test_offloaded_stages_take_turns_and_give_the_same_image(tiny_checkpoint, glm):
+    """Offloading moves a stage to its waiting place between runs; the image must not change."""
+    turns = GlmImage.from_pretrained(tiny_checkpoint, device="cpu", offload=True)
+    assert turns.offload_to == torch.device("cpu")
+    moved = []
+    for engine in (turns.ar, turns.dit):
+        original = engine.to
+        engine.to = lambda device, original=original, engine=engine: (
+            moved.append((engine, str(device))),
+            original(device),
+        )[1]
+    a = turns.generate("'A'", 64, 64, num_inference_steps=2, seed=3)
+    b = glm.generate("'A'", 64, 64, num_inference_steps=2, seed=3)
+    assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
+    assert (turns.dit, "cpu") in moved and (turns.ar, "cpu") in moved and glm.offload_to is None

@@ -115,6 +115,14 @@ class ArEngine:
         processor = GlmImageProcessor.from_pretrained(root / "processor")
         return cls(model, config, processor, device, root)
 
+    def to(self, device: str | torch.device) -> ArEngine:
+        """Move the stage's weights (the ViT too, once loaded); used to take turns on a small GPU."""
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        if self._vision is not None:
+            self._vision.to(self.device)
+        return self
+
     @property
     def vision(self) -> VisionEncoder:
         """The ViT + VQ tokenizer, loaded on the first image-to-image request (1.2B parameters)."""

@@ -90,6 +90,13 @@ class DitEngine:
         )
         return cls(model, glyph, vae, config, device)
 
+    def to(self, device: str | torch.device) -> DitEngine:
+        """Move the DiT, the glyph encoder and the VAE; used to take turns on a small GPU."""
+        self.device = torch.device(device)
+        for module in (self.model, self.glyph.encoder, self.vae):
+            module.to(self.device)
+        return self
+
     def _check(self, prior: torch.Tensor, prompts: Sequence[str], height: int, width: int) -> int:
         factor = self.config.image_grid_factor
         for name, value in (("height", height), ("width", width)):
