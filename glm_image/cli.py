@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
     gen.add_argument(
-        "--image", action="append", metavar="PATH", help="a condition image (image-to-image); repeat for more"
+        "--image", action="extend", nargs="+", metavar="PATH", help="condition image(s) for image-to-image"
     )
     gen.add_argument("-o", "--output", default="glm-image.png", help="output PNG (numbered when several)")
     gen.add_argument("--model", default="tiny", help="tiny | wide | a checkpoint folder | a Hugging Face id")

@@ -36,3 +36,19 @@ def tiny_copy(tiny_checkpoint: Path, tmp_path: Path) -> Path:
     import shutil
 
     return Path(shutil.copytree(tiny_checkpoint, tmp_path / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """Run the installed `glm-image` console script as a user would (the module when not installed)."""
+    import shutil
+    import subprocess
+    import sys
+
+    exe = shutil.which("glm-image")
+    command = [exe] if exe else [sys.executable, "-m", "glm_image.cli"]
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*command, *args], capture_output=True, text=True, check=False)
+
+    return run

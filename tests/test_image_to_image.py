@@ -10,9 +10,6 @@ given the same prior tokens, condition codes and grids through `prior_token_ids=
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -115,52 +112,14 @@ def test_bad_condition_images_name_the_field(glm, images, prompt, message):
         glm.generate(prompt, 64, 64, num_inference_steps=1, images=images)
 
 
-def test_cli_image_to_image(tiny_checkpoint, tmp_path):
-    source = tmp_path / "in.png"
-    CONDITIONS[1][0].save(source)
+def test_cli_image_to_image(tiny_checkpoint, tmp_path, cli):
+    first, second = tmp_path / "in.png", tmp_path / "second.png"
+    CONDITIONS[2][0].save(first)
+    CONDITIONS[2][1].save(second)
     out = tmp_path / "out.png"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "glm_image.cli",
-            "generate",
-            PROMPT,
-            "--image",
-            str(source),
-            "--model",
-            str(tiny_checkpoint),
-            "--size",
-            "96x128",
-            "--steps",
-            "2",
-            "--seed",
-            "1",
-            "-o",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    common = ["--model", str(tiny_checkpoint), "--steps", "2", "--seed", "1", "-o", str(out)]
+    run = cli("generate", PROMPT, "--image", str(first), str(second), "--size", "96x128", *common)
     assert run.returncode == 0, run.stderr
     assert Image.open(out).size == (96, 128)
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "glm_image.cli",
-            "generate",
-            PROMPT,
-            "--image",
-            str(tmp_path / "missing.png"),
-            "--model",
-            str(tiny_checkpoint),
-            "-o",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    bad = cli("generate", PROMPT, "--image", str(tmp_path / "missing.png"), *common)
     assert bad.returncode == 2 and "images[0]: not a readable image" in bad.stderr

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import types
 
 import numpy as np
@@ -86,15 +84,15 @@ def test_released_limits_come_from_the_config():
     assert (limits.minimum, limits.maximum, limits.multiple) == (512, 2048, 32)
 
 
-def _cli(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "glm_image.cli", *args], capture_output=True, text=True, check=False, cwd=cwd
-    )
+def test_cli_info_in_a_subprocess(tiny_checkpoint, cli):
+    run = cli("info", "--model", str(tiny_checkpoint))
+    assert run.returncode == 0, run.stderr
+    assert "transformers.GlmImageForConditionalGeneration" in run.stdout and "attention: sdpa" in run.stdout
 
 
-def test_cli_generate_writes_pngs_with_their_parameters(tiny_checkpoint, tmp_path):
+def test_cli_generate_writes_pngs_with_their_parameters(tiny_checkpoint, tmp_path, cli):
     out = tmp_path / "open.png"
-    run = _cli(
+    run = cli(
         "generate",
         "a sign that says 'OPEN'",
         "--model",
@@ -122,7 +120,7 @@ def test_cli_generate_writes_pngs_with_their_parameters(tiny_checkpoint, tmp_pat
         + json.dumps({"prompt": "「乙」", "steps": 1})
         + "\n"
     )
-    run = _cli(
+    run = cli(
         "generate",
         "--prompts",
         str(batch),
@@ -153,13 +151,13 @@ def test_cli_generate_writes_pngs_with_their_parameters(tiny_checkpoint, tmp_pat
         (["--prompts", "/nonexistent.jsonl"], "--prompts /nonexistent.jsonl: cannot be read"),
     ],
 )
-def test_cli_bad_input_exits_2_naming_the_field(tiny_checkpoint, tmp_path, args, message):
-    run = _cli("generate", *args, "--model", str(tiny_checkpoint), "-o", str(tmp_path / "x.png"))
+def test_cli_bad_input_exits_2_naming_the_field(tiny_checkpoint, tmp_path, args, message, cli):
+    run = cli("generate", *args, "--model", str(tiny_checkpoint), "-o", str(tmp_path / "x.png"))
     assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr
 
 
-def test_cli_rejects_a_bad_size_string(tmp_path):
-    run = _cli("generate", "p", "--size", "big")
+def test_cli_rejects_a_bad_size_string(tmp_path, cli):
+    run = cli("generate", "p", "--size", "big")
     assert run.returncode == 2 and "expected WIDTHxHEIGHT" in run.stderr
 
 
