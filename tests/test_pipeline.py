@@ -79,7 +79,7 @@ def test_bad_requests_name_the_field(glm, kwargs, message):
 
 def test_released_limits_come_from_the_config():
     config = CheckpointConfig.from_dir(preset_dir("glm-image"))
-    stub = types.SimpleNamespace(config=config)
+    stub = types.SimpleNamespace(config=config, device=torch.device("cpu"))
     limits = GlmImage(stub, stub, "glm-image").limits
     assert (limits.minimum, limits.maximum, limits.multiple) == (512, 2048, 32)
 
