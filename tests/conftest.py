@@ -52,3 +52,19 @@ def cli():
         return subprocess.run([*command, *args], capture_output=True, text=True, check=False)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def reference_pipeline(tiny_checkpoint: Path):
+    """diffusers' GlmImagePipeline on the tiny checkpoint: the oracle most tests compare with."""
+    from diffusers import GlmImagePipeline
+
+    return GlmImagePipeline.from_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def glm(tiny_checkpoint: Path):
+    """Our GlmImage on the same checkpoint, CPU, float32."""
+    from glm_image import GlmImage
+
+    return GlmImage.from_pretrained(tiny_checkpoint, device="cpu")

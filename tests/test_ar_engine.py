@@ -17,25 +17,18 @@ def engine(tiny_checkpoint):
     return ArEngine.from_pretrained(tiny_checkpoint)
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_checkpoint):
-    from diffusers import GlmImagePipeline
-
-    return GlmImagePipeline.from_pretrained(tiny_checkpoint)
-
-
 @pytest.mark.parametrize(("height", "width"), SIZES)
-def test_prefill_logits_match(engine, reference, height, width):
+def test_prefill_logits_match(engine, reference_pipeline, height, width):
     inputs = engine.processor_inputs(PROMPT, height, width)
     with torch.no_grad():
-        expected = reference.vision_language_encoder(**inputs).logits
+        expected = reference_pipeline.vision_language_encoder(**inputs).logits
     logits, valid = engine.prompt_logits(PROMPT, height, width)
     assert valid.all() and logits.shape == expected.shape
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize(("height", "width"), SIZES)
-def test_greedy_protocol_and_decode_logits_match_generate(engine, reference, height, width):
+def test_greedy_protocol_and_decode_logits_match_generate(engine, reference_pipeline, height, width):
     inputs = engine.processor_inputs(PROMPT, height, width)
     ours = engine.generate(
         PROMPT,
@@ -47,7 +40,7 @@ def test_greedy_protocol_and_decode_logits_match_generate(engine, reference, hei
         return_logits=True,
     )
     with torch.no_grad():
-        out = reference.vision_language_encoder.generate(
+        out = reference_pipeline.vision_language_encoder.generate(
             **inputs,
             max_new_tokens=ours.spec.num_tokens + 1,
             do_sample=False,
@@ -71,8 +64,8 @@ def _reference_prior(pipe, prompt, height, width, seed):
 
 
 @pytest.mark.parametrize(("height", "width", "seed"), [(512, 512, 0), (384, 640, 3)])
-def test_seeded_sampling_equals_diffusers(engine, reference, height, width, seed):
-    expected = _reference_prior(reference, PROMPT, height, width, seed)
+def test_seeded_sampling_equals_diffusers(engine, reference_pipeline, height, width, seed):
+    expected = _reference_prior(reference_pipeline, PROMPT, height, width, seed)
     assert (expected < 16384).all(), "pick a seed where the reference writes a valid grid"
     for constrain in (False, True):
         ours = engine.generate_prior_tokens(PROMPT, height, width, seeds=[seed], constrain_grid=constrain)

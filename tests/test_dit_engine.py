@@ -17,13 +17,6 @@ def engine(tiny_checkpoint):
     return DitEngine.from_pretrained(tiny_checkpoint)
 
 
-@pytest.fixture(scope="module")
-def pipe(tiny_checkpoint):
-    from diffusers import GlmImagePipeline
-
-    return GlmImagePipeline.from_pretrained(tiny_checkpoint)
-
-
 @pytest.mark.parametrize(
     "prompt",
     [
@@ -35,13 +28,13 @@ def pipe(tiny_checkpoint):
         "it's Anna's 'cake'",
     ],
 )
-def test_glyph_texts_match_the_pipeline(pipe, prompt):
-    assert glyph_texts(prompt) == pipe.get_glyph_texts(prompt)[0]
+def test_glyph_texts_match_the_pipeline(reference_pipeline, prompt):
+    assert glyph_texts(prompt) == reference_pipeline.get_glyph_texts(prompt)[0]
 
 
-def test_glyph_embeddings_match_the_pipeline(engine, pipe):
+def test_glyph_embeddings_match_the_pipeline(engine, reference_pipeline):
     prompts = ["a sign that says 'OPEN'", "「春节快乐」 and 'a' and 'bc'", "nothing quoted"]
-    expected = pipe._get_glyph_embeds(prompts, device=torch.device("cpu"), dtype=torch.float32)
+    expected = reference_pipeline._get_glyph_embeds(prompts, device=torch.device("cpu"), dtype=torch.float32)
     torch.testing.assert_close(engine.glyph.encode(prompts), expected, rtol=0, atol=1e-5)
 
 
@@ -51,7 +44,7 @@ def _prior(batch, height, width, seed=1):
 
 
 @pytest.mark.parametrize(("height", "width", "guidance"), [(64, 64, 1.5), (64, 128, 1.5), (96, 64, 1.0)])
-def test_latents_and_pixels_match_the_pipeline(engine, pipe, height, width, guidance):
+def test_latents_and_pixels_match_the_pipeline(engine, reference_pipeline, height, width, guidance):
     prompt = "a storefront sign that says 'OPEN'"
     prior = _prior(1, height, width)
     noise = torch.randn(1, 16, height // 8, width // 8, generator=torch.Generator().manual_seed(2))
@@ -62,21 +55,21 @@ def test_latents_and_pixels_match_the_pipeline(engine, pipe, height, width, guid
         "num_inference_steps": 4,
         "guidance_scale": guidance,
     }
-    expected = pipe(prompt=prompt, latents=noise.clone(), output_type="latent", **common).images
+    expected = reference_pipeline(prompt=prompt, latents=noise.clone(), output_type="latent", **common).images
     ours = engine.denoise(prior, prompt, height, width, 4, guidance, latents=noise.clone())
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
 
-    pixels = pipe(prompt=prompt, latents=noise.clone(), output_type="np", **common).images[0]
+    pixels = reference_pipeline(prompt=prompt, latents=noise.clone(), output_type="np", **common).images[0]
     image = engine.decode(ours)[0]
     assert image.size == (width, height) and image.mode == "RGB"
     assert np.abs(np.asarray(image, dtype=np.float32) / 255 - pixels).max() <= 1 / 255
 
 
-def test_a_batch_of_prompts_matches_the_pipeline(engine, pipe):
+def test_a_batch_of_prompts_matches_the_pipeline(engine, reference_pipeline):
     prompts = ["a sign that says 'OPEN'", "一张写着「春节快乐」的海报"]
     prior = _prior(4, 64, 64, seed=3)
     noise = torch.randn(4, 16, 8, 8, generator=torch.Generator().manual_seed(4))
-    expected = pipe(
+    expected = reference_pipeline(
         prompt=prompts,
         prior_token_ids=prior[::2],  # the pipeline repeats each prompt's prior tokens itself
         latents=noise.clone(),

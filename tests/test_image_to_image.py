@@ -15,7 +15,6 @@ import pytest
 import torch
 from PIL import Image
 
-from glm_image import GlmImage
 from glm_image.engine.protocol import upsample_grid
 from glm_image.errors import GlmImageError
 
@@ -31,26 +30,16 @@ def _image(height, width, seed):
 CONDITIONS = {1: [_image(96, 128, 0)], 2: [_image(96, 128, 0), _image(64, 64, 1)]}
 
 
-@pytest.fixture(scope="module")
-def glm(tiny_checkpoint):
-    return GlmImage.from_pretrained(tiny_checkpoint, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_checkpoint):
-    from diffusers import GlmImagePipeline
-
-    return GlmImagePipeline.from_pretrained(tiny_checkpoint)
-
-
 @pytest.mark.parametrize("count", [1, 2])
-def test_ar_tokens_equal_transformers_generate(glm, pipe, count):
+def test_ar_tokens_equal_transformers_generate(glm, reference_pipeline, count):
     images = CONDITIONS[count]
     inputs = glm.ar.processor_inputs(PROMPT, HEIGHT, WIDTH, images)
     target = int(inputs["image_grid_thw"][-1].prod())
     torch.manual_seed(4)
     with torch.no_grad():
-        expected = pipe.vision_language_encoder.generate(**inputs, max_new_tokens=target + 1, do_sample=True)
+        expected = reference_pipeline.vision_language_encoder.generate(
+            **inputs, max_new_tokens=target + 1, do_sample=True
+        )
     expected = expected[0, inputs["input_ids"].shape[1] :]
     ours = glm.ar.generate(
         PROMPT, HEIGHT, WIDTH, images=[images], seeds=[4], constrain_grid=False, include_eos=True
@@ -62,10 +51,10 @@ def test_ar_tokens_equal_transformers_generate(glm, pipe, count):
     ]
 
 
-def _reference_image(pipe, result, images, seed):
+def _reference_image(reference_pipeline, result, images, seed):
     codes = torch.cat([upsample_grid(c[None], *grid)[0] for c, grid in result.conditions[0]])
     grids = torch.tensor([[1, 2 * h, 2 * w] for _, (h, w) in result.conditions[0]])
-    return pipe(
+    return reference_pipeline(
         prompt=PROMPT,
         image=images,
         height=HEIGHT,
@@ -80,12 +69,12 @@ def _reference_image(pipe, result, images, seed):
 
 
 @pytest.mark.parametrize("count", [1, 2])
-def test_end_to_end_equals_the_pipeline_given_the_same_codes(glm, pipe, count):
+def test_end_to_end_equals_the_pipeline_given_the_same_codes(glm, reference_pipeline, count):
     images = CONDITIONS[count]
     ours = glm.generate(PROMPT, HEIGHT, WIDTH, num_inference_steps=3, seed=6, images=images)
     result = glm.ar.generate(PROMPT, HEIGHT, WIDTH, images=[images], seeds=[6])
     assert torch.equal(result.prior_tokens, ours.prior_token_ids)
-    expected = _reference_image(pipe, result, images, 6)
+    expected = _reference_image(reference_pipeline, result, images, 6)
     assert ours.images[0].size == (WIDTH, HEIGHT)
     assert np.abs(np.asarray(ours.images[0], dtype=np.float32) / 255 - expected).max() <= 1 / 255
 

@@ -16,25 +16,13 @@ from glm_image.errors import GlmImageError
 from glm_image.synthetic import preset_dir
 
 
-@pytest.fixture(scope="module")
-def glm(tiny_checkpoint):
-    return GlmImage.from_pretrained(tiny_checkpoint, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def pipe(tiny_checkpoint):
-    from diffusers import GlmImagePipeline
-
-    return GlmImagePipeline.from_pretrained(tiny_checkpoint)
-
-
 @pytest.mark.parametrize(
     ("prompt", "height", "width", "seed"),
     [("A storefront sign that says 'OPEN'", 128, 128, 0), ("一张写着「春节快乐」的海报", 96, 160, 5)],
 )
-def test_text_to_image_equals_the_pipeline(glm, pipe, prompt, height, width, seed):
+def test_text_to_image_equals_the_pipeline(glm, reference_pipeline, prompt, height, width, seed):
     ours = glm.generate(prompt, height, width, num_inference_steps=3, seed=seed)
-    expected = pipe(
+    expected = reference_pipeline(
         prompt=prompt,
         height=height,
         width=width,

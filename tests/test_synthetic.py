@@ -23,13 +23,6 @@ def _digests(root: Path) -> dict[str, str]:
     }
 
 
-@pytest.fixture(scope="module")
-def reference_pipeline(tiny_checkpoint):
-    from diffusers import GlmImagePipeline
-
-    return GlmImagePipeline.from_pretrained(tiny_checkpoint)
-
-
 def test_layout_matches_the_release(tiny_checkpoint):
     expected = {
         "model_index.json",
