@@ -35,6 +35,12 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """'512x512' -> (width, height)."""
+    width, height = (int(v) for v in text.lower().split("x"))
+    return width, height
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

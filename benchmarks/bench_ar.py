@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from _report import median, timed, write_report
+from _report import median, parse_size, timed, write_report
 
 from glm_image.engine import ArEngine
 from glm_image.hub import resolve_checkpoint
@@ -99,7 +99,7 @@ def main() -> None:
     parser.add_argument("--greedy", action="store_true", help="argmax instead of the checkpoint's sampling")
     parser.add_argument("--out", help="write the JSON report here")
     args = parser.parse_args()
-    width, height = (int(v) for v in args.size.lower().split("x"))
+    width, height = parse_size(args.size)
     results = [
         bench_preset(
             preset, height, width, args.repeats, args.greedy, args.wide_tokens if preset == "wide" else None

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-from _report import median, timed, write_report
+from _report import median, parse_size, timed, write_report
 
 from glm_image.config import DitConfig
 from glm_image.engine import DitEngine
@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", help="write the JSON report here")
     args = parser.parse_args()
-    width, height = (int(v) for v in args.size.lower().split("x"))
+    width, height = parse_size(args.size)
     results = [bench_preset(p, height, width, args.repeats) for p in args.presets.split(",")]
     write_report("dit_step", results, args.out)
 

@@ -58,6 +58,15 @@ class _Batch:
     positions: torch.Tensor  # (3, B, P)
     decode_positions: torch.Tensor  # (3, B, num_tokens + 1)
 
+    def repeat_rows(self, n: int) -> _Batch:
+        """Each row ``n`` times in a row (n images per prompt)."""
+        return _Batch(
+            self.input_ids.repeat_interleave(n, dim=0),
+            self.valid.repeat_interleave(n, dim=0),
+            self.positions.repeat_interleave(n, dim=1),
+            self.decode_positions.repeat_interleave(n, dim=1),
+        )
+
 
 def _seeds(seeds: int | Sequence[int] | None, count: int) -> tuple[int, ...]:
     if seeds is None:
@@ -249,11 +258,13 @@ class ArEngine:
             raise GlmImageError(
                 f"images: {len(images)} image lists for {len(prompts)} prompts; need one per prompt"
             )
-        prompts = [p for p in prompts for _ in range(num_images_per_prompt)]
-        if images is not None:
-            images = [list(i) for i in images for _ in range(num_images_per_prompt)]
+        # Each prompt is tokenized (and its images encoded) once; its rows repeat per image.
         batch, spec, conditions = self._plan(prompts, height, width, images)
-        seeds = _seeds(seeds, len(prompts))
+        if num_images_per_prompt > 1:
+            batch = batch.repeat_rows(num_images_per_prompt)
+            if conditions is not None:
+                conditions = [c for c in conditions for _ in range(num_images_per_prompt)]
+        seeds = _seeds(seeds, batch.input_ids.shape[0])
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
         steps = spec.num_tokens + (1 if include_eos else 0)
         if max_new_tokens is not None:
@@ -366,9 +377,13 @@ class ArEngine:
             logits = model.logits(hidden[:, -1])
             if kept_logits is not None:
                 kept_logits.append(logits)
-            scores = logits.clone() if greedy_decoding else apply_filters(logits, self.sampling)
-            if constrain_grid:
-                scores = self._only_codes(scores, logits)
+            if greedy_decoding:
+                # _only_codes masks in place; the raw logits may be kept for the caller
+                scores = self._only_codes(logits.clone(), logits) if constrain_grid else logits
+            else:
+                scores = apply_filters(logits, self.sampling)
+                if constrain_grid:
+                    scores = self._only_codes(scores, logits)
             token = greedy(scores) if greedy_decoding else draw(scores, generators)
             if not constrain_grid and pad is not None:
                 # As transformers' generate: a finished sequence continues with padding.

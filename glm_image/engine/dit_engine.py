@@ -21,7 +21,7 @@ import torch
 
 from ..config import CheckpointConfig
 from ..errors import GlmImageError
-from ..models.dit import CacheMode, ConditionKVCache, DitModel
+from ..models.dit import CacheMode, ConditionKVCache, DitModel, image_rotary_tables
 from ..models.glyph import GlyphEncoder
 from ..sampling import euler_step, flow_schedule, guidance, image_seq_len
 from ..weights import load_model
@@ -41,6 +41,7 @@ class _Plan:
     size: torch.Tensor
     crop: torch.Tensor
     guidance: float
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # the image grid's rotary table, built once
     cache: ConditionKVCache | None = None  # image-to-image condition K/V
     read_rows: torch.Tensor | None = None  # rows that attend to it (the conditional branch)
 
@@ -179,17 +180,21 @@ class DitEngine:
     def _plan(self, prior, prompts, per_prompt, height, width, guidance_scale) -> _Plan:
         """Everything a step needs besides the latents and t: built once per call."""
         b = prior.shape[0]
+        patch = self.config.vae.scale_factor * self.config.dit.patch_size
+        rope = image_rotary_tables(
+            height // patch, width // patch, self.config.dit.attention_head_dim, self.device
+        )
         cond = self.glyph.encode(prompts).repeat_interleave(per_prompt, dim=0).to(self.dtype)
         size = torch.tensor([[height, width]], dtype=self.dtype, device=self.device).repeat(b, 1)
         crop = torch.zeros((b, 2), dtype=self.dtype, device=self.device)
         keep_prior = torch.zeros_like(prior, dtype=torch.bool)
         if guidance_scale == 1:
-            return _Plan(cond, None, prior, keep_prior, size, crop, 1.0)
+            return _Plan(cond, None, prior, keep_prior, size, crop, 1.0, rope)
         uncond = self.glyph.encode([""] * len(prompts)).repeat_interleave(per_prompt, dim=0).to(self.dtype)
         text, keep = _stack_padded(cond, uncond)
         drop = torch.cat([keep_prior, torch.ones_like(keep_prior)])
         twice = (torch.cat([x, x]) for x in (prior, size, crop))
-        return _Plan(text, keep, next(twice), drop, next(twice), next(twice), guidance_scale)
+        return _Plan(text, keep, next(twice), drop, next(twice), next(twice), guidance_scale, rope)
 
     def _write_conditions(self, conditions: Sequence[Sequence[Condition]]) -> ConditionKVCache:
         """Run each condition image once at t = 0 and keep its per-layer K/V, one sample per prompt."""
@@ -245,6 +250,7 @@ class DitEngine:
             cache=plan.cache,
             mode=CacheMode.READ if plan.cache is not None else None,
             read_rows=plan.read_rows,
+            rope=plan.rope,
         )
         velocity = velocity.float()
         return guidance(velocity[:b], velocity[b:], plan.guidance) if plan.guidance > 1 else velocity

@@ -292,6 +292,7 @@ class DitModel(nn.Module):
         cache: ConditionKVCache | None = None,
         mode: CacheMode | None = None,
         read_rows: torch.Tensor | None = None,  # (B,) bool: rows that read the cache (default all)
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # image_rotary_tables, if precomputed
     ) -> torch.Tensor:
         """Velocity (B, C, H, W)."""
         b, c, h, w = latents.shape
@@ -305,7 +306,8 @@ class DitModel(nn.Module):
         prior = self.prior_token_embedding(prior_ids) * (~prior_drop).unsqueeze(-1).to(image.dtype)
         image = image + self.prior_projector(prior)
         temb = self.time_condition_embed(timestep, target_size, crop_coords, image.dtype)
-        rope = image_rotary_tables(rows, cols, self.config.attention_head_dim, latents.device)
+        if rope is None:
+            rope = image_rotary_tables(rows, cols, self.config.attention_head_dim, latents.device)
         bias = self._attention_bias(text, image, text_mask, text_keep, cache, mode, read_rows)
 
         for i, block in enumerate(self.transformer_blocks):
