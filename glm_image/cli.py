@@ -14,7 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from .bench.cli import add_parser as add_bench_parser
 from .errors import GlmImageError
+from .request import GenerationRequest, parse_size
+from .server.cli import add_parser as add_serve_parser
 
 __all__ = ["main"]
 
@@ -57,20 +60,32 @@ def _cmd_make_checkpoint(args: argparse.Namespace) -> None:
 
 
 def _size(text: str) -> tuple[int, int]:
-    """'1280x1280' -> (width, height)."""
+    """'1280x1280' -> (width, height), for argparse."""
     try:
-        width, height = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size {text!r}: expected WIDTHxHEIGHT, e.g. 1024x1024") from None
-    return width, height
+        return parse_size(text)
+    except GlmImageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _requests(args: argparse.Namespace) -> list[dict]:
-    """One dict per generation: from the positional prompt, or one per line of --prompts."""
+_JSONL_KEYS = ("prompt", "size", "seed", "steps", "guidance")
+
+
+def _requests(args: argparse.Namespace) -> list[GenerationRequest]:
+    """One request per generation: from the positional prompt, or one per line of --prompts."""
+    width, height = args.size
+    defaults = {
+        "width": width,
+        "height": height,
+        "steps": args.steps,
+        "guidance": args.guidance,
+        "seed": args.seed,
+        "num_images": args.num_images,
+        "images": tuple(args.image or ()),
+    }
     if args.prompts is None:
         if not args.prompt:
             raise GlmImageError("prompt: give a prompt, or --prompts FILE.jsonl")
-        return [{"prompt": args.prompt}]
+        return [GenerationRequest(args.prompt, **defaults)]
     import json
 
     requests = []
@@ -81,21 +96,21 @@ def _requests(args: argparse.Namespace) -> list[dict]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        where = f"--prompts {args.prompts}, line {number}"
         try:
             item = json.loads(line)
         except json.JSONDecodeError as e:
-            raise GlmImageError(f"--prompts {args.prompts}, line {number}: not JSON ({e.msg})") from None
+            raise GlmImageError(f"{where}: not JSON ({e.msg})") from None
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
-            raise GlmImageError(
-                f'--prompts {args.prompts}, line {number}: expected an object with a "prompt" string'
-            )
-        unknown = set(item) - {"prompt", "size", "seed", "steps", "guidance"}
+            raise GlmImageError(f'{where}: expected an object with a "prompt" string')
+        unknown = set(item) - set(_JSONL_KEYS)
         if unknown:
-            raise GlmImageError(
-                f"--prompts {args.prompts}, line {number}: unknown keys {sorted(unknown)}; "
-                "allowed: prompt, size, seed, steps, guidance"
-            )
-        requests.append(item)
+            raise GlmImageError(f"{where}: unknown keys {sorted(unknown)}; allowed: {', '.join(_JSONL_KEYS)}")
+        fields = dict(defaults)
+        if "size" in item:
+            fields["width"], fields["height"] = parse_size(item["size"], f"{where}: size")
+        fields.update({k: item[k] for k in ("seed", "steps", "guidance") if k in item})
+        requests.append(GenerationRequest(item["prompt"], **fields))
     return requests
 
 
@@ -110,12 +125,9 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     pipe = GlmImage.from_pretrained(args.model, device=args.device, dtype=dtype)
     out = Path(args.output)
-    total = sum(args.num_images for _ in requests)
+    total = sum(request.num_images for request in requests)
     written = 0
     for request in requests:
-        width, height = _size(request["size"]) if "size" in request else args.size
-        steps, guidance = request.get("steps", args.steps), request.get("guidance", args.guidance)
-        seed = request.get("seed", args.seed)
         bars: dict[str, tqdm] = {}
 
         def progress(stage: str, done: int, of: int, bars=bars) -> None:
@@ -124,17 +136,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
                 bars[stage] = tqdm(total=of, desc=label, unit="tok" if stage == "ar" else "step", leave=False)
             bars[stage].update(done - bars[stage].n)
 
-        result = pipe.generate(
-            request["prompt"],
-            height=height,
-            width=width,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            seed=seed,
-            num_images_per_prompt=args.num_images,
-            progress=progress,
-            images=args.image,
-        )
+        result = pipe.run(request, progress=progress)
         for bar in bars.values():
             bar.close()
         for image, image_seed in zip(result.images, result.seeds, strict=True):
@@ -142,13 +144,13 @@ def _cmd_generate(args: argparse.Namespace) -> None:
             path = out if total == 1 else out.with_name(f"{out.stem}-{written}{out.suffix or '.png'}")
             info = PngInfo()
             for key, value in pipe.png_info(
-                request["prompt"], image_seed, height, width, steps, guidance
+                request.prompt, image_seed, request.height, request.width, request.steps, request.guidance
             ).items():
                 info.add_itxt(key, value)
             path.parent.mkdir(parents=True, exist_ok=True)
             image.save(path, format="PNG", pnginfo=info)
             timing = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
-            print(f"{path}  ({width}x{height}, seed {image_seed}; {timing})")
+            print(f"{path}  ({request.size}, seed {image_seed}; {timing})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     make.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     make.set_defaults(func=_cmd_make_checkpoint)
+
+    add_serve_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 

@@ -22,6 +22,7 @@ import torch
 from . import __version__
 from .engine import ArEngine, DitEngine
 from .errors import GlmImageError
+from .request import GenerationRequest
 
 __all__ = ["GenerationOutput", "GlmImage", "SizeLimits"]
 
@@ -55,7 +56,10 @@ class GenerationOutput:
     images: list  # PIL images, one per (prompt, image) pair, prompt-major
     prior_token_ids: torch.Tensor  # (B, (H/16) * (W/16))
     seeds: tuple[int, ...]
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    # seconds per stage: "ar" (of which "ar_prefill": planning, prefill and the first token),
+    # "dit", "vae"; shared by every image of the call
+    timings: dict[str, float] = field(default_factory=dict)
+    ar_tokens: int = 0  # tokens the AR model wrote per image (preview + target grid)
 
 
 def _needs_offload(root: Path, device: torch.device, dtype: torch.dtype) -> bool:
@@ -68,6 +72,22 @@ def _needs_offload(root: Path, device: torch.device, dtype: torch.dtype) -> bool
     needed = params * torch.finfo(dtype).bits // 8
     free, _ = torch.cuda.mem_get_info(device)
     return needed > 0.85 * free
+
+
+def _image_seeds(seed: int | Sequence[int] | None, count: int) -> tuple[int, ...]:
+    """One seed per image: ``seed, seed + 1, ...``; an explicit list; or random."""
+    if seed is None:
+        first = secrets.randbits(62)
+        return tuple(first + i for i in range(count))
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != count or not all(isinstance(s, int) and not isinstance(s, bool) for s in seed):
+            raise GlmImageError(
+                f"seed: got {len(seed)} seeds for {count} images; allowed: one integer per image"
+            )
+        return tuple(seed)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise GlmImageError(f"seed = {seed!r}; allowed: an integer, one integer per image, or none")
+    return tuple(seed + i for i in range(count))
 
 
 class GlmImage:
@@ -166,17 +186,21 @@ class GlmImage:
         width: int = 1024,
         num_inference_steps: int = 50,
         guidance_scale: float = 1.5,
-        seed: int | None = None,
+        seed: int | Sequence[int] | None = None,
         images: Sequence | None = None,
         num_images_per_prompt: int = 1,
         progress: Progress | None = None,
     ) -> GenerationOutput:
+        """Images for every (prompt, image) pair, prompt-major.
+
+        ``seed``: the first image's seed (image ``i`` uses ``seed + i``), or one seed per image,
+        or None (random).
+        """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         self.validate(prompts, height, width, num_inference_steps, guidance_scale, num_images_per_prompt)
         condition_images = self._condition_images(images, len(prompts))
         count = len(prompts) * num_images_per_prompt
-        first = secrets.randbits(62) if seed is None else int(seed)
-        seeds = tuple(first + i for i in range(count))
+        seeds = _image_seeds(seed, count)
         timings: dict[str, float] = {}
 
         start = time.perf_counter()
@@ -199,6 +223,7 @@ class GlmImage:
                 for images_, row in zip(condition_images, per_row, strict=True)
             ]
         timings["ar"] = time.perf_counter() - start
+        timings["ar_prefill"] = result.prefill_seconds
 
         start = time.perf_counter()
         self._resident(self.dit, self.ar)
@@ -219,7 +244,87 @@ class GlmImage:
         decoded = self.dit.decode(latents)
         timings["vae"] = time.perf_counter() - start
         log.info("generated %d image(s) %dx%d: %s", count, width, height, timings)
-        return GenerationOutput(decoded, prior.cpu(), seeds, timings)
+        return GenerationOutput(decoded, prior.cpu(), seeds, timings, result.tokens.shape[1])
+
+    # ---------------------------------------------------------------- requests
+
+    def validate_request(self, request: GenerationRequest) -> None:
+        """Raise ``GlmImageError`` naming the first field of ``request`` that is not allowed."""
+        self.validate(
+            [request.prompt],
+            request.height,
+            request.width,
+            request.steps,
+            request.guidance,
+            request.num_images,
+        )
+        if request.seed is not None and (isinstance(request.seed, bool) or not isinstance(request.seed, int)):
+            raise GlmImageError(f"seed = {request.seed!r}; allowed: an integer or none")
+        if request.images:
+            self._condition_images(list(request.images), 1)
+
+    def run(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationOutput:
+        """Carry out one request."""
+        return self.generate(
+            request.prompt,
+            height=request.height,
+            width=request.width,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance,
+            seed=request.seed,
+            images=list(request.images) or None,
+            num_images_per_prompt=request.num_images,
+            progress=progress,
+        )
+
+    def run_batch(
+        self, requests: Sequence[GenerationRequest], progress: Progress | None = None
+    ) -> list[GenerationOutput]:
+        """Several text-to-image requests with one ``batch_key`` as ONE engine call.
+
+        Every image keeps its own seed, so each request gets the images it would get alone (up
+        to the last bits of batched GEMMs). Returns one output per request, in order; the
+        timings are the shared call's.
+        """
+        requests = list(requests)
+        if not requests:
+            return []
+        if len({r.batch_key for r in requests}) != 1:
+            raise GlmImageError(
+                "run_batch: requests differ in size, steps, guidance or condition images; "
+                "group them by GenerationRequest.batch_key"
+            )
+        if len(requests) == 1:
+            return [self.run(requests[0], progress)]
+        first = requests[0]
+        prompts, seeds = [], []
+        for request in requests:
+            own = _image_seeds(request.seed, request.num_images)
+            prompts += [request.prompt] * request.num_images
+            seeds += own
+        out = self.generate(
+            prompts,
+            height=first.height,
+            width=first.width,
+            num_inference_steps=first.steps,
+            guidance_scale=first.guidance,
+            seed=seeds,
+            progress=progress,
+        )
+        results, at = [], 0
+        for request in requests:
+            n = request.num_images
+            results.append(
+                GenerationOutput(
+                    out.images[at : at + n],
+                    out.prior_token_ids[at : at + n],
+                    out.seeds[at : at + n],
+                    out.timings,
+                    out.ar_tokens,
+                )
+            )
+            at += n
+        return results
 
     def _resident(self, running, waiting) -> None:
         """With offloading, only the stage about to run sits on the device."""

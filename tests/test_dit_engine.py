@@ -79,8 +79,18 @@ def test_a_batch_of_prompts_matches_the_pipeline(engine, reference_pipeline):
         num_images_per_prompt=2,
         output_type="latent",
     ).images
-    ours = engine.denoise(prior[::2].repeat_interleave(2, dim=0), prompts, 64, 64, 3, latents=noise.clone())
+    prior = prior[::2].repeat_interleave(2, dim=0)
+    ours = engine.denoise(prior, prompts, 64, 64, 3, latents=noise.clone(), isolate_prompts=False)
     torch.testing.assert_close(ours, expected, rtol=0, atol=1e-4)
+
+    # By default each prompt's glyph padding is hidden: every image equals its prompt alone,
+    # while the reference's batch lets the padding of the shorter prompt change its images.
+    isolated = engine.denoise(prior, prompts, 64, 64, 3, latents=noise.clone())
+    for i, prompt in enumerate(prompts):
+        rows = slice(2 * i, 2 * i + 2)
+        alone = engine.denoise(prior[rows], prompt, 64, 64, 3, latents=noise[rows].clone())
+        torch.testing.assert_close(isolated[rows], alone, rtol=0, atol=1e-5)
+    assert not torch.allclose(isolated, expected, rtol=0, atol=1e-4)
 
 
 def test_batched_guidance_equals_two_forwards(engine):

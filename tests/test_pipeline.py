@@ -33,7 +33,11 @@ def test_text_to_image_equals_the_pipeline(glm, reference_pipeline, prompt, heig
     image = ours.images[0]
     assert image.size == (width, height) and ours.seeds == (seed,)
     assert np.abs(np.asarray(image, dtype=np.float32) / 255 - expected).max() <= 1 / 255
-    assert set(ours.timings) == {"ar", "dit", "vae"}
+    assert set(ours.timings) == {"ar", "ar_prefill", "dit", "vae"}
+    assert (
+        0 < ours.timings["ar_prefill"] < ours.timings["ar"]
+        and ours.ar_tokens == glm.ar.generate(prompt, height, width, max_new_tokens=1).spec.num_tokens
+    )
 
 
 def test_images_of_a_batch_equal_the_same_seeds_alone(glm):
@@ -164,3 +168,29 @@ def test_offloaded_stages_take_turns_and_give_the_same_image(tiny_checkpoint, gl
     b = glm.generate("'A'", 64, 64, num_inference_steps=2, seed=3)
     assert np.array_equal(np.asarray(a.images[0]), np.asarray(b.images[0]))
     assert (turns.dit, "cpu") in moved and (turns.ar, "cpu") in moved and glm.offload_to is None
+
+
+def test_run_batch_gives_each_request_its_own_images(glm):
+    from glm_image.request import GenerationRequest
+
+    a = GenerationRequest("'A'", 64, 64, steps=2, seed=20, num_images=2)
+    b = GenerationRequest("「乙」", 64, 64, steps=2, seed=7)
+    batch = glm.run_batch([a, b])
+    assert [r.seeds for r in batch] == [(20, 21), (7,)]
+    for request, got in zip((a, b), batch, strict=True):
+        alone = glm.run(request)
+        assert torch.equal(got.prior_token_ids, alone.prior_token_ids)
+        for x, y in zip(got.images, alone.images, strict=True):
+            diff = np.abs(np.asarray(x, dtype=np.int16) - np.asarray(y, dtype=np.int16))
+            assert diff.max() <= 1
+    with pytest.raises(GlmImageError, match="batch_key"):
+        glm.run_batch([a, GenerationRequest("'A'", 64, 96, steps=2)])
+
+
+@pytest.mark.parametrize(
+    ("seed", "message"),
+    [([1, 2, 3], "got 3 seeds for 2 images"), ("7", "seed = '7'"), ([1, True], "one integer per image")],
+)
+def test_bad_seeds_name_the_field(glm, seed, message):
+    with pytest.raises(GlmImageError, match=message):
+        glm.generate("p", 64, 64, num_inference_steps=1, seed=seed, num_images_per_prompt=2)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,7 @@ class ArResult:
     logits: list[torch.Tensor] | None  # raw (B, V) logits per step, when asked for
     # image-to-image: per row, each condition image's VQ codes (h*w,) and its grid (h, w)
     conditions: list[list[tuple[torch.Tensor, tuple[int, int]]]] | None = None
+    prefill_seconds: float = 0.0  # planning + prefill + the first token, device synchronised
 
 
 @dataclass(frozen=True)
@@ -248,6 +250,7 @@ class ArEngine:
         ``images``: image-to-image, one list of condition images (PIL) per prompt; the model then
         writes the target grid only (no preview), and ``conditions`` carries the images' codes.
         """
+        start = time.perf_counter()
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise GlmImageError("prompts: need at least one prompt")
@@ -272,14 +275,14 @@ class ArEngine:
                 raise GlmImageError(f"max_new_tokens = {max_new_tokens} must be >= 1")
             steps = min(steps, max_new_tokens)
 
-        tokens, logits = self._decode(
+        tokens, logits, prefill_done = self._decode(
             batch, steps, generators, greedy_decoding, constrain_grid, return_logits, progress
         )
         end = spec.target_offset + spec.target[0] * spec.target[1]
         target = tokens[:, spec.target_offset : end]
         whole = steps >= end and bool((target < self.num_codes).all())
         prior = upsample_grid(target, *spec.target) if whole else None
-        return ArResult(tokens, prior, spec, seeds, logits, conditions)
+        return ArResult(tokens, prior, spec, seeds, logits, conditions, prefill_done - start)
 
     def generate_prior_tokens(
         self,
@@ -362,7 +365,9 @@ class ArEngine:
         constrain_grid: bool,
         return_logits: bool,
         progress: Progress | None,
-    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None, float]:
+        """Tokens (B, steps), the raw logits if asked for, and when the prefill was done
+        (``time.perf_counter``; the one device synchronisation of a call, for the timings)."""
         model, text = self.model, self.config.ar.text
         b, prompt_len = batch.input_ids.shape
         capacity = prompt_len + steps
@@ -395,6 +400,9 @@ class ArEngine:
             return token
 
         token = pick(self._prefill(batch, cache), 0)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        prefill_done = time.perf_counter()
 
         # decode: one token per step over the static cache; every table is indexed, nothing synced
         cos, sin = rotary_tables(batch.decode_positions[:, :, : steps - 1], text, self.dtype)
@@ -413,4 +421,4 @@ class ArEngine:
                 window=capacity,
             )
             token = pick(hidden, step)
-        return tokens, kept_logits
+        return tokens, kept_logits, prefill_done

@@ -6,6 +6,12 @@ go together, the shorter glyph sequence padded with keys no query can see, so th
 the reference's two forwards. Timesteps, sigmas and the Euler step are the pipeline's, bit for
 bit (``sampling.flow``); the DiT sees ``t - 1``. Initial noise is drawn per image from its own
 seed, so a batch equals its images generated one by one.
+
+Several prompts in one call: the reference left-pads their glyph sequences with zeros that every
+query still sees, so a prompt's image depends on the other prompts of its batch. By default we
+hide that padding (``isolate_prompts=True``): each image equals the one its prompt gives alone,
+which is what a batch of independent requests needs. ``isolate_prompts=False`` reproduces the
+reference's batch.
 """
 
 from __future__ import annotations
@@ -143,12 +149,14 @@ class DitEngine:
         latents: torch.Tensor | None = None,
         progress: Progress | None = None,
         conditions: Sequence[Sequence[Condition]] | None = None,
+        isolate_prompts: bool = True,
     ) -> torch.Tensor:
         """Final latents (B, C, H/8, W/8). ``prompts`` has one entry per image or per prompt.
 
         ``conditions`` (image-to-image): per prompt, its condition images as (PIL image, VQ codes
         (h*w,), (h, w)); each is encoded once into the condition cache, which the conditional
         branch attends to at every step and the unconditional branch does not.
+        ``isolate_prompts``: see the module docstring.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         per_prompt = self._check(prior_token_ids, prompts, height, width)
@@ -160,7 +168,7 @@ class DitEngine:
             self._noise(prior.shape[0], height, width, seeds) if latents is None else latents.to(self.device)
         )
 
-        plan = self._plan(prior, prompts, per_prompt, height, width, guidance_scale)
+        plan = self._plan(prior, prompts, per_prompt, height, width, guidance_scale, isolate_prompts)
         if conditions is not None:
             if len(conditions) != len(prompts):
                 raise GlmImageError(f"conditions: {len(conditions)} lists for {len(prompts)} prompts")
@@ -177,21 +185,25 @@ class DitEngine:
                 progress(i + 1, num_inference_steps)
         return latents
 
-    def _plan(self, prior, prompts, per_prompt, height, width, guidance_scale) -> _Plan:
+    def _plan(self, prior, prompts, per_prompt, height, width, guidance_scale, isolate_prompts=True) -> _Plan:
         """Everything a step needs besides the latents and t: built once per call."""
         b = prior.shape[0]
         patch = self.config.vae.scale_factor * self.config.dit.patch_size
         rope = image_rotary_tables(
             height // patch, width // patch, self.config.dit.attention_head_dim, self.device
         )
-        cond = self.glyph.encode(prompts).repeat_interleave(per_prompt, dim=0).to(self.dtype)
+        cond, lengths = self.glyph.encode(prompts, return_lengths=True)
+        cond = cond.repeat_interleave(per_prompt, dim=0).to(self.dtype)
+        cond_keep = None
+        if isolate_prompts and len(set(lengths)) > 1:
+            cond_keep = _real_tokens(cond.shape[1], lengths, self.device).repeat_interleave(per_prompt, dim=0)
         size = torch.tensor([[height, width]], dtype=self.dtype, device=self.device).repeat(b, 1)
         crop = torch.zeros((b, 2), dtype=self.dtype, device=self.device)
         keep_prior = torch.zeros_like(prior, dtype=torch.bool)
         if guidance_scale == 1:
-            return _Plan(cond, None, prior, keep_prior, size, crop, 1.0, rope)
+            return _Plan(cond, cond_keep, prior, keep_prior, size, crop, 1.0, rope)
         uncond = self.glyph.encode([""] * len(prompts)).repeat_interleave(per_prompt, dim=0).to(self.dtype)
-        text, keep = _stack_padded(cond, uncond)
+        text, keep = _stack_padded(cond, uncond, cond_keep)
         drop = torch.cat([keep_prior, torch.ones_like(keep_prior)])
         twice = (torch.cat([x, x]) for x in (prior, size, crop))
         return _Plan(text, keep, next(twice), drop, next(twice), next(twice), guidance_scale, rope)
@@ -279,14 +291,28 @@ class DitEngine:
         return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in images]
 
 
-def _stack_padded(cond: torch.Tensor, uncond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[cond; uncond] along the batch, the shorter left-padded; (B2, T) mask of real tokens."""
+def _real_tokens(length: int, lengths: Sequence[int], device: torch.device) -> torch.Tensor:
+    """(B, length) bool: True on the last ``lengths[i]`` positions of row i (left padding)."""
+    positions = torch.arange(length, device=device)
+    starts = length - torch.tensor(lengths, device=device)
+    return positions[None, :] >= starts[:, None]
+
+
+def _stack_padded(
+    cond: torch.Tensor, uncond: torch.Tensor, cond_keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[cond; uncond] along the batch, the shorter left-padded; (B2, T) mask of real tokens.
+
+    ``cond_keep`` marks the real tokens of ``cond`` when its rows carry padding of their own.
+    """
     length = max(cond.shape[1], uncond.shape[1])
     parts, keeps = [], []
-    for x in (cond, uncond):
+    for x, own in ((cond, cond_keep), (uncond, None)):
         pad = length - x.shape[1]
         parts.append(torch.cat([x.new_zeros((x.shape[0], pad, x.shape[2])), x], dim=1))
         keep = torch.ones((x.shape[0], length), dtype=torch.bool, device=x.device)
         keep[:, :pad] = False
+        if own is not None:
+            keep[:, pad:] = own
         keeps.append(keep)
     return torch.cat(parts), torch.cat(keeps)

@@ -6,7 +6,8 @@ concatenated); a prompt with none encodes "". Each span is byte-tokenized (with 
 spans is even every span gets one pad in front (the reference's rule, kept as it is); spans are
 padded to the same length, encoded together, and the
 real tokens of all spans are concatenated into one sequence per prompt. Prompts of a batch are
-then left-padded with zeros, without a mask, as the reference pipeline does.
+then left-padded with zeros, as the reference pipeline does; ``return_lengths`` gives each
+prompt's real length, so a caller can hide the padding (the reference does not).
 
 transformers' ``T5EncoderModel`` is used as it is: it is small and runs once per prompt.
 """
@@ -56,8 +57,11 @@ class GlyphEncoder:
         return cls(encoder, ByT5Tokenizer.from_pretrained(root / "tokenizer"))
 
     @torch.inference_mode()
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        """(B, T, d_model) glyph embeddings, left-padded with zeros to the longest prompt."""
+    def encode(
+        self, prompts: list[str], *, return_lengths: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, list[int]]:
+        """(B, T, d_model) glyph embeddings, left-padded with zeros to the longest prompt
+        (and, with ``return_lengths``, the number of real tokens of each prompt)."""
         device = next(self.encoder.parameters()).device
         pad = self.tokenizer.pad_token_id
         embeds = []
@@ -74,4 +78,4 @@ class GlyphEncoder:
         out = embeds[0].new_zeros((len(embeds), longest, embeds[0].shape[-1]))
         for i, e in enumerate(embeds):
             out[i, longest - e.shape[0] :] = e
-        return out
+        return (out, [e.shape[0] for e in embeds]) if return_lengths else out

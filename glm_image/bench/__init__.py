@@ -1,0 +1,1 @@
+"""The benchmark harness (`glm-image bench`): speed against the reference, text-rendering quality."""
