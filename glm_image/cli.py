@@ -36,16 +36,20 @@ def _cmd_info(args: argparse.Namespace) -> None:
 
 
 def _runtime() -> str:
-    """Where `generate` would run by default, and with which attention."""
+    """Where `generate` would run by default, and which ops backend it would choose."""
     import torch
 
-    if torch.cuda.is_available():
-        device, dtype = f"cuda ({torch.cuda.get_device_name(0)})", "bfloat16"
-    else:
-        device, dtype = "cpu", "float32"
+    from .device import default_dtype, detect_platform
+    from .ops import BACKENDS, available_backends, select_ops
+
+    device = torch.device(detect_platform().value)
+    name = select_ops(None, device).name
+    where = f"cuda ({torch.cuda.get_device_name(0)})" if device.type == "cuda" else device.type
+    usable = [n for n, why in available_backends(device).items() if why is None]
+    dtype = str(default_dtype(device)).removeprefix("torch.")
     return (
-        f"Runtime          device {device}, dtype {dtype}; attention: sdpa "
-        f"(torch scaled_dot_product_attention, torch {torch.__version__})"
+        f"Runtime          device {where}, dtype {dtype}; attention: {name} ({BACKENDS[name].about}; "
+        f"torch {torch.__version__}); usable here: {', '.join(usable)}"
     )
 
 
@@ -123,7 +127,9 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
     requests = _requests(args)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
-    pipe = GlmImage.from_pretrained(args.model, device=args.device, dtype=dtype)
+    pipe = GlmImage.from_pretrained(
+        args.model, device=args.device, dtype=dtype, attention_backend=args.attention_backend
+    )
     out = Path(args.output)
     total = sum(request.num_images for request in requests)
     written = 0
@@ -153,6 +159,19 @@ def _cmd_generate(args: argparse.Namespace) -> None:
             print(f"{path}  ({request.size}, seed {image_seed}; {timing})")
 
 
+def add_backend_argument(parser: argparse.ArgumentParser) -> None:
+    """``--attention-backend`` (shared by every command that loads the engine)."""
+    from .ops import CHOICES
+
+    parser.add_argument(
+        "--attention-backend",
+        choices=CHOICES,
+        default="auto",
+        help="ops backend: auto (triton on CUDA, npu on Ascend, else sdpa), sdpa (torch reference), "
+        "triton (our kernels), npu (torch_npu fused ops)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm-image", description="Local inference engine for GLM-Image.")
     parser.add_argument("--version", action="version", version=f"glm-image {__version__}")
@@ -178,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--dtype", choices=("float32", "bfloat16", "float16"), help="default: float32 on cpu, else bfloat16"
     )
+    add_backend_argument(gen)
     gen.set_defaults(func=_cmd_generate)
 
     info = sub.add_parser("info", help="show a checkpoint's components, sizes and dtypes")

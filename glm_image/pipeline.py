@@ -112,6 +112,11 @@ class GlmImage:
             side(processor.min_pixels, math.ceil), side(processor.max_pixels, math.floor), multiple
         )
 
+    @property
+    def attention_backend(self) -> str:
+        """The name of the ops backend both stages run on (see ``glm_image.ops``)."""
+        return self.ar.model.ops.name
+
     @classmethod
     def from_pretrained(
         cls,
@@ -120,19 +125,24 @@ class GlmImage:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         offload: bool | None = None,
+        attention_backend: str | None = None,
     ) -> GlmImage:
         """``model``: tiny | wide | a checkpoint folder | a Hugging Face id (see ``hub``).
 
+        ``device``: cpu | cuda | npu (default: ``glm_image.device.detect_platform``); ``dtype``:
+        float32 on a CPU, bfloat16 elsewhere. ``attention_backend``: auto | sdpa | triton | npu,
+        the ops backend of both stages (see ``glm_image.ops``), chosen once for the device.
         ``offload``: keep only the running stage on the device (the other waits in host memory).
         None decides: on a GPU whose free memory cannot hold both stages' weights (with 15%
         headroom for activations), offload; everywhere else, keep both. The choice is logged.
         """
+        from .device import default_dtype, resolve_device
         from .hub import resolve_checkpoint
+        from .ops import select_ops
 
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type not in ("cpu", "cuda", "npu"):
-            raise GlmImageError(f"device = {str(device)!r} is not supported; allowed: cpu, cuda, npu")
-        dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+        device = resolve_device(device)
+        dtype = dtype or default_dtype(device)
+        ops = select_ops(attention_backend, device)
         root = resolve_checkpoint(model)
         if offload is None:
             offload = _needs_offload(root, device, dtype)
@@ -144,8 +154,8 @@ class GlmImage:
             device,
             "; the AR and DiT stages take turns on it" if offload else "",
         )
-        ar = ArEngine.from_pretrained(root, device=home, dtype=dtype)
-        dit = DitEngine.from_pretrained(root, device=home, dtype=dtype)
+        ar = ArEngine.from_pretrained(root, device=home, dtype=dtype, attention_backend=ops)
+        dit = DitEngine.from_pretrained(root, device=home, dtype=dtype, attention_backend=ops)
         pipe = cls(ar, dit, str(model), offload_to=home if offload else None)
         pipe.device = device
         return pipe

@@ -104,9 +104,11 @@ def test_condition_cache_write_read_skip_match(models):
     config = ours.config
     ref_cache, ours_cache = _write_condition(ours, reference, config)
     for layer in range(config.num_layers):
-        torch.testing.assert_close(ours_cache.keys[layer][0], ref_cache[layer].k_caches[0], rtol=0, atol=1e-6)
         torch.testing.assert_close(
-            ours_cache.values[layer][0], ref_cache[layer].v_caches[0], rtol=0, atol=1e-6
+            ours_cache.keys[layer][0].transpose(1, 2), ref_cache[layer].k_caches[0], rtol=0, atol=1e-6
+        )
+        torch.testing.assert_close(
+            ours_cache.values[layer][0].transpose(1, 2), ref_cache[layer].v_caches[0], rtol=0, atol=1e-6
         )
 
     x = _inputs(config)

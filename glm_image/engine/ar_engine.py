@@ -28,6 +28,7 @@ from ..config import CheckpointConfig
 from ..errors import GlmImageError
 from ..models.ar import ArModel, KVCache, rotary_tables
 from ..models.vision import VisionEncoder
+from ..ops import Ops, select_ops
 from ..sampling import SamplingParams, apply_filters, draw, greedy
 from ..weights import load_model
 from .protocol import GridSpec, decode_positions, prompt_positions, upsample_grid
@@ -81,6 +82,10 @@ def _seeds(seeds: int | Sequence[int] | None, count: int) -> tuple[int, ...]:
     return seeds
 
 
+def _ops(backend: str | Ops | None, device: torch.device, stage: str) -> Ops:
+    return backend if isinstance(backend, Ops) else select_ops(backend, device, stage=stage)
+
+
 class ArEngine:
     """The AR text decoder with its processor and sampling defaults, on one device."""
 
@@ -105,8 +110,16 @@ class ArEngine:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        attention_backend: str | Ops | None = None,
     ) -> ArEngine:
+        """``attention_backend``: an ops backend name (auto, sdpa, triton, npu; see
+        ``glm_image.ops``) chosen for ``device``, or a backend already chosen by the caller (e.g.
+        for the device the stage will run on when it is loaded elsewhere first)."""
         from transformers import GlmImageProcessor
 
         from ..hub import resolve_checkpoint
@@ -114,8 +127,9 @@ class ArEngine:
         root = resolve_checkpoint(path)
         config = CheckpointConfig.from_dir(root)
         device = torch.device(device)
+        ops = _ops(attention_backend, device, "AR")
         model = load_model(
-            lambda: ArModel(config.ar.text), root / "vision_language_encoder", device=device, dtype=dtype
+            lambda: ArModel(config.ar.text, ops), root / "vision_language_encoder", device=device, dtype=dtype
         )
         if device.type == "cpu":
             # A CPU GEMV over a short-rowed matrix is faster with the matrix stored column-major
@@ -343,7 +357,7 @@ class ArEngine:
         mask = (causal & batch.valid[:, None, :]) | eye
         rope = rotary_tables(batch.positions, self.config.ar.text, self.dtype)
         slots = torch.arange(prompt_len, device=self.device)
-        return self.model(batch.input_ids, rope, cache, slots, mask[:, None], window=prompt_len)
+        return self.model(batch.input_ids, rope, cache, slots, mask=mask[:, None])
 
     @torch.inference_mode()
     def prompt_logits(
@@ -417,8 +431,8 @@ class ArEngine:
                 (cos[:, step - 1 : step], sin[:, step - 1 : step]),
                 cache,
                 slots + slot,
-                visible[:, None, None, :],
-                window=capacity,
+                visible=visible,
+                length=slot + 1,
             )
             token = pick(hidden, step)
         return tokens, kept_logits, prefill_done

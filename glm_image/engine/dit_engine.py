@@ -29,8 +29,10 @@ from ..config import CheckpointConfig
 from ..errors import GlmImageError
 from ..models.dit import CacheMode, ConditionKVCache, DitModel, image_rotary_tables
 from ..models.glyph import GlyphEncoder
+from ..ops import Ops
 from ..sampling import euler_step, flow_schedule, guidance, image_seq_len
 from ..weights import load_model
+from .ar_engine import _ops
 from .protocol import upsample_grid
 
 __all__ = ["DitEngine"]
@@ -78,8 +80,14 @@ class DitEngine:
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        attention_backend: str | Ops | None = None,
     ) -> DitEngine:
+        """``attention_backend``: as ``ArEngine.from_pretrained``."""
         from diffusers import AutoencoderKL
 
         from ..hub import resolve_checkpoint
@@ -87,7 +95,10 @@ class DitEngine:
         root = resolve_checkpoint(path)
         config = CheckpointConfig.from_dir(root)
         device = torch.device(device)
-        model = load_model(lambda: DitModel(config.dit), root / "transformer", device=device, dtype=dtype)
+        ops = _ops(attention_backend, device, "DiT")
+        model = load_model(
+            lambda: DitModel(config.dit, ops), root / "transformer", device=device, dtype=dtype
+        )
         glyph = GlyphEncoder.from_pretrained(root, config, device=device, dtype=dtype)
         # fp16 overflows in this VAE (force_upcast in its config): decode it in float32 then.
         vae_dtype = torch.float32 if dtype == torch.float16 and config.vae.force_upcast else dtype

@@ -12,32 +12,31 @@ convention) and a SwiGLU MLP. q/k/v are fused into one matrix at load time (one 
 of three); the checkpoint is read unchanged through ``key_map``.
 
 The model is stateless apart from its weights: the caller owns the static KV cache and says
-where each step's keys and values go (``slots``) and which cache slots each query may see.
+where each step's keys and values go (``slots``) and which cache slots each query may see. The
+maths runs through an ops backend (``self.ops``, see ``glm_image.ops``): the reference ``sdpa``
+unless the engine chose another. The residual stream is carried as in fused inference engines:
+each sandwich norm, the residual add and the next pre-norm are one ``add_rms_norm`` call.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ArTextConfig
+from ..ops import Ops, TorchOps
 from ..weights import Fuse
 
 __all__ = ["ArModel", "KVCache", "rotary_tables"]
 
 
 class RMSNorm(nn.Module):
+    """The weight of one RMSNorm; the maths is ``ops.rms_norm`` / ``ops.add_rms_norm``."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32, scale in the input dtype, as the reference does.
-        h = x.float()
-        scale = h.pow(2).mean(-1, keepdim=True).add_(self.eps).rsqrt_()
-        return self.weight * (h * scale).to(x.dtype)
 
 
 def rotary_tables(
@@ -48,7 +47,7 @@ def rotary_tables(
     Frequency ``i`` of the rotated half takes its angle from the t, h or w position according
     to ``mrope_section`` (the first 8 frequencies from t, the next 12 from h, the last 12 from
     w for the released model); the table is repeated for the two halves of rotate-half. The
-    sin table carries rotate-half's sign (-sin on the first half), see ``_rotate_``.
+    sin table carries rotate-half's sign (-sin on the first half), see ``Ops.rotary_``.
     """
     half = config.rotary_dim // 2
     inv_freq = 1.0 / (
@@ -62,18 +61,6 @@ def rotary_tables(
     angles = angles.gather(0, axis.view(1, 1, 1, half).expand(1, *angles.shape[1:])).squeeze(0)
     cos, sin = angles.cos(), angles.sin()  # (B, T, half)
     return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([-sin, sin], dim=-1).to(dtype)
-
-
-def _rotate_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
-    """Rotate the first rotary_dim channels of x (B, T, heads, D) in place; tables (B, T, 1, rot).
-
-    rotate_half(x) * sin == roll(x, half) * signed_sin exactly (a sign flip is exact), so this
-    is the reference's ``x * cos + rotate_half(x) * sin``, product for product, in 4 ops.
-    """
-    rot = cos.shape[-1]
-    x_rot = x[..., :rot]
-    rolled = torch.roll(x_rot, rot // 2, dims=-1).mul_(signed_sin)
-    x_rot.mul_(cos).add_(rolled)
 
 
 class KVCache:
@@ -103,31 +90,33 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # (B, T, hidden)
+        x: torch.Tensor,  # (B, T, hidden), normed
+        ops: Ops,
         rope: tuple[torch.Tensor, torch.Tensor],  # (B, T, rotary_dim) each
         cache: KVCache,
         layer: int,
         slots: torch.Tensor,  # (T,) cache slots written by this step
-        mask: torch.Tensor,  # (B, 1, T, S) True = may attend
-        window: int,  # attend over cache slots [0, window)
+        mask: torch.Tensor | None,  # prefill: (B, 1, T, T) True = may attend
+        visible: torch.Tensor | None,  # decode (T = 1): (B, capacity) True = may attend
+        length: int | None,  # decode: no visible slot at or past it (None: the whole cache)
     ) -> torch.Tensor:
         b, t, _ = x.shape
         heads, kv = self.heads, self.kv_heads
         qkv = self.qkv_proj(x).view(b, t, heads + 2 * kv, self.head_dim)
-        cos, sin = (r.unsqueeze(2) for r in rope)
-        _rotate_(qkv[:, :, : heads + kv], cos, sin)  # q and k heads together
+        ops.rotary_(qkv[:, :, : heads + kv], *rope)  # q and k heads together, in place
         q = qkv[:, :, :heads].transpose(1, 2)  # (B, H, T, D)
         k = qkv[:, :, heads : heads + kv].transpose(1, 2)  # (B, KV, T, D)
         v = qkv[:, :, heads + kv :].transpose(1, 2)
 
-        cache.keys[layer].index_copy_(2, slots, k)
-        cache.values[layer].index_copy_(2, slots, v)
-        keys = cache.keys[layer, :, :, :window]
-        values = cache.values[layer, :, :, :window]
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=mask, scale=self.head_dim**-0.5, enable_gqa=self.heads != self.kv_heads
-        )  # (B, H, T, D)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * self.head_dim))
+        keys, values = cache.keys[layer], cache.values[layer]  # (B, KV, capacity, D)
+        keys.index_copy_(2, slots, k)
+        values.index_copy_(2, slots, v)
+        scale = self.head_dim**-0.5
+        if visible is not None:
+            out = ops.decode_attention(q, keys, values, visible, scale=scale, length=length)
+        else:
+            out = ops.attention(q, keys[:, :, :t], values[:, :, :t], mask=mask, scale=scale)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, heads * self.head_dim))
 
 
 class Mlp(nn.Module):
@@ -136,12 +125,16 @@ class Mlp(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate).mul_(up))
+    def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
+        return self.down_proj(ops.swiglu(self.gate_up_proj(x)))
 
 
 class Block(nn.Module):
+    """x += post_self_attn_norm(attn(input_norm(x))); x += post_mlp_norm(mlp(post_attention_norm(x)))
+
+    (``ArModel.forward`` runs the norms and residual adds through ``ops.add_rms_norm``.)
+    """
+
     def __init__(self, config: ArTextConfig) -> None:
         super().__init__()
         eps = config.rms_norm_eps
@@ -152,10 +145,6 @@ class Block(nn.Module):
         self.mlp = Mlp(config)
         self.post_mlp_layernorm = RMSNorm(config.hidden_size, eps)
 
-    def forward(self, x: torch.Tensor, layer: int, **attn: object) -> torch.Tensor:
-        x = x + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x), layer=layer, **attn))
-        return x + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x)))
-
 
 class ArModel(nn.Module):
     """Embeddings -> blocks -> norm -> lm_head over the image vocabulary."""
@@ -164,9 +153,10 @@ class ArModel(nn.Module):
     # in models/vision.py, so the text decoder deliberately leaves them unread.
     UNUSED_CHECKPOINT_PREFIXES = ("model.visual.", "model.vqmodel.")
 
-    def __init__(self, config: ArTextConfig) -> None:
+    def __init__(self, config: ArTextConfig, ops: Ops | None = None) -> None:
         super().__init__()
         self.config = config
+        self.ops: Ops = ops or TorchOps()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -190,15 +180,32 @@ class ArModel(nn.Module):
         input_ids: torch.Tensor,  # (B, T)
         rope: tuple[torch.Tensor, torch.Tensor],  # (B, T, rotary_dim) each, from rotary_tables
         cache: KVCache,
-        slots: torch.Tensor,  # (T,)
-        mask: torch.Tensor,  # (B, 1, T, window) bool
-        window: int,
+        slots: torch.Tensor,  # (T,) cache slots this step writes
+        *,
+        mask: torch.Tensor | None = None,  # prefill (slots 0..T-1): (B, 1, T, T) bool, True = attend
+        visible: torch.Tensor | None = None,  # decode (T = 1): (B, capacity) bool, True = attend
+        length: int | None = None,  # decode: a bound on the visible slots (None: whole cache)
     ) -> torch.Tensor:
         """Hidden states after the final norm, (B, T, hidden); K/V written into ``cache``."""
-        x = self.embed_tokens(input_ids)
-        for i, block in enumerate(self.layers):
-            x = block(x, layer=i, rope=rope, cache=cache, slots=slots, mask=mask, window=window)
-        return self.norm(x)
+        ops, eps, layers = self.ops, self.config.rms_norm_eps, self.layers
+        attend = {"mask": mask, "visible": visible, "length": length}
+        residual = self.embed_tokens(input_ids)
+        h = ops.rms_norm(residual, layers[0].input_layernorm.weight, eps)
+        for i, block in enumerate(layers):
+            out = block.self_attn(h, ops, rope, cache, i, slots, **attend)
+            h, residual = ops.add_rms_norm(
+                out,
+                residual,
+                block.post_attention_layernorm.weight,
+                eps,
+                pre_weight=block.post_self_attn_layernorm.weight,
+            )
+            out = block.mlp(h, ops)
+            following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
+            h, residual = ops.add_rms_norm(
+                out, residual, following.weight, eps, pre_weight=block.post_mlp_layernorm.weight
+            )
+        return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Image-vocabulary logits in float32 (the sampler's precision)."""

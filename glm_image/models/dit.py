@@ -16,6 +16,7 @@ layer keeps their keys and values. Conditional steps ``READ`` them (prepended to
 unconditional steps ``SKIP`` them. In a batched CFG forward, ``read_rows`` says which rows read.
 
 Module names follow the checkpoint's ``transformer/`` tensors; only q/k/v are fused (one GEMM).
+AdaLN modulation, QK-norm + RoPE and attention run through the ops backend (``self.ops``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import DitConfig
+from ..ops import Ops, TorchOps
 from ..weights import Fuse
 
 __all__ = ["CacheMode", "ConditionKVCache", "DitModel", "image_rotary_tables", "timestep_embedding"]
@@ -58,14 +60,14 @@ class ConditionKVCache:
         return len(self.keys[0])
 
     def store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: (1, S, heads, D); several images of one sample are concatenated along S."""
+        """k, v: (1, heads, S, D); several images of one sample are concatenated along S."""
         keys, values = self.keys[layer], self.values[layer]
         if len(keys) <= self.sample:
             keys.append(k)
             values.append(v)
         else:
-            keys[self.sample] = torch.cat([keys[self.sample], k], dim=1)
-            values[self.sample] = torch.cat([values[self.sample], v], dim=1)
+            keys[self.sample] = torch.cat([keys[self.sample], k], dim=2)
+            values[self.sample] = torch.cat([values[self.sample], v], dim=2)
 
     def get(self, layer: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Stored K/V for ``rows`` reading rows: one sample shared, one per row, or each repeated."""
@@ -104,14 +106,6 @@ def image_rotary_tables(
     freqs = torch.cat([freqs_h, freqs_w], dim=-1)
     freqs = torch.cat([freqs, freqs], dim=-1).reshape(rows * cols, head_dim).to(device)
     return freqs.cos(), freqs.sin()
-
-
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, S, heads, D) with cos/sin (S, D), computed in float32 like the reference."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    cos, sin = cos[None, :, None], sin[None, :, None]
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
 class FeedForward(nn.Module):
@@ -181,6 +175,7 @@ class Block(nn.Module):
 
     def forward(
         self,
+        ops: Ops,
         image: torch.Tensor,  # (B, N, dim)
         text: torch.Tensor,  # (B, T, dim)
         temb: torch.Tensor,  # (B, time_dim)
@@ -206,32 +201,29 @@ class Block(nn.Module):
             gate_mlp,
             c_gate_mlp,
         ) = (m.unsqueeze(1) for m in self.norm1.linear(temb).chunk(12, dim=1))
-        x_img = F.layer_norm(image, (dim,), eps=_EPS) * (1 + scale) + shift
-        x_txt = F.layer_norm(text, (dim,), eps=_EPS) * (1 + c_scale) + c_shift
+        x_img = ops.layer_norm_modulate(image, scale, shift, _EPS)
+        x_txt = ops.layer_norm_modulate(text, c_scale, c_shift, _EPS)
 
         # attention over [text; image]
         x = torch.cat([x_txt, x_img], dim=1)
         b, s, _ = x.shape
         heads = self.attn1.heads
-        q, k, v = self.attn1.qkv(x).view(b, s, 3, heads, dim // heads).unbind(2)  # (B, S, heads, D)
-        q = F.layer_norm(q, (q.shape[-1],), eps=_EPS).to(x.dtype)
-        k = F.layer_norm(k, (k.shape[-1],), eps=_EPS).to(x.dtype)
-        q = torch.cat([q[:, :t_len], _rotate(q[:, t_len:], *rope)], dim=1)
-        k = torch.cat([k[:, :t_len], _rotate(k[:, t_len:], *rope)], dim=1)
+        head_dim = dim // heads
+        q, k, v = self.attn1.qkv(x).view(b, s, 3, heads, head_dim).unbind(2)  # (B, S, heads, D)
+        q, k = ops.qk_norm_rope(q, k, *rope, t_len, _EPS)  # (B, heads, S, D)
+        v = v.transpose(1, 2)
         if cache is not None and mode is CacheMode.WRITE:
             cache.store(layer, k, v)
         elif cache is not None and mode is CacheMode.READ:
             k, v = _with_cache(cache, layer, k, v, read_rows)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias
-        )
+        out = ops.attention(q, k, v, mask=bias, scale=head_dim**-0.5)
         out = self.attn1.to_out[0](out.transpose(1, 2).flatten(2))
         out_txt, out_img = out.split([t_len, s - t_len], dim=1)
 
         image = image + out_img * gate
         text = text + out_txt * c_gate
-        ff_img = self.ff(F.layer_norm(image, (dim,), eps=_EPS) * (1 + scale_mlp) + shift_mlp)
-        ff_txt = self.ff(F.layer_norm(text, (dim,), eps=_EPS) * (1 + c_scale_mlp) + c_shift_mlp)
+        ff_img = self.ff(ops.layer_norm_modulate(image, scale_mlp, shift_mlp, _EPS))
+        ff_txt = self.ff(ops.layer_norm_modulate(text, c_scale_mlp, c_shift_mlp, _EPS))
         return image + ff_img * gate_mlp, text + ff_txt * c_gate_mlp
 
 
@@ -247,13 +239,14 @@ def _with_cache(
         stored_k, stored_v = cache.get(layer, rows.numel())
         ck = stored_k.new_zeros((b, *stored_k.shape[1:])).index_copy_(0, rows, stored_k)
         cv = stored_v.new_zeros((b, *stored_v.shape[1:])).index_copy_(0, rows, stored_v)
-    return torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
+    return torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
 
 
 class DitModel(nn.Module):
-    def __init__(self, config: DitConfig) -> None:
+    def __init__(self, config: DitConfig, ops: Ops | None = None) -> None:
         super().__init__()
         self.config = config
+        self.ops: Ops = ops or TorchOps()
         dim, p = config.hidden_size, config.patch_size
         self.image_projector = nn.Module()
         self.image_projector.proj = nn.Linear(config.in_channels * p * p, dim)
@@ -311,7 +304,7 @@ class DitModel(nn.Module):
         bias = self._attention_bias(text, image, text_mask, text_keep, cache, mode, read_rows)
 
         for i, block in enumerate(self.transformer_blocks):
-            image, text = block(image, text, temb, rope, bias, cache, mode, i, read_rows)
+            image, text = block(self.ops, image, text, temb, rope, bias, cache, mode, i, read_rows)
 
         scale, shift = self.norm_out.linear(temb.to(image.dtype)).chunk(2, dim=1)
         image = F.layer_norm(image, (image.shape[-1],), eps=_EPS) * (1 + scale)[:, None] + shift[:, None]
@@ -329,7 +322,7 @@ class DitModel(nn.Module):
         """
         b, t_len, n = text.shape[0], text.shape[1], image.shape[1]
         reading = cache is not None and mode is CacheMode.READ
-        stored = cache.keys[0][0].shape[1] if reading and cache.num_samples else 0
+        stored = cache.keys[0][0].shape[2] if reading and cache.num_samples else 0
         bias = None
         if text_mask is not None:
             if reading:
