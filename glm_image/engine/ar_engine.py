@@ -25,12 +25,14 @@ from pathlib import Path
 import torch
 
 from ..config import CheckpointConfig
+from ..device import synchronize
 from ..errors import GlmImageError
 from ..models.ar import ArModel, KVCache, rotary_tables
 from ..models.vision import VisionEncoder
 from ..ops import Ops, select_ops
-from ..sampling import SamplingParams, apply_filters, draw, greedy
+from ..sampling import SamplingParams
 from ..weights import load_model
+from .decode import DecodeLoop, NoiseStream, TokenPicker
 from .protocol import GridSpec, decode_positions, prompt_positions, upsample_grid
 
 __all__ = ["ArEngine", "ArResult"]
@@ -107,6 +109,10 @@ class ArEngine:
         self.num_codes = config.ar.vq.num_embeddings  # image codes come first in the vocabulary
         g = config.generation
         self.sampling = SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
+        # CUDA: capture the decode step as a CUDA graph (one launch per token); False: eager
+        self.cuda_graphs = True
+        # CPU: draw the next chunk of sampling noise on a worker thread (see NoiseStream)
+        self.noise_prefetch = True
 
     @classmethod
     def from_pretrained(
@@ -332,21 +338,6 @@ class ArEngine:
             )
         return result.prior_tokens
 
-    def _only_codes(self, scores: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """Mask everything but the image codes in the (filtered, owned) ``scores``, in place.
-
-        Should the filters have kept no code at all (a special token held all of top_p), the row
-        falls back to the raw logits of the codes, so a grid is never cut and never NaN.
-        """
-        codes = self.num_codes
-        scores[:, codes:] = float("-inf")
-        empty = torch.isinf(scores[:, :codes]).all(dim=-1, keepdim=True)
-        if self.device.type == "cpu" and not bool(empty.any()):
-            return scores  # the common case; a host check is free on a CPU, and skips two copies
-        fallback = logits.clone()
-        fallback[:, codes:] = float("-inf")
-        return torch.where(empty, fallback, scores)
-
     def _prefill(self, batch: _Batch, cache: KVCache) -> torch.Tensor:
         """The whole prompt at once, causal, padding hidden; hidden states (B, P, hidden)."""
         prompt_len = batch.input_ids.shape[1]
@@ -384,55 +375,43 @@ class ArEngine:
         (``time.perf_counter``; the one device synchronisation of a call, for the timings)."""
         model, text = self.model, self.config.ar.text
         b, prompt_len = batch.input_ids.shape
-        capacity = prompt_len + steps
-        cache = KVCache(text, b, capacity, self.device, self.dtype)
+        cache = KVCache(text, b, prompt_len + steps, self.device, self.dtype)
         tokens = torch.empty((b, steps), dtype=torch.long, device=self.device)
-        kept_logits: list[torch.Tensor] | None = [] if return_logits else None
-        eos, pad = text.eos_token_id, self.config.generation.pad_token_id
         unfinished = torch.ones(b, dtype=torch.bool, device=self.device)
-
-        def pick(hidden: torch.Tensor, step: int) -> torch.Tensor:
-            nonlocal unfinished
-            logits = model.logits(hidden[:, -1])
+        kept_logits: list[torch.Tensor] | None = [] if return_logits else None
+        picker = TokenPicker(
+            self.sampling,
+            greedy_decoding,
+            constrain_grid,
+            self.num_codes,
+            text.eos_token_id,
+            self.config.generation.pad_token_id,
+        )
+        noise = None
+        if not greedy_decoding:
+            noise = NoiseStream(
+                generators,
+                steps,
+                text.vision_vocab_size,
+                self.device,
+                prefetch=self.device.type == "cpu" and self.noise_prefetch,
+            )
+        # the generated tokens' rotary tables (the EOS step's position is the last)
+        rope = rotary_tables(batch.decode_positions[:, :, : steps - 1], text, self.dtype)
+        loop = DecodeLoop(model, cache, picker, noise, rope, batch.valid, tokens, unfinished)
+        try:
+            logits = model.logits(self._prefill(batch, cache)[:, -1])
             if kept_logits is not None:
                 kept_logits.append(logits)
-            if greedy_decoding:
-                # _only_codes masks in place; the raw logits may be kept for the caller
-                scores = self._only_codes(logits.clone(), logits) if constrain_grid else logits
-            else:
-                scores = apply_filters(logits, self.sampling)
-                if constrain_grid:
-                    scores = self._only_codes(scores, logits)
-            token = greedy(scores) if greedy_decoding else draw(scores, generators)
-            if not constrain_grid and pad is not None:
-                # As transformers' generate: a finished sequence continues with padding.
-                token = torch.where(unfinished, token, torch.full_like(token, pad))
-                unfinished = unfinished & (token != eos)
-            tokens[:, step] = token
+            tokens[:, 0] = picker(logits, loop.first_noise(), unfinished)
+            synchronize(self.device)
+            prefill_done = time.perf_counter()
             if progress is not None:
-                progress(step + 1, steps)
-            return token
-
-        token = pick(self._prefill(batch, cache), 0)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        prefill_done = time.perf_counter()
-
-        # decode: one token per step over the static cache; every table is indexed, nothing synced
-        cos, sin = rotary_tables(batch.decode_positions[:, :, : steps - 1], text, self.dtype)
-        slots = torch.arange(1, device=self.device)
-        visible = torch.zeros((b, capacity), dtype=torch.bool, device=self.device)
-        visible[:, :prompt_len] = batch.valid
-        for step in range(1, steps):
-            slot = prompt_len + step - 1
-            visible[:, slot] = True
-            hidden = model(
-                token[:, None],
-                (cos[:, step - 1 : step], sin[:, step - 1 : step]),
-                cache,
-                slots + slot,
-                visible=visible,
-                length=slot + 1,
-            )
-            token = pick(hidden, step)
+                progress(1, steps)
+            graphs = self.cuda_graphs and self.device.type == "cuda" and kept_logits is None
+            if not (graphs and loop.run_graph(steps, progress)):
+                loop.run_eager(steps, kept_logits.append if kept_logits is not None else None, progress)
+        finally:
+            if noise is not None:
+                noise.close()
         return tokens, kept_logits, prefill_done

@@ -98,7 +98,7 @@ class Attention(nn.Module):
         slots: torch.Tensor,  # (T,) cache slots written by this step
         mask: torch.Tensor | None,  # prefill: (B, 1, T, T) True = may attend
         visible: torch.Tensor | None,  # decode (T = 1): (B, capacity) True = may attend
-        length: int | None,  # decode: no visible slot at or past it (None: the whole cache)
+        length: int | torch.Tensor | None,  # decode: no visible slot at or past it (see Ops)
     ) -> torch.Tensor:
         b, t, _ = x.shape
         heads, kv = self.heads, self.kv_heads
@@ -184,7 +184,7 @@ class ArModel(nn.Module):
         *,
         mask: torch.Tensor | None = None,  # prefill (slots 0..T-1): (B, 1, T, T) bool, True = attend
         visible: torch.Tensor | None = None,  # decode (T = 1): (B, capacity) bool, True = attend
-        length: int | None = None,  # decode: a bound on the visible slots (None: whole cache)
+        length: int | torch.Tensor | None = None,  # decode: a bound on the visible slots
     ) -> torch.Tensor:
         """Hidden states after the final norm, (B, T, hidden); K/V written into ``cache``."""
         ops, eps, layers = self.ops, self.config.rms_norm_eps, self.layers

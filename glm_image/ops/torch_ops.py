@@ -71,16 +71,17 @@ class TorchOps(Ops):
         visible: torch.Tensor,
         *,
         scale: float,
-        length: int | None = None,
+        length: int | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """One new query per row over a layer's static KV cache.
 
         q (B, H, 1, D); keys, values (B, KV, C, D): the whole cache (C = capacity); visible
         (B, C) bool, True = may attend (every row sees at least one slot). ``length``, when given,
-        is a bound: no slot at or past it is visible, so a backend may skip them (None keeps the
-        shapes static, e.g. inside a CUDA graph). Returns (B, H, 1, D).
+        is a bound: no slot at or past it is visible, so a backend may skip them. It is a Python
+        int, or a 1-element int32 tensor on the device (a CUDA graph's changing bound), or None.
+        Returns (B, H, 1, D).
         """
-        if length is not None:
+        if isinstance(length, int):  # a tensor bound would need a host read: use the mask alone
             keys, values, visible = keys[:, :, :length], values[:, :, :length], visible[:, :length]
         return self.attention(q, keys, values, mask=visible[:, None, None, :], scale=scale)
 

@@ -1,14 +1,25 @@
 """Pure sampling functions: AR token sampling and the DiT's flow-matching schedule."""
 
 from .flow import FlowSchedule, euler_step, flow_schedule, guidance, image_seq_len, resolution_shift
-from .tokens import SamplingParams, apply_filters, draw, greedy, top_k_filter, top_p_filter
+from .tokens import (
+    SamplingParams,
+    apply_filters,
+    draw,
+    draw_with_noise,
+    exponential_noise,
+    greedy,
+    top_k_filter,
+    top_p_filter,
+)
 
 __all__ = [
     "FlowSchedule",
     "SamplingParams",
     "apply_filters",
     "draw",
+    "draw_with_noise",
     "euler_step",
+    "exponential_noise",
     "flow_schedule",
     "greedy",
     "guidance",

@@ -14,7 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["SamplingParams", "apply_filters", "draw", "greedy", "top_k_filter", "top_p_filter"]
+__all__ = [
+    "SamplingParams",
+    "apply_filters",
+    "draw",
+    "draw_with_noise",
+    "exponential_noise",
+    "greedy",
+    "top_k_filter",
+    "top_p_filter",
+]
 
 
 @dataclass(frozen=True)
@@ -98,15 +107,35 @@ def apply_filters(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return top_p_filter(logits, params.top_p)
 
 
+def exponential_noise(
+    generators: Sequence[torch.Generator], steps: int, vocab: int, device: torch.device | str
+) -> torch.Tensor:
+    """(B, steps, vocab) Exp(1) noise: row ``i`` holds ``steps`` successive draws of
+    ``generators[i]``, step by step, i.e. the noise ``draw`` would use over that many steps.
+
+    On a CPU torch samples serially from the Mersenne Twister, so one call over ``steps`` rows
+    gives exactly the numbers of ``steps`` separate calls (tested); on CUDA the numbers depend on
+    how the draws are grouped, so a caller must keep its grouping fixed to be reproducible.
+    """
+    noise = torch.empty((len(generators), steps, vocab), device=device)
+    for row, generator in enumerate(generators):
+        noise[row].exponential_(generator=generator)
+    return noise
+
+
+def draw_with_noise(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """One token per row of filtered logits (B, V) given its Exp(1) noise (B, V):
+    ``argmax(softmax(logits) / noise)``, which is ``torch.multinomial(softmax(logits), 1)``."""
+    probs = logits.softmax(dim=-1)
+    return torch.div(probs, noise).argmax(dim=-1)
+
+
 def draw(logits: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
     """One token per row of filtered logits (B, V), row ``i`` drawn with ``generators[i]``."""
     if len(generators) != logits.shape[0]:
         raise ValueError(f"{len(generators)} generators for {logits.shape[0]} rows")
-    probs = logits.softmax(dim=-1)
-    q = torch.empty_like(probs)
-    for row, generator in enumerate(generators):
-        q[row].exponential_(generator=generator)
-    return torch.div(probs, q, out=q).argmax(dim=-1)
+    noise = exponential_noise(generators, 1, logits.shape[-1], logits.device)[:, 0]
+    return draw_with_noise(logits, noise)
 
 
 def greedy(logits: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,262 @@
+"""The AR decode loop: the first token from the prefill, then one token per step over the
+static KV cache, with nothing synchronised per token.
+
+Every step reads and writes only buffers allocated before the first step (the token, a step
+counter, the visibility of the cache slots, the rotary tables of every step, the sampling
+noise), so the same step runs two ways:
+
+- eagerly (CPU, NPU, or CUDA with graphs off);
+- on CUDA, captured once per call as a CUDA graph and replayed per token: one launch instead of
+  the step's few hundred. If capture fails the loop says why (logged) and runs eagerly.
+
+Sampling noise (the exact draw: ``argmax(softmax / Exp(1))``) is produced in chunks of steps,
+each row from its own generator (``NoiseStream``); on a CPU the chunks are the very numbers the
+reference draws one step at a time, and a worker thread prepares the next chunk while the
+current one is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..models.ar import ArModel, KVCache
+from ..sampling import SamplingParams, apply_filters, draw_with_noise, exponential_noise, greedy
+
+__all__ = ["DecodeLoop", "NoiseStream", "TokenPicker"]
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+class NoiseStream:
+    """Exp(1) noise per step, ``chunk`` steps at a time, row ``i`` from ``generators[i]``.
+
+    ``buffer`` (B, chunk, V) is allocated once and refilled in place (a CUDA graph reads it);
+    ``refill(step)`` makes it hold steps [step, step + chunk). On a CPU with ``prefetch``, a
+    worker thread draws the next chunk while the current one is in use (torch releases the GIL
+    while it samples), so the draw costs the decode loop a copy, not the sampling.
+    """
+
+    def __init__(
+        self,
+        generators: list[torch.Generator],
+        steps: int,
+        vocab: int,
+        device: torch.device,
+        *,
+        chunk: int = 64,
+        prefetch: bool = False,
+    ) -> None:
+        self.generators, self.steps, self.vocab, self.device = generators, steps, vocab, device
+        self.chunk = max(1, min(chunk, steps))
+        self.buffer = torch.empty((len(generators), self.chunk, vocab), device=device)
+        self._ready: queue.Queue | None = None
+        if prefetch and steps > self.chunk:
+            self._ready = queue.Queue(maxsize=1)
+            self._stop = threading.Event()
+            self._worker = threading.Thread(target=self._produce, name="glm-image-noise", daemon=True)
+            self._worker.start()
+
+    def _draw(self, count: int) -> torch.Tensor:
+        return exponential_noise(self.generators, count, self.vocab, self.device)
+
+    def _produce(self) -> None:
+        try:
+            for first in range(0, self.steps, self.chunk):
+                if self._stop.is_set():
+                    return
+                self._ready.put(self._draw(min(self.chunk, self.steps - first)))
+        except BaseException as e:  # handed to the consumer, which raises it
+            self._ready.put(e)
+
+    def refill(self, step: int) -> None:
+        """Make ``buffer`` hold the noise of steps [step, step + chunk); ``step`` % chunk == 0."""
+        if self._ready is not None:
+            noise = self._ready.get()
+            if isinstance(noise, BaseException):
+                raise noise
+        else:
+            noise = self._draw(min(self.chunk, self.steps - step))
+        self.buffer[:, : noise.shape[1]].copy_(noise)
+
+    def close(self) -> None:
+        """Stop the worker (early, if the call ended before its last step)."""
+        if self._ready is not None:
+            self._stop.set()
+            while self._worker.is_alive():  # unblock a worker waiting to hand over a chunk
+                with contextlib.suppress(queue.Empty):
+                    self._ready.get(timeout=0.05)
+
+
+@dataclass(frozen=True)
+class TokenPicker:
+    """Logits -> the next token: filters, the grid constraint, the draw. Pure apart from ``unfinished``."""
+
+    params: SamplingParams
+    greedy: bool
+    constrain_grid: bool
+    num_codes: int  # image codes come first in the vocabulary
+    eos: int
+    pad: int | None
+
+    def __call__(
+        self, logits: torch.Tensor, noise: torch.Tensor | None, unfinished: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, V) float32 logits and (B, V) noise -> (B,) tokens; ``unfinished`` updated in place."""
+        if self.greedy:
+            # only_codes masks in place; the raw logits may be kept by the caller
+            scores = self.only_codes(logits.clone(), logits) if self.constrain_grid else logits
+            token = greedy(scores)
+        else:
+            scores = apply_filters(logits, self.params)
+            if self.constrain_grid:
+                scores = self.only_codes(scores, logits)
+            token = draw_with_noise(scores, noise)
+        if not self.constrain_grid and self.pad is not None:
+            # As transformers' generate: a finished sequence continues with padding.
+            token = torch.where(unfinished, token, torch.full_like(token, self.pad))
+            unfinished &= token != self.eos
+        return token
+
+    def only_codes(self, scores: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Mask everything but the image codes in the (filtered, owned) ``scores``, in place.
+
+        Should the filters have kept no code at all (a special token held all of top_p), the row
+        falls back to the raw logits of the codes, so a grid is never cut and never NaN.
+        """
+        codes = self.num_codes
+        scores[:, codes:] = float("-inf")
+        empty = torch.isinf(scores[:, :codes]).all(dim=-1, keepdim=True)
+        if scores.device.type == "cpu" and not bool(empty.any()):
+            return scores  # the common case; a host check is free on a CPU, and skips two copies
+        fallback = logits.clone()
+        fallback[:, codes:] = float("-inf")
+        return torch.where(empty, fallback, scores)
+
+
+class DecodeLoop:
+    """Steps 1..steps-1 of one call, after the prefill wrote the prompt into ``cache``.
+
+    ``rope``: (B, steps - 1, rot) tables of the generated tokens' positions; ``valid``: (B, P)
+    the prompt's real (non-padding) slots. Tokens go to ``tokens`` (B, steps); column 0 holds
+    the prefill's token.
+    """
+
+    def __init__(
+        self,
+        model: ArModel,
+        cache: KVCache,
+        picker: TokenPicker,
+        noise: NoiseStream | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        valid: torch.Tensor,
+        tokens: torch.Tensor,
+        unfinished: torch.Tensor,
+    ) -> None:
+        self.model, self.cache, self.picker, self.noise = model, cache, picker, noise
+        self.cos, self.sin = rope
+        self.tokens, self.unfinished = tokens, unfinished
+        b, self.prompt_len = valid.shape
+        self.device = tokens.device
+        self.visible = torch.zeros((b, cache.capacity), dtype=torch.bool, device=self.device)
+        self.visible[:, : self.prompt_len] = valid
+        # the graph's inputs: the step counter (index of the input token), and what derives from it
+        self.step = torch.zeros(1, dtype=torch.long, device=self.device)
+
+    # ---------------------------------------------------------------- eager
+
+    def run_eager(
+        self, steps: int, on_logits: Callable[[torch.Tensor], None] | None, progress: Progress | None
+    ) -> None:
+        """Python ints index every table: the attention may skip the cache's unused tail."""
+        slots = torch.arange(1, device=self.device)
+        for step in range(1, steps):
+            slot = self.prompt_len + step - 1
+            self.visible[:, slot] = True
+            hidden = self.model(
+                self.tokens[:, step - 1 : step],
+                (self.cos[:, step - 1 : step], self.sin[:, step - 1 : step]),
+                self.cache,
+                slots + slot,
+                visible=self.visible,
+                length=slot + 1,
+            )
+            logits = self.model.logits(hidden[:, -1])
+            if on_logits is not None:
+                on_logits(logits)
+            self.tokens[:, step] = self.picker(logits, self._noise_row(step), self.unfinished)
+            if progress is not None:
+                progress(step + 1, steps)
+
+    def _noise_row(self, step: int) -> torch.Tensor | None:
+        if self.noise is None:
+            return None
+        if step % self.noise.chunk == 0:
+            self.noise.refill(step)
+        return self.noise.buffer[:, step % self.noise.chunk]
+
+    def first_noise(self) -> torch.Tensor | None:
+        """The prefill token's noise (step 0)."""
+        return self._noise_row(0)
+
+    # ---------------------------------------------------------------- CUDA graph
+
+    def _static_step(self) -> None:
+        """One step on device tensors only (capturable): reads ``step``, advances it."""
+        idx = self.step  # (1,): the input token's index; its cache slot is prompt_len + idx
+        slot = idx + self.prompt_len
+        self.visible.index_fill_(1, slot, True)
+        token = self.tokens.index_select(1, idx)  # (B, 1)
+        rope = (self.cos.index_select(1, idx), self.sin.index_select(1, idx))
+        length = (slot + 1).to(torch.int32)
+        hidden = self.model(token, rope, self.cache, slot, visible=self.visible, length=length)
+        logits = self.model.logits(hidden[:, -1])
+        noise = None
+        if self.noise is not None:
+            row = torch.remainder(idx + 1, self.noise.chunk)
+            noise = self.noise.buffer.index_select(1, row).squeeze(1)
+        new = self.picker(logits, noise, self.unfinished)
+        self.tokens.index_copy_(1, idx + 1, new[:, None])
+        self.step.add_(1)
+
+    def run_graph(self, steps: int, progress: Progress | None, *, sync_every: int = 64) -> bool:
+        """Capture the step once and replay it; False (nothing changed) if capture fails.
+
+        One eager step on a side stream first (lazy initialisation, kernel compilation); it
+        computes step 1 exactly as the first replay will, so only the counter is reset.
+        """
+        if steps < 3:
+            return False
+        current = torch.cuda.current_stream(self.device)
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(current)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.stream(stream):
+                self._noise_row(1)
+                self._static_step()
+                with torch.cuda.graph(graph, stream=stream):
+                    self._static_step()
+        except RuntimeError as e:
+            log.warning("CUDA graph capture of the decode step failed; decoding eagerly (%s)", e)
+            return False
+        finally:
+            current.wait_stream(stream)
+            self.step.zero_()
+        for step in range(1, steps):
+            if self.noise is not None and step % self.noise.chunk == 0:
+                self.noise.refill(step)
+            graph.replay()
+            if progress is not None:
+                if step % sync_every == 0 or step == steps - 1:
+                    current.synchronize()
+                progress(step + 1, steps)
+        return True
