@@ -1,0 +1,264 @@
+"""HTTP server under load: N concurrent clients, throughput, latency percentiles, and a check
+that every request got exactly one distinct, valid image.
+
+    python benchmarks/load_server.py --requests 16 --size 64x64 --steps 2 --out results/load_server.json
+    python benchmarks/load_server.py --url http://127.0.0.1:8000 --requests 8 --size 1024x1024
+
+Without ``--url`` it starts the server itself (uvicorn in a thread, 127.0.0.1, a free port) on
+``--model`` (default tiny), once per ``--max-batch`` value, so batching is measured against the
+unbatched server in the same run (the ratio is the signal; absolute times on a shared CPU are
+noise). ``--url`` must be a loopback address. The run is bounded: every request has a timeout and
+the whole load a deadline, after which unfinished requests count as failures. Exit status 1 when
+any check fails.
+
+Checks, after the timed part (so they cost no latency): status 200; exactly one image per
+request; the seed echoed is the one sent; the image (downloaded URL or decoded base64) is a PNG of
+the requested size; no two requests share a file id or image bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import io
+import ipaddress
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import requests
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _report import parse_size, write_report
+
+PATHS = {"openai": "/v1/images/generations", "bigmodel": "/api/paas/v4/images/generations"}
+PROMPT = "A storefront sign that says 'OPEN {}'"
+
+
+def loopback(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def scrape(url: str, headers: dict) -> dict[str, float]:
+    """The server's engine counters (for the batch sizes it actually used)."""
+    text = requests.get(url + "/metrics", headers=headers, timeout=10).text
+    wanted = (
+        "glm_image_engine_calls_total",
+        "glm_image_batch_requests_sum",
+        "glm_image_images_generated_total",
+    )
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in wanted:
+            values[name] = float(value)
+    return values
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    if len(values) < 2:
+        value = values[0] if values else float("nan")
+        return {"p50": value, "p90": value, "p99": value, "max": value, "mean": value}
+    q = statistics.quantiles(values, n=100, method="inclusive")
+    return {
+        "p50": round(q[49], 4),
+        "p90": round(q[89], 4),
+        "p99": round(q[98], 4),
+        "max": round(max(values), 4),
+        "mean": round(statistics.fmean(values), 4),
+    }
+
+
+def one_request(url: str, args, index: int, headers: dict) -> dict:
+    width, height = parse_size(args.size)
+    body = {
+        "prompt": PROMPT.format(index),
+        "size": f"{width}x{height}",
+        "seed": args.seed + 1000 * (index + 1),  # the warm-up (-1) uses --seed
+        "steps": args.steps,
+        "response_format": args.response_format,
+    }
+    if args.endpoint == "bigmodel":
+        body["model"] = "glm-image"
+    start = time.perf_counter()
+    try:
+        response = requests.post(url + PATHS[args.endpoint], json=body, headers=headers, timeout=args.timeout)
+    except requests.RequestException as e:
+        return {"index": index, "seed": body["seed"], "error": f"{type(e).__name__}: {e}"}
+    seconds = time.perf_counter() - start
+    result = {"index": index, "seed": body["seed"], "status": response.status_code, "seconds": seconds}
+    try:
+        result["data"] = response.json().get("data")
+    except ValueError:
+        result["error"] = f"not JSON: {response.text[:200]!r}"
+    if response.status_code != 200:
+        result["error"] = response.text[:300]
+    return result
+
+
+def check(results: list[dict], args, headers: dict) -> dict:
+    """Every request: one image, its own seed, a PNG of the right size; no id or bytes shared."""
+    from PIL import Image
+
+    width, height = parse_size(args.size)
+    failures, digests, ids = [], {}, {}
+    for result in results:
+        where = f"request {result['index']}"
+        if "error" in result or result.get("status") != 200:
+            failures.append(f"{where}: {result.get('status')} {result.get('error', '')}")
+            continue
+        data = result.get("data") or []
+        if len(data) != 1:
+            failures.append(f"{where}: {len(data)} images, expected exactly 1")
+            continue
+        item = data[0]
+        if item.get("seed") != result["seed"]:
+            failures.append(f"{where}: seed {item.get('seed')}, sent {result['seed']}")
+        if "url" in item:
+            match = re.search(r"/files/([0-9a-f]{32})\.png$", item["url"])
+            if match is None:
+                failures.append(f"{where}: unexpected URL {item['url']!r}")
+                continue
+            if match.group(1) in ids:
+                failures.append(f"{where}: file id shared with request {ids[match.group(1)]}")
+            ids[match.group(1)] = result["index"]
+            download = requests.get(item["url"], headers=headers, timeout=30)
+            content = download.content if download.status_code == 200 else b""
+        else:
+            content = base64.b64decode(item.get("b64_json", ""))
+        try:
+            image = Image.open(io.BytesIO(content))
+            image.load()
+            if image.format != "PNG" or image.size != (width, height):
+                failures.append(f"{where}: {image.format} {image.size}, expected PNG {(width, height)}")
+        except OSError as e:
+            failures.append(f"{where}: not an image ({e})")
+            continue
+        digest = hashlib.sha256(content).hexdigest()
+        if digest in digests:
+            failures.append(f"{where}: same image bytes as request {digests[digest]}")
+        digests[digest] = result["index"]
+    return {"ok": not failures, "distinct_images": len(digests), "failures": failures[:20]}
+
+
+def run_load(url: str, args, headers: dict) -> dict:
+    """One bounded load: a warm-up request, then ``--requests`` over ``--concurrency`` threads."""
+    warm = one_request(url, args, -1, headers)
+    if warm.get("status") != 200:
+        raise SystemExit(f"warm-up request failed: {warm.get('status')} {warm.get('error')}")
+    before = scrape(url, headers)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(args.concurrency) as pool:
+        futures = [pool.submit(one_request, url, args, i, headers) for i in range(args.requests)]
+        done, late = wait(futures, timeout=args.max_seconds)
+        for future in late:
+            future.cancel()
+    wall = time.perf_counter() - start
+    results = [f.result() for f in futures if f in done]
+    results += [{"index": -2, "error": "past --max-seconds"} for _ in late]
+    after = scrape(url, headers)
+    calls = after.get("glm_image_engine_calls_total", 0) - before.get("glm_image_engine_calls_total", 0)
+    batched = after.get("glm_image_batch_requests_sum", 0) - before.get("glm_image_batch_requests_sum", 0)
+    ok = [r for r in results if r.get("status") == 200]
+    return {
+        "requests": args.requests,
+        "concurrency": args.concurrency,
+        "size": args.size,
+        "steps": args.steps,
+        "endpoint": args.endpoint,
+        "response_format": args.response_format,
+        "wall_s": round(wall, 3),
+        "requests_per_s": round(len(ok) / wall, 3),
+        "latency_s": percentiles([r["seconds"] for r in ok]),
+        "engine_calls": int(calls),
+        "mean_requests_per_engine_call": round(batched / calls, 2) if calls else None,
+        "checks": check(results, args, headers),
+    }
+
+
+def serve_locally(args, max_batch: int, pipe, out_dir: Path):
+    from glm_image.server.app import create_app
+    from glm_image.server.runner import ServerThread
+    from glm_image.server.settings import ServerSettings
+
+    settings = ServerSettings(
+        output_dir=out_dir,
+        max_queue=max(args.requests, 1),
+        max_batch=max_batch,
+        timeout=args.timeout,
+        steps=args.steps,
+    )
+    return ServerThread(create_app(pipe, settings))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", help="a running server on a loopback address (default: start one)")
+    parser.add_argument(
+        "--api-key-env", metavar="VAR", help="bearer key for --url, read from environment variable VAR"
+    )
+    parser.add_argument("--model", default="tiny", help="model of the server started here (default tiny)")
+    parser.add_argument("--device", help="device of the server started here (default: cuda when available)")
+    parser.add_argument(
+        "--max-batch", default="1,4", help="comma list, one run each (server started here only)"
+    )
+    parser.add_argument("--requests", type=int, default=16, help="requests in the load (default 16)")
+    parser.add_argument("--concurrency", type=int, help="client threads (default: --requests)")
+    parser.add_argument("--size", default="64x64", help="WIDTHxHEIGHT (default 64x64)")
+    parser.add_argument("--steps", type=int, default=2, help="denoising steps (default 2)")
+    parser.add_argument("--endpoint", choices=sorted(PATHS), default="openai")
+    parser.add_argument("--response-format", choices=("url", "b64_json"), default="url")
+    parser.add_argument("--seed", type=int, default=0, help="request i (from 0) uses seed + 1000 * (i + 1)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default 300)")
+    parser.add_argument("--max-seconds", type=float, default=600.0, help="deadline of one load (default 600)")
+    parser.add_argument("--out", help="also write the JSON report here")
+    args = parser.parse_args(argv)
+    args.concurrency = args.concurrency or args.requests
+    if args.requests < 1 or args.concurrency < 1:
+        parser.error("--requests and --concurrency must be >= 1")
+    headers = {}
+    if args.api_key_env:
+        headers["Authorization"] = f"Bearer {os.environ.get(args.api_key_env, '')}"
+
+    results = []
+    if args.url:
+        if not loopback(args.url):
+            parser.error(f"--url {args.url}: only loopback addresses (127.0.0.1, ::1, localhost)")
+        results.append({"server": args.url, **run_load(args.url.rstrip("/"), args, headers)})
+    else:
+        from glm_image import GlmImage
+
+        pipe = GlmImage.from_pretrained(args.model, device=args.device)
+        for max_batch in (int(v) for v in args.max_batch.split(",")):
+            with (
+                tempfile.TemporaryDirectory(prefix="glm-image-load-") as out_dir,
+                serve_locally(args, max_batch, pipe, Path(out_dir)) as url,
+            ):
+                result = run_load(url, args, headers)
+            results.append({"model": args.model, "max_batch": max_batch, **result})
+        base = next((r for r in results if r["max_batch"] == 1), None)
+        for result in results:
+            if base is not None and result is not base and base["requests_per_s"]:
+                result["throughput_vs_max_batch_1"] = round(
+                    result["requests_per_s"] / base["requests_per_s"], 2
+                )
+    write_report("server_load", results, args.out)
+    return 0 if all(r["checks"]["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,370 @@
+"""The FastAPI app: the bigmodel and OpenAI image endpoints over one engine queue.
+
+Thin: a body becomes a ``GenerationRequest``, the pipeline validates it (400 naming the field),
+the queue runs it, and the images come back as URLs of files this server wrote or as base64.
+``create_app(pipe, settings)`` takes an already-loaded ``GlmImage`` (``glm-image serve`` loads it
+once before listening, so a bad ``--model`` is a one-line error, not a traceback).
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import io
+import logging
+import secrets
+import time
+from contextlib import asynccontextmanager
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+
+from .. import __version__
+from ..errors import GlmImageError
+from ..request import GenerationRequest, parse_size
+from .errors import ApiError, error_response, style_for
+from .files import FileStore, encode_png
+from .jobs import ClientGone, EngineQueue
+from .metrics import Metrics
+from .schemas import BigmodelImageRequest, EditForm, OpenAIImageRequest
+from .settings import ServerSettings
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("glm_image.server")
+
+BIGMODEL_PATH = "/api/paas/v4/images/generations"
+OPENAI_PATH = "/v1/images/generations"
+EDITS_PATH = "/v1/images/edits"
+# The APIs' own defaults: the bigmodel service draws 1280x1280, OpenAI 1024x1024.
+DEFAULT_SIZE = {BIGMODEL_PATH: "1280x1280", OPENAI_PATH: "1024x1024"}
+SCHEMAS: dict[str, type[BaseModel]] = {
+    BIGMODEL_PATH: BigmodelImageRequest,
+    OPENAI_PATH: OpenAIImageRequest,
+    EDITS_PATH: EditForm,
+}
+# Open with a key configured: liveness, the API description, and files (their 128-bit random
+# ids are the capability, like the hosted service's download URLs).
+OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+MAX_IMAGES = 16  # condition images per edit
+MAX_SEED = 2**63 - 1  # torch generators take a signed 64-bit seed
+# The pipeline's own names in its messages -> the API field a client sent.
+FIELD_OF = {
+    "height": "size",
+    "width": "size",
+    "num_inference_steps": "steps",
+    "guidance_scale": "guidance",
+    "num_images_per_prompt": "n",
+    "images": "image",
+}
+
+
+class _Gate:
+    """Pure ASGI middleware: bearer auth first, then one log line and one counter per request.
+
+    Pure ASGI (not ``BaseHTTPMiddleware``) so ``receive`` reaches the endpoint untouched: the
+    endpoint listens on it for the client's disconnect.
+    """
+
+    def __init__(self, app, settings: ServerSettings, metrics: Metrics) -> None:
+        self.app, self.settings, self.metrics = app, settings, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, path, status = time.perf_counter(), scope["path"], 500
+
+        async def send_status(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            denied = self._check_key(scope)
+            if denied is not None:
+                await error_response(denied, style_for(path))(scope, receive, send_status)
+            else:
+                await self.app(scope, receive, send_status)
+        finally:
+            seconds = time.perf_counter() - start
+            self.metrics.count_request(path, status)
+            client = scope.get("client") or ("-", 0)
+            # repr escapes control characters: a request path cannot forge log lines
+            log.info("%s %s %s %d %.3fs", client[0], scope["method"], repr(path)[1:-1], status, seconds)
+
+    def _check_key(self, scope) -> ApiError | None:
+        key = self.settings.api_key
+        if key is None or scope["path"] in OPEN_PATHS or scope["path"].startswith("/files/"):
+            return None
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if not header or scheme.lower() != b"bearer":
+            return ApiError("missing_key", "missing API key: send the header 'Authorization: Bearer <key>'")
+        if not hmac.compare_digest(token.strip(), key.encode()):
+            return ApiError("bad_key", "invalid API key")
+        return None
+
+
+def _validation_error(errors: list, path: str) -> ApiError:
+    """Pydantic's first complaint, as a 400 naming the field (and the allowed fields or values)."""
+    first = errors[0]
+    where = [str(p) for p in first.get("loc", ()) if p != "body"]
+    field = ".".join(where) or "body"
+    kind, more = first.get("type", ""), f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    if kind == "extra_forbidden":
+        allowed = ", ".join(SCHEMAS[path].model_fields) if path in SCHEMAS else "see /docs"
+        return ApiError("unknown_parameter", f"{field}: unknown field; allowed: {allowed}{more}", param=field)
+    if kind == "missing":
+        return ApiError("missing", f"{field}: required{more}", param=field)
+    if kind == "json_invalid":
+        return ApiError("invalid_value", f"body: not valid JSON ({first.get('ctx', {}).get('error', '')})")
+    if field == "body":
+        return ApiError("invalid_value", f"body: {first.get('msg')}; expected a JSON object")
+    shown = repr(first.get("input"))
+    shown = shown if len(shown) <= 80 else shown[:77] + "..."
+    return ApiError("invalid_value", f"{field} = {shown}: {first.get('msg')}{more}", param=field)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body is already read, so only disconnect comes)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
+    """The app over ``pipe`` (a loaded ``GlmImage``, or anything with its request methods)."""
+    settings = settings or ServerSettings()
+    metrics = Metrics()
+    files = FileStore(settings.output_dir)
+    queue = EngineQueue(pipe, settings, metrics)
+    names = ["glm-image", *sorted({str(pipe.name), *settings.model_names} - {"glm-image"})]
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await queue.start()
+        log.info(
+            "serving %s: queue %d, batch %d images, timeout %gs, files in %s%s",
+            pipe.name,
+            settings.max_queue,
+            settings.max_batch,
+            settings.timeout,
+            files.root,
+            ", bearer auth on" if settings.api_key else "",
+        )
+        try:
+            yield
+        finally:
+            await queue.stop()
+
+    app = FastAPI(title="glm-image", version=__version__, lifespan=lifespan)
+    app.state.pipe, app.state.settings, app.state.queue = pipe, settings, queue
+    app.state.metrics, app.state.files = metrics, files
+    app.add_middleware(_Gate, settings=settings, metrics=metrics)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, error: ApiError) -> Response:
+        return error_response(error, style_for(request.scope["path"]))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError) -> Response:
+        path = request.scope["path"]
+        return error_response(_validation_error(list(error.errors()), path), style_for(path))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, error: StarletteHTTPException) -> Response:
+        kind = {400: "invalid_value", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+        if error.status_code not in kind:
+            return JSONResponse({"error": {"message": str(error.detail)}}, status_code=error.status_code)
+        message = "no such endpoint or file" if error.status_code == 404 else str(error.detail)
+        return error_response(ApiError(kind[error.status_code], message), style_for(request.scope["path"]))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, error: Exception) -> Response:
+        error_id = secrets.token_hex(8)
+        log.error("unexpected error, error id %s", error_id, exc_info=error)
+        message = f"internal error (error id {error_id})"
+        return error_response(
+            ApiError("internal", message, error_id=error_id), style_for(request.scope["path"])
+        )
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name not in names:
+            allowed = ", ".join(names)
+            raise ApiError(
+                "model_not_found", f"model {name!r} does not exist; allowed: {allowed}", param="model"
+            )
+
+    def build(body, default_size: str, images: tuple = ()) -> GenerationRequest:
+        """The ``GenerationRequest`` of a parsed body, validated by the pipeline."""
+        size = body.size if body.size not in (None, "auto") else default_size
+        try:
+            width, height = parse_size(size, "size")
+            for side, value in (("width", width), ("height", height)):
+                pipe.limits.check(side, value)
+        except GlmImageError as e:
+            raise ApiError("invalid_value", f"size = {size!r}: {e}", param="size") from None
+        if body.seed is not None and not 0 <= body.seed <= MAX_SEED - (body.n - 1):
+            raise ApiError(
+                "invalid_value",
+                f"seed = {body.seed}; allowed: an integer in 0..{MAX_SEED - (body.n - 1)} (image i uses seed + i)",
+                param="seed",
+            )
+        if body.steps is not None and body.steps > settings.max_steps:
+            raise ApiError(
+                "invalid_value", f"steps = {body.steps}; allowed: 1..{settings.max_steps}", param="steps"
+            )
+        request = GenerationRequest(
+            body.prompt,
+            width=width,
+            height=height,
+            steps=settings.steps if body.steps is None else body.steps,
+            guidance=settings.guidance if body.guidance is None else body.guidance,
+            seed=body.seed,
+            num_images=body.n,
+            images=images,
+        )
+        try:
+            pipe.validate_request(request)
+        except GlmImageError as e:
+            message = str(e)
+            first = message.replace("[", " ").replace("=", " ").replace(":", " ").split()[0]
+            param = FIELD_OF.get(first, first)
+            raise ApiError(
+                "invalid_value", message if param == first else f"{param}: {message}", param=param
+            ) from None
+        return request
+
+    def materialize(output, request: GenerationRequest, response_format: str, base: str) -> list[dict]:
+        """PNG bytes with the parameters embedded -> files (URLs) or base64. Runs in a thread."""
+        items = []
+        for image, seed in zip(output.images, output.seeds, strict=True):
+            text = pipe.png_info(
+                request.prompt, seed, request.height, request.width, request.steps, request.guidance
+            )
+            data = encode_png(image, text)
+            if response_format == "b64_json":
+                items.append({"b64_json": base64.b64encode(data).decode("ascii"), "seed": seed})
+            else:
+                items.append({"url": f"{base}/files/{files.write(data)}", "seed": seed})
+        return items
+
+    async def generate(http: Request, request: GenerationRequest, response_format: str | None) -> Response:
+        job = queue.submit(request)
+        try:
+            output = await queue.result(job, _disconnected(http))
+        except ClientGone:
+            return Response(status_code=499)  # nginx's "client closed request": only the log sees it
+        base = (settings.public_url or str(http.base_url)).rstrip("/")
+        items = await anyio.to_thread.run_sync(materialize, output, request, response_format or "url", base)
+        metrics.observe("total", time.perf_counter() - job.arrived)
+        return JSONResponse({"created": int(time.time()), "data": items})
+
+    @app.post(BIGMODEL_PATH, summary="bigmodel: text to image")
+    async def bigmodel_generations(body: BigmodelImageRequest, http: Request) -> Response:
+        check_model(body.model)
+        return await generate(http, build(body, DEFAULT_SIZE[BIGMODEL_PATH]), body.response_format)
+
+    @app.post(OPENAI_PATH, summary="OpenAI: text to image")
+    async def openai_generations(body: OpenAIImageRequest, http: Request) -> Response:
+        check_model(body.model)
+        return await generate(http, build(body, DEFAULT_SIZE[OPENAI_PATH]), body.response_format)
+
+    @app.post(EDITS_PATH, summary="OpenAI: image to image (multipart: image or image[], prompt, ...)")
+    async def openai_edits(http: Request) -> Response:
+        if not http.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise ApiError(
+                "invalid_value", "body: expected multipart/form-data with image files and a prompt"
+            )
+        length = http.headers.get("content-length", "")
+        if length.isdigit() and int(length) > MAX_IMAGES * settings.max_upload_bytes + 2**20:
+            raise ApiError(
+                "too_large",
+                f"body: {length} bytes; allowed: {MAX_IMAGES} images of at most {settings.max_upload_bytes} bytes",
+            )
+        form = await http.form(max_files=MAX_IMAGES, max_fields=32)
+        try:
+            uploads, fields = [], {}
+            for key, value in form.multi_items():
+                if key in ("image", "image[]") and isinstance(value, UploadFile):
+                    uploads.append(value)
+                elif key == "mask":
+                    raise ApiError(
+                        "invalid_value", "mask: not supported; the prompt says what to change", param="mask"
+                    )
+                elif isinstance(value, UploadFile) or key in fields:
+                    raise ApiError("invalid_value", f"{key}: expected one text value", param=key)
+                else:
+                    fields[key] = value
+            try:
+                body = EditForm.model_validate(fields)
+            except ValidationError as e:
+                raise _validation_error(e.errors(), EDITS_PATH) from None
+            check_model(body.model)
+            if not uploads:
+                raise ApiError("missing", "image: required; send one or more image files", param="image")
+            images = []
+            for i, upload in enumerate(uploads):
+                data = await upload.read(settings.max_upload_bytes + 1)
+                images.append(await anyio.to_thread.run_sync(read_image, data, i))
+        finally:
+            await form.close()
+        default = f"{images[0].width}x{images[0].height}"
+        return await generate(http, build(body, default, tuple(images)), body.response_format)
+
+    def read_image(data: bytes, index: int):
+        """Decode one upload, checking its size against the model's limits before decoding pixels."""
+        from PIL import Image
+
+        where = f"image[{index}]"
+        if len(data) > settings.max_upload_bytes:
+            raise ApiError(
+                "too_large", f"{where}: larger than {settings.max_upload_bytes} bytes", param="image"
+            )
+        try:
+            image = Image.open(io.BytesIO(data))
+            for side, value in (("width", image.width), ("height", image.height)):
+                pipe.limits.check(f"{where} {side}", value)
+            return image.convert("RGB")
+        except GlmImageError as e:
+            raise ApiError("invalid_value", str(e), param="image") from None
+        except (OSError, ValueError, Image.DecompressionBombError) as e:
+            raise ApiError("invalid_value", f"{where}: not a readable image ({e})", param="image") from None
+
+    @app.get("/health", summary="liveness; open even with an API key")
+    async def health() -> dict:
+        limits = pipe.limits
+        return {
+            "status": "ok",
+            "model": str(pipe.name),
+            "models": names,
+            "version": __version__,
+            "queue_depth": queue.depth,
+            "max_queue": settings.max_queue,
+            "running": queue.running,
+            "sizes": {"minimum": limits.minimum, "maximum": limits.maximum, "multiple": limits.multiple},
+        }
+
+    @app.get("/metrics", summary="Prometheus text format")
+    async def prometheus() -> Response:
+        text = metrics.render(queue.depth, settings.max_queue, queue.running)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/files/{name}", summary="a generated PNG, by the id a generation returned")
+    async def download(name: str) -> Response:
+        path = files.lookup(name)
+        if path is None:
+            raise ApiError("not_found", "no such file")
+        return FileResponse(
+            path, media_type="image/png", headers={"Cache-Control": "max-age=31536000, immutable"}
+        )
+
+    return app

@@ -1,0 +1,182 @@
+"""Prometheus text exposition, written by hand: a handful of series need no client library.
+
+Every update happens on the event loop thread or under the lock, so a scrape never sees a
+half-written histogram.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+__all__ = ["Metrics"]
+
+# Seconds: from a 64x64 CPU test image (milliseconds) to a long queue wait on a busy GPU.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000)
+# ar, dit, vae: once per engine call (a batch shares them); queue_wait, total: once per request.
+STAGES = ("ar", "dit", "vae", "queue_wait", "total")
+# Request counters are labelled by route, never by raw path, so a scan cannot grow the series.
+ENDPOINTS = (
+    "/api/paas/v4/images/generations",
+    "/v1/images/generations",
+    "/v1/images/edits",
+    "/health",
+    "/metrics",
+)
+
+
+def endpoint_label(path: str) -> str:
+    if path in ENDPOINTS:
+        return path
+    return "/files" if path.startswith("/files/") else "other"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+class _Histogram:
+    def __init__(self, buckets: tuple[float, ...] = BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts = [0] * len(buckets)  # not cumulative; summed when rendered
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+        self.sum += value
+        self.count += 1
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.images_generated = 0
+        self.engine_calls = 0
+        self.engine_failures = 0
+        self.engine_stopped = 0
+        self.requests: dict[tuple[str, int], int] = defaultdict(int)
+        self.dropped: dict[str, int] = defaultdict(int)  # reason -> queued jobs removed before they ran
+        self.stages = {stage: _Histogram() for stage in STAGES}
+        self.batch_sizes = _Histogram((1, 2, 4, 8, 16, 32))  # requests per engine call
+
+    def observe(self, stage: str, seconds: float) -> None:
+        with self._lock:
+            self.stages[stage].observe(seconds)
+
+    def count_request(self, path: str, status: int) -> None:
+        with self._lock:
+            self.requests[(endpoint_label(path), status)] += 1
+
+    def count_engine_call(
+        self, requests: int, timings: dict[str, float] | None, stopped: bool = False
+    ) -> None:
+        """``timings`` None: the call raised; ``stopped``: on purpose, every request abandoned."""
+        with self._lock:
+            self.engine_calls += 1
+            self.batch_sizes.observe(requests)
+            if timings is None:
+                if stopped:
+                    self.engine_stopped += 1
+                else:
+                    self.engine_failures += 1
+                return
+            for stage in ("ar", "dit", "vae"):
+                if stage in timings:
+                    self.stages[stage].observe(timings[stage])
+
+    def count_images(self, count: int) -> None:
+        with self._lock:
+            self.images_generated += count
+
+    def count_dropped(self, reason: str) -> None:
+        with self._lock:
+            self.dropped[reason] += 1
+
+    def render(self, queue_depth: int, queue_capacity: int, running: int) -> str:
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, text: str, samples: list[tuple[str, float]]) -> None:
+            lines.append(f"# HELP {name} {text}")
+            lines.append(f"# TYPE {name} {kind}")
+            lines.extend(f"{name}{labels} {_number(value)}" for labels, value in samples)
+
+        def histogram(name: str, label: str, hist: _Histogram) -> list[tuple[str, float]]:
+            samples, running_total = [], 0
+            prefix = f"{label}," if label else ""
+            for bound, count in zip(hist.buckets, hist.counts, strict=True):
+                running_total += count
+                samples.append((f'_bucket{{{prefix}le="{bound}"}}', running_total))
+            samples.append((f'_bucket{{{prefix}le="+Inf"}}', hist.count))
+            wrapped = f"{{{label}}}" if label else ""
+            samples += [(f"_sum{wrapped}", hist.sum), (f"_count{wrapped}", hist.count)]
+            return [(f"{name}{suffix}", value) for suffix, value in samples]
+
+        with self._lock:
+            metric("glm_image_queue_depth", "gauge", "Jobs waiting for the engine.", [("", queue_depth)])
+            metric(
+                "glm_image_queue_capacity",
+                "gauge",
+                "Jobs the queue holds before 429.",
+                [("", queue_capacity)],
+            )
+            metric("glm_image_running_jobs", "gauge", "Jobs in the engine call now running.", [("", running)])
+            metric(
+                "glm_image_images_generated_total",
+                "counter",
+                "Images generated.",
+                [("", self.images_generated)],
+            )
+            metric(
+                "glm_image_engine_calls_total",
+                "counter",
+                "Engine calls (batches).",
+                [("", self.engine_calls)],
+            )
+            metric(
+                "glm_image_engine_failures_total",
+                "counter",
+                "Engine calls that raised (answered 500).",
+                [("", self.engine_failures)],
+            )
+            metric(
+                "glm_image_engine_calls_stopped_total",
+                "counter",
+                "Engine calls stopped early because every request in them was abandoned.",
+                [("", self.engine_stopped)],
+            )
+            metric(
+                "glm_image_requests_total",
+                "counter",
+                "HTTP requests by endpoint and status.",
+                [
+                    (f'{{endpoint="{_escape(endpoint)}",status="{status}"}}', count)
+                    for (endpoint, status), count in sorted(self.requests.items())
+                ],
+            )
+            metric(
+                "glm_image_jobs_dropped_total",
+                "counter",
+                "Queued jobs removed before they ran (client gone, timed out).",
+                [(f'{{reason="{_escape(reason)}"}}', n) for reason, n in sorted(self.dropped.items())],
+            )
+            lines.append(
+                "# HELP glm_image_stage_seconds Latency per stage: ar, dit, vae per engine call; "
+                "queue_wait, total per request."
+            )
+            lines.append("# TYPE glm_image_stage_seconds histogram")
+            for stage, hist in self.stages.items():
+                for name, value in histogram("glm_image_stage_seconds", f'stage="{stage}"', hist):
+                    lines.append(f"{name} {_number(value)}")
+            lines.append("# HELP glm_image_batch_requests Requests per engine call.")
+            lines.append("# TYPE glm_image_batch_requests histogram")
+            for name, value in histogram("glm_image_batch_requests", "", self.batch_sizes):
+                lines.append(f"{name} {_number(value)}")
+        return "\n".join(lines) + "\n"

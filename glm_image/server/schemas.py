@@ -1,0 +1,72 @@
+"""Request bodies of the two JSON endpoints.
+
+Unknown fields are refused (400 naming the field and the allowed ones) rather than ignored, so a
+client never believes a setting took effect when it did not. A few fields that hosted services
+take but that mean nothing to a local engine are accepted and have no effect; they are marked.
+``seed``, ``steps`` and ``guidance`` are this engine's extensions.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["BigmodelImageRequest", "EditForm", "OpenAIImageRequest"]
+
+Int = Annotated[int, Field(strict=True)]  # no "5" -> 5, no true -> 1
+Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+Images = Annotated[int, Field(strict=True, ge=1, le=10)]  # OpenAI's n: 1..10
+Format = Literal["url", "b64_json"]
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str = Field(description="What to draw; at most 1000 characters. Quote the text to render.")
+    size: str | None = Field(None, description="WIDTHxHEIGHT in pixels, e.g. 1280x1280")
+    n: Images = Field(1, description="images for this prompt (seeds count up from `seed`)")
+    response_format: Format | None = Field(None, description="url (default) or b64_json")
+    seed: Int | None = Field(None, description="seed of the first image (default: random)")
+    steps: Int | None = Field(None, description="denoising steps (default: the server's, 50)")
+    guidance: Number | None = Field(None, description="classifier-free guidance (default: the server's, 1.5)")
+
+
+class BigmodelImageRequest(_Common):
+    """``POST /api/paas/v4/images/generations``: the bigmodel shape."""
+
+    model: str = Field(description='"glm-image" (or the name the server was started with)')
+    quality: Literal["hd", "standard"] | None = Field(None, description="accepted, no effect")
+    user_id: str | None = Field(None, description="accepted, no effect")
+    request_id: str | None = Field(None, description="accepted, no effect")
+    watermark_enabled: bool | None = Field(None, description="accepted; this server adds no watermark")
+
+
+class OpenAIImageRequest(_Common):
+    """``POST /v1/images/generations``: the OpenAI Images shape."""
+
+    model: str | None = Field(None, description='"glm-image" (or the name the server was started with)')
+    quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = Field(
+        None, description="accepted, no effect (use steps)"
+    )
+    output_format: Literal["png"] | None = Field(None, description="png only")
+    user: str | None = Field(None, description="accepted, no effect")
+
+
+class EditForm(BaseModel):
+    """``POST /v1/images/edits``: the text fields of the multipart form (the files are ``image``
+    or ``image[]``). Form values arrive as text, so numbers are parsed from it here."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    model: str | None = None
+    size: str | None = None  # default: the first image's size
+    n: int = Field(1, ge=1, le=10)
+    response_format: Format | None = None
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = Field(None, allow_inf_nan=False)
+    quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = None  # no effect
+    output_format: Literal["png"] | None = None
+    user: str | None = None  # no effect
