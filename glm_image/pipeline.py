@@ -74,6 +74,9 @@ def _needs_offload(root: Path, device: torch.device, dtype: torch.dtype) -> bool
     return needed > 0.85 * free
 
 
+MAX_SEED = 2**63 - 1  # the generators take a signed 64-bit seed
+
+
 def _image_seeds(seed: int | Sequence[int] | None, count: int) -> tuple[int, ...]:
     """One seed per image: ``seed, seed + 1, ...``; an explicit list; or random."""
     if seed is None:
@@ -84,10 +87,16 @@ def _image_seeds(seed: int | Sequence[int] | None, count: int) -> tuple[int, ...
             raise GlmImageError(
                 f"seed: got {len(seed)} seeds for {count} images; allowed: one integer per image"
             )
-        return tuple(seed)
-    if isinstance(seed, bool) or not isinstance(seed, int):
+        seeds = tuple(seed)
+    elif isinstance(seed, bool) or not isinstance(seed, int):
         raise GlmImageError(f"seed = {seed!r}; allowed: an integer, one integer per image, or none")
-    return tuple(seed + i for i in range(count))
+    else:
+        seeds = tuple(seed + i for i in range(count))
+    if not all(0 <= s <= MAX_SEED for s in seeds):
+        raise GlmImageError(
+            f"seed = {seed!r}; allowed: 0..{MAX_SEED} for every image (image i uses seed + i)"
+        )
+    return seeds
 
 
 class GlmImage:
@@ -268,8 +277,7 @@ class GlmImage:
             request.guidance,
             request.num_images,
         )
-        if request.seed is not None and (isinstance(request.seed, bool) or not isinstance(request.seed, int)):
-            raise GlmImageError(f"seed = {request.seed!r}; allowed: an integer or none")
+        _image_seeds(request.seed, request.num_images)
         if request.images:
             self._condition_images(list(request.images), 1)
 

@@ -189,7 +189,14 @@ def test_run_batch_gives_each_request_its_own_images(glm):
 
 @pytest.mark.parametrize(
     ("seed", "message"),
-    [([1, 2, 3], "got 3 seeds for 2 images"), ("7", "seed = '7'"), ([1, True], "one integer per image")],
+    [
+        ([1, 2, 3], "got 3 seeds for 2 images"),
+        ("7", "seed = '7'"),
+        ([1, True], "one integer per image"),
+        (-1, r"allowed: 0\.\.9223372036854775807"),
+        (2**63 - 1, r"image i uses seed \+ i"),
+        (2**64 - 1, "allowed: 0"),
+    ],
 )
 def test_bad_seeds_name_the_field(glm, seed, message):
     with pytest.raises(GlmImageError, match=message):
