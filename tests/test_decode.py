@@ -1,0 +1,87 @@
+"""The decode loop's pieces: chunked (and prefetched) sampling noise, eager vs CUDA-graph steps."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from glm_image.engine.decode import NoiseStream
+
+VOCAB = 257
+
+
+def _stepwise(seeds, steps):
+    """The reference's noise: one exponential_ call per row per step."""
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    return torch.stack(
+        [
+            torch.stack([torch.empty(VOCAB).exponential_(generator=g) for _ in range(steps)])
+            for g in generators
+        ]
+    )
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize(("steps", "chunk"), [(10, 4), (7, 7), (5, 64)])
+def test_chunked_noise_is_the_stepwise_noise(prefetch, steps, chunk):
+    seeds = (3, 11)
+    stream = NoiseStream(
+        [torch.Generator().manual_seed(s) for s in seeds],
+        steps,
+        VOCAB,
+        torch.device("cpu"),
+        chunk=chunk,
+        prefetch=prefetch,
+    )
+    got = []
+    for step in range(steps):
+        if step % stream.chunk == 0:
+            stream.refill(step)
+        got.append(stream.buffer[:, step % stream.chunk].clone())
+    stream.close()
+    assert torch.equal(torch.stack(got, dim=1), _stepwise(seeds, steps))
+
+
+def test_an_early_stop_ends_the_worker():
+    stream = NoiseStream(
+        [torch.Generator().manual_seed(0)], 1000, VOCAB, torch.device("cpu"), chunk=8, prefetch=True
+    )
+    stream.refill(0)
+    stream.close()
+    assert not stream._worker.is_alive()
+    assert not [t for t in threading.enumerate() if t.name == "glm-image-noise" and t.is_alive()]
+
+
+def test_a_failing_worker_raises_in_the_consumer(monkeypatch):
+    calls = []
+
+    def draw(self, count):
+        calls.append(count)
+        if len(calls) > 1:
+            raise RuntimeError("the generator broke")
+        return torch.ones(1, count, VOCAB)
+
+    monkeypatch.setattr(NoiseStream, "_draw", draw)
+    stream = NoiseStream([torch.Generator()], 100, VOCAB, torch.device("cpu"), chunk=4, prefetch=True)
+    stream.refill(0)
+    with pytest.raises(RuntimeError, match="the generator broke"):
+        stream.refill(4)
+    stream.close()
+    assert not stream._worker.is_alive()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("greedy", [True, False])
+def test_cuda_graph_decode_equals_eager(tiny_checkpoint, greedy):
+    from glm_image.engine import ArEngine
+
+    engine = ArEngine.from_pretrained(tiny_checkpoint, device="cuda", dtype=torch.float32)
+    prompts = ["a sign that says 'OPEN'", "一张写着「欢迎」的海报"]
+    results = {}
+    for graphs in (False, True):
+        engine.cuda_graphs = graphs
+        results[graphs] = engine.generate(prompts, 256, 384, seeds=[4, 9], greedy_decoding=greedy).tokens
+    assert torch.equal(results[True], results[False])
