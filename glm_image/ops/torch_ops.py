@@ -4,6 +4,10 @@ Each method's docstring is the op's contract (shapes, masks, dtypes, exact formu
 call ops only through a backend object, so a faster backend (``triton``, ``npu``) replaces a
 method and must give the same result within its tolerance table; anything it cannot do falls
 back here with a stated reason (``Ops.fallback``), logged once.
+
+Masks and rotary tables are read-only for a backend and are not modified in place by the caller
+while a forward uses them, so a backend may derive what it needs from them once per forward
+(the ``npu`` backend converts mask polarity and the sin sign once, not once per layer).
 """
 
 from __future__ import annotations
