@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import os
 
+import torch
+
+# No GPU: Triton kernels run in Triton's interpreter on CPU tensors. Triton reads the variable
+# when a kernel is defined, so it is set before any test imports glm_image_kernels.
+os.environ.setdefault("TRITON_INTERPRET", "0" if torch.cuda.is_available() else "1")
+
 # Set before transformers / diffusers / huggingface_hub are imported by any test module.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"

@@ -1,7 +1,49 @@
-"""Fused kernels for glm-image (Triton on CUDA, adapters for Ascend), each with a torch twin.
+"""Fused Triton kernels for glm-image, each with its torch reference twin (``*_reference``).
 
-Imported lazily by ``glm_image.ops`` and only where the hardware is present; the engine runs on
-the plain torch path without this package's optional dependencies.
+One module per kernel family; every entry point takes torch tensors, checks shapes, launches,
+and returns what the matching ``glm_image.ops.TorchOps`` method returns (the op contract):
+
+- ``decode_attention``: flash-decoding over the static KV cache, GQA, split-K (``flash_decoding``)
+- ``rotary_``: M-RoPE applied in place to q and k heads (``rotary``)
+- ``rms_norm``, ``add_rms_norm``: RMSNorm, and residual add + sandwich norms in one pass (``residual_norm``)
+- ``layer_norm_modulate``: LayerNorm + AdaLN scale/shift (``adaln``)
+- ``qk_norm_rope``: QK LayerNorm + 2D RoPE + transpose for the DiT (``dit_qk``)
+
+Importing never needs Triton (the twins are plain torch); calling a kernel does. Kernels run on
+CUDA tensors, or on CPU tensors in Triton's interpreter when ``TRITON_INTERPRET=1`` was set before
+this package was imported (``interpreted()``). The package never imports ``glm_image``: imports
+point from the ops layer to the kernels, not back.
 """
 
-__all__: list[str] = []
+from ._triton import HAVE_TRITON, interpreted
+from .adaln import layer_norm_modulate, layer_norm_modulate_reference
+from .dit_qk import qk_norm_rope, qk_norm_rope_reference
+from .flash_decoding import (
+    decode_attention,
+    decode_attention_plan,
+    decode_attention_reference,
+    default_split_size,
+)
+from .residual_norm import MAX_DIM as MAX_NORM_DIM
+from .residual_norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
+from .rotary import rotary_, rotary_reference_
+
+__all__ = [
+    "HAVE_TRITON",
+    "MAX_NORM_DIM",
+    "add_rms_norm",
+    "add_rms_norm_reference",
+    "decode_attention",
+    "decode_attention_plan",
+    "decode_attention_reference",
+    "default_split_size",
+    "interpreted",
+    "layer_norm_modulate",
+    "layer_norm_modulate_reference",
+    "qk_norm_rope",
+    "qk_norm_rope_reference",
+    "rms_norm",
+    "rms_norm_reference",
+    "rotary_",
+    "rotary_reference_",
+]
