@@ -85,3 +85,39 @@ def test_cuda_graph_decode_equals_eager(tiny_checkpoint, greedy):
         engine.cuda_graphs = graphs
         results[graphs] = engine.generate(prompts, 256, 384, seeds=[4, 9], greedy_decoding=greedy).tokens
     assert torch.equal(results[True], results[False])
+
+
+@pytest.fixture(scope="module")
+def ar_engine(tiny_checkpoint):
+    from glm_image.engine import ArEngine
+
+    return ArEngine.from_pretrained(tiny_checkpoint, device="cpu", dtype=torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("greedy", "constrain"), [(True, True), (False, True), (False, False)], ids=["greedy", "sample", "free"]
+)
+def test_the_graph_step_run_eagerly_equals_the_eager_loop(ar_engine, greedy, constrain, monkeypatch):
+    """What a CUDA graph replays (device-side step counter, slot, rotary row, noise row, a
+    tensor length bound) gives the eager loop's tokens, on any device."""
+    prompts = ["a sign that says 'OPEN'", "一张写着「欢迎」的海报"]
+    call = {"seeds": [4, 9], "greedy_decoding": greedy, "constrain_grid": constrain, "max_new_tokens": 70}
+    eager = ar_engine.generate(prompts, 128, 192, **call).tokens
+    monkeypatch.setattr(ar_engine, "decode_mode", "static")
+    static = ar_engine.generate(prompts, 128, 192, **call).tokens
+    assert torch.equal(static, eager)
+
+
+def test_the_graph_step_through_the_triton_kernels(ar_engine, monkeypatch):
+    """The graph step with Triton's decode attention reading its bound from a device tensor."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("covered on CUDA by test_cuda_graph_decode_equals_eager")
+    from glm_image.ops.triton_ops import TritonOps
+
+    call = {"seeds": [2], "greedy_decoding": True, "max_new_tokens": 12}
+    eager = ar_engine.generate("'A'", 64, 64, **call).tokens
+    monkeypatch.setattr(ar_engine.model, "ops", TritonOps(torch.device("cpu")))
+    monkeypatch.setattr(ar_engine, "decode_mode", "static")
+    assert torch.equal(ar_engine.generate("'A'", 64, 64, **call).tokens, eager)
+    assert ar_engine.model.ops.fallbacks == []

@@ -111,6 +111,9 @@ class ArEngine:
         self.sampling = SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
         # CUDA: capture the decode step as a CUDA graph (one launch per token); False: eager
         self.cuda_graphs = True
+        # "static": run the graph's step function eagerly on any device (what a CUDA graph
+        # replays, checkable on a CPU); "auto": graphs on CUDA, else the eager loop
+        self.decode_mode = "auto"
         # CPU: draw the next chunk of sampling noise on a worker thread (see NoiseStream)
         self.noise_prefetch = True
 
@@ -409,7 +412,9 @@ class ArEngine:
             if progress is not None:
                 progress(1, steps)
             graphs = self.cuda_graphs and self.device.type == "cuda" and kept_logits is None
-            if not (graphs and loop.run_graph(steps, progress)):
+            if self.decode_mode == "static" and kept_logits is None:
+                loop.run_static(steps, progress)
+            elif not (graphs and loop.run_graph(steps, progress)):
                 loop.run_eager(steps, kept_logits.append if kept_logits is not None else None, progress)
         finally:
             if noise is not None:

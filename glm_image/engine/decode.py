@@ -227,8 +227,21 @@ class DecodeLoop:
         self.tokens.index_copy_(1, idx + 1, new[:, None])
         self.step.add_(1)
 
+    def run_static(
+        self, steps: int, progress: Progress | None, replay: Callable[[], None] | None = None
+    ) -> None:
+        """Steps 1..steps-1 as ``replay`` calls (default: the static step, eagerly), the host
+        doing nothing per step but refilling the noise every ``chunk`` steps."""
+        replay = replay or self._static_step
+        for step in range(1, steps):
+            if self.noise is not None and step % self.noise.chunk == 0:
+                self.noise.refill(step)
+            replay()
+            if progress is not None:
+                progress(step + 1, steps)
+
     def run_graph(self, steps: int, progress: Progress | None, *, sync_every: int = 64) -> bool:
-        """Capture the step once and replay it; False (nothing changed) if capture fails.
+        """Capture the static step once and replay it; False (nothing changed) if capture fails.
 
         One eager step on a side stream first (lazy initialisation, kernel compilation); it
         computes step 1 exactly as the first replay will, so only the counter is reset.
@@ -251,12 +264,12 @@ class DecodeLoop:
         finally:
             current.wait_stream(stream)
             self.step.zero_()
-        for step in range(1, steps):
-            if self.noise is not None and step % self.noise.chunk == 0:
-                self.noise.refill(step)
-            graph.replay()
-            if progress is not None:
-                if step % sync_every == 0 or step == steps - 1:
-                    current.synchronize()
-                progress(step + 1, steps)
+
+        def paced(done: int, total: int) -> None:
+            # the host runs ahead of the GPU: let progress follow it every few dozen tokens
+            if done % sync_every == 0 or done == total:
+                current.synchronize()
+            progress(done, total)
+
+        self.run_static(steps, paced if progress is not None else None, graph.replay)
         return True
