@@ -1,60 +1,36 @@
-"""The JSON layout every benchmark writes (documented in benchmarks/README.md)."""
+"""The JSON layout every benchmark writes, for the scripts in this folder.
+
+One copy lives in ``glm_image.bench.report`` (``glm-image bench`` writes it too); this module
+re-exports it so a script here can ``from _report import ...`` without caring where it lives.
+The layout is documented in benchmarks/README.md.
+"""
 
 from __future__ import annotations
 
-import json
-import platform
-import statistics
-import time
-from pathlib import Path
-from typing import Any
+from glm_image.bench.report import (
+    SCHEMA,
+    build_report,
+    machine,
+    markdown_table,
+    median,
+    parse_size,
+    parse_sizes,
+    save_report,
+    synchronize,
+    timed,
+    write_report,
+)
 
-import torch
-
-
-def machine() -> dict[str, Any]:
-    cuda = torch.cuda.is_available()
-    return {
-        "device": torch.cuda.get_device_name(0)
-        if cuda
-        else f"cpu ({platform.processor() or platform.machine()})",
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def timed(fn) -> float:
-    """Wall seconds of one call (synchronising a GPU before and after)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    """'512x512' -> (width, height)."""
-    width, height = (int(v) for v in text.lower().split("x"))
-    return width, height
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
-def write_report(benchmark: str, results: list[dict[str, Any]], out: str | Path | None) -> dict[str, Any]:
-    report = {
-        "benchmark": benchmark,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "machine": machine(),
-        "results": results,
-    }
-    text = json.dumps(report, indent=2)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text + "\n")
-    print(text)
-    return report
+__all__ = [
+    "SCHEMA",
+    "build_report",
+    "machine",
+    "markdown_table",
+    "median",
+    "parse_size",
+    "parse_sizes",
+    "save_report",
+    "synchronize",
+    "timed",
+    "write_report",
+]

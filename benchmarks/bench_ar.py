@@ -9,7 +9,8 @@ wall time, prefill included for both), and the weight bandwidth achieved: bytes 
 weights read per token (every matrix and norm, one embedding row) / seconds per token.
 
 `tiny` generates the whole protocol at the given size. `wide` has the released widths, so a
-token reads ~2 GB on a CPU: it generates `--wide-tokens` tokens (default 16).
+token reads ~2 GB on a CPU: it generates `--wide-tokens` tokens (default 16). `--max-tokens`
+caps every preset. A preset may also be a checkpoint folder.
 """
 
 from __future__ import annotations
@@ -24,20 +25,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from _report import median, parse_size, timed, write_report
+from _report import markdown_table, median, parse_size, timed, write_report
 
+from glm_image.bench.roofline import ar_weight_bytes_per_token
 from glm_image.engine import ArEngine
 from glm_image.hub import resolve_checkpoint
 
 PROMPT = "A vintage poster with the title 'SUMMER SALE' in bold red letters"
-
-
-def weight_bytes_per_token(engine: ArEngine) -> int:
-    """Bytes of weights one decode step reads: everything but the embedding table, plus one row."""
-    model = engine.model
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    table = model.embed_tokens.weight
-    return total - table.numel() * table.element_size() + table.shape[1] * table.element_size()
 
 
 def bench_preset(
@@ -70,7 +64,7 @@ def bench_preset(
         times["reference"].append(timed(lambda: run_reference(tokens)))
         times["ours"].append(timed(lambda: run_ours(tokens)))
 
-    per_token = weight_bytes_per_token(ours)
+    per_token = ar_weight_bytes_per_token(ours.model)
     result = {
         "preset": preset,
         "size": f"{width}x{height}",
@@ -88,25 +82,61 @@ def bench_preset(
     return result
 
 
-def main() -> None:
+def table(results: list[dict]) -> str:
+    headers = [
+        "preset",
+        "size",
+        "mode",
+        "tokens",
+        "ref tok/s",
+        "ours tok/s",
+        "ref GB/s",
+        "ours GB/s",
+        "speedup",
+    ]
+    rows = [
+        [
+            r["preset"],
+            r["size"],
+            r["mode"],
+            r["new_tokens"],
+            r["reference_tokens_per_s"],
+            r["ours_tokens_per_s"],
+            r["reference_weight_gb_per_s"],
+            r["ours_weight_gb_per_s"],
+            r["speedup"],
+        ]
+        for r in results
+    ]
+    return markdown_table(headers, rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--presets", default="tiny,wide")
+    parser.add_argument(
+        "--presets", default="tiny,wide", help="tiny, wide or checkpoint folders, comma-separated"
+    )
     parser.add_argument("--size", default="512x512", help="WxH of the image whose tokens are generated")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--wide-tokens", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, help="generate at most N tokens for every preset")
     parser.add_argument("--greedy", action="store_true", help="argmax instead of the checkpoint's sampling")
     parser.add_argument("--out", help="write the JSON report here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     width, height = parse_size(args.size)
-    results = [
-        bench_preset(
-            preset, height, width, args.repeats, args.greedy, args.wide_tokens if preset == "wide" else None
-        )
-        for preset in args.presets.split(",")
+    results = []
+    for preset in args.presets.split(","):
+        cap = args.wide_tokens if preset == "wide" else None
+        if args.max_tokens:
+            cap = min(cap or args.max_tokens, args.max_tokens)
+        results.append(bench_preset(preset, height, width, args.repeats, args.greedy, cap))
+    config = {"presets": args.presets, "size": args.size, "repeats": args.repeats, "greedy": args.greedy}
+    notes = [
+        "tokens/s = new tokens / wall seconds of the whole call, prefill included, median over the repeats"
     ]
-    write_report("ar_decode", results, args.out)
+    return write_report("ar_decode", results, args.out, config=config, notes=notes, table=table(results))
 
 
 if __name__ == "__main__":

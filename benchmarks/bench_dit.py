@@ -6,7 +6,8 @@ One step with classifier-free guidance is what each engine does per denoising st
 runs the conditional and the unconditional transformer forward one after the other; we run one
 batched forward. Both start from the same latents, prior tokens and glyph embeddings; runs
 alternate after a warm-up. Reported: median seconds per CFG step and the FLOP/s achieved, from
-an analytic count of the multiply-adds of both branches (`dit_flops_per_step`).
+an analytic count of the multiply-adds of both branches (``glm_image.bench.roofline.
+dit_flops_per_step``, the count `glm-image bench speed` uses for the hardware floor).
 """
 
 from __future__ import annotations
@@ -21,26 +22,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
-from _report import median, parse_size, timed, write_report
+from _report import markdown_table, median, parse_size, timed, write_report
 
-from glm_image.config import DitConfig
+from glm_image.bench.roofline import dit_flops_per_step
 from glm_image.engine import DitEngine
 from glm_image.hub import resolve_checkpoint
 
 PROMPT = "A vintage poster with the title 'SUMMER SALE' in bold red letters"
-
-
-def dit_flops_per_step(config: DitConfig, image_tokens: int, text_tokens: int, branches: int = 2) -> float:
-    """FLOPs (2 per multiply-add) of one CFG step: every linear layer and the attention products."""
-    d, s = config.hidden_size, image_tokens + text_tokens
-    per_layer = s * (4 * d * d + 2 * 4 * d * d) + 2 * s * s * d  # qkv + out, FFN, QK^T and PV
-    blocks = config.num_layers * per_layer
-    inputs = image_tokens * (
-        config.in_channels * config.patch_size**2 * d + 2 * d * d
-    )  # patch + prior projector
-    glyph = text_tokens * (config.text_embed_dim * d + d * d)
-    output = image_tokens * d * config.patch_size**2 * config.out_channels
-    return 2.0 * branches * (blocks + inputs + glyph + output)
 
 
 def bench_preset(preset: str, height: int, width: int, repeats: int) -> dict:
@@ -48,9 +36,7 @@ def bench_preset(preset: str, height: int, width: int, repeats: int) -> dict:
 
     root = resolve_checkpoint(preset)
     ours = DitEngine.from_pretrained(root, dtype=torch.float32)
-    reference = GlmImageTransformer2DModel.from_pretrained(
-        root / "transformer", torch_dtype=torch.float32
-    ).eval()
+    reference = GlmImageTransformer2DModel.from_pretrained(root / "transformer", dtype=torch.float32).eval()
     config = ours.config.dit
     g = torch.Generator().manual_seed(0)
     n = (height // 16) * (width // 16)
@@ -104,18 +90,51 @@ def bench_preset(preset: str, height: int, width: int, repeats: int) -> dict:
     return result
 
 
-def main() -> None:
+def table(results: list[dict]) -> str:
+    headers = [
+        "preset",
+        "size",
+        "image tokens",
+        "ref s/step",
+        "ours s/step",
+        "ref GFLOP/s",
+        "ours GFLOP/s",
+        "speedup",
+    ]
+    rows = [
+        [
+            r["preset"],
+            r["size"],
+            r["image_tokens"],
+            r["reference_seconds_per_step"],
+            r["ours_seconds_per_step"],
+            r["reference_gflop_per_s"],
+            r["ours_gflop_per_s"],
+            r["speedup"],
+        ]
+        for r in results
+    ]
+    return markdown_table(headers, rows)
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--presets", default="tiny,wide")
+    parser.add_argument(
+        "--presets", default="tiny,wide", help="tiny, wide or checkpoint folders, comma-separated"
+    )
     parser.add_argument("--size", default="512x512", help="WxH of the generated image")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", help="write the JSON report here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     width, height = parse_size(args.size)
     results = [bench_preset(p, height, width, args.repeats) for p in args.presets.split(",")]
-    write_report("dit_step", results, args.out)
+    config = {"presets": args.presets, "size": args.size, "repeats": args.repeats}
+    notes = [
+        "seconds per step = one conditional + one unconditional transformer pass, median over the repeats"
+    ]
+    return write_report("dit_step", results, args.out, config=config, notes=notes, table=table(results))
 
 
 if __name__ == "__main__":

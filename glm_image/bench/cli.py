@@ -1,18 +1,191 @@
-"""`glm-image bench`: arguments here; the harness imports the reference libraries only when it runs."""
+"""`glm-image bench speed|quality`: arguments here; the harness, the reference libraries, the OCR
+and matplotlib are imported only when a command runs.
+
+Both commands print a Markdown table and, with ``--out``, write the JSON report (the layout of
+``glm_image.bench.report``, documented in benchmarks/README.md).
+"""
 
 from __future__ import annotations
 
 import argparse
 
 from ..errors import GlmImageError
+from ..request import parse_size
 
 __all__ = ["add_parser"]
 
 
+def _size(text: str) -> tuple[int, int]:
+    try:
+        return parse_size(text)
+    except GlmImageError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _sizes(text: str) -> tuple[tuple[int, int], ...]:
+    return tuple(_size(part.strip()) for part in text.split(",") if part.strip())
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected integers separated by commas, e.g. 1,4"
+        ) from None
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model", default="tiny", help="tiny | wide | a checkpoint folder | a Hugging Face id"
+    )
+    parser.add_argument(
+        "--device", help="cpu | cuda | npu (default: the GPU or NPU if there is one, else cpu)"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        help="default: bfloat16 on a GPU, float32 on cpu",
+    )
+    parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every generation (default 0)")
+    parser.add_argument(
+        "--compare-reference",
+        action="store_true",
+        help="also run diffusers' GlmImagePipeline on the same weights",
+    )
+    parser.add_argument("--out", help="write the JSON report here")
+
+
 def add_parser(sub) -> None:
     bench = sub.add_parser("bench", help="speed against the reference; text-rendering quality")
-    bench.set_defaults(func=_run)
+    which = bench.add_subparsers(dest="bench_command", required=True)
+
+    speed = which.add_parser(
+        "speed",
+        help="seconds per stage and per image, tokens/s, peak memory; ours vs the reference",
+        description="Time our engine (and, with --compare-reference, diffusers' GlmImagePipeline on the same "
+        "checkpoint) per stage: AR prefill, AR decode tokens/s, DiT seconds/step, VAE, seconds per image, "
+        "peak memory; on a GPU also the fraction of the hardware floor.",
+    )
+    _common(speed)
+    speed.add_argument(
+        "--sizes", type=_sizes, default=((1024, 1024),), help="WxH[,WxH...] (default 1024x1024)"
+    )
+    speed.add_argument("--batch", type=_ints, default=(1,), help="images per call, e.g. 1,4 (default 1)")
+    speed.add_argument(
+        "--repeats", type=int, default=3, help="timed calls per engine and case; medians (default 3)"
+    )
+    speed.add_argument(
+        "--warmup", type=int, default=1, help="untimed calls per engine and case first (default 1)"
+    )
+    speed.add_argument("--prompt", help="the prompt (default: a poster with quoted text)")
+    speed.add_argument(
+        "--max-ar-tokens",
+        type=int,
+        help="benchmarks only: stop both AR models after N tokens and fill the rest of the grid with code 0 "
+        "(bounds slow CPU runs; the images are then not real ones)",
+    )
+    speed.add_argument(
+        "--plot", metavar="PATH.png", help="bar chart of the per-stage seconds (needs matplotlib)"
+    )
+    speed.set_defaults(func=_run_speed)
+
+    quality = which.add_parser(
+        "quality",
+        help="generate a prompt set, OCR the images, score the rendered text (CVTG-2K, LongText-Bench)",
+        description="Generate images for a prompt set, read them back with OCR (RapidOCR, offline) and score "
+        "them: CVTG-2K Word Accuracy and NED, LongText-Bench text score.",
+    )
+    _common(quality)
+    quality.add_argument(
+        "--suite",
+        default="cvtg",
+        help="cvtg | longtext (built in) | a .jsonl file | an official CVTG-2K or LongText-Bench file or folder",
+    )
+    quality.add_argument("--limit", type=int, help="only the first N prompts")
+    quality.add_argument("--size", type=_size, default=(1024, 1024), help="WIDTHxHEIGHT (default 1024x1024)")
+    quality.add_argument("--save-images", metavar="DIR", help="also write every generated image here")
+    quality.set_defaults(func=_run_quality)
 
 
-def _run(args: argparse.Namespace) -> None:
-    raise GlmImageError("bench: not built yet")
+def _bar(total: int, what: str):
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=what, unit="run", leave=False)
+    return bar, lambda: bar.update(1)
+
+
+def _run_speed(args: argparse.Namespace) -> None:
+    from .report import save_report
+    from .speed import DEFAULT_PROMPT, SpeedOptions, format_speed, resolve_device, run_speed
+
+    options = SpeedOptions(
+        model=args.model,
+        sizes=args.sizes,
+        steps=args.steps,
+        batches=args.batch,
+        compare_reference=args.compare_reference,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        prompt=args.prompt or DEFAULT_PROMPT,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        max_ar_tokens=args.max_ar_tokens,
+    )
+    options.check()  # bad options, a missing device or matplotlib fail now, not after loading models
+    resolve_device(options.device, options.dtype)
+    if args.plot:
+        from .plot import require_matplotlib
+
+        require_matplotlib()
+    engines = 2 if args.compare_reference else 1
+    runs = (
+        len(options.sizes)
+        * len(options.batches)
+        * engines
+        * (max(options.warmup, 0) + max(options.repeats, 0))
+    )
+    bar, progress = _bar(runs, "bench speed")
+    try:
+        report = run_speed(options, progress)
+    finally:
+        bar.close()
+    if args.out:
+        save_report(report, args.out)
+    if args.plot:
+        from .plot import plot_speed
+
+        plot_speed(report, args.plot)
+    print(format_speed(report))
+
+
+def _run_quality(args: argparse.Namespace) -> None:
+    from .quality import QualityOptions, format_quality, run_quality
+    from .report import save_report
+    from .suites import load_suite
+
+    if args.steps < 1:
+        raise GlmImageError(f"--steps = {args.steps}; allowed: an integer >= 1")
+    options = QualityOptions(
+        suite=args.suite,
+        limit=args.limit,
+        model=args.model,
+        size=args.size,
+        steps=args.steps,
+        seed=args.seed,
+        device=args.device,
+        dtype=args.dtype,
+        compare_reference=args.compare_reference,
+        save_images=args.save_images,
+    )
+    count = len(load_suite(args.suite, args.limit)) * (2 if args.compare_reference else 1)
+    bar, progress = _bar(count, "bench quality")
+    try:
+        report = run_quality(options, progress)
+    finally:
+        bar.close()
+    if args.out:
+        save_report(report, args.out)
+    print(format_quality(report))

@@ -1,0 +1,180 @@
+"""The one JSON layout every benchmark writes, and its Markdown tables (documented in benchmarks/README.md).
+
+A report is ``{"schema", "benchmark", "created", "machine", "config", "results", "notes"}``:
+``results`` is a list with one object per measured case, whose fields depend on ``benchmark``
+(``speed``, ``quality``, ``ar_decode``, ``dit_step``, ``kernels``, ...); ``config`` is what the run
+was asked to do; ``notes`` are sentences a reader needs to interpret the numbers. Keeping every
+benchmark on one layout lets one script compare or plot any of them. These helpers import only
+torch and the standard library, so a script can use them without loading a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..errors import GlmImageError
+from ..request import parse_size as _parse_size
+
+__all__ = [
+    "SCHEMA",
+    "build_report",
+    "device_name",
+    "machine",
+    "markdown_table",
+    "median",
+    "parse_size",
+    "parse_sizes",
+    "save_report",
+    "synchronize",
+    "timed",
+    "write_report",
+]
+
+SCHEMA = "glm-image-bench/1"  # bumped when a documented field changes meaning
+
+
+def device_name(device: str | torch.device | None = None) -> str:
+    """What the run used: the accelerator's marketing name, or the CPU's."""
+    device = torch.device(device) if device is not None else None
+    kind = device.type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        return torch.cuda.get_device_name(device if device is not None and device.index is not None else 0)
+    if kind == "npu" and hasattr(torch, "npu"):  # registered by torch_npu, which glm_image.device imports
+        return str(torch.npu.get_device_name())
+    return f"cpu ({_cpu_model()})"
+
+
+def _cpu_model() -> str:
+    try:  # Linux names the model here; platform.processor() often says only "x86_64"
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine(device: str | torch.device | None = None) -> dict[str, Any]:
+    """The machine a report was measured on (the numbers mean nothing without it)."""
+    info: dict[str, Any] = {
+        "device": device_name(device),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "glm_image": __version__,
+        "platform": platform.platform(),
+    }
+    try:
+        import psutil
+
+        info["memory_bytes"] = psutil.virtual_memory().total
+    except ImportError:
+        pass
+    return info
+
+
+def synchronize(device: str | torch.device | None = None) -> None:
+    """Wait for queued device work, so a host clock around it measures the work itself (None:
+    the GPU if there is one)."""
+    from ..device import synchronize as sync
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync(torch.device(device))
+
+
+def timed(fn: Callable[[], object], device: str | torch.device | None = None) -> float:
+    """Wall seconds of one call, the device synchronised before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'512x512' -> (width, height)."""
+    return _parse_size(text)
+
+
+def parse_sizes(text: str, field: str = "--sizes") -> list[tuple[int, int]]:
+    """'512x512,1024x768' -> [(512, 512), (1024, 768)]."""
+    sizes = [_parse_size(part.strip(), field) for part in str(text).split(",") if part.strip()]
+    if not sizes:
+        raise GlmImageError(f"{field} = {text!r}: expected WIDTHxHEIGHT[,WIDTHxHEIGHT...]")
+    return sizes
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def build_report(
+    benchmark: str,
+    results: list[dict[str, Any]],
+    *,
+    config: dict[str, Any] | None = None,
+    notes: Sequence[str] = (),
+    device: str | torch.device | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """A report in the shared layout; ``extra`` adds benchmark-specific top-level keys."""
+    return {
+        "schema": SCHEMA,
+        "benchmark": benchmark,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": machine(device),
+        "config": dict(config or {}),
+        "results": results,
+        "notes": list(notes),
+        **extra,
+    }
+
+
+def save_report(report: dict[str, Any], out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return out
+
+
+def write_report(
+    benchmark: str,
+    results: list[dict[str, Any]],
+    out: str | Path | None,
+    *,
+    config: dict[str, Any] | None = None,
+    notes: Sequence[str] = (),
+    table: str | None = None,
+) -> dict[str, Any]:
+    """Build a report, save it to ``out`` (if given) and print ``table`` (else the JSON)."""
+    report = build_report(benchmark, results, config=config, notes=notes)
+    if out:
+        save_report(report, out)
+    print(table if table is not None else json.dumps(report, indent=2, ensure_ascii=False))
+    return report
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub Markdown table; None prints as an em dash."""
+
+    def cell(value: object) -> str:
+        return "—" if value is None else str(value).replace("|", "\\|")
+
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join("---" for _ in headers) + "|",
+    ]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)

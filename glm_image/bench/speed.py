@@ -1,0 +1,319 @@
+"""`glm-image bench speed`: seconds per stage and per image, ours against the reference.
+
+For every (size, batch) case each engine first runs ``warmup`` untimed calls; then the timed
+calls alternate, the order flipped every repeat (ours, reference, reference, ours, ...) so a
+machine that drifts (thermal, other load) favours neither. Both engines get the same prompt, size,
+steps, guidance (1.5) and seed; batch ``b`` is one call with ``num_images_per_prompt=b``.
+Reported per engine: medians over the repeats of every stage, the AR decode rate, DiT seconds
+per step, the end-to-end seconds per image and the peak memory of a run; then ours/reference
+ratios and, on a GPU in the device table, the fraction of the hardware floor (``roofline``).
+
+On a GPU with ``--compare-reference`` the engine that is not running waits in host memory, so
+each engine's peak memory is its own. On a CPU both stay loaded (see ``memory``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import GlmImageError
+from .engines import OursRunner, ReferenceRunner, StageTimes, on_device
+from .memory import PeakMemory
+from .report import build_report, device_name, markdown_table, median
+from .roofline import ar_weight_bytes_per_token, dit_flops_per_step, floor_fractions, fraction
+
+__all__ = ["SpeedOptions", "format_speed", "run_speed"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PROMPT = "A vintage poster with the title 'SUMMER SALE' in bold red letters"
+STAGES = ("ar_prefill", "ar_decode", "dit", "vae", "total")
+
+
+@dataclass(frozen=True)
+class SpeedOptions:
+    model: str = "tiny"
+    sizes: tuple[tuple[int, int], ...] = ((1024, 1024),)  # (width, height)
+    steps: int = 50
+    batches: tuple[int, ...] = (1,)
+    compare_reference: bool = False
+    repeats: int = 3
+    warmup: int = 1
+    prompt: str = DEFAULT_PROMPT
+    seed: int = 0
+    device: str | None = None
+    dtype: str | None = None
+    max_ar_tokens: int | None = None
+
+    def check(self) -> None:
+        if not self.sizes or not self.batches:
+            raise GlmImageError("--sizes and --batch need at least one value each")
+        for name, value, least in (
+            ("--steps", self.steps, 1),
+            ("--repeats", self.repeats, 1),
+            ("--warmup", self.warmup, 0),
+        ):
+            if value < least:
+                raise GlmImageError(f"{name} = {value}; allowed: an integer >= {least}")
+        if any(b < 1 for b in self.batches):
+            raise GlmImageError(f"--batch = {','.join(map(str, self.batches))}; allowed: integers >= 1")
+        if self.max_ar_tokens is not None and self.max_ar_tokens < 1:
+            raise GlmImageError(f"--max-ar-tokens = {self.max_ar_tokens}; allowed: an integer >= 1")
+
+
+def resolve_device(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """``glm_image.device``'s defaults: the detected accelerator in bfloat16, else cpu in float32."""
+    from ..device import default_dtype
+    from ..device import resolve_device as resolve
+
+    dev = resolve(device)
+    if dtype is None:
+        return dev, default_dtype(dev)
+    return dev, {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def run_speed(options: SpeedOptions, progress=None) -> dict[str, Any]:
+    """Measure every case; return the report (the shared layout of ``report``)."""
+    from ..hub import resolve_checkpoint
+
+    options.check()
+    device, dtype = resolve_device(options.device, options.dtype)
+    root = resolve_checkpoint(options.model)
+    ours = OursRunner(root, device, dtype)
+    for width, height in options.sizes:  # a bad size fails now, not after the first case
+        ours.pipe.validate([options.prompt], height, width, options.steps, 1.5, max(options.batches))
+    swap = device.type != "cpu" and options.compare_reference
+    runners: list = [ours]
+    if options.compare_reference:
+        if swap:
+            ours.park(torch.device("cpu"))
+        runners.append(ReferenceRunner(root, device, dtype, load_on=torch.device("cpu") if swap else device))
+
+    checkpoint = ours.pipe.dit.config
+    patch = checkpoint.vae.scale_factor * checkpoint.dit.patch_size  # pixels per DiT image token
+    _, lengths = ours.pipe.dit.glyph.encode([options.prompt], return_lengths=True)
+    ar_bytes = ar_weight_bytes_per_token(ours.pipe.ar.model)
+    name = device_name(device)
+    results, memory_method = [], ""
+    for width, height in options.sizes:
+        for batch in options.batches:
+            call = (options.prompt, height, width, options.steps, batch, options.seed, options.max_ar_tokens)
+            for runner in runners:
+                for _ in range(options.warmup):
+                    _measure(runner, call, device, swap)
+                    if progress:
+                        progress()
+            samples: dict[str, list] = {runner.name: [] for runner in runners}
+            for repeat in range(options.repeats):
+                for runner in runners if repeat % 2 == 0 else runners[::-1]:
+                    times, memory = _measure(runner, call, device, swap)
+                    samples[runner.name].append((times, memory))
+                    memory_method = memory.method
+                    if progress:
+                        progress()
+            image_tokens = (height // patch) * (width // patch)
+            flops = dit_flops_per_step(checkpoint.dit, image_tokens, lengths[0], images=batch)
+            floor = floor_fractions(device, name, dtype, ar_bytes_per_step=ar_bytes, dit_flops=flops)
+            results.append(
+                _case(width, height, batch, options, samples, runners, ar_bytes, flops, floor, dtype, device)
+            )
+
+    notes = [f"peak memory: {memory_method}"]
+    if device.type == "cpu" and options.compare_reference:
+        notes.append(
+            "on a CPU both engines stay loaded in one process: peak RSS counts both engines' weights"
+        )
+    if options.max_ar_tokens is not None:
+        notes.append(
+            f"--max-ar-tokens {options.max_ar_tokens}: each AR model stopped after that many tokens and the rest of "
+            "its grid was filled with code 0; AR rates are over the tokens written, images are not real ones"
+        )
+    if options.compare_reference and max(options.batches) > 1:
+        notes.append(
+            "with num_images_per_prompt > 1 the reference writes one token sequence per prompt and reuses it for "
+            "every image; ours writes one per image (each image has its own seed)"
+        )
+    config = {
+        "model": str(options.model),
+        "checkpoint": str(root),
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "sizes": [f"{w}x{h}" for w, h in options.sizes],
+        "batches": list(options.batches),
+        "steps": options.steps,
+        "guidance": 1.5,
+        "repeats": options.repeats,
+        "warmup": options.warmup,
+        "prompt": options.prompt,
+        "seed": options.seed,
+        "compare_reference": options.compare_reference,
+        "max_ar_tokens": options.max_ar_tokens,
+    }
+    return build_report("speed", results, config=config, notes=notes, device=device)
+
+
+def _measure(runner, call, device: torch.device, swap: bool) -> tuple[StageTimes, PeakMemory]:
+    with on_device(runner, swap), PeakMemory(device) as memory:
+        _, times = runner.run(*call)
+    return times, memory
+
+
+def _engine(samples: list, steps: int, ar_bytes: int, flops: float, floor: dict, weight_bytes: int) -> dict:
+    """One engine's medians and the numbers derived from them."""
+    times = [t for t, _ in samples]
+    last = times[-1]
+    stage = {s: round(median([getattr(t, s) for t in times]), 6) for s in STAGES}
+    decode_steps = last.ar_tokens - 1  # the prefill writes the first token
+    decode_rate = decode_steps / stage["ar_decode"] if decode_steps > 0 and stage["ar_decode"] > 0 else None
+    dit_step = stage["dit"] / steps
+    out: dict[str, Any] = {
+        "seconds": {s: [round(getattr(t, s), 6) for t in times] for s in ("ar", *STAGES)},
+        "ar_tokens": last.ar_tokens,
+        "ar_sequences": last.ar_sequences,
+        "images": last.images,
+        "ar_prefill_s": stage["ar_prefill"],
+        "ar_decode_s": stage["ar_decode"],
+        "ar_tokens_per_s": round(decode_rate * last.ar_sequences, 3) if decode_rate else None,
+        "ar_weight_gb_per_s": round(ar_bytes * decode_rate / 1e9, 3) if decode_rate else None,
+        "dit_s": stage["dit"],
+        "dit_s_per_step": round(dit_step, 6),
+        "dit_tflop_per_s": round(flops / dit_step / 1e12, 4) if dit_step > 0 else None,
+        "vae_s": stage["vae"],
+        "total_s": stage["total"],
+        "seconds_per_image": round(stage["total"] / last.images, 6),
+        "peak_memory_bytes": max(m.peak for _, m in samples),
+        "peak_memory_increase_bytes": max(m.increase for _, m in samples),
+        "weight_bytes": weight_bytes,
+        "fraction_of_floor": {
+            "ar_decode": fraction(floor.get("ar_seconds_per_step"), 1 / decode_rate if decode_rate else None),
+            "dit": fraction(floor.get("dit_seconds_per_step"), dit_step),
+        },
+    }
+    if last.dit_forwards is not None:
+        out["dit_forwards"] = last.dit_forwards
+    return out
+
+
+RATIOS = (
+    "ar_prefill_s",
+    "ar_tokens_per_s",
+    "dit_s_per_step",
+    "vae_s",
+    "seconds_per_image",
+    "peak_memory_bytes",
+)
+
+
+def _case(width, height, batch, options, samples, runners, ar_bytes, flops, floor, dtype, device) -> dict:
+    engines = {
+        r.name: _engine(samples[r.name], options.steps, ar_bytes, flops, floor, r.weight_bytes)
+        for r in runners
+    }
+    ours, reference = engines["ours"], engines.get("reference")
+    ratio = None
+    if reference is not None:
+        ratio = {k: round(ours[k] / reference[k], 4) if ours[k] and reference[k] else None for k in RATIOS}
+        ratio["speedup"] = round(reference["seconds_per_image"] / ours["seconds_per_image"], 4)
+    return {
+        "size": f"{width}x{height}",
+        "width": width,
+        "height": height,
+        "batch": batch,
+        "steps": options.steps,
+        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(device),
+        "ar_weight_bytes_per_token": ar_bytes,
+        "dit_flops_per_step": flops,
+        "ours": ours,
+        "reference": reference,
+        "ratio": ratio,
+        "floor": floor,
+    }
+
+
+def _gib(n: int | None) -> str | None:
+    return None if n is None else f"{n / 2**30:.2f}"
+
+
+def _num(x: float | None, digits: int = 3) -> str | None:
+    if x is None:
+        return None
+    return f"{x:.{digits}g}" if abs(x) < 10**digits else f"{x:.0f}"
+
+
+def _pct(x: float | None) -> str | None:
+    return None if x is None else f"{100 * x:.1f}%"
+
+
+def format_speed(report: dict[str, Any]) -> str:
+    """The Markdown table of a speed report (what the command prints)."""
+    config, machine = report["config"], report["machine"]
+    headers = [
+        "size",
+        "batch",
+        "engine",
+        "AR prefill s",
+        "AR decode tok/s",
+        "DiT s/step",
+        "VAE s",
+        "s/image",
+        "peak mem GiB",
+        "AR floor",
+        "DiT floor",
+    ]
+    rows = []
+    for case in report["results"]:
+        for name in ("ours", "reference"):
+            e = case[name]
+            if e is None:
+                continue
+            f = e["fraction_of_floor"]
+            rows.append(
+                [
+                    case["size"],
+                    case["batch"],
+                    name,
+                    _num(e["ar_prefill_s"]),
+                    _num(e["ar_tokens_per_s"]),
+                    _num(e["dit_s_per_step"]),
+                    _num(e["vae_s"]),
+                    _num(e["seconds_per_image"]),
+                    _gib(e["peak_memory_bytes"]),
+                    _pct(f["ar_decode"]),
+                    _pct(f["dit"]),
+                ]
+            )
+        r = case["ratio"]
+        if r is not None:
+            rows.append(
+                [
+                    case["size"],
+                    case["batch"],
+                    "ours/ref",
+                    _num(r["ar_prefill_s"]),
+                    _num(r["ar_tokens_per_s"]),
+                    _num(r["dit_s_per_step"]),
+                    _num(r["vae_s"]),
+                    _num(r["seconds_per_image"]),
+                    _num(r["peak_memory_bytes"]),
+                    None,
+                    None,
+                ]
+            )
+    floors = {c["floor"].get("device") or c["floor"].get("reason") for c in report["results"]}
+    lines = [
+        f"glm-image bench speed: model {config['model']}, {machine['device']}, {config['dtype']}, "
+        f"{config['steps']} steps, median of {config['repeats']} (after {config['warmup']} warm-up)",
+        "",
+        markdown_table(headers, rows),
+        "",
+        "AR decode tok/s = tokens after the first x sequences / (AR - prefill) s; DiT s/step = DiT s / steps"
+        + ("; ours/ref < 1 is faster for times, > 1 for tok/s." if config["compare_reference"] else "."),
+        f"floor: {'; '.join(sorted(map(str, floors)))}",
+        *report["notes"],
+    ]
+    return "\n".join(lines)
