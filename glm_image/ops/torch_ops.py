@@ -94,9 +94,8 @@ class TorchOps(Ops):
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         """``weight * (x / sqrt(mean(x^2) + eps))`` over the last dim: statistics in float32, the
         normalised value cast back to x's dtype before the weight (the reference's order)."""
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-        return weight * h.to(x.dtype)
+        # torch.rms_norm without a weight is exactly h * rsqrt(mean(h^2) + eps), in one call
+        return weight * torch.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
     def add_rms_norm(
         self,

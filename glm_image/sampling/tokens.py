@@ -80,14 +80,17 @@ def _top_p_threshold(logits: torch.Tensor, p: float) -> torch.Tensor | None:
     """
     import numpy as np
 
-    values = torch.from_numpy(np.sort(logits.detach().numpy(), axis=-1))
-    cumulative = values.softmax(dim=-1).cumsum(dim=-1)
-    removed = (cumulative <= (1 - p)).sum(dim=-1, keepdim=True).clamp_(max=values.shape[-1] - 1)
-    threshold = values.gather(-1, removed)
-    below = values.gather(-1, (removed - 1).clamp_(min=0))
-    if bool(((removed > 0) & (below == threshold)).any()):
+    values = np.sort(logits.detach().numpy(), axis=-1)
+    cumulative = torch.from_numpy(values).softmax(dim=-1).cumsum(dim=-1)
+    # cumulative is non-decreasing, so "how many entries are <= 1 - p" is a binary search
+    # (the comparison in float32, as the reference's tensor-scalar comparison makes it)
+    cut = torch.full((values.shape[0], 1), 1 - p, dtype=cumulative.dtype)
+    removed = torch.searchsorted(cumulative, cut, right=True).numpy()[:, 0].clip(max=values.shape[-1] - 1)
+    rows = np.arange(values.shape[0])
+    threshold = values[rows, removed]
+    if ((removed > 0) & (values[rows, np.maximum(removed - 1, 0)] == threshold)).any():
         return None
-    return threshold
+    return torch.from_numpy(threshold[:, None].copy())
 
 
 def apply_filters(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
