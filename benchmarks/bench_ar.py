@@ -28,6 +28,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 from _report import markdown_table, median, parse_size, timed, write_report
 
 from glm_image.bench.roofline import ar_weight_bytes_per_token
+from glm_image.device import resolve_device
 from glm_image.engine import ArEngine
 from glm_image.hub import resolve_checkpoint
 
@@ -35,16 +36,26 @@ PROMPT = "A vintage poster with the title 'SUMMER SALE' in bold red letters"
 
 
 def bench_preset(
-    preset: str, height: int, width: int, repeats: int, greedy: bool, max_tokens: int | None
+    preset: str,
+    height: int,
+    width: int,
+    repeats: int,
+    greedy: bool,
+    max_tokens: int | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    backend: str | None = None,
 ) -> dict:
     from transformers import GlmImageForConditionalGeneration
 
     root = resolve_checkpoint(preset)
-    ours = ArEngine.from_pretrained(root, dtype=torch.float32)
-    reference = GlmImageForConditionalGeneration.from_pretrained(
-        root / "vision_language_encoder", dtype=torch.float32
-    ).eval()
-    inputs = ours.processor_inputs(PROMPT, height, width)
+    ours = ArEngine.from_pretrained(root, device=device, dtype=dtype, attention_backend=backend)
+    reference = (
+        GlmImageForConditionalGeneration.from_pretrained(root / "vision_language_encoder", dtype=dtype)
+        .to(device)
+        .eval()
+    )
+    inputs = ours.processor_inputs(PROMPT, height, width).to(device)
     protocol = ours.generate(PROMPT, height, width, max_new_tokens=1).spec.num_tokens
     tokens = min(protocol, max_tokens) if max_tokens else protocol
 
@@ -61,15 +72,18 @@ def bench_preset(
     run_ours(min(tokens, 8))
     times: dict[str, list[float]] = {"reference": [], "ours": []}
     for _ in range(repeats):
-        times["reference"].append(timed(lambda: run_reference(tokens)))
-        times["ours"].append(timed(lambda: run_ours(tokens)))
+        times["reference"].append(timed(lambda: run_reference(tokens), device))
+        times["ours"].append(timed(lambda: run_ours(tokens), device))
 
     per_token = ar_weight_bytes_per_token(ours.model)
     result = {
         "preset": preset,
         "size": f"{width}x{height}",
         "mode": "greedy" if greedy else "sample (temperature 0.9, top_p 0.75)",
-        "dtype": "float32",
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "backend": ours.model.ops.name,
+        "cuda_graphs": device.type == "cuda" and ours.cuda_graphs,
         "new_tokens": tokens,
         "weight_bytes_per_token": per_token,
         "seconds": times,
@@ -123,15 +137,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--wide-tokens", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, help="generate at most N tokens for every preset")
     parser.add_argument("--greedy", action="store_true", help="argmax instead of the checkpoint's sampling")
+    parser.add_argument("--device", help="cpu | cuda | npu (default: the detected platform)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: float32")
+    parser.add_argument("--backend", help="our ops backend: auto | sdpa | triton | npu (default: auto)")
     parser.add_argument("--out", help="write the JSON report here")
     args = parser.parse_args(argv)
     width, height = parse_size(args.size)
+    device = resolve_device(args.device)
+    dtype = getattr(torch, args.dtype or "float32")
     results = []
     for preset in args.presets.split(","):
         cap = args.wide_tokens if preset == "wide" else None
         if args.max_tokens:
             cap = min(cap or args.max_tokens, args.max_tokens)
-        results.append(bench_preset(preset, height, width, args.repeats, args.greedy, cap))
+        results.append(
+            bench_preset(preset, height, width, args.repeats, args.greedy, cap, device, dtype, args.backend)
+        )
     config = {"presets": args.presets, "size": args.size, "repeats": args.repeats, "greedy": args.greedy}
     notes = [
         "tokens/s = new tokens / wall seconds of the whole call, prefill included, median over the repeats"

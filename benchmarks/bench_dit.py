@@ -25,27 +25,38 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 from _report import markdown_table, median, parse_size, timed, write_report
 
 from glm_image.bench.roofline import dit_flops_per_step
+from glm_image.device import resolve_device
 from glm_image.engine import DitEngine
 from glm_image.hub import resolve_checkpoint
 
 PROMPT = "A vintage poster with the title 'SUMMER SALE' in bold red letters"
 
 
-def bench_preset(preset: str, height: int, width: int, repeats: int) -> dict:
+def bench_preset(
+    preset: str,
+    height: int,
+    width: int,
+    repeats: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    backend: str | None = None,
+) -> dict:
     from diffusers import GlmImageTransformer2DModel
 
     root = resolve_checkpoint(preset)
-    ours = DitEngine.from_pretrained(root, dtype=torch.float32)
-    reference = GlmImageTransformer2DModel.from_pretrained(root / "transformer", dtype=torch.float32).eval()
+    ours = DitEngine.from_pretrained(root, device=device, dtype=dtype, attention_backend=backend)
+    reference = (
+        GlmImageTransformer2DModel.from_pretrained(root / "transformer", dtype=dtype).to(device).eval()
+    )
     config = ours.config.dit
     g = torch.Generator().manual_seed(0)
     n = (height // 16) * (width // 16)
-    prior = torch.randint(0, config.prior_vq_quantizer_codebook_size, (1, n), generator=g)
-    latents = torch.randn(1, config.in_channels, height // 8, width // 8, generator=g)
-    cond, uncond = ours.glyph.encode([PROMPT]), ours.glyph.encode([""])
-    size = torch.tensor([[float(height), float(width)]])
-    crop = torch.zeros(1, 2)
-    t = torch.tensor([999.0])
+    prior = torch.randint(0, config.prior_vq_quantizer_codebook_size, (1, n), generator=g).to(device)
+    latents = torch.randn(1, config.in_channels, height // 8, width // 8, generator=g).to(device, dtype)
+    cond, uncond = (ours.glyph.encode([p]).to(dtype) for p in (PROMPT, ""))
+    size = torch.tensor([[float(height), float(width)]], device=device, dtype=dtype)
+    crop = torch.zeros(1, 2, device=device, dtype=dtype)
+    t = torch.tensor([999.0], device=device)
 
     def run_reference() -> None:
         with torch.inference_mode():
@@ -71,14 +82,16 @@ def bench_preset(preset: str, height: int, width: int, repeats: int) -> dict:
     run_ours()
     times: dict[str, list[float]] = {"reference": [], "ours": []}
     for _ in range(repeats):
-        times["reference"].append(timed(run_reference))
-        times["ours"].append(timed(run_ours))
+        times["reference"].append(timed(run_reference, device))
+        times["ours"].append(timed(run_ours, device))
 
     flops = dit_flops_per_step(config, n, cond.shape[1])
     result = {
         "preset": preset,
         "size": f"{width}x{height}",
-        "dtype": "float32",
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "backend": ours.model.ops.name,
         "image_tokens": n,
         "flops_per_cfg_step": flops,
         "seconds": times,
@@ -126,10 +139,18 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--size", default="512x512", help="WxH of the generated image")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", help="cpu | cuda | npu (default: the detected platform)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: float32")
+    parser.add_argument("--backend", help="our ops backend: auto | sdpa | triton | npu (default: auto)")
     parser.add_argument("--out", help="write the JSON report here")
     args = parser.parse_args(argv)
     width, height = parse_size(args.size)
-    results = [bench_preset(p, height, width, args.repeats) for p in args.presets.split(",")]
+    device = resolve_device(args.device)
+    dtype = getattr(torch, args.dtype or "float32")
+    results = [
+        bench_preset(p, height, width, args.repeats, device, dtype, args.backend)
+        for p in args.presets.split(",")
+    ]
     config = {"presets": args.presets, "size": args.size, "repeats": args.repeats}
     notes = [
         "seconds per step = one conditional + one unconditional transformer pass, median over the repeats"
