@@ -16,6 +16,7 @@ from pathlib import Path
 from . import __version__
 from .bench.cli import add_parser as add_bench_parser
 from .errors import GlmImageError
+from .options import DTYPE_NAMES, add_runtime_arguments, runtime_kwargs, torch_dtype
 from .request import GenerationRequest, parse_size
 from .server.cli import add_parser as add_serve_parser
 
@@ -54,11 +55,9 @@ def _runtime() -> str:
 
 
 def _cmd_make_checkpoint(args: argparse.Namespace) -> None:
-    import torch
-
     from .synthetic import make_checkpoint
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
+    dtype = torch_dtype(args.dtype)
     out = make_checkpoint(args.out, args.preset, seed=args.seed, dtype=dtype, overwrite=args.overwrite)
     print(f"wrote the {args.preset} checkpoint (seed {args.seed}) to {out}")
 
@@ -119,17 +118,13 @@ def _requests(args: argparse.Namespace) -> list[GenerationRequest]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
-    import torch
     from PIL.PngImagePlugin import PngInfo
     from tqdm import tqdm
 
     from .pipeline import GlmImage
 
     requests = _requests(args)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
-    pipe = GlmImage.from_pretrained(
-        args.model, device=args.device, dtype=dtype, attention_backend=args.attention_backend
-    )
+    pipe = GlmImage.from_pretrained(args.model, **runtime_kwargs(args))
     out = Path(args.output)
     total = sum(request.num_images for request in requests)
     written = 0
@@ -159,19 +154,6 @@ def _cmd_generate(args: argparse.Namespace) -> None:
             print(f"{path}  ({request.size}, seed {image_seed}; {timing})")
 
 
-def add_backend_argument(parser: argparse.ArgumentParser) -> None:
-    """``--attention-backend`` (shared by every command that loads the engine)."""
-    from .ops import CHOICES
-
-    parser.add_argument(
-        "--attention-backend",
-        choices=CHOICES,
-        default="auto",
-        help="ops backend: auto (triton on CUDA, npu on Ascend, else sdpa), sdpa (torch reference), "
-        "triton (our kernels), npu (torch_npu fused ops)",
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="glm-image", description="Local inference engine for GLM-Image.")
     parser.add_argument("--version", action="version", version=f"glm-image {__version__}")
@@ -193,11 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("-o", "--output", default="glm-image.png", help="output PNG (numbered when several)")
     gen.add_argument("--model", default="tiny", help="tiny | wide | a checkpoint folder | a Hugging Face id")
-    gen.add_argument("--device", help="cpu | cuda | npu (default: cuda when available)")
-    gen.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "float16"), help="default: float32 on cpu, else bfloat16"
-    )
-    add_backend_argument(gen)
+    add_runtime_arguments(gen)
     gen.set_defaults(func=_cmd_generate)
 
     info = sub.add_parser("info", help="show a checkpoint's components, sizes and dtypes")
@@ -222,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--seed", type=int, default=0)
     make.add_argument(
         "--dtype",
-        choices=("float32", "bfloat16", "float16"),
+        choices=DTYPE_NAMES,
         help="default: float32 for tiny, bfloat16 for wide",
     )
     make.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")

@@ -141,6 +141,8 @@ def test_cli_generate_writes_pngs_with_their_parameters(tiny_checkpoint, tmp_pat
         (["x" * 1001], "prompt: 1001 characters"),
         ([], "prompt: give a prompt, or --prompts"),
         (["--prompts", "/nonexistent.jsonl"], "--prompts /nonexistent.jsonl: cannot be read"),
+        (["p", "--attention-backend", "npu"], "attention_backend = 'npu' cannot run on cpu"),
+        (["p", "--device", "tpu"], "device = 'tpu' is not supported; allowed: cpu, cuda, npu"),
     ],
 )
 def test_cli_bad_input_exits_2_naming_the_field(tiny_checkpoint, tmp_path, args, message, cli):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 
 from ..errors import GlmImageError
+from ..options import add_runtime_arguments
 from ..request import parse_size
 
 __all__ = ["add_parser"]
@@ -39,14 +40,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default="tiny", help="tiny | wide | a checkpoint folder | a Hugging Face id"
     )
-    parser.add_argument(
-        "--device", help="cpu | cuda | npu (default: the GPU or NPU if there is one, else cpu)"
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16", "float16"),
-        help="default: bfloat16 on a GPU, float32 on cpu",
-    )
+    add_runtime_arguments(parser)
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every generation (default 0)")
     parser.add_argument(
@@ -132,6 +126,7 @@ def _run_speed(args: argparse.Namespace) -> None:
         seed=args.seed,
         device=args.device,
         dtype=args.dtype,
+        attention_backend=args.attention_backend,
         max_ar_tokens=args.max_ar_tokens,
     )
     options.check()  # bad options, a missing device or matplotlib fail now, not after loading models
@@ -177,6 +172,7 @@ def _run_quality(args: argparse.Namespace) -> None:
         seed=args.seed,
         device=args.device,
         dtype=args.dtype,
+        attention_backend=args.attention_backend,
         compare_reference=args.compare_reference,
         save_images=args.save_images,
     )

@@ -89,11 +89,19 @@ def _module_bytes(*modules: torch.nn.Module) -> int:
 class OursRunner:
     name = "ours"
 
-    def __init__(self, model: str | Path, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        model: str | Path,
+        device: torch.device,
+        dtype: torch.dtype,
+        attention_backend: str | None = None,
+    ) -> None:
         from ..pipeline import GlmImage
 
         self.device = device
-        self.pipe = GlmImage.from_pretrained(model, device=device, dtype=dtype)
+        self.pipe = GlmImage.from_pretrained(
+            model, device=device, dtype=dtype, attention_backend=attention_backend
+        )
 
     @property
     def weight_bytes(self) -> int:

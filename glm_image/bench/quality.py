@@ -36,6 +36,7 @@ class QualityOptions:
     seed: int = 0
     device: str | None = None
     dtype: str | None = None
+    attention_backend: str | None = None
     compare_reference: bool = False
     save_images: str | None = None
 
@@ -73,7 +74,7 @@ def run_quality(options: QualityOptions, progress=None) -> dict[str, Any]:
     device, dtype = resolve_device(options.device, options.dtype)
     root = resolve_checkpoint(options.model)
     width, height = options.size
-    ours = OursRunner(root, device, dtype)
+    ours = OursRunner(root, device, dtype, options.attention_backend)
     ours.pipe.validate([item.prompt for item in items], height, width, options.steps, 1.5, 1)
     swap = device.type != "cpu" and options.compare_reference
     runners: list = [ours]

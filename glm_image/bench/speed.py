@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import GlmImageError
+from ..options import torch_dtype
 from .engines import OursRunner, ReferenceRunner, StageTimes, on_device
 from .memory import PeakMemory
 from .report import build_report, device_name, markdown_table, median
@@ -47,6 +48,7 @@ class SpeedOptions:
     seed: int = 0
     device: str | None = None
     dtype: str | None = None
+    attention_backend: str | None = None
     max_ar_tokens: int | None = None
 
     def check(self) -> None:
@@ -73,7 +75,7 @@ def resolve_device(device: str | None, dtype: str | None) -> tuple[torch.device,
     dev = resolve(device)
     if dtype is None:
         return dev, default_dtype(dev)
-    return dev, {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return dev, torch_dtype(dtype)
 
 
 def run_speed(options: SpeedOptions, progress=None) -> dict[str, Any]:
@@ -83,7 +85,7 @@ def run_speed(options: SpeedOptions, progress=None) -> dict[str, Any]:
     options.check()
     device, dtype = resolve_device(options.device, options.dtype)
     root = resolve_checkpoint(options.model)
-    ours = OursRunner(root, device, dtype)
+    ours = OursRunner(root, device, dtype, options.attention_backend)
     for width, height in options.sizes:  # a bad size fails now, not after the first case
         ours.pipe.validate([options.prompt], height, width, options.steps, 1.5, max(options.batches))
     swap = device.type != "cpu" and options.compare_reference

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from ..errors import GlmImageError
+from ..options import add_runtime_arguments, runtime_kwargs
 
 __all__ = ["add_parser", "settings_from_args"]
 
@@ -25,10 +26,7 @@ def add_parser(sub) -> None:
     serve.add_argument(
         "--model", default="tiny", help="tiny | wide | a checkpoint folder | a Hugging Face id"
     )
-    serve.add_argument("--device", help="cpu | cuda | npu (default: cuda when available)")
-    serve.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "float16"), help="default: float32 on cpu, else bfloat16"
-    )
+    add_runtime_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument(
@@ -107,14 +105,12 @@ def _run(args: argparse.Namespace) -> None:
         from .files import FileStore
     except ImportError as e:
         raise GlmImageError(f'serve: {e.name} is not installed; pip install "glm-image[serve]"') from None
-    import torch
 
     from ..pipeline import GlmImage
 
     settings = settings_from_args(args)
     FileStore(settings.output_dir)  # a bad --output-dir fails now, not after the model loads
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
-    pipe = GlmImage.from_pretrained(args.model, device=args.device, dtype=dtype)
+    pipe = GlmImage.from_pretrained(args.model, **runtime_kwargs(args))
     app = create_app(pipe, settings)
     for name in ("glm_image.server", "uvicorn.error"):
         logging.getLogger(name).setLevel(logging.INFO)

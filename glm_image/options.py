@@ -1,0 +1,51 @@
+"""The runtime options every command that loads the engine shares: device, dtype, ops backend.
+
+One definition for ``glm-image generate``, ``serve`` and ``bench``, so the flags, their help and
+their defaults cannot drift apart. Importing this module does not import torch (the CLI starts
+fast; ``info`` and ``--help`` never load it).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["DTYPE_NAMES", "add_runtime_arguments", "runtime_kwargs", "torch_dtype"]
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+BACKEND_NAMES = ("auto", "sdpa", "triton", "npu")  # glm_image.ops.CHOICES, without importing torch
+
+
+def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--device``, ``--dtype`` and ``--attention-backend``."""
+    parser.add_argument(
+        "--device",
+        help="cpu | cuda | npu (default: GLM_IMAGE_DEVICE if set, else CUDA, else an Ascend NPU, else cpu)",
+    )
+    parser.add_argument(
+        "--dtype", choices=DTYPE_NAMES, help="default: float32 on cpu, bfloat16 on a GPU or NPU"
+    )
+    parser.add_argument(
+        "--attention-backend",
+        choices=BACKEND_NAMES,
+        default="auto",
+        help="ops backend: auto (triton on CUDA, npu on Ascend, else sdpa), sdpa (torch reference), "
+        "triton (our kernels), npu (torch_npu fused ops)",
+    )
+
+
+def torch_dtype(name: str | None):
+    """'bfloat16' -> torch.bfloat16; None stays None (the device's default)."""
+    if name is None:
+        return None
+    import torch
+
+    return getattr(torch, name)
+
+
+def runtime_kwargs(args: argparse.Namespace) -> dict:
+    """The keyword arguments of ``GlmImage.from_pretrained`` these flags give."""
+    return {
+        "device": args.device,
+        "dtype": torch_dtype(args.dtype),
+        "attention_backend": args.attention_backend,
+    }
