@@ -130,11 +130,14 @@ def test_unsupported_calls_fall_back_with_their_reason(caplog):
     assert ops.fallbacks == [("decode_attention", reason)]
     assert sum(reason in r.getMessage() for r in caplog.records) == 1
 
-    # a float length tensor
+    # a float length tensor: the fallback does not read it back (no host sync); the mask, which
+    # by the contract hides every slot at or past the bound, decides alone
     q32, cache32 = _randn(1, 4, 1, 32, seed=3), _randn(1, 2, 10, 32, seed=4)
     length = torch.tensor(8.0, device=DEVICE)
-    out = ops.decode_attention(q32, cache32, cache32, visible, scale=0.2, length=length)
-    torch.testing.assert_close(out, ref.decode_attention(q32, cache32, cache32, visible, scale=0.2, length=8))
+    bounded = visible.clone()
+    bounded[:, 8:] = False
+    out = ops.decode_attention(q32, cache32, cache32, bounded, scale=0.2, length=length)
+    torch.testing.assert_close(out, ref.decode_attention(q32, cache32, cache32, bounded, scale=0.2, length=8))
 
     # float64, mixed dtypes, a strided last dim, shapes the kernels do not take
     x64 = _randn(3, 16, seed=5, dtype=torch.float64)

@@ -76,7 +76,7 @@ def _qk_norm_rope_kernel(
     r_ok = r < HALF
     # text tokens take cos = 1, sin = 0 (no rotation); their table loads are masked off
     p = s - text_len
-    t_ok = r_ok & (p >= 0)
+    t_ok = r_ok & ((r * 0 + p) >= 0)  # compared as a vector: 3.9's interpreter rejects a scalar here
     c1 = tl.load(cos_ptr + p * sc + r, mask=t_ok, other=1.0).to(tl.float32)[None, :]
     c2 = tl.load(cos_ptr + p * sc + HALF + r, mask=t_ok, other=1.0).to(tl.float32)[None, :]
     s1 = tl.load(sin_ptr + p * ss + r, mask=t_ok, other=0.0).to(tl.float32)[None, :]
