@@ -1,18 +1,18 @@
 """The runtime options every command that loads the engine shares: device, dtype, ops backend.
 
 One definition for ``glm-image generate``, ``serve`` and ``bench``, so the flags, their help and
-their defaults cannot drift apart. Importing this module does not import torch (the CLI starts
-fast; ``info`` and ``--help`` never load it).
+their defaults cannot drift apart.
 """
 
 from __future__ import annotations
 
 import argparse
 
+from .ops import CHOICES as BACKEND_NAMES
+
 __all__ = ["DTYPE_NAMES", "add_runtime_arguments", "runtime_kwargs", "torch_dtype"]
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
-BACKEND_NAMES = ("auto", "sdpa", "triton", "npu")  # glm_image.ops.CHOICES, without importing torch
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:

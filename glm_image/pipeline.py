@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import math
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from . import __version__
 from .engine import ArEngine, DitEngine
 from .errors import GlmImageError
 from .request import GenerationRequest
+from .sampling import image_seeds
 
 __all__ = ["GenerationOutput", "GlmImage", "SizeLimits"]
 
@@ -74,29 +74,16 @@ def _needs_offload(root: Path, device: torch.device, dtype: torch.dtype) -> bool
     return needed > 0.85 * free
 
 
-MAX_SEED = 2**63 - 1  # the generators take a signed 64-bit seed
-
-
 def _image_seeds(seed: int | Sequence[int] | None, count: int) -> tuple[int, ...]:
-    """One seed per image: ``seed, seed + 1, ...``; an explicit list; or random."""
-    if seed is None:
-        first = secrets.randbits(62)
-        return tuple(first + i for i in range(count))
+    """The API's ``seed``: an int (numbering the images), one int per image, or None."""
     if isinstance(seed, (list, tuple)):
         if len(seed) != count or not all(isinstance(s, int) and not isinstance(s, bool) for s in seed):
             raise GlmImageError(
                 f"seed: got {len(seed)} seeds for {count} images; allowed: one integer per image"
             )
-        seeds = tuple(seed)
-    elif isinstance(seed, bool) or not isinstance(seed, int):
+    elif seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise GlmImageError(f"seed = {seed!r}; allowed: an integer, one integer per image, or none")
-    else:
-        seeds = tuple(seed + i for i in range(count))
-    if not all(0 <= s <= MAX_SEED for s in seeds):
-        raise GlmImageError(
-            f"seed = {seed!r}; allowed: 0..{MAX_SEED} for every image (image i uses seed + i)"
-        )
-    return seeds
+    return image_seeds(seed, count, field="seed")
 
 
 class GlmImage:

@@ -16,7 +16,6 @@ the reference exactly, including its failures (for parity tests).
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from ..errors import GlmImageError
 from ..models.ar import ArModel, KVCache, rotary_tables
 from ..models.vision import VisionEncoder
 from ..ops import Ops, select_ops
-from ..sampling import SamplingParams
+from ..sampling import SamplingParams, image_seeds
 from ..weights import load_model
 from .decode import DecodeLoop, NoiseStream, TokenPicker
 from .protocol import GridSpec, decode_positions, prompt_positions, upsample_grid
@@ -73,17 +72,6 @@ class _Batch:
         )
 
 
-def _seeds(seeds: int | Sequence[int] | None, count: int) -> tuple[int, ...]:
-    if seeds is None:
-        return tuple(secrets.randbits(63) for _ in range(count))
-    if isinstance(seeds, int):
-        return tuple(seeds + i for i in range(count))
-    seeds = tuple(int(s) for s in seeds)
-    if len(seeds) != count:
-        raise GlmImageError(f"seeds: got {len(seeds)}, need one per image ({count}) or a single int")
-    return seeds
-
-
 def _ops(backend: str | Ops | None, device: torch.device, stage: str) -> Ops:
     return backend if isinstance(backend, Ops) else select_ops(backend, device, stage=stage)
 
@@ -116,6 +104,10 @@ class ArEngine:
         self.decode_mode = "auto"
         # CPU, small decoders: draw the sampling noise on a worker thread (see _reserve_a_core)
         self.noise_prefetch = True
+        table = model.embed_tokens.weight  # a step reads one row of it, every other weight whole
+        self._step_weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - (
+            table.numel() * table.element_size()
+        )
 
     @classmethod
     def from_pretrained(
@@ -290,7 +282,7 @@ class ArEngine:
             batch = batch.repeat_rows(num_images_per_prompt)
             if conditions is not None:
                 conditions = [c for c in conditions for _ in range(num_images_per_prompt)]
-        seeds = _seeds(seeds, batch.input_ids.shape[0])
+        seeds = image_seeds(seeds, batch.input_ids.shape[0])
         generators = [torch.Generator(self.device).manual_seed(s) for s in seeds]
         steps = spec.num_tokens + (1 if include_eos else 0)
         if max_new_tokens is not None:
@@ -438,6 +430,4 @@ class ArEngine:
         """Draw the noise on a worker thread and decode on one core fewer (CPU, small models)."""
         if self.device.type != "cpu" or not self.noise_prefetch or torch.get_num_threads() < 2:
             return False
-        weights = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        table = self.model.embed_tokens.weight
-        return weights - table.numel() * table.element_size() <= self.SMALL_DECODER_BYTES
+        return self._step_weight_bytes <= self.SMALL_DECODER_BYTES

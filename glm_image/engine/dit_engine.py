@@ -17,7 +17,6 @@ reference's batch.
 from __future__ import annotations
 
 import dataclasses
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ from ..errors import GlmImageError
 from ..models.dit import CacheMode, ConditionKVCache, DitModel, image_rotary_tables
 from ..models.glyph import GlyphEncoder
 from ..ops import Ops
-from ..sampling import euler_step, flow_schedule, guidance, image_seq_len
+from ..sampling import euler_step, flow_schedule, guidance, image_seeds, image_seq_len
 from ..weights import load_model
 from .ar_engine import _ops
 from .protocol import upsample_grid
@@ -133,12 +132,7 @@ class DitEngine:
         return prior.shape[0] // len(prompts)
 
     def _noise(self, batch: int, height: int, width: int, seeds) -> torch.Tensor:
-        if seeds is None:
-            seeds = [secrets.randbits(63) for _ in range(batch)]
-        elif isinstance(seeds, int):
-            seeds = [seeds + i for i in range(batch)]
-        if len(seeds) != batch:
-            raise GlmImageError(f"seeds: got {len(seeds)}, need one per image ({batch}) or a single int")
+        seeds = image_seeds(seeds, batch)
         scale = self.config.vae.scale_factor
         shape = (1, self.config.dit.in_channels, height // scale, width // scale)
         noise = [

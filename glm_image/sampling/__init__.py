@@ -1,6 +1,7 @@
 """Pure sampling functions: AR token sampling and the DiT's flow-matching schedule."""
 
 from .flow import FlowSchedule, euler_step, flow_schedule, guidance, image_seq_len, resolution_shift
+from .seeds import MAX_SEED, image_seeds
 from .tokens import (
     SamplingParams,
     apply_filters,
@@ -13,6 +14,7 @@ from .tokens import (
 )
 
 __all__ = [
+    "MAX_SEED",
     "FlowSchedule",
     "SamplingParams",
     "apply_filters",
@@ -23,6 +25,7 @@ __all__ = [
     "flow_schedule",
     "greedy",
     "guidance",
+    "image_seeds",
     "image_seq_len",
     "resolution_shift",
     "top_k_filter",

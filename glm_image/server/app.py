@@ -27,6 +27,7 @@ from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, R
 from .. import __version__
 from ..errors import GlmImageError
 from ..request import GenerationRequest, parse_size
+from ..sampling import MAX_SEED  # torch generators take a signed 64-bit seed
 from .errors import ApiError, error_response, style_for
 from .files import FileStore, encode_png
 from .jobs import ClientGone, EngineQueue
@@ -52,7 +53,6 @@ SCHEMAS: dict[str, type[BaseModel]] = {
 # ids are the capability, like the hosted service's download URLs).
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
 MAX_IMAGES = 16  # condition images per edit
-MAX_SEED = 2**63 - 1  # torch generators take a signed 64-bit seed
 # The pipeline's own names in its messages -> the API field a client sent.
 FIELD_OF = {
     "height": "size",
