@@ -7,7 +7,6 @@
 # For a machine without internet where the project is not installed: wheels of the missing
 # packages in .whl/ are installed into a private folder first, and the project runs from the
 # checkout (PYTHONPATH), so nothing is built or downloaded. Logs and JSON go to OUT_DIR.
-# Written without a GPU at hand: the first session lent one should run it and fix what it finds.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-results/gpu}
@@ -43,11 +42,13 @@ case ",$stages," in *,kernels,*)
     run kernels python3 benchmarks/bench_kernels.py --out "$out/bench_kernels.json" ;;
 esac
 case ",$stages," in *,ar,*)
-    run ar python3 benchmarks/bench_ar.py --presets tiny,wide --size 1024x1024 --wide-tokens 256 \
-        --device cuda --dtype bfloat16 --out "$out/bench_ar.json" ;;
+    run ar-tiny python3 -m glm_image.cli bench ar --model tiny --size 1024x1024 --device cuda \
+        --dtype bfloat16 --out "$out/bench_ar_tiny.json"
+    run ar-wide python3 -m glm_image.cli bench ar --model wide --size 1024x1024 --max-tokens 256 \
+        --device cuda --dtype bfloat16 --out "$out/bench_ar_wide.json" ;;
 esac
 case ",$stages," in *,dit,*)
-    run dit python3 benchmarks/bench_dit.py --presets wide --size 1024x1024 --device cuda \
+    run dit python3 -m glm_image.cli bench dit --model wide --size 1024x1024 --device cuda \
         --dtype bfloat16 --out "$out/bench_dit.json" ;;
 esac
 case ",$stages," in *,speed,*)

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .bench.cli import add_parser as add_bench_parser
 from .errors import GlmImageError
 from .options import DTYPE_NAMES, add_runtime_arguments, runtime_kwargs, torch_dtype

@@ -15,7 +15,7 @@ import logging
 import os
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
 from .errors import CheckpointError
 
 __all__ = ["SYNTHETIC_MODELS", "cache_root", "resolve_checkpoint"]

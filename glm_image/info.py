@@ -130,4 +130,11 @@ def format_checkpoint(config: CheckpointConfig, infos: list[ComponentInfo]) -> s
         f"DiT flow-match, {config.scheduler.num_train_timesteps} train steps, dynamic shift "
         f"{config.scheduler.use_dynamic_shifting}",
     ]
+    unknown = config.unknown_keys()
+    if unknown:
+        lines += [
+            "",
+            "Config keys this engine does not know (not read; a newer checkpoint may need a newer engine):",
+        ]
+        lines += [f"  {source}: {key}" for source, key in unknown]
     return "\n".join(lines)

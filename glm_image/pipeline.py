@@ -10,45 +10,23 @@ noise alike, so a seed gives the image diffusers' ``GlmImagePipeline`` gives wit
 from __future__ import annotations
 
 import logging
-import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .engine import ArEngine, DitEngine
 from .errors import GlmImageError
+from .progress import Progress
 from .request import GenerationRequest
-from .sampling import image_seeds
+from .validation import check_generation, load_condition_images, request_seeds
 
-__all__ = ["GenerationOutput", "GlmImage", "SizeLimits"]
+__all__ = ["GenerationOutput", "GlmImage"]
 
 log = logging.getLogger(__name__)
-
-MAX_PROMPT_CHARS = 1000
-
-# stage name -> (done, total), called as work progresses
-Progress = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class SizeLimits:
-    """Allowed image sides: ``minimum``..``maximum`` pixels, multiples of ``multiple``."""
-
-    minimum: int
-    maximum: int
-    multiple: int
-
-    def check(self, name: str, value: object) -> None:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise GlmImageError(f"{name} = {value!r} must be an integer number of pixels")
-        if not self.minimum <= value <= self.maximum or value % self.multiple:
-            raise GlmImageError(
-                f"{name} = {value} is not allowed; allowed: {self.minimum}..{self.maximum} in multiples of {self.multiple}"
-            )
 
 
 @dataclass(frozen=True)
@@ -74,18 +52,6 @@ def _needs_offload(root: Path, device: torch.device, dtype: torch.dtype) -> bool
     return needed > 0.85 * free
 
 
-def _image_seeds(seed: int | Sequence[int] | None, count: int) -> tuple[int, ...]:
-    """The API's ``seed``: an int (numbering the images), one int per image, or None."""
-    if isinstance(seed, (list, tuple)):
-        if len(seed) != count or not all(isinstance(s, int) and not isinstance(s, bool) for s in seed):
-            raise GlmImageError(
-                f"seed: got {len(seed)} seeds for {count} images; allowed: one integer per image"
-            )
-    elif seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise GlmImageError(f"seed = {seed!r}; allowed: an integer, one integer per image, or none")
-    return image_seeds(seed, count, field="seed")
-
-
 class GlmImage:
     def __init__(
         self, ar: ArEngine, dit: DitEngine, name: str, *, offload_to: str | torch.device | None = None
@@ -95,18 +61,7 @@ class GlmImage:
         self.ar, self.dit, self.name = ar, dit, name
         self.device = ar.device
         self.offload_to = torch.device(offload_to) if offload_to is not None else None
-        config = ar.config
-        multiple = config.image_grid_factor
-        processor = config.image_processor
-
-        def side(pixels: int, rounding) -> int:
-            return int(rounding(math.sqrt(pixels) / multiple)) * multiple
-
-        # The released processor's pixel budget (512^2 .. 2048^2) is the service's 512..2048 rule;
-        # a smaller preset states its own budget in its config.
-        self.limits = SizeLimits(
-            side(processor.min_pixels, math.ceil), side(processor.max_pixels, math.floor), multiple
-        )
+        self.limits = ar.config.size_limits
 
     @property
     def attention_backend(self) -> str:
@@ -166,24 +121,9 @@ class GlmImage:
         num_images_per_prompt: int,
     ) -> None:
         """Raise ``GlmImageError`` naming the first field that is not allowed."""
-        if not prompts:
-            raise GlmImageError("prompt: need at least one prompt")
-        for i, prompt in enumerate(prompts):
-            where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise GlmImageError(f"{where}: must be a non-empty string")
-            if len(prompt) > MAX_PROMPT_CHARS:
-                raise GlmImageError(f"{where}: {len(prompt)} characters; allowed: at most {MAX_PROMPT_CHARS}")
-        self.limits.check("height", height)
-        self.limits.check("width", width)
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise GlmImageError(f"num_inference_steps = {num_inference_steps!r}; allowed: an integer >= 1")
-        if not isinstance(guidance_scale, (int, float)) or not guidance_scale >= 1:
-            raise GlmImageError(f"guidance_scale = {guidance_scale!r}; allowed: a number >= 1")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise GlmImageError(
-                f"num_images_per_prompt = {num_images_per_prompt!r}; allowed: an integer >= 1"
-            )
+        check_generation(
+            self.limits, prompts, height, width, num_inference_steps, guidance_scale, num_images_per_prompt
+        )
 
     def generate(
         self,
@@ -204,9 +144,9 @@ class GlmImage:
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         self.validate(prompts, height, width, num_inference_steps, guidance_scale, num_images_per_prompt)
-        condition_images = self._condition_images(images, len(prompts))
+        condition_images = load_condition_images(images, len(prompts), self.limits)
         count = len(prompts) * num_images_per_prompt
-        seeds = _image_seeds(seed, count)
+        seeds = request_seeds(seed, count)
         timings: dict[str, float] = {}
 
         start = time.perf_counter()
@@ -217,7 +157,7 @@ class GlmImage:
             width,
             seeds=seeds,
             num_images_per_prompt=num_images_per_prompt,
-            progress=(lambda done, total: progress("ar", done, total)) if progress else None,
+            progress=progress,
             images=condition_images,
         )
         prior = result.prior_tokens  # never None: the grid is constrained to image codes
@@ -264,9 +204,9 @@ class GlmImage:
             request.guidance,
             request.num_images,
         )
-        _image_seeds(request.seed, request.num_images)
+        request_seeds(request.seed, request.num_images)
         if request.images:
-            self._condition_images(list(request.images), 1)
+            load_condition_images(list(request.images), 1, self.limits)
 
     def run(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationOutput:
         """Carry out one request."""
@@ -304,7 +244,7 @@ class GlmImage:
         first = requests[0]
         prompts, seeds = [], []
         for request in requests:
-            own = _image_seeds(request.seed, request.num_images)
+            own = request_seeds(request.seed, request.num_images)
             prompts += [request.prompt] * request.num_images
             seeds += own
         out = self.generate(
@@ -336,47 +276,6 @@ class GlmImage:
         if self.offload_to is not None:
             waiting.to(self.offload_to)
             running.to(self.device)
-
-    def _condition_images(self, images, prompts: int) -> list[list] | None:
-        """Normalise ``images`` to one list of RGB PIL images per prompt, checking each one.
-
-        One prompt may take a flat list (or a single image); several prompts take one list each,
-        all of the same length (as the reference requires). Paths are opened.
-        """
-        from PIL import Image
-
-        if images is None or (isinstance(images, (list, tuple)) and len(images) == 0):
-            return None
-        if isinstance(images, (str, Path, Image.Image)):
-            images = [images]
-        nested = all(isinstance(item, (list, tuple)) for item in images)
-        if not nested:
-            if prompts != 1:
-                raise GlmImageError(f"images: with {prompts} prompts, give one list of images per prompt")
-            images = [images]
-        if len(images) != prompts:
-            raise GlmImageError(f"images: {len(images)} lists for {prompts} prompts; need one per prompt")
-        if len({len(group) for group in images}) != 1 or not images[0]:
-            raise GlmImageError("images: every prompt needs the same number (>= 1) of condition images")
-        out = []
-        for i, group in enumerate(images):
-            converted = []
-            for j, item in enumerate(group):
-                where = f"images[{i}][{j}]" if prompts > 1 else f"images[{j}]"
-                try:
-                    image = item if isinstance(item, Image.Image) else Image.open(item)
-                    image = image.convert("RGB")
-                except (OSError, ValueError, TypeError) as e:
-                    raise GlmImageError(f"{where}: not a readable image ({e})") from None
-                self.limits.check(f"{where} height", image.height)
-                self.limits.check(f"{where} width", image.width)
-                if max(image.size) > 4 * min(image.size):
-                    raise GlmImageError(
-                        f"{where}: aspect ratio {image.width}x{image.height}; allowed: at most 4:1"
-                    )
-                converted.append(image)
-            out.append(converted)
-        return out
 
     def png_info(
         self, prompt: str, seed: int, height: int, width: int, steps: int, guidance: float

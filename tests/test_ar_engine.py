@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ar_helpers import prompt_logits
 
 from glm_image.engine import ArEngine
 from glm_image.errors import GlmImageError
@@ -22,7 +23,7 @@ def test_prefill_logits_match(engine, reference_pipeline, height, width):
     inputs = engine.processor_inputs(PROMPT, height, width)
     with torch.no_grad():
         expected = reference_pipeline.vision_language_encoder(**inputs).logits
-    logits, valid = engine.prompt_logits(PROMPT, height, width)
+    logits, valid = prompt_logits(engine, PROMPT, height, width)
     assert valid.all() and logits.shape == expected.shape
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-5)
 
@@ -34,7 +35,7 @@ def test_greedy_protocol_and_decode_logits_match_generate(engine, reference_pipe
         PROMPT,
         height,
         width,
-        greedy_decoding=True,
+        greedy=True,
         constrain_grid=False,
         include_eos=True,
         return_logits=True,
@@ -83,9 +84,9 @@ def test_batched_equals_one_by_one(engine):
     assert torch.equal(batched, torch.cat(single))
     assert not torch.equal(batched[0], batched[1]), "each image of a prompt has its own seed"
 
-    greedy = engine.generate(prompts, 384, 640, greedy_decoding=True).tokens
+    greedy = engine.generate(prompts, 384, 640, greedy=True).tokens
     for i, prompt in enumerate(prompts):
-        assert torch.equal(greedy[i], engine.generate(prompt, 384, 640, greedy_decoding=True).tokens[0])
+        assert torch.equal(greedy[i], engine.generate(prompt, 384, 640, greedy=True).tokens[0])
 
 
 def test_a_single_int_seed_numbers_the_images(engine):
@@ -106,7 +107,7 @@ def test_constrained_grid_never_writes_a_special_token(engine, monkeypatch):
 
     monkeypatch.setattr(engine.model, "logits", eos_loving)
     for greedy in (False, True):
-        tokens = engine.generate(PROMPT, 512, 512, seeds=[1], greedy_decoding=greedy).tokens
+        tokens = engine.generate(PROMPT, 512, 512, seeds=[1], greedy=greedy).tokens
         assert (tokens < engine.config.ar.vq.num_embeddings).all()
     unconstrained = engine.generate(PROMPT, 512, 512, seeds=[1], constrain_grid=False)
     assert unconstrained.tokens[0, 0] == eos and unconstrained.prior_tokens is None
@@ -117,8 +118,9 @@ def test_constrained_grid_never_writes_a_special_token(engine, monkeypatch):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"height": 500}, "height = 500 must be a positive multiple of 32"),
-        ({"width": 0}, "width = 0 must be a positive multiple of 32"),
+        ({"height": 500}, "height = 500 is not allowed; allowed: 64..1024 in multiples of 32"),
+        ({"width": 0}, "width = 0 is not allowed; allowed: 64..1024 in multiples of 32"),
+        ({"height": 1056}, "height = 1056 is not allowed; allowed: 64..1024"),
         ({"seeds": [1, 2]}, "seeds: got 2, need one per image"),
         ({"prompts": []}, "need at least one prompt"),
         ({"num_images_per_prompt": 0}, "num_images_per_prompt = 0"),
@@ -168,7 +170,7 @@ def test_bfloat16_prefill_is_close_to_the_reference_in_bfloat16(tiny_checkpoint)
     inputs = engine.processor_inputs(prompt, height, width)
     with torch.no_grad():
         expected = reference(**inputs).logits.float()
-    logits, _ = engine.prompt_logits(prompt, height, width)
+    logits, _ = prompt_logits(engine, prompt, height, width)
     assert engine.model.lm_head.weight.dtype == torch.bfloat16
     torch.testing.assert_close(logits, expected, rtol=0, atol=2e-2)
     assert engine.generate_prior_tokens(prompt, height, width, seeds=[0]).shape == (1, 32 * 48)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from glm_image.engine.protocol import decode_positions, grid_spec, prompt_positions, upsample_grid
+from glm_image.engine.protocol import GridSpec, decode_positions, prompt_positions, upsample_grid
 
 SIZES = [
     (512, 512),
@@ -19,21 +19,28 @@ SIZES = [
 ]
 
 
-@pytest.mark.parametrize(("height", "width"), SIZES)
-def test_grids_match_the_processor(height, width):
+def processor_spec(height: int, width: int, *, with_preview: bool = True) -> GridSpec:
+    """The grids the reference processor asks for at this size (what the engine reads from it)."""
     from transformers import GlmImageProcessor
 
     rows, cols, p_rows, p_cols = GlmImageProcessor._get_target_shape(None, height, width)
-    spec = grid_spec(height, width)
-    assert spec.target == (rows, cols) and spec.preview == (p_rows, p_cols)
+    return GridSpec((rows, cols), (p_rows, p_cols) if with_preview else None)
+
+
+@pytest.mark.parametrize(("height", "width"), SIZES)
+def test_grid_counts_and_order(height, width):
+    spec = processor_spec(height, width)
+    (rows, cols), (p_rows, p_cols) = spec.target, spec.preview
+    assert spec.generated == [(p_rows, p_cols), (rows, cols)]  # the preview is written first
     assert spec.num_tokens == rows * cols + p_rows * p_cols
-    assert grid_spec(height, width, with_preview=False).num_tokens == rows * cols
+    assert spec.target_offset == p_rows * p_cols
+    assert processor_spec(height, width, with_preview=False).num_tokens == rows * cols
 
 
 def test_token_counts_of_the_design_notes():
-    assert grid_spec(512, 512).num_tokens + 1 == 513
-    assert grid_spec(1024, 1024).num_tokens + 1 == 1281
-    assert grid_spec(2048, 2048).num_tokens + 1 == 4353
+    assert processor_spec(512, 512).num_tokens + 1 == 513
+    assert processor_spec(1024, 1024).num_tokens + 1 == 1281
+    assert processor_spec(2048, 2048).num_tokens + 1 == 4353
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +61,7 @@ def test_text_to_image_positions_match_get_rope_index(reference_model):
     ref_decode = reference_model.model._cached_decode_position_ids[0]
 
     pos, offset = prompt_positions(ids, image_start_id=16384, image_end_id=16385)
-    spec = grid_spec(24 * 32, 16 * 32)
+    spec = GridSpec((24, 16), (19, 13))
     assert torch.equal(pos, ref_pos[:, 0])
     assert torch.equal(decode_positions(offset, spec), ref_decode)
 
@@ -72,7 +79,7 @@ def test_positions_with_condition_images_match_get_rope_index(reference_model):
 
     pos, offset = prompt_positions(ids, [(3, 4), (2, 2)], image_start_id=16384, image_end_id=16385)
     assert torch.equal(pos, ref_pos[:, 0])
-    assert torch.equal(decode_positions(offset, grid_spec(640, 384, with_preview=False)), ref_decode)
+    assert torch.equal(decode_positions(offset, GridSpec((20, 12), None)), ref_decode)
 
 
 def test_image_token_count_must_match_its_grid():

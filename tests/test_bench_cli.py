@@ -1,4 +1,4 @@
-"""`glm-image bench speed|quality` end to end on the tiny model, and the benchmark scripts.
+"""`glm-image bench speed|quality|ar|dit` end to end on the tiny model.
 
 Numbers are never asserted (timings on a shared CPU are noise); the report layout, the token
 counts and what each engine ran are.
@@ -6,7 +6,6 @@ counts and what each engine ran are.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -15,7 +14,6 @@ import pytest
 
 from glm_image.cli import main
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 ENGINE_KEYS = {
     "seconds",
     "ar_tokens",
@@ -208,32 +206,15 @@ def test_quality_without_an_ocr_package_names_the_extra(monkeypatch):
         RapidOcr()
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_ar_and_dit_micro_benchmarks_write_the_shared_layout(tiny_checkpoint, tmp_path, capsys):
-    ar = _script("bench_ar").main(
-        ["--presets", str(tiny_checkpoint), "--size", "64x64", "--repeats", "1", "--max-tokens", "8"]
-    )
+def test_bench_ar_and_dit_write_the_shared_layout(tiny_checkpoint, tmp_path, capsys):
+    common = ["--model", str(tiny_checkpoint), "--size", "64x64", "--repeats", "1", "--device", "cpu"]
+    assert main(["bench", "ar", *common, "--max-tokens", "8", "--out", str(tmp_path / "a.json")]) == 0
+    ar = json.loads((tmp_path / "a.json").read_text())
     _common_layout(ar, "ar_decode")
     assert ar["results"][0]["new_tokens"] == 8 and ar["results"][0]["weight_bytes_per_token"] > 0
-    dit = _script("bench_dit").main(
-        [
-            "--presets",
-            str(tiny_checkpoint),
-            "--size",
-            "64x64",
-            "--repeats",
-            "1",
-            "--out",
-            str(tmp_path / "d.json"),
-        ]
-    )
+    assert main(["bench", "dit", *common, "--out", str(tmp_path / "d.json")]) == 0
+    dit = json.loads((tmp_path / "d.json").read_text())
     _common_layout(dit, "dit_step")
-    assert json.loads((tmp_path / "d.json").read_text())["results"][0]["image_tokens"] == 16
+    assert dit["results"][0]["image_tokens"] == 16
     out = capsys.readouterr().out
-    assert "| preset | size | mode |" in out and "| preset | size | image tokens |" in out
+    assert "| model | size | mode |" in out and "| model | size | image tokens |" in out

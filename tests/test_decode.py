@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -81,10 +82,12 @@ def test_cuda_graph_decode_equals_eager(tiny_checkpoint, greedy):
     engine = ArEngine.from_pretrained(tiny_checkpoint, device="cuda", dtype=torch.float32)
     prompts = ["a sign that says 'OPEN'", "一张写着「欢迎」的海报"]
     results = {}
-    for graphs in (False, True):
-        engine.cuda_graphs = graphs
-        results[graphs] = engine.generate(prompts, 256, 384, seeds=[4, 9], greedy_decoding=greedy).tokens
-    assert torch.equal(results[True], results[False])
+    for step in ("eager", "graph"):
+        engine.decode_step = step
+        results[step] = engine.generate(prompts, 256, 384, seeds=[4, 9], greedy=greedy)
+    # "graph" raises if capture fails, and the result says a graph ran: no silent eager fallback
+    assert results["graph"].decode_step == "graph" and results["eager"].decode_step == "eager"
+    assert torch.equal(results["graph"].tokens, results["eager"].tokens)
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +104,12 @@ def test_the_graph_step_run_eagerly_equals_the_eager_loop(ar_engine, greedy, con
     """What a CUDA graph replays (device-side step counter, slot, rotary row, noise row, a
     tensor length bound) gives the eager loop's tokens, on any device."""
     prompts = ["a sign that says 'OPEN'", "一张写着「欢迎」的海报"]
-    call = {"seeds": [4, 9], "greedy_decoding": greedy, "constrain_grid": constrain, "max_new_tokens": 70}
-    eager = ar_engine.generate(prompts, 128, 192, **call).tokens
-    monkeypatch.setattr(ar_engine, "decode_mode", "static")
-    static = ar_engine.generate(prompts, 128, 192, **call).tokens
-    assert torch.equal(static, eager)
+    call = {"seeds": [4, 9], "greedy": greedy, "constrain_grid": constrain, "max_new_tokens": 70}
+    eager = ar_engine.generate(prompts, 128, 192, **call)
+    monkeypatch.setattr(ar_engine, "decode_step", "static")
+    static = ar_engine.generate(prompts, 128, 192, **call)
+    assert (eager.decode_step, static.decode_step) == ("eager", "static")
+    assert torch.equal(static.tokens, eager.tokens)
 
 
 def test_the_graph_step_through_the_triton_kernels(ar_engine, monkeypatch):
@@ -115,9 +119,74 @@ def test_the_graph_step_through_the_triton_kernels(ar_engine, monkeypatch):
         pytest.skip("covered on CUDA by test_cuda_graph_decode_equals_eager")
     from glm_image.ops.triton_ops import TritonOps
 
-    call = {"seeds": [2], "greedy_decoding": True, "max_new_tokens": 12}
+    call = {"seeds": [2], "greedy": True, "max_new_tokens": 12}
     eager = ar_engine.generate("'A'", 64, 64, **call).tokens
     monkeypatch.setattr(ar_engine.model, "ops", TritonOps(torch.device("cpu")))
-    monkeypatch.setattr(ar_engine, "decode_mode", "static")
+    monkeypatch.setattr(ar_engine, "decode_step", "static")
     assert torch.equal(ar_engine.generate("'A'", 64, 64, **call).tokens, eager)
     assert ar_engine.model.ops.fallbacks == []
+
+
+def test_a_required_graph_fails_loudly_where_none_exists(ar_engine, monkeypatch):
+    """decode_step='graph' never degrades silently: on a CPU (no graph API) it is an error."""
+    from glm_image.errors import GlmImageError
+
+    monkeypatch.setattr(ar_engine, "decode_step", "graph")
+    with pytest.raises(GlmImageError, match=r"decode_step = 'graph'.*cpu has no graph API"):
+        ar_engine.generate("'A'", 64, 64, seeds=[1], max_new_tokens=8)
+    monkeypatch.setattr(ar_engine, "decode_step", "auto")
+    assert ar_engine.generate("'A'", 64, 64, seeds=[1], max_new_tokens=8).decode_step == "eager"
+
+
+class _FailingCapture:
+    """A device namespace whose graph capture fails, as an unsupported op would on a GPU."""
+
+    class Stream:
+        def __init__(self, device):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+        def synchronize(self):
+            pass
+
+    class Graph:
+        pass
+
+    @staticmethod
+    def current_stream(device):
+        return _FailingCapture.Stream(device)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def stream(stream):
+        yield
+
+    @staticmethod
+    @contextlib.contextmanager
+    def graph(graph, stream=None):
+        raise RuntimeError("operation not permitted when stream is capturing")
+        yield
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_a_failed_capture_is_logged_and_changes_no_token(ar_engine, monkeypatch, caplog, greedy):
+    """The warm-up step before capture ran for real; after the failure the eager loop must still
+    give the eager tokens (the step counter and the noise are as if nothing happened)."""
+    from glm_image.engine import graphs
+    from glm_image.errors import GlmImageError
+
+    call = {"seeds": [3, 8], "greedy": greedy, "max_new_tokens": 40}
+    prompts = ["a sign that says 'OPEN'", "一张写着「欢迎」的海报"]
+    eager = ar_engine.generate(prompts, 64, 64, **call)
+    monkeypatch.setattr(torch, "fakegraphs", _FailingCapture, raising=False)
+    monkeypatch.setitem(graphs._GRAPH_APIS, "cpu", ("fakegraphs", "Graph"))
+    with caplog.at_level("WARNING", logger="glm_image.engine.ar_engine"):
+        fallen_back = ar_engine.generate(prompts, 64, 64, **call)
+    assert fallen_back.decode_step == "eager"
+    assert "decoding without a device graph: capture failed: operation not permitted" in caplog.text
+    assert torch.equal(fallen_back.tokens, eager.tokens)
+    monkeypatch.setattr(ar_engine, "decode_step", "graph")
+    with pytest.raises(GlmImageError, match="cannot be captured \\(capture failed"):
+        ar_engine.generate(prompts, 64, 64, **call)

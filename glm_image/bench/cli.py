@@ -1,7 +1,7 @@
-"""`glm-image bench speed|quality`: arguments here; the harness, the reference libraries, the OCR
-and matplotlib are imported only when a command runs.
+"""`glm-image bench speed|quality|ar|dit`: arguments here; the harness, the reference libraries, the
+OCR and matplotlib are imported only when a command runs.
 
-Both commands print a Markdown table and, with ``--out``, write the JSON report (the layout of
+Every command prints a Markdown table and, with ``--out``, writes the JSON report (the layout of
 ``glm_image.bench.report``, documented in benchmarks/README.md).
 """
 
@@ -36,11 +36,16 @@ def _ints(text: str) -> tuple[int, ...]:
         ) from None
 
 
-def _common(parser: argparse.ArgumentParser) -> None:
+def _model_and_runtime(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", default="tiny", help="tiny | wide | a checkpoint folder | a Hugging Face id"
     )
     add_runtime_arguments(parser)
+    parser.add_argument("--out", help="write the JSON report here")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    _model_and_runtime(parser)
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every generation (default 0)")
     parser.add_argument(
@@ -48,11 +53,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also run diffusers' GlmImagePipeline on the same weights",
     )
-    parser.add_argument("--out", help="write the JSON report here")
 
 
 def add_parser(sub) -> None:
-    bench = sub.add_parser("bench", help="speed against the reference; text-rendering quality")
+    bench = sub.add_parser(
+        "bench", help="speed against the reference (end to end or per stage); text-rendering quality"
+    )
     which = bench.add_subparsers(dest="bench_command", required=True)
 
     speed = which.add_parser(
@@ -102,6 +108,32 @@ def add_parser(sub) -> None:
     quality.add_argument("--save-images", metavar="DIR", help="also write every generated image here")
     quality.set_defaults(func=_run_quality)
 
+    ar = which.add_parser(
+        "ar",
+        help="AR decode tokens/s: ours vs transformers' generate on the same weights",
+        description="Time the AR stage alone: our engine against transformers' "
+        "GlmImageForConditionalGeneration.generate on the same checkpoint, alternating runs.",
+    )
+    _model_and_runtime(ar)
+    ar.add_argument("--size", type=_size, default=(512, 512), help="WIDTHxHEIGHT (default 512x512)")
+    ar.add_argument("--repeats", type=int, default=3, help="timed runs per engine; medians (default 3)")
+    ar.add_argument(
+        "--max-tokens", type=int, help="generate at most N tokens (default: the whole protocol at the size)"
+    )
+    ar.add_argument("--greedy", action="store_true", help="argmax instead of the checkpoint's sampling")
+    ar.set_defaults(func=_run_ar)
+
+    dit = which.add_parser(
+        "dit",
+        help="DiT seconds per CFG step: ours vs diffusers' transformer on the same weights",
+        description="Time one classifier-free-guidance denoising step: our batched forward against "
+        "diffusers' two transformer forwards, on the same inputs and checkpoint.",
+    )
+    _model_and_runtime(dit)
+    dit.add_argument("--size", type=_size, default=(512, 512), help="WIDTHxHEIGHT (default 512x512)")
+    dit.add_argument("--repeats", type=int, default=3, help="timed runs per engine; medians (default 3)")
+    dit.set_defaults(func=_run_dit)
+
 
 def _bar(total: int, what: str):
     from tqdm import tqdm
@@ -112,7 +144,8 @@ def _bar(total: int, what: str):
 
 def _run_speed(args: argparse.Namespace) -> None:
     from .report import save_report
-    from .speed import DEFAULT_PROMPT, SpeedOptions, format_speed, resolve_device, run_speed
+    from .runtime import resolve_runtime
+    from .speed import DEFAULT_PROMPT, SpeedOptions, format_speed, run_speed
 
     options = SpeedOptions(
         model=args.model,
@@ -130,7 +163,7 @@ def _run_speed(args: argparse.Namespace) -> None:
         max_ar_tokens=args.max_ar_tokens,
     )
     options.check()  # bad options, a missing device or matplotlib fail now, not after loading models
-    resolve_device(options.device, options.dtype)
+    resolve_runtime(options.device, options.dtype)
     if args.plot:
         from .plot import require_matplotlib
 
@@ -185,3 +218,53 @@ def _run_quality(args: argparse.Namespace) -> None:
     if args.out:
         save_report(report, args.out)
     print(format_quality(report))
+
+
+def _finish(report: dict, out: str | None, text: str) -> None:
+    from .report import save_report
+
+    if out:
+        save_report(report, out)
+    print(text)
+
+
+def _run_ar(args: argparse.Namespace) -> None:
+    from .ar import ArBenchOptions, format_ar, run_ar
+
+    options = ArBenchOptions(
+        model=args.model,
+        size=args.size,
+        repeats=args.repeats,
+        max_tokens=args.max_tokens,
+        greedy=args.greedy,
+        device=args.device,
+        dtype=args.dtype,
+        attention_backend=args.attention_backend,
+    )
+    options.check()
+    bar, progress = _bar(options.repeats, "bench ar")
+    try:
+        report = run_ar(options, progress)
+    finally:
+        bar.close()
+    _finish(report, args.out, format_ar(report))
+
+
+def _run_dit(args: argparse.Namespace) -> None:
+    from .dit import DitBenchOptions, format_dit, run_dit
+
+    options = DitBenchOptions(
+        model=args.model,
+        size=args.size,
+        repeats=args.repeats,
+        device=args.device,
+        dtype=args.dtype,
+        attention_backend=args.attention_backend,
+    )
+    options.check()
+    bar, progress = _bar(options.repeats, "bench dit")
+    try:
+        report = run_dit(options, progress)
+    finally:
+        bar.close()
+    _finish(report, args.out, format_dit(report))

@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..errors import GlmImageError
 from .metrics import CvtgScore, LongTextScore, cvtg_aggregate, cvtg_score, longtext_aggregate, longtext_score
 from .report import build_report, markdown_table
@@ -64,24 +62,19 @@ def _aggregate(samples: list[dict]) -> dict[str, Any]:
 
 
 def run_quality(options: QualityOptions, progress=None) -> dict[str, Any]:
-    from ..hub import resolve_checkpoint
-    from .engines import OursRunner, ReferenceRunner, on_device
+    from .engines import on_device
     from .ocr import RapidOcr
-    from .speed import resolve_device
+    from .runtime import load_runners
 
     items = load_suite(options.suite, options.limit)
     ocr = RapidOcr()  # before any model loads: a missing OCR package fails in a second
-    device, dtype = resolve_device(options.device, options.dtype)
-    root = resolve_checkpoint(options.model)
+    loaded = load_runners(
+        options.model, options.device, options.dtype, options.attention_backend, options.compare_reference
+    )
+    ours, runners, swap = loaded.ours, loaded.runners, loaded.swap
+    device, dtype, root = loaded.device, loaded.dtype, loaded.root
     width, height = options.size
-    ours = OursRunner(root, device, dtype, options.attention_backend)
     ours.pipe.validate([item.prompt for item in items], height, width, options.steps, 1.5, 1)
-    swap = device.type != "cpu" and options.compare_reference
-    runners: list = [ours]
-    if options.compare_reference:
-        if swap:
-            ours.park(torch.device("cpu"))
-        runners.append(ReferenceRunner(root, device, dtype, load_on=torch.device("cpu") if swap else device))
     out_dir = Path(options.save_images) if options.save_images else None
 
     samples = []

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..errors import GlmImageError
 from ..request import parse_size as _parse_size
 

@@ -21,11 +21,11 @@ from typing import Any
 import torch
 
 from ..errors import GlmImageError
-from ..options import torch_dtype
-from .engines import OursRunner, ReferenceRunner, StageTimes, on_device
+from .engines import StageTimes, on_device
 from .memory import PeakMemory
 from .report import build_report, device_name, markdown_table, median
 from .roofline import ar_weight_bytes_per_token, dit_flops_per_step, floor_fractions, fraction
+from .runtime import load_runners
 
 __all__ = ["SpeedOptions", "format_speed", "run_speed"]
 
@@ -67,33 +67,16 @@ class SpeedOptions:
             raise GlmImageError(f"--max-ar-tokens = {self.max_ar_tokens}; allowed: an integer >= 1")
 
 
-def resolve_device(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
-    """``glm_image.device``'s defaults: the detected accelerator in bfloat16, else cpu in float32."""
-    from ..device import default_dtype
-    from ..device import resolve_device as resolve
-
-    dev = resolve(device)
-    if dtype is None:
-        return dev, default_dtype(dev)
-    return dev, torch_dtype(dtype)
-
-
 def run_speed(options: SpeedOptions, progress=None) -> dict[str, Any]:
     """Measure every case; return the report (the shared layout of ``report``)."""
-    from ..hub import resolve_checkpoint
-
     options.check()
-    device, dtype = resolve_device(options.device, options.dtype)
-    root = resolve_checkpoint(options.model)
-    ours = OursRunner(root, device, dtype, options.attention_backend)
+    loaded = load_runners(
+        options.model, options.device, options.dtype, options.attention_backend, options.compare_reference
+    )
+    ours, runners, swap = loaded.ours, loaded.runners, loaded.swap
+    device, dtype, root = loaded.device, loaded.dtype, loaded.root
     for width, height in options.sizes:  # a bad size fails now, not after the first case
         ours.pipe.validate([options.prompt], height, width, options.steps, 1.5, max(options.batches))
-    swap = device.type != "cpu" and options.compare_reference
-    runners: list = [ours]
-    if options.compare_reference:
-        if swap:
-            ours.park(torch.device("cpu"))
-        runners.append(ReferenceRunner(root, device, dtype, load_on=torch.device("cpu") if swap else device))
 
     checkpoint = ours.pipe.dit.config
     patch = checkpoint.vae.scale_factor * checkpoint.dit.patch_size  # pixels per DiT image token

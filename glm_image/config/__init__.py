@@ -13,7 +13,7 @@ is lost and ``glm-image info`` can show it) but is never read by the engine.
 from __future__ import annotations
 
 from ._base import read_json
-from .checkpoint import PIPELINE_COMPONENTS, CheckpointConfig
+from .checkpoint import PIPELINE_COMPONENTS, CheckpointConfig, SizeLimits
 from .components import (
     ArConfig,
     ArTextConfig,
@@ -39,6 +39,7 @@ __all__ = [
     "ImageProcessorConfig",
     "PromptTokens",
     "SchedulerConfig",
+    "SizeLimits",
     "VaeConfig",
     "VisionConfig",
     "VqConfig",

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import CheckpointError, ConfigError
-from ._base import read_json
+from ..errors import CheckpointError, ConfigError, GlmImageError
+from ._base import _Config, read_json
 from .components import (
     ArConfig,
     DitConfig,
@@ -50,6 +52,30 @@ def _processor_image_config(folder: Path) -> ImageProcessorConfig:
         if isinstance(data, Mapping):
             return ImageProcessorConfig.from_dict(data, f"{nested} [image_processor]")
     raise CheckpointError(f"missing config file: {direct} (or an 'image_processor' section in {nested})")
+
+
+@dataclass(frozen=True)
+class SizeLimits:
+    """Allowed image sides: ``minimum``..``maximum`` pixels, multiples of ``multiple``.
+
+    The one size check of the engine: the API, the CLI, the server and both engines use it.
+    """
+
+    minimum: int
+    maximum: int
+    multiple: int
+
+    def check(self, name: str, value: object) -> None:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise GlmImageError(f"{name} = {value!r} must be an integer number of pixels")
+        if not self.minimum <= value <= self.maximum or value % self.multiple:
+            raise GlmImageError(
+                f"{name} = {value} is not allowed; allowed: {self.minimum}..{self.maximum} in multiples of {self.multiple}"
+            )
+
+    def check_size(self, height: object, width: object) -> None:
+        self.check("height", height)
+        self.check("width", width)
 
 
 @dataclass(frozen=True)
@@ -139,3 +165,34 @@ class CheckpointConfig:
     def image_grid_factor(self) -> int:
         """Pixels per AR token along each side: VAE x8 times DiT patch 2, times the x2 upsampling."""
         return self.vae.scale_factor * self.dit.patch_size * 2
+
+    def unknown_keys(self) -> list[tuple[str, str]]:
+        """(file, key) of every config key this engine does not know and so never reads: a newer
+        checkpoint may carry settings that matter; ``glm-image info`` shows them."""
+        found: list[tuple[str, str]] = []
+
+        def walk(config: _Config) -> None:
+            found.extend((config.source, key) for key in sorted(config.unknown))
+            for f in dataclasses.fields(config):
+                value = getattr(config, f.name)
+                if isinstance(value, _Config):
+                    walk(value)
+
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, _Config):
+                walk(value)
+        return found
+
+    @property
+    def size_limits(self) -> SizeLimits:
+        """Image sides this checkpoint takes: the processor's pixel budget as sides, in multiples
+        of the AR grid factor (the released budget 512^2..2048^2 is the service's 512..2048 rule;
+        a smaller preset states its own budget in its config)."""
+        multiple = self.image_grid_factor
+
+        def side(pixels: int, rounding) -> int:
+            return int(rounding(math.sqrt(pixels) / multiple)) * multiple
+
+        budget = self.image_processor
+        return SizeLimits(side(budget.min_pixels, math.ceil), side(budget.max_pixels, math.floor), multiple)

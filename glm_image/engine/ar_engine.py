@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,17 +28,25 @@ from ..device import synchronize
 from ..errors import GlmImageError
 from ..models.ar import ArModel, KVCache, rotary_tables
 from ..models.vision import VisionEncoder
-from ..ops import Ops, select_ops
+from ..ops import Ops
+from ..progress import Progress
 from ..sampling import SamplingParams, image_seeds
 from ..weights import load_model
 from .decode import DecodeLoop, NoiseStream, TokenPicker
+from .graphs import graph_module
+from .loading import prepare_stage
 from .protocol import GridSpec, decode_positions, prompt_positions, upsample_grid
 
-__all__ = ["ArEngine", "ArResult"]
+__all__ = ["DECODE_STEPS", "ArEngine", "ArResult"]
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int], None]
+# How the decode loop runs its steps (``ArEngine(decode_step=...)``):
+#   auto   - a device graph where the device has one (CUDA, Ascend), else eager
+#   eager  - one Python-driven step per token (the cache's unused tail is skipped)
+#   static - the graph's step run eagerly, on any device: what a graph replays, checkable on a CPU
+#   graph  - a device graph, required: an error where it cannot be captured
+DECODE_STEPS = ("auto", "eager", "static", "graph")
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,7 @@ class ArResult:
     # image-to-image: per row, each condition image's VQ codes (h*w,) and its grid (h, w)
     conditions: list[list[tuple[torch.Tensor, tuple[int, int]]]] | None = None
     prefill_seconds: float = 0.0  # planning + prefill + the first token, device synchronised
+    decode_step: str = "eager"  # how the steps after the first ran: eager, static or graph
 
 
 @dataclass(frozen=True)
@@ -72,10 +81,6 @@ class _Batch:
         )
 
 
-def _ops(backend: str | Ops | None, device: torch.device, stage: str) -> Ops:
-    return backend if isinstance(backend, Ops) else select_ops(backend, device, stage=stage)
-
-
 class ArEngine:
     """The AR text decoder with its processor and sampling defaults, on one device."""
 
@@ -86,7 +91,19 @@ class ArEngine:
         processor,
         device: torch.device,
         root: Path | None = None,
+        *,
+        decode_step: str = "auto",
+        noise_worker: bool = False,
     ) -> None:
+        """``decode_step``: see ``DECODE_STEPS``. ``noise_worker``: draw the sampling noise on a
+        worker thread (CPU; it overlaps the draw with the step). The engine never changes torch's
+        thread count: for a small decoder on a CPU, give the worker its core yourself with
+        ``torch.set_num_threads(cores - 1)`` (measured on 2 cores, tiny preset: 1.31 -> 1.21 ms
+        per token); at the released widths the draw is 0.3% of a step and the option is moot."""
+        if decode_step not in DECODE_STEPS:
+            raise GlmImageError(f"decode_step = {decode_step!r}; allowed: {', '.join(DECODE_STEPS)}")
+        self.decode_step = decode_step
+        self.noise_worker = noise_worker
         self.model = model.eval()
         self.root = root
         self._vision: VisionEncoder | None = None
@@ -97,17 +114,8 @@ class ArEngine:
         self.num_codes = config.ar.vq.num_embeddings  # image codes come first in the vocabulary
         g = config.generation
         self.sampling = SamplingParams(temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
-        # CUDA: capture the decode step as a CUDA graph (one launch per token); False: eager
-        self.cuda_graphs = True
-        # "static": run the graph's step function eagerly on any device (what a CUDA graph
-        # replays, checkable on a CPU); "auto": graphs on CUDA, else the eager loop
-        self.decode_mode = "auto"
-        # CPU, small decoders: draw the sampling noise on a worker thread (see _reserve_a_core)
-        self.noise_prefetch = True
-        table = model.embed_tokens.weight  # a step reads one row of it, every other weight whole
-        self._step_weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters()) - (
-            table.numel() * table.element_size()
-        )
+        # generation_config.json's do_sample: false makes greedy decoding the default
+        self.greedy_default = not g.do_sample
 
     @classmethod
     def from_pretrained(
@@ -117,29 +125,39 @@ class ArEngine:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         attention_backend: str | Ops | None = None,
+        decode_step: str = "auto",
+        noise_worker: bool = False,
     ) -> ArEngine:
         """``attention_backend``: an ops backend name (auto, sdpa, triton, npu; see
         ``glm_image.ops``) chosen for ``device``, or a backend already chosen by the caller (e.g.
-        for the device the stage will run on when it is loaded elsewhere first)."""
+        for the device the stage will run on when it is loaded elsewhere first). The other
+        options: see ``__init__``."""
         from transformers import GlmImageProcessor
 
-        from ..hub import resolve_checkpoint
-
-        root = resolve_checkpoint(path)
-        config = CheckpointConfig.from_dir(root)
-        device = torch.device(device)
-        ops = _ops(attention_backend, device, "AR")
+        setup = prepare_stage(path, device, attention_backend, "AR")
+        config = setup.config
         model = load_model(
-            lambda: ArModel(config.ar.text, ops), root / "vision_language_encoder", device=device, dtype=dtype
+            lambda: ArModel(config.ar.text, setup.ops),
+            setup.root / "vision_language_encoder",
+            device=setup.device,
+            dtype=dtype,
         )
-        if device.type == "cpu":
+        if setup.device.type == "cpu":
             # A CPU GEMV over a short-rowed matrix is faster with the matrix stored column-major
             # (measured: 2.3x on the tiny head, no change at the released widths). Same values,
             # same shape, only the strides change; GPUs keep the checkpoint's layout.
             head = model.lm_head.weight
             head.data = head.data.t().contiguous().t()
-        processor = GlmImageProcessor.from_pretrained(root / "processor")
-        return cls(model, config, processor, device, root)
+        processor = GlmImageProcessor.from_pretrained(setup.root / "processor")
+        return cls(
+            model,
+            config,
+            processor,
+            setup.device,
+            setup.root,
+            decode_step=decode_step,
+            noise_worker=noise_worker,
+        )
 
     def to(self, device: str | torch.device) -> ArEngine:
         """Move the stage's weights (the ViT too, once loaded); used to take turns on a small GPU."""
@@ -233,11 +251,6 @@ class ArEngine:
         batch = _Batch(input_ids.to(to), valid.to(to), pos.to(to), torch.stack(decode, dim=1).to(to))
         return batch, spec, (conditions if images else None)
 
-    def _check_size(self, height: int, width: int) -> None:
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value < 32 or value % 32:
-                raise GlmImageError(f"{name} = {value!r} must be a positive multiple of 32")
-
     # ---------------------------------------------------------------- generation
 
     @torch.inference_mode()
@@ -248,7 +261,7 @@ class ArEngine:
         width: int,
         *,
         seeds: int | Sequence[int] | None = None,
-        greedy_decoding: bool = False,
+        greedy: bool | None = None,
         constrain_grid: bool = True,
         num_images_per_prompt: int = 1,
         include_eos: bool = False,
@@ -258,6 +271,9 @@ class ArEngine:
         images: Sequence[Sequence] | None = None,
     ) -> ArResult:
         """Generate the grids for every (prompt, image) pair; see ``generate_prior_tokens``.
+
+        ``greedy``: argmax decoding; None follows the checkpoint (``do_sample`` in
+        generation_config.json; the released model samples).
 
         ``include_eos`` runs the step after the last grid token too (the reference's final EOS
         step; the prior tokens do not need it). ``max_new_tokens`` stops early, for benchmarks
@@ -271,7 +287,7 @@ class ArEngine:
             raise GlmImageError("prompts: need at least one prompt")
         if num_images_per_prompt < 1:
             raise GlmImageError(f"num_images_per_prompt = {num_images_per_prompt} must be >= 1")
-        self._check_size(height, width)
+        self.config.size_limits.check_size(height, width)
         if images is not None and len(images) != len(prompts):
             raise GlmImageError(
                 f"images: {len(images)} image lists for {len(prompts)} prompts; need one per prompt"
@@ -290,14 +306,15 @@ class ArEngine:
                 raise GlmImageError(f"max_new_tokens = {max_new_tokens} must be >= 1")
             steps = min(steps, max_new_tokens)
 
-        tokens, logits, prefill_done = self._decode(
-            batch, steps, generators, greedy_decoding, constrain_grid, return_logits, progress
+        greedy = self.greedy_default if greedy is None else greedy
+        tokens, logits, prefill_done, how = self._decode(
+            batch, steps, generators, greedy, constrain_grid, return_logits, progress
         )
         end = spec.target_offset + spec.target[0] * spec.target[1]
         target = tokens[:, spec.target_offset : end]
         whole = steps >= end and bool((target < self.num_codes).all())
         prior = upsample_grid(target, *spec.target) if whole else None
-        return ArResult(tokens, prior, spec, seeds, logits, conditions, prefill_done - start)
+        return ArResult(tokens, prior, spec, seeds, logits, conditions, prefill_done - start, how)
 
     def generate_prior_tokens(
         self,
@@ -305,7 +322,7 @@ class ArEngine:
         height: int,
         width: int,
         seeds: int | Sequence[int] | None = None,
-        greedy: bool = False,
+        greedy: bool | None = None,
         constrain_grid: bool = True,
         *,
         num_images_per_prompt: int = 1,
@@ -320,7 +337,7 @@ class ArEngine:
             height,
             width,
             seeds=seeds,
-            greedy_decoding=greedy,
+            greedy=greedy,
             constrain_grid=constrain_grid,
             num_images_per_prompt=num_images_per_prompt,
             progress=progress,
@@ -345,29 +362,19 @@ class ArEngine:
         slots = torch.arange(prompt_len, device=self.device)
         return self.model(batch.input_ids, rope, cache, slots, mask=mask[:, None])
 
-    @torch.inference_mode()
-    def prompt_logits(
-        self, prompts: str | Sequence[str], height: int, width: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image-vocabulary logits (B, P, V) at every prompt position (left-padded), and (B, P) validity."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        self._check_size(height, width)
-        batch, _, _ = self._plan(prompts, height, width)
-        cache = KVCache(self.config.ar.text, len(prompts), batch.input_ids.shape[1], self.device, self.dtype)
-        return self.model.logits(self._prefill(batch, cache)), batch.valid
-
     def _decode(
         self,
         batch: _Batch,
         steps: int,
         generators: list[torch.Generator],
-        greedy_decoding: bool,
+        greedy: bool,
         constrain_grid: bool,
         return_logits: bool,
         progress: Progress | None,
-    ) -> tuple[torch.Tensor, list[torch.Tensor] | None, float]:
-        """Tokens (B, steps), the raw logits if asked for, and when the prefill was done
-        (``time.perf_counter``; the one device synchronisation of a call, for the timings)."""
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None, float, str]:
+        """Tokens (B, steps), the raw logits if asked for, when the prefill was done
+        (``time.perf_counter``; the one device synchronisation of a call, for the timings), and
+        how the later steps ran (eager, static or graph)."""
         model, text = self.model, self.config.ar.text
         b, prompt_len = batch.input_ids.shape
         cache = KVCache(text, b, prompt_len + steps, self.device, self.dtype)
@@ -376,29 +383,25 @@ class ArEngine:
         kept_logits: list[torch.Tensor] | None = [] if return_logits else None
         picker = TokenPicker(
             self.sampling,
-            greedy_decoding,
+            greedy,
             constrain_grid,
             self.num_codes,
             text.eos_token_id,
             self.config.generation.pad_token_id,
         )
-        prefetch = not greedy_decoding and self._reserve_a_core()
         noise = None
-        if not greedy_decoding:
+        if not greedy:
             noise = NoiseStream(
                 generators,
                 steps,
                 text.vision_vocab_size,
                 self.device,
                 chunk=16 if self.device.type == "cpu" else 256,
-                prefetch=prefetch,
+                prefetch=self.noise_worker and self.device.type == "cpu",
             )
         # the generated tokens' rotary tables (the EOS step's position is the last)
         rope = rotary_tables(batch.decode_positions[:, :, : steps - 1], text, self.dtype)
         loop = DecodeLoop(model, cache, picker, noise, rope, batch.valid, tokens, unfinished)
-        threads = torch.get_num_threads()
-        if prefetch:
-            torch.set_num_threads(threads - 1)  # the other core draws the noise
         try:
             logits = model.logits(self._prefill(batch, cache)[:, -1])
             if kept_logits is not None:
@@ -407,27 +410,34 @@ class ArEngine:
             synchronize(self.device)
             prefill_done = time.perf_counter()
             if progress is not None:
-                progress(1, steps)
-            graphs = self.cuda_graphs and self.device.type == "cuda" and kept_logits is None
-            if self.decode_mode == "static" and kept_logits is None:
-                loop.run_static(steps, progress)
-            elif not (graphs and loop.run_graph(steps, progress)):
-                loop.run_eager(steps, kept_logits.append if kept_logits is not None else None, progress)
+                progress("ar", 1, steps)
+            how = self._run_steps(loop, steps, kept_logits, progress)
         finally:
             if noise is not None:
                 noise.close()
-            torch.set_num_threads(threads)
-        return tokens, kept_logits, prefill_done
+        return tokens, kept_logits, prefill_done, how
 
-    # A CPU decode step whose weights are this small takes a few milliseconds at most, so the
-    # exact draw's noise (16512 Exp(1) numbers per image and step, ~0.25 ms: torch samples them
-    # serially) is a large share of it and is worth a core of its own; above it, the step is bound
-    # by reading weights and every core helps the GEMVs more (measured on 2 cores, tiny preset,
-    # 9.6 MB: 1.31 -> 1.21 ms per token; at the released widths the noise is 0.3% of a step).
-    SMALL_DECODER_BYTES = 256 * 2**20
-
-    def _reserve_a_core(self) -> bool:
-        """Draw the noise on a worker thread and decode on one core fewer (CPU, small models)."""
-        if self.device.type != "cpu" or not self.noise_prefetch or torch.get_num_threads() < 2:
-            return False
-        return self._step_weight_bytes <= self.SMALL_DECODER_BYTES
+    def _run_steps(
+        self, loop: DecodeLoop, steps: int, kept_logits: list | None, progress: Progress | None
+    ) -> str:
+        """Steps 1..steps-1 as ``decode_step`` says; returns how they ran."""
+        mode = self.decode_step
+        if kept_logits is not None:  # the raw logits are collected on the host, step by step
+            if mode in ("static", "graph"):
+                raise GlmImageError(f"return_logits needs decode_step 'eager' or 'auto', not {mode!r}")
+            mode = "eager"
+        if mode == "auto":
+            mode = "graph" if graph_module(self.device) is not None else "eager"
+        if mode == "graph":
+            reason = loop.run_graph(steps, progress)
+            if reason is None:
+                return "graph"
+            if self.decode_step == "graph":
+                raise GlmImageError(f"decode_step = 'graph': the decode step cannot be captured ({reason})")
+            log.warning("decoding without a device graph: %s", reason)
+            mode = "eager"
+        if mode == "static":
+            loop.run_static(steps, progress)
+        else:
+            loop.run_eager(steps, kept_logits.append if kept_logits is not None else None, progress)
+        return mode

@@ -6,8 +6,8 @@ counter, the visibility of the cache slots, the rotary tables of every step, the
 noise), so the same step runs two ways:
 
 - eagerly (CPU, NPU, or CUDA with graphs off);
-- on CUDA, captured once per call as a CUDA graph and replayed per token: one launch instead of
-  the step's few hundred. If capture fails the loop says why (logged) and runs eagerly.
+- captured once per call as a device graph (CUDA graphs, Ascend NPUGraph: ``engine.graphs``) and
+  replayed per token: one launch instead of the step's few hundred.
 
 Sampling noise (the exact draw: ``argmax(softmax / Exp(1))``) is produced in chunks of steps,
 each row from its own generator (``NoiseStream``); on a CPU the chunks are the very numbers the
@@ -18,7 +18,6 @@ current one is used.
 from __future__ import annotations
 
 import contextlib
-import logging
 import queue
 import threading
 from collections.abc import Callable
@@ -27,13 +26,11 @@ from dataclasses import dataclass
 import torch
 
 from ..models.ar import ArModel, KVCache
-from ..sampling import SamplingParams, apply_filters, draw_with_noise, exponential_noise, greedy
+from ..progress import Progress
+from ..sampling import SamplingParams, apply_filters, draw_with_noise, exponential_noise
+from .graphs import capture
 
 __all__ = ["DecodeLoop", "NoiseStream", "TokenPicker"]
-
-log = logging.getLogger(__name__)
-
-Progress = Callable[[int, int], None]
 
 
 class NoiseStream:
@@ -114,7 +111,7 @@ class TokenPicker:
         if self.greedy:
             # only_codes masks in place; the raw logits may be kept by the caller
             scores = self.only_codes(logits.clone(), logits) if self.constrain_grid else logits
-            token = greedy(scores)
+            token = scores.argmax(dim=-1)
         else:
             scores = apply_filters(logits, self.params)
             if self.constrain_grid:
@@ -194,7 +191,7 @@ class DecodeLoop:
                 on_logits(logits)
             self.tokens[:, step] = self.picker(logits, self._noise_row(step), self.unfinished)
             if progress is not None:
-                progress(step + 1, steps)
+                progress("ar", step + 1, steps)
 
     def _noise_row(self, step: int) -> torch.Tensor | None:
         if self.noise is None:
@@ -207,7 +204,7 @@ class DecodeLoop:
         """The prefill token's noise (step 0)."""
         return self._noise_row(0)
 
-    # ---------------------------------------------------------------- CUDA graph
+    # ---------------------------------------------------------------- device graph
 
     def _static_step(self) -> None:
         """One step on device tensors only (capturable): reads ``step``, advances it."""
@@ -238,38 +235,24 @@ class DecodeLoop:
                 self.noise.refill(step)
             replay()
             if progress is not None:
-                progress(step + 1, steps)
+                progress("ar", step + 1, steps)
 
-    def run_graph(self, steps: int, progress: Progress | None, *, sync_every: int = 64) -> bool:
-        """Capture the static step once and replay it; False (nothing changed) if capture fails.
-
-        One eager step on a side stream first (lazy initialisation, kernel compilation); it
-        computes step 1 exactly as the first replay will, so only the counter is reset.
-        """
+    def run_graph(self, steps: int, progress: Progress | None, *, sync_every: int = 64) -> str | None:
+        """Capture the static step once and replay it; the reason (nothing changed) if it cannot
+        be captured. The eager run before capture computes step 1 exactly as the first replay
+        will, so only the counter is reset."""
         if steps < 3:
-            return False
-        current = torch.cuda.current_stream(self.device)
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(current)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.stream(stream):
-                self._noise_row(1)
-                self._static_step()
-                with torch.cuda.graph(graph, stream=stream):
-                    self._static_step()
-        except RuntimeError as e:
-            log.warning("CUDA graph capture of the decode step failed; decoding eagerly (%s)", e)
-            return False
-        finally:
-            current.wait_stream(stream)
-            self.step.zero_()
+            return f"{steps} tokens leave nothing to replay"
+        self._noise_row(1)
+        captured = capture(self._static_step, self.device, reset=self.step.zero_)
+        if isinstance(captured, str):
+            return captured
 
-        def paced(done: int, total: int) -> None:
-            # the host runs ahead of the GPU: let progress follow it every few dozen tokens
+        def paced(stage: str, done: int, total: int) -> None:
+            # the host runs ahead of the device: let progress follow it every few dozen tokens
             if done % sync_every == 0 or done == total:
-                current.synchronize()
-            progress(done, total)
+                captured.synchronize()
+            progress(stage, done, total)
 
-        self.run_static(steps, paced if progress is not None else None, graph.replay)
-        return True
+        self.run_static(steps, paced if progress is not None else None, captured.replay)
+        return None

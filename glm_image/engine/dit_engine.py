@@ -31,7 +31,7 @@ from ..models.glyph import GlyphEncoder
 from ..ops import Ops
 from ..sampling import euler_step, flow_schedule, guidance, image_seeds, image_seq_len
 from ..weights import load_model
-from .ar_engine import _ops
+from .loading import prepare_stage
 from .protocol import upsample_grid
 
 __all__ = ["DitEngine"]
@@ -89,12 +89,8 @@ class DitEngine:
         """``attention_backend``: as ``ArEngine.from_pretrained``."""
         from diffusers import AutoencoderKL
 
-        from ..hub import resolve_checkpoint
-
-        root = resolve_checkpoint(path)
-        config = CheckpointConfig.from_dir(root)
-        device = torch.device(device)
-        ops = _ops(attention_backend, device, "DiT")
+        setup = prepare_stage(path, device, attention_backend, "DiT")
+        root, config, device, ops = setup.root, setup.config, setup.device, setup.ops
         model = load_model(
             lambda: DitModel(config.dit, ops), root / "transformer", device=device, dtype=dtype
         )

@@ -12,13 +12,12 @@ This is ``GlmImageModel.get_rope_index`` of transformers, written per sample.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["GridSpec", "decode_positions", "grid_spec", "prompt_positions", "upsample_grid"]
+__all__ = ["GridSpec", "decode_positions", "prompt_positions", "upsample_grid"]
 
 
 @dataclass(frozen=True)
@@ -41,16 +40,6 @@ class GridSpec:
     def target_offset(self) -> int:
         """Index of the first target-grid token among the generated tokens."""
         return self.preview[0] * self.preview[1] if self.preview else 0
-
-
-def grid_spec(height: int, width: int, *, with_preview: bool = True, factor: int = 32) -> GridSpec:
-    """The grids for an image of ``height`` x ``width`` pixels (as the processor computes them)."""
-    rows, cols = height // factor, width // factor
-    if not with_preview:
-        return GridSpec((rows, cols), None)
-    ratio = rows / cols
-    preview = (int(math.sqrt(ratio) * (factor // 2)), int(math.sqrt(1 / ratio) * (factor // 2)))
-    return GridSpec((rows, cols), preview)
 
 
 def _grid_positions(offset: int, rows: int, cols: int) -> torch.Tensor:

@@ -5,10 +5,8 @@ from .seeds import MAX_SEED, image_seeds
 from .tokens import (
     SamplingParams,
     apply_filters,
-    draw,
     draw_with_noise,
     exponential_noise,
-    greedy,
     top_k_filter,
     top_p_filter,
 )
@@ -18,12 +16,10 @@ __all__ = [
     "FlowSchedule",
     "SamplingParams",
     "apply_filters",
-    "draw",
     "draw_with_noise",
     "euler_step",
     "exponential_noise",
     "flow_schedule",
-    "greedy",
     "guidance",
     "image_seeds",
     "image_seq_len",

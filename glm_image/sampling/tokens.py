@@ -3,8 +3,8 @@
 The filters follow transformers' logits warpers step for step (temperature, then top-k, then
 top-p; ``-inf`` marks a removed token), so the same logits give the same kept set. Drawing
 follows ``torch.multinomial(probs, 1)``: for one sample it is ``argmax(probs / q)`` with
-``q ~ Exp(1)``, so a row drawn with a generator seeded ``s`` equals the reference's draw after
-``torch.manual_seed(s)``. Every row has its own generator (one seed per image).
+``q ~ Exp(1)``, so a row whose noise comes from a generator seeded ``s`` equals the reference's
+draw after ``torch.manual_seed(s)``. Every row has its own generator (one seed per image).
 """
 
 from __future__ import annotations
@@ -17,10 +17,8 @@ import torch
 __all__ = [
     "SamplingParams",
     "apply_filters",
-    "draw",
     "draw_with_noise",
     "exponential_noise",
-    "greedy",
     "top_k_filter",
     "top_p_filter",
 ]
@@ -114,13 +112,13 @@ def exponential_noise(
     generators: Sequence[torch.Generator], steps: int, vocab: int, device: torch.device | str
 ) -> torch.Tensor:
     """(B, steps, vocab) Exp(1) noise: row ``i`` holds ``steps`` successive draws of
-    ``generators[i]``, step by step, i.e. the noise ``draw`` would use over that many steps.
+    ``generators[i]``, step by step, i.e. the noise one draw per step would use.
 
     On a CPU torch samples serially from the Mersenne Twister, so one call over ``steps`` rows
     gives exactly the numbers of ``steps`` separate calls (tested); on CUDA the numbers depend on
     how the draws are grouped, so a caller must keep its grouping fixed to be reproducible.
     """
-    noise = torch.empty((len(generators), steps, vocab), device=device)
+    noise = torch.empty((len(generators), steps, vocab), device=device)  # (B, steps, V)
     for row, generator in enumerate(generators):
         noise[row].exponential_(generator=generator)
     return noise
@@ -131,16 +129,3 @@ def draw_with_noise(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     ``argmax(softmax(logits) / noise)``, which is ``torch.multinomial(softmax(logits), 1)``."""
     probs = logits.softmax(dim=-1)
     return torch.div(probs, noise).argmax(dim=-1)
-
-
-def draw(logits: torch.Tensor, generators: Sequence[torch.Generator]) -> torch.Tensor:
-    """One token per row of filtered logits (B, V), row ``i`` drawn with ``generators[i]``."""
-    if len(generators) != logits.shape[0]:
-        raise ValueError(f"{len(generators)} generators for {logits.shape[0]} rows")
-    noise = exponential_noise(generators, 1, logits.shape[-1], logits.device)[:, 0]
-    return draw_with_noise(logits, noise)
-
-
-def greedy(logits: torch.Tensor) -> torch.Tensor:
-    """The most likely token of each row (B, V) -> (B,)."""
-    return logits.argmax(dim=-1)

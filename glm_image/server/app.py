@@ -24,7 +24,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 
-from .. import __version__
+from .._version import __version__
 from ..errors import GlmImageError
 from ..request import GenerationRequest, parse_size
 from ..sampling import MAX_SEED  # torch generators take a signed 64-bit seed

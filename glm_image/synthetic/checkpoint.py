@@ -4,7 +4,7 @@ Every weights file is written by the reference library's own ``save_pretrained``
 ``GlmImageForConditionalGeneration`` and ``T5EncoderModel``, diffusers
 ``GlmImageTransformer2DModel`` and ``AutoencoderKL``), so key names, file names, sharding and
 index files are the reference's, not ours: a loader that reads these files reads the release.
-The configs come from a preset folder (``glm_image/configs/<name>``) in the checkpoint's layout.
+The configs come from a preset folder (``glm_image/presets/<name>``) in the checkpoint's layout.
 
 Weights are random but not degenerate: zero-initialised tensors (biases, AdaLN-zero modulation,
 output projections) get small random values too, so parity tests see every parameter. One
@@ -34,7 +34,7 @@ __all__ = ["PRESETS", "make_checkpoint", "preset_dir", "randomize_"]
 log = logging.getLogger(__name__)
 
 PRESETS = ("tiny", "wide", "glm-image")
-_PRESET_ROOT = Path(__file__).resolve().parent.parent / "configs"
+_PRESET_ROOT = Path(__file__).resolve().parent.parent / "presets"
 # Release shard counts (vision_language_encoder: 4, transformer: 3); we mimic the sharding.
 _SHARDS = {"vision_language_encoder": 4, "transformer": 3}
 

@@ -1,50 +1,59 @@
-"""DiT denoising speed: seconds per CFG step, our DitEngine vs diffusers, same weights, same run.
-
-    python benchmarks/bench_dit.py --presets tiny,wide --size 512x512 --out results/bench_dit.json
+"""`glm-image bench dit`: seconds per CFG denoising step, our DitEngine against diffusers' transformer
+on the same weights, in the same run.
 
 One step with classifier-free guidance is what each engine does per denoising step: diffusers
 runs the conditional and the unconditional transformer forward one after the other; we run one
 batched forward. Both start from the same latents, prior tokens and glyph embeddings; runs
 alternate after a warm-up. Reported: median seconds per CFG step and the FLOP/s achieved, from
-an analytic count of the multiply-adds of both branches (``glm_image.bench.roofline.
-dit_flops_per_step``, the count `glm-image bench speed` uses for the hardware floor).
+the analytic count of both branches' multiply-adds (``roofline.dit_flops_per_step``, the count
+``bench speed`` uses for the hardware floor).
 """
 
 from __future__ import annotations
 
-import argparse
-import os
-import sys
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+from ..errors import GlmImageError
+from .report import build_report, markdown_table, median, timed
+from .roofline import dit_flops_per_step
+from .runtime import resolve_runtime
 
-from _report import markdown_table, median, parse_size, timed, write_report
-
-from glm_image.bench.roofline import dit_flops_per_step
-from glm_image.device import resolve_device
-from glm_image.engine import DitEngine
-from glm_image.hub import resolve_checkpoint
+__all__ = ["DitBenchOptions", "format_dit", "run_dit"]
 
 PROMPT = "A vintage poster with the title 'SUMMER SALE' in bold red letters"
 
 
-def bench_preset(
-    preset: str,
-    height: int,
-    width: int,
-    repeats: int,
-    device: torch.device,
-    dtype: torch.dtype,
-    backend: str | None = None,
-) -> dict:
+@dataclass(frozen=True)
+class DitBenchOptions:
+    model: str = "tiny"
+    size: tuple[int, int] = (512, 512)  # (width, height)
+    repeats: int = 3
+    device: str | None = None
+    dtype: str | None = None
+    attention_backend: str | None = None
+
+    def check(self) -> None:
+        if self.repeats < 1:
+            raise GlmImageError(f"--repeats = {self.repeats}; allowed: an integer >= 1")
+
+
+def run_dit(options: DitBenchOptions, progress=None) -> dict[str, Any]:
     from diffusers import GlmImageTransformer2DModel
 
-    root = resolve_checkpoint(preset)
-    ours = DitEngine.from_pretrained(root, device=device, dtype=dtype, attention_backend=backend)
+    from ..engine import DitEngine
+    from ..hub import resolve_checkpoint
+
+    options.check()
+    device, dtype = resolve_runtime(options.device, options.dtype)
+    root = resolve_checkpoint(options.model)
+    ours = DitEngine.from_pretrained(
+        root, device=device, dtype=dtype, attention_backend=options.attention_backend
+    )
+    width, height = options.size
+    ours.config.size_limits.check_size(height, width)
     reference = (
         GlmImageTransformer2DModel.from_pretrained(root / "transformer", dtype=dtype).to(device).eval()
     )
@@ -81,13 +90,15 @@ def bench_preset(
     run_reference()
     run_ours()
     times: dict[str, list[float]] = {"reference": [], "ours": []}
-    for _ in range(repeats):
+    for _ in range(options.repeats):
         times["reference"].append(timed(run_reference, device))
         times["ours"].append(timed(run_ours, device))
+        if progress:
+            progress()
 
     flops = dit_flops_per_step(config, n, cond.shape[1])
-    result = {
-        "preset": preset,
+    result: dict[str, Any] = {
+        "model": options.model,
         "size": f"{width}x{height}",
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
@@ -100,12 +111,21 @@ def bench_preset(
         result[f"{runner}_seconds_per_step"] = round(median(values), 4)
         result[f"{runner}_gflop_per_s"] = round(flops / median(values) / 1e9, 2)
     result["speedup"] = round(result["reference_seconds_per_step"] / result["ours_seconds_per_step"], 2)
-    return result
+    config = {
+        "model": options.model,
+        "checkpoint": str(root),
+        "size": result["size"],
+        "repeats": options.repeats,
+    }
+    notes = [
+        "seconds per step = one conditional + one unconditional transformer pass, median over the repeats"
+    ]
+    return build_report("dit_step", [result], config=config, notes=notes, device=device)
 
 
-def table(results: list[dict]) -> str:
+def format_dit(report: dict[str, Any]) -> str:
     headers = [
-        "preset",
+        "model",
         "size",
         "image tokens",
         "ref s/step",
@@ -116,7 +136,7 @@ def table(results: list[dict]) -> str:
     ]
     rows = [
         [
-            r["preset"],
+            r["model"],
             r["size"],
             r["image_tokens"],
             r["reference_seconds_per_step"],
@@ -125,38 +145,6 @@ def table(results: list[dict]) -> str:
             r["ours_gflop_per_s"],
             r["speedup"],
         ]
-        for r in results
+        for r in report["results"]
     ]
-    return markdown_table(headers, rows)
-
-
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--presets", default="tiny,wide", help="tiny, wide or checkpoint folders, comma-separated"
-    )
-    parser.add_argument("--size", default="512x512", help="WxH of the generated image")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", help="cpu | cuda | npu (default: the detected platform)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: float32")
-    parser.add_argument("--backend", help="our ops backend: auto | sdpa | triton | npu (default: auto)")
-    parser.add_argument("--out", help="write the JSON report here")
-    args = parser.parse_args(argv)
-    width, height = parse_size(args.size)
-    device = resolve_device(args.device)
-    dtype = getattr(torch, args.dtype or "float32")
-    results = [
-        bench_preset(p, height, width, args.repeats, device, dtype, args.backend)
-        for p in args.presets.split(",")
-    ]
-    config = {"presets": args.presets, "size": args.size, "repeats": args.repeats}
-    notes = [
-        "seconds per step = one conditional + one unconditional transformer pass, median over the repeats"
-    ]
-    return write_report("dit_step", results, args.out, config=config, notes=notes, table=table(results))
-
-
-if __name__ == "__main__":
-    main()
+    return "\n".join([markdown_table(headers, rows), "", *report["notes"]])

@@ -1,0 +1,58 @@
+"""What every benchmark sets up the same way: the device and dtype, and the engines it compares.
+
+``bench speed`` and ``bench quality`` run our pipeline against diffusers' on one checkpoint
+(``load_runners``); ``bench ar`` and ``bench dit`` time one stage each. All take the runtime flags
+of every other command (``--device``, ``--dtype``, ``--attention-backend``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..options import torch_dtype
+
+__all__ = ["Runners", "load_runners", "resolve_runtime"]
+
+
+def resolve_runtime(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
+    """``glm_image.device``'s defaults: the detected accelerator in bfloat16, else cpu in float32."""
+    from ..device import default_dtype, resolve_device
+
+    dev = resolve_device(device)
+    return dev, default_dtype(dev) if dtype is None else torch_dtype(dtype)
+
+
+@dataclass
+class Runners:
+    """Our pipeline first, then (with ``compare_reference``) diffusers' on the same weights."""
+
+    root: Path
+    device: torch.device
+    dtype: torch.dtype
+    runners: list
+    swap: bool  # on an accelerator the engine that is not running waits in host memory
+
+    @property
+    def ours(self):
+        return self.runners[0]
+
+
+def load_runners(
+    model: str, device: str | None, dtype: str | None, attention_backend: str | None, compare_reference: bool
+) -> Runners:
+    from ..hub import resolve_checkpoint
+    from .engines import OursRunner, ReferenceRunner
+
+    dev, dt = resolve_runtime(device, dtype)
+    root = resolve_checkpoint(model)
+    ours = OursRunner(root, dev, dt, attention_backend)
+    swap = dev.type != "cpu" and compare_reference
+    runners: list = [ours]
+    if compare_reference:
+        if swap:
+            ours.park(torch.device("cpu"))
+        runners.append(ReferenceRunner(root, dev, dt, load_on=torch.device("cpu") if swap else dev))
+    return Runners(root, dev, dt, runners, swap)
