@@ -181,7 +181,7 @@ class GlmImage:
             num_inference_steps,
             guidance_scale,
             seeds=seeds,
-            progress=(lambda done, total: progress("dit", done, total)) if progress else None,
+            progress=progress,
             conditions=conditions,
         )
         timings["dit"] = time.perf_counter() - start

@@ -133,7 +133,7 @@ def test_seeds_number_the_images_and_batches_equal_singles(engine):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"height": 48}, "height = 48 must be a positive multiple of 32"),
+        ({"height": 48}, "height = 48 is not allowed; allowed: 64..1024 in multiples of 32"),
         ({"prior_token_ids": torch.zeros(1, 5, dtype=torch.long)}, r"prior_token_ids: shape \(1, 5\)"),
         ({"guidance_scale": 0.5}, "guidance_scale = 0.5 must be >= 1"),
         ({"prompts": ["a", "b", "c"]}, "3 prompts for 2 images"),

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from glm_image.config import CheckpointConfig
-from glm_image.models.dit import CacheMode, ConditionKVCache, DitModel
+from glm_image.models.dit import (
+    CacheMode,
+    ConditionKVCache,
+    DitModel,
+    KeyGroup,
+    attention_groups,
+    key_groups,
+)
 from glm_image.weights import build_on_meta, load_weights
 
 
@@ -60,15 +67,61 @@ def test_forward_matches(models, height, width):
         torch.testing.assert_close(ours(**x), _reference(reference, x), rtol=0, atol=1e-5)
 
 
-def test_forward_with_glyph_padding_matches(models):
+def test_left_padded_rows_equal_the_reference_on_their_own_glyphs(models):
+    """Rows with glyph sequences of different lengths, left-padded together (the padding hidden),
+    each equal the reference run on that row alone, unpadded."""
     ours, reference = models
+    x = _inputs(ours.config, batch=3)
+    lengths = [5, 2, 4]
+    keep = torch.arange(5)[None, :] >= 5 - torch.tensor(lengths)[:, None]
+    padded = {**x, "glyph": x["glyph"] * keep[..., None]}  # zeros where padded, as the engine pads
+    with torch.no_grad():
+        got = ours(**padded, text_keep=keep)
+        assert not torch.allclose(got[1], ours(**padded)[1]), "the padding must be hidden"
+    for row, length in enumerate(lengths):
+        alone = {k: v[row : row + 1] for k, v in x.items()}
+        alone["glyph"] = alone["glyph"][:, 5 - length :]
+        torch.testing.assert_close(got[row : row + 1], _reference(reference, alone), rtol=0, atol=1e-5)
+
+
+def test_key_groups_are_runs_of_rows_that_see_the_same_keys():
+    assert key_groups([0, 0, 3, 3, 0], [None] * 5) == (
+        KeyGroup(0, 2, 0),
+        KeyGroup(2, 4, 3),
+        KeyGroup(4, 5, 0),
+    )
+    # batched CFG, image-to-image: two prompts (two images each) read their samples; "" rows do not
+    assert key_groups([1, 1, 0, 0, 4, 4, 4, 4], [0, 0, 1, 1, None, None, None, None]) == (
+        KeyGroup(0, 2, 1, (0, 0)),
+        KeyGroup(2, 4, 0, (1, 1)),
+        KeyGroup(4, 8, 4),
+    )
+    assert key_groups([2, 2], [0, None]) == (KeyGroup(0, 1, 2, (0,)), KeyGroup(1, 2, 2))
+    # samples that stored as many keys share a call; condition images of other sizes do not
+    assert key_groups([0, 0], [0, 1], stored=[16, 16]) == (KeyGroup(0, 2, 0, (0, 1)),)
+    assert key_groups([0, 0], [0, 1], stored=[16, 24]) == (KeyGroup(0, 1, 0, (0,)), KeyGroup(1, 2, 0, (1,)))
+
+
+def test_attention_groups_from_masks():
+    keep = torch.tensor([[True, True, True], [False, True, True], [False, True, True]])
+    assert attention_groups(3, keep) == (KeyGroup(0, 1, 0), KeyGroup(1, 3, 1))
+    assert attention_groups(2) == (KeyGroup(0, 2, 0),)
+    cache = ConditionKVCache(1)
+    cache.store(0, torch.zeros(1, 2, 3, 4), torch.zeros(1, 2, 3, 4))
+    reads = attention_groups(3, keep, cache, CacheMode.READ, torch.tensor([True, True, False]))
+    assert reads == (KeyGroup(0, 1, 0, (0,)), KeyGroup(1, 2, 1, (0,)), KeyGroup(2, 3, 1))
+    assert attention_groups(3, keep, cache, CacheMode.SKIP) == attention_groups(3, keep)
+    with pytest.raises(ValueError, match="text_keep row 0: its real glyph tokens must be a suffix"):
+        attention_groups(1, torch.tensor([[True, False, True]]))
+
+
+def test_forward_rejects_groups_that_do_not_fit(models):
+    ours, _ = models
     x = _inputs(ours.config)
-    mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]])
-    with torch.no_grad():
-        got = ours(**x, text_mask=mask)
-    torch.testing.assert_close(got, _reference(reference, x, attention_mask=mask), rtol=0, atol=1e-5)
-    with torch.no_grad():
-        assert not torch.allclose(got, ours(**x)), "the mask must change the result"
+    with torch.no_grad(), pytest.raises(ValueError, match=r"groups must cover rows 0..2 in order"):
+        ours(**x, groups=(KeyGroup(0, 1),))
+    with torch.no_grad(), pytest.raises(ValueError, match="groups or text_keep/read_rows, not both"):
+        ours(**x, groups=(KeyGroup(0, 2),), text_keep=torch.ones(2, 5, dtype=torch.bool))
 
 
 def _write_condition(ours, reference, config, seed=1):
@@ -134,10 +187,14 @@ def test_cache_serves_rows_like_the_reference():
     cache.store(0, a, a)
     cache.next_sample()
     cache.store(0, b, b)
-    keys, _ = cache.get(0, 4)  # two rows per sample, each sample's rows together
+    samples = cache.samples(4)  # two rows per sample, each sample's rows together
+    assert samples == [0, 0, 1, 1]
+    keys, _ = cache.rows(0, samples)
     assert torch.equal(keys, torch.cat([a, a, b, b]))
+    keys, _ = cache.rows(0, samples[2:])
+    assert torch.equal(keys, torch.cat([b, b]))
     with pytest.raises(ValueError, match="holds 2 samples; cannot serve 3 rows"):
-        cache.get(0, 3)
+        cache.samples(3)
 
 
 def test_meta_model_maps_one_to_one_onto_the_released_transformer():

@@ -2,9 +2,11 @@
 
 Each step runs classifier-free guidance as ONE batched forward: the conditional rows (prior
 tokens, glyph embeddings of the prompt) and the unconditional rows (prior dropped, glyph of "")
-go together, the shorter glyph sequence padded with keys no query can see, so the batch equals
-the reference's two forwards. Timesteps, sigmas and the Euler step are the pipeline's, bit for
-bit (``sampling.flow``); the DiT sees ``t - 1``. Initial noise is drawn per image from its own
+go together, the shorter glyph sequence left-padded with keys no query can see, so the batch
+equals the reference's two forwards. Which keys each row sees is planned once per call
+(``models.dit.attention_groups``): the rows that see the same keys attend together, without a
+mask. Timesteps, sigmas and the Euler step are the pipeline's, bit for bit
+(``sampling.flow``); the DiT sees ``t - 1``. Initial noise is drawn per image from its own
 seed, so a batch equals its images generated one by one.
 
 Several prompts in one call: the reference left-pads their glyph sequences with zeros that every
@@ -16,8 +18,7 @@ reference's batch.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +27,17 @@ import torch
 
 from ..config import CheckpointConfig
 from ..errors import GlmImageError
-from ..models.dit import CacheMode, ConditionKVCache, DitModel, image_rotary_tables
+from ..models.dit import (
+    CacheMode,
+    ConditionKVCache,
+    DitModel,
+    KeyGroup,
+    attention_groups,
+    image_rotary_tables,
+)
 from ..models.glyph import GlyphEncoder
 from ..ops import Ops
+from ..progress import Progress
 from ..sampling import euler_step, flow_schedule, guidance, image_seeds, image_seq_len
 from ..weights import load_model
 from .loading import prepare_stage
@@ -36,21 +45,19 @@ from .protocol import upsample_grid
 
 __all__ = ["DitEngine"]
 
-Progress = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
 class _Plan:
-    text: torch.Tensor  # glyph embeddings: (B, T) or, with guidance, (2B, T) [cond; uncond]
-    keep: torch.Tensor | None  # (2B, T) real glyph tokens when the branches are padded together
+    text: torch.Tensor  # glyph embeddings: (B, T, d) or, with guidance, (2B, T, d) [cond; uncond]
     prior: torch.Tensor
     drop: torch.Tensor  # prior dropped: False on conditional rows, True on unconditional rows
     size: torch.Tensor
     crop: torch.Tensor
     guidance: float
-    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # the image grid's rotary table, built once
+    rope: tuple[torch.Tensor, torch.Tensor]  # the image grid's rotary table, built once
+    groups: tuple[KeyGroup, ...]  # rows that see the same keys (glyph padding, cache reads)
     cache: ConditionKVCache | None = None  # image-to-image condition K/V
-    read_rows: torch.Tensor | None = None  # rows that attend to it (the conditional branch)
 
 
 # one condition image: the picture, its VQ codes (h*w,) and its code grid (h, w)
@@ -61,7 +68,7 @@ def _first_half(rows: int, guidance: float) -> torch.Tensor | None:
     """With CFG the first half of the batch is conditional: only those rows read the cache."""
     if guidance == 1:
         return None
-    read = torch.zeros(rows, dtype=torch.bool)
+    read = torch.zeros(rows, dtype=torch.bool)  # on the CPU: planning reads it, the device never
     read[: rows // 2] = True
     return read
 
@@ -76,6 +83,10 @@ class DitEngine:
         self.config = config
         self.device = device
         self.dtype = next(model.parameters()).dtype
+        # the VAE's latents_mean and latents_std (2, 1, C, 1, 1): float32, cast where used, as the
+        # reference does; normalises condition latents and de-normalises final ones
+        statistics = [config.vae.latents_mean, config.vae.latents_std]
+        self._latent_stats = torch.tensor(statistics, dtype=torch.float32, device=device).view(2, 1, -1, 1, 1)
 
     @classmethod
     def from_pretrained(
@@ -108,13 +119,11 @@ class DitEngine:
         self.device = torch.device(device)
         for module in (self.model, self.glyph.encoder, self.vae):
             module.to(self.device)
+        self._latent_stats = self._latent_stats.to(self.device)
         return self
 
     def _check(self, prior: torch.Tensor, prompts: Sequence[str], height: int, width: int) -> int:
-        factor = self.config.image_grid_factor
-        for name, value in (("height", height), ("width", width)):
-            if not isinstance(value, int) or value < factor or value % factor:
-                raise GlmImageError(f"{name} = {value!r} must be a positive multiple of {factor}")
+        self.config.size_limits.check_size(height, width)
         patch = self.config.vae.scale_factor * self.config.dit.patch_size
         expected = (height // patch) * (width // patch)
         if prior.dim() != 2 or prior.shape[1] != expected:
@@ -169,12 +178,12 @@ class DitEngine:
             self._noise(prior.shape[0], height, width, seeds) if latents is None else latents.to(self.device)
         )
 
-        plan = self._plan(prior, prompts, per_prompt, height, width, guidance_scale, isolate_prompts)
+        cache = None
         if conditions is not None:
             if len(conditions) != len(prompts):
                 raise GlmImageError(f"conditions: {len(conditions)} lists for {len(prompts)} prompts")
-            read_rows = _first_half(plan.prior.shape[0], plan.guidance)
-            plan = dataclasses.replace(plan, cache=self._write_conditions(conditions), read_rows=read_rows)
+            cache = self._write_conditions(conditions)
+        plan = self._plan(prior, prompts, per_prompt, height, width, guidance_scale, isolate_prompts, cache)
         schedule = flow_schedule(num_inference_steps, image_seq_len(height, width), self.config.scheduler)
         sigmas = schedule.sigmas.to(self.device)
         # The latents stay float32 between steps (the scheduler's upcast); the model sees its dtype.
@@ -183,11 +192,14 @@ class DitEngine:
             velocity = self._velocity(plan, latents, t)
             latents = euler_step(latents, velocity, sigmas[i], sigmas[i + 1])
             if progress is not None:
-                progress(i + 1, num_inference_steps)
+                progress("dit", i + 1, num_inference_steps)
         return latents
 
-    def _plan(self, prior, prompts, per_prompt, height, width, guidance_scale, isolate_prompts=True) -> _Plan:
-        """Everything a step needs besides the latents and t: built once per call."""
+    def _plan(
+        self, prior, prompts, per_prompt, height, width, guidance_scale, isolate_prompts=True, cache=None
+    ) -> _Plan:
+        """Everything a step needs besides the latents and t: built once per call. ``cache``: the
+        condition K/V (image-to-image), read by the conditional rows."""
         b = prior.shape[0]
         patch = self.config.vae.scale_factor * self.config.dit.patch_size
         rope = image_rotary_tables(
@@ -195,19 +207,25 @@ class DitEngine:
         )
         cond, lengths = self.glyph.encode(prompts, return_lengths=True)
         cond = cond.repeat_interleave(per_prompt, dim=0).to(self.dtype)
+        # Without isolation a prompt's padding stays visible to its rows, as in the reference's
+        # batch: all conditional rows then see the same keys.
         cond_keep = None
         if isolate_prompts and len(set(lengths)) > 1:
-            cond_keep = _real_tokens(cond.shape[1], lengths, self.device).repeat_interleave(per_prompt, dim=0)
+            cond_keep = _real_tokens(cond.shape[1], lengths).repeat_interleave(per_prompt, dim=0)
         size = torch.tensor([[height, width]], dtype=self.dtype, device=self.device).repeat(b, 1)
         crop = torch.zeros((b, 2), dtype=self.dtype, device=self.device)
-        keep_prior = torch.zeros_like(prior, dtype=torch.bool)
-        if guidance_scale == 1:
-            return _Plan(cond, cond_keep, prior, keep_prior, size, crop, 1.0, rope)
-        uncond = self.glyph.encode([""] * len(prompts)).repeat_interleave(per_prompt, dim=0).to(self.dtype)
-        text, keep = _stack_padded(cond, uncond, cond_keep)
-        drop = torch.cat([keep_prior, torch.ones_like(keep_prior)])
-        twice = (torch.cat([x, x]) for x in (prior, size, crop))
-        return _Plan(text, keep, next(twice), drop, next(twice), next(twice), guidance_scale, rope)
+        drop = torch.zeros_like(prior, dtype=torch.bool)
+        text, keep = cond, cond_keep
+        if guidance_scale > 1:
+            uncond = self.glyph.encode([""] * len(prompts)).repeat_interleave(per_prompt, dim=0)
+            text, keep = _stack_padded(cond, uncond.to(self.dtype), cond_keep)
+            drop = torch.cat([drop, torch.ones_like(drop)])
+            prior, size, crop = (torch.cat([x, x]) for x in (prior, size, crop))
+        mode = CacheMode.READ if cache is not None else None
+        groups = attention_groups(
+            text.shape[0], keep, cache, mode, _first_half(text.shape[0], guidance_scale)
+        )
+        return _Plan(text, prior, drop, size, crop, float(guidance_scale), rope, groups, cache)
 
     def _write_conditions(self, conditions: Sequence[Sequence[Condition]]) -> ConditionKVCache:
         """Run each condition image once at t = 0 and keep its per-layer K/V, one sample per prompt."""
@@ -215,8 +233,7 @@ class DitEngine:
 
         vae_cfg, multiple = self.config.vae, self.config.vae.scale_factor * self.config.dit.patch_size
         processor = VaeImageProcessor(vae_scale_factor=vae_cfg.scale_factor)
-        mean = torch.tensor(vae_cfg.latents_mean, device=self.device, dtype=self.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(vae_cfg.latents_std, device=self.device, dtype=self.dtype).view(1, -1, 1, 1)
+        mean, std = self._latent_stats.to(self.dtype)
         cache = ConditionKVCache(self.config.dit.num_layers)
         for prompt_index, prompt_conditions in enumerate(conditions):
             for image_index, (image, codes, (rows, cols)) in enumerate(prompt_conditions):
@@ -259,10 +276,9 @@ class DitEngine:
             step_t,
             plan.size,
             plan.crop,
-            text_keep=plan.keep,
             cache=plan.cache,
             mode=CacheMode.READ if plan.cache is not None else None,
-            read_rows=plan.read_rows,
+            groups=plan.groups,
             rope=plan.rope,
         )
         velocity = velocity.float()
@@ -279,8 +295,7 @@ class DitEngine:
 
         vae_cfg = self.config.vae
         dtype = next(self.vae.parameters()).dtype
-        mean = torch.tensor(vae_cfg.latents_mean, device=self.device, dtype=dtype).view(1, -1, 1, 1)
-        std = torch.tensor(vae_cfg.latents_std, device=self.device, dtype=dtype).view(1, -1, 1, 1)
+        mean, std = self._latent_stats.to(dtype)
         latents = latents.to(dtype) * std + mean
         pixels = latents.shape[-2] * latents.shape[-1] * vae_cfg.scale_factor**2
         if tiled if tiled is not None else pixels > 1024 * 1024:
@@ -292,17 +307,18 @@ class DitEngine:
         return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in images]
 
 
-def _real_tokens(length: int, lengths: Sequence[int], device: torch.device) -> torch.Tensor:
-    """(B, length) bool: True on the last ``lengths[i]`` positions of row i (left padding)."""
-    positions = torch.arange(length, device=device)
-    starts = length - torch.tensor(lengths, device=device)
+def _real_tokens(length: int, lengths: Sequence[int]) -> torch.Tensor:
+    """(B, length) bool on the CPU: True on the last ``lengths[i]`` positions of row i (left padding)."""
+    positions = torch.arange(length)
+    starts = length - torch.tensor(lengths)
     return positions[None, :] >= starts[:, None]
 
 
 def _stack_padded(
     cond: torch.Tensor, uncond: torch.Tensor, cond_keep: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[cond; uncond] along the batch, the shorter left-padded; (B2, T) mask of real tokens.
+    """[cond; uncond] along the batch, the shorter left-padded; (B2, T) mask of real tokens, on
+    the CPU (it only plans the attention groups).
 
     ``cond_keep`` marks the real tokens of ``cond`` when its rows carry padding of their own.
     """
@@ -311,7 +327,7 @@ def _stack_padded(
     for x, own in ((cond, cond_keep), (uncond, None)):
         pad = length - x.shape[1]
         parts.append(torch.cat([x.new_zeros((x.shape[0], pad, x.shape[2])), x], dim=1))
-        keep = torch.ones((x.shape[0], length), dtype=torch.bool, device=x.device)
+        keep = torch.ones((x.shape[0], length), dtype=torch.bool, device="cpu")
         keep[:, :pad] = False
         if own is not None:
             keep[:, pad:] = own

@@ -13,7 +13,13 @@ coordinates make the conditioning vector. Output: final AdaLN, projection, unpat
 
 Condition images (image-to-image) are run once at t = 0 with the cache in ``WRITE`` mode; each
 layer keeps their keys and values. Conditional steps ``READ`` them (prepended to the keys),
-unconditional steps ``SKIP`` them. In a batched CFG forward, ``read_rows`` says which rows read.
+unconditional steps ``SKIP`` them.
+
+Attention never takes a mask. In a batched forward, rows may see different keys: glyph
+sequences of different lengths are left-padded together (the padding hidden), and under CFG only
+the conditional rows read the cache. The batch is planned once per call into key groups
+(``attention_groups``), runs of consecutive rows that see as many keys, and each group attends
+over exactly its keys without a mask, so a GPU's SDPA keeps its FlashAttention kernel.
 
 Module names follow the checkpoint's ``transformer/`` tensors; only q/k/v are fused (one GEMM).
 AdaLN modulation, QK-norm + RoPE and attention run through the ops backend (``self.ops``).
@@ -23,6 +29,8 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +40,16 @@ from ..config import DitConfig
 from ..ops import Ops, TorchOps
 from ..weights import Fuse
 
-__all__ = ["CacheMode", "ConditionKVCache", "DitModel", "image_rotary_tables", "timestep_embedding"]
+__all__ = [
+    "CacheMode",
+    "ConditionKVCache",
+    "DitModel",
+    "KeyGroup",
+    "attention_groups",
+    "image_rotary_tables",
+    "key_groups",
+    "timestep_embedding",
+]
 
 _EPS = 1e-5
 
@@ -69,15 +86,85 @@ class ConditionKVCache:
             keys[self.sample] = torch.cat([keys[self.sample], k], dim=2)
             values[self.sample] = torch.cat([values[self.sample], v], dim=2)
 
-    def get(self, layer: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stored K/V for ``rows`` reading rows: one sample shared, one per row, or each repeated."""
+    def samples(self, rows: int) -> list[int]:
+        """The sample each of ``rows`` reading rows reads: one sample shared by all rows, one per
+        row, or each sample for as many consecutive rows (its prompt's images)."""
         n = self.num_samples
         if n == 0 or rows % n:
             raise ValueError(f"condition cache holds {n} samples; cannot serve {rows} rows (need a multiple)")
-        repeat = rows // n
-        keys = torch.cat([k.expand(repeat, -1, -1, -1) for k in self.keys[layer]])
-        values = torch.cat([v.expand(repeat, -1, -1, -1) for v in self.values[layer]])
-        return keys, values
+        return [row // (rows // n) for row in range(rows)]
+
+    def rows(self, layer: int, samples: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored K/V (rows, heads, S, D) for rows reading ``samples`` (one per row)."""
+        keys, values = self.keys[layer], self.values[layer]
+        if len(set(samples)) == 1:  # a view, no copy: the common case (one prompt)
+            shape = (len(samples), -1, -1, -1)
+            return keys[samples[0]].expand(shape), values[samples[0]].expand(shape)
+        return torch.cat([keys[s] for s in samples]), torch.cat([values[s] for s in samples])
+
+
+@dataclass(frozen=True)
+class KeyGroup:
+    """Consecutive batch rows [start, stop) that see as many keys, so one attention call without
+    a mask serves them all: their text keys from ``text_from`` on (the glyphs are left-padded, so
+    what a row sees of them is a suffix), every image key, and in front of them, when ``samples``
+    is given, the condition cache's keys of those samples (one per row)."""
+
+    start: int
+    stop: int
+    text_from: int = 0
+    samples: tuple[int, ...] | None = None
+
+
+def key_groups(
+    text_from: Sequence[int], samples: Sequence[int | None], stored: Sequence[int] = ()
+) -> tuple[KeyGroup, ...]:
+    """Per row, its first visible text key and the cache sample it reads (None: none); per
+    sample, how many keys it stored (when samples differ in that) -> the runs of consecutive
+    rows that see as many keys: the same ``text_from``, and none reading or all reading as many."""
+
+    def seen(row: int) -> tuple[int, int | None]:
+        sample = samples[row]
+        return text_from[row], None if sample is None else stored[sample] if stored else 0
+
+    groups: list[KeyGroup] = []
+    start = 0
+    for row in range(1, len(text_from) + 1):
+        if row < len(text_from) and seen(row) == seen(start):
+            continue
+        reads = samples[start] is not None
+        groups.append(KeyGroup(start, row, text_from[start], tuple(samples[start:row]) if reads else None))
+        start = row
+    return tuple(groups)
+
+
+def attention_groups(
+    batch: int,
+    text_keep: torch.Tensor | None = None,
+    cache: ConditionKVCache | None = None,
+    mode: CacheMode | None = None,
+    read_rows: torch.Tensor | None = None,
+) -> tuple[KeyGroup, ...]:
+    """The key groups of a forward over ``batch`` rows: ``text_keep`` (B, T) bool marks each
+    row's real glyph tokens (a suffix: left padding; None = all real); in ``READ`` mode the rows
+    ``read_rows`` (B,) bool (None = all) read the cache. Reads both back to the host, so plan it
+    once per call, not per step (the engine keeps them on the CPU)."""
+    text_from = [0] * batch
+    if text_keep is not None:
+        for row, keep in enumerate(text_keep.tolist()):
+            text_from[row] = keep.count(False)
+            if not all(keep[text_from[row] :]):
+                raise ValueError(
+                    f"text_keep row {row}: its real glyph tokens must be a suffix (left padding)"
+                )
+    samples: list[int | None] = [None] * batch
+    stored: list[int] = []
+    if cache is not None and mode is CacheMode.READ:
+        reading = range(batch) if read_rows is None else read_rows.nonzero().flatten().tolist()
+        for row, sample in zip(reading, cache.samples(len(reading)), strict=True):
+            samples[row] = sample
+        stored = [k.shape[2] for k in cache.keys[0]]
+    return key_groups(text_from, samples, stored)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -180,11 +267,10 @@ class Block(nn.Module):
         text: torch.Tensor,  # (B, T, dim)
         temb: torch.Tensor,  # (B, time_dim)
         rope: tuple[torch.Tensor, torch.Tensor],
-        bias: torch.Tensor | None,  # additive attention bias (B, 1, T + N, keys) or None
+        groups: Sequence[KeyGroup],
         cache: ConditionKVCache | None,
         mode: CacheMode | None,
         layer: int,
-        read_rows: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         dim, t_len = image.shape[-1], text.shape[1]
         (
@@ -214,10 +300,8 @@ class Block(nn.Module):
         v = v.transpose(1, 2)
         if cache is not None and mode is CacheMode.WRITE:
             cache.store(layer, k, v)
-        elif cache is not None and mode is CacheMode.READ:
-            k, v = _with_cache(cache, layer, k, v, read_rows)
-        out = ops.attention(q, k, v, mask=bias, scale=head_dim**-0.5)
-        out = self.attn1.to_out[0](out.transpose(1, 2).flatten(2))
+        out = _grouped_attention(ops, q, k, v, groups, cache, layer, head_dim**-0.5)  # (B, S, heads, D)
+        out = self.attn1.to_out[0](out.flatten(2))
         out_txt, out_img = out.split([t_len, s - t_len], dim=1)
 
         image = image + out_img * gate
@@ -227,19 +311,29 @@ class Block(nn.Module):
         return image + ff_img * gate_mlp, text + ff_txt * c_gate_mlp
 
 
-def _with_cache(
-    cache: ConditionKVCache, layer: int, k: torch.Tensor, v: torch.Tensor, read_rows: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Prepend the stored K/V; rows that do not read get zeros there (masked by the bias)."""
-    b = k.shape[0]
-    if read_rows is None:
-        ck, cv = cache.get(layer, b)
-    else:
-        rows = read_rows.nonzero().flatten()
-        stored_k, stored_v = cache.get(layer, rows.numel())
-        ck = stored_k.new_zeros((b, *stored_k.shape[1:])).index_copy_(0, rows, stored_k)
-        cv = stored_v.new_zeros((b, *stored_v.shape[1:])).index_copy_(0, rows, stored_v)
-    return torch.cat([ck, k], dim=2), torch.cat([cv, v], dim=2)
+def _grouped_attention(
+    ops: Ops,
+    q: torch.Tensor,  # (B, heads, S, D)
+    k: torch.Tensor,  # (B, heads, S, D)
+    v: torch.Tensor,
+    groups: Sequence[KeyGroup],
+    cache: ConditionKVCache | None,
+    layer: int,
+    scale: float,
+) -> torch.Tensor:
+    """Each group's rows attend over exactly the keys they see (mask=None); (B, S, heads, D).
+
+    Every query is computed, glyph padding included: a padding query still sees its row's image
+    keys, so it stays finite, and no query ever sees it as a key."""
+    outs = []
+    for group in groups:
+        rows = slice(group.start, group.stop)
+        keys, values = k[rows, :, group.text_from :], v[rows, :, group.text_from :]
+        if group.samples is not None:
+            stored_k, stored_v = cache.rows(layer, group.samples)
+            keys, values = torch.cat([stored_k, keys], dim=2), torch.cat([stored_v, values], dim=2)
+        outs.append(ops.attention(q[rows], keys, values, mask=None, scale=scale).transpose(1, 2))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 class DitModel(nn.Module):
@@ -280,15 +374,21 @@ class DitModel(nn.Module):
         target_size: torch.Tensor,  # (B, 2) (height, width) in pixels
         crop_coords: torch.Tensor,  # (B, 2)
         *,
-        text_mask: torch.Tensor | None = None,  # (B, T), 1 = real glyph token (the reference's mask)
-        text_keep: torch.Tensor | None = None,  # (B, T) bool, False = padding no query may see
+        text_keep: torch.Tensor | None = None,  # (B, T) bool, False = left padding no query may see
         cache: ConditionKVCache | None = None,
         mode: CacheMode | None = None,
         read_rows: torch.Tensor | None = None,  # (B,) bool: rows that read the cache (default all)
+        groups: Sequence[KeyGroup] | None = None,  # attention_groups(...), if planned once per call
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # image_rotary_tables, if precomputed
     ) -> torch.Tensor:
-        """Velocity (B, C, H, W)."""
+        """Velocity (B, C, H, W). Which keys each row sees: ``groups``, or else ``text_keep`` and
+        ``read_rows`` (turned into groups here, reading them back to the host)."""
         b, c, h, w = latents.shape
+        if groups is None:
+            groups = attention_groups(b, text_keep, cache, mode, read_rows)
+        elif text_keep is not None or read_rows is not None:
+            raise ValueError("give groups or text_keep/read_rows, not both")
+        _check_groups(groups, b, cache is not None and mode is CacheMode.READ)
         p = self.config.patch_size
         rows, cols = h // p, w // p
         patches = (
@@ -301,46 +401,24 @@ class DitModel(nn.Module):
         temb = self.time_condition_embed(timestep, target_size, crop_coords, image.dtype)
         if rope is None:
             rope = image_rotary_tables(rows, cols, self.config.attention_head_dim, latents.device)
-        bias = self._attention_bias(text, image, text_mask, text_keep, cache, mode, read_rows)
 
         for i, block in enumerate(self.transformer_blocks):
-            image, text = block(self.ops, image, text, temb, rope, bias, cache, mode, i, read_rows)
+            image, text = block(self.ops, image, text, temb, rope, groups, cache, mode, i)
 
         scale, shift = self.norm_out.linear(temb.to(image.dtype)).chunk(2, dim=1)
         image = F.layer_norm(image, (image.shape[-1],), eps=_EPS) * (1 + scale)[:, None] + shift[:, None]
         out = self.proj_out(image).reshape(b, rows, cols, -1, p, p)
         return out.permute(0, 3, 1, 4, 2, 5).flatten(4, 5).flatten(2, 3)
 
-    @staticmethod
-    def _attention_bias(text, image, text_mask, text_keep, cache, mode, read_rows) -> torch.Tensor | None:
-        """The additive attention bias, or None when every row sees every key unbiased.
 
-        ``text_mask`` is the reference's: a 0/1 *float* matrix that SDPA adds to the scores (real
-        pairs +1, pairs touching glyph padding +0), reproduced as it is. ``text_keep`` and rows
-        that skip the condition cache hide keys for real (-inf); these let one batched forward
-        equal separate ones (e.g. CFG branches with glyph sequences of different lengths).
-        """
-        b, t_len, n = text.shape[0], text.shape[1], image.shape[1]
-        reading = cache is not None and mode is CacheMode.READ
-        stored = cache.keys[0][0].shape[2] if reading and cache.num_samples else 0
-        bias = None
-        if text_mask is not None:
-            if reading:
-                raise ValueError(
-                    "text_mask with a condition cache read is not supported (nor by the reference)"
-                )
-            mix = torch.ones(b, t_len + n, device=image.device)
-            mix[:, :t_len] = text_mask.float()
-            bias = ((mix[:, :, None] * mix[:, None, :]) > 0).unsqueeze(1).to(image.dtype)
-        hide = torch.zeros(b, stored + t_len + n, dtype=torch.bool, device=image.device)
-        if text_keep is not None:
-            hide[:, stored : stored + t_len] = ~text_keep
-        if reading and read_rows is not None:
-            hide[~read_rows, :stored] = True
-        if text_keep is not None or (reading and read_rows is not None):
-            hidden = torch.zeros(hide.shape, dtype=image.dtype, device=image.device).masked_fill_(
-                hide, float("-inf")
-            )
-            hidden = hidden[:, None, None, :]
-            bias = hidden if bias is None else bias + hidden
-        return bias
+def _check_groups(groups: Sequence[KeyGroup], batch: int, reading: bool) -> None:
+    """The groups cover the batch's rows in order, and rows read the cache only in a read."""
+    covered = 0
+    for group in groups:
+        if group.start != covered or group.stop <= group.start:
+            break
+        covered = group.stop
+    if covered != batch:
+        raise ValueError(f"groups must cover rows 0..{batch} in order; got {list(groups)}")
+    if not reading and any(g.samples is not None for g in groups):
+        raise ValueError("groups read the condition cache, but this forward does not (mode is not READ)")
