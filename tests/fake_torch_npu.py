@@ -2,7 +2,7 @@
 ``npu`` backend calls, in plain torch.
 
 torch_npu cannot be imported without the CANN toolkit, so the backend is tested against this
-emulation (DESIGN.md 4.4). It is written from the torch_npu / CANN documentation, not from
+emulation. It is written from the torch_npu / CANN documentation, not from
 ``glm_image.ops``: where the two disagree, the backend is wrong. Each function states its
 source. What the documentation fixes is enforced the way the real op would enforce it (an
 error, not a silent result): dtypes, layouts, shapes, contiguity where it is required. What the

@@ -1,9 +1,10 @@
 """The ``npu`` backend against a fake torch_npu that implements the documented op contracts.
 
-Hardware-unverified (DESIGN.md 4.4): these tests show that NpuOps calls the torch_npu operators
-the way their documentation says (scale passed, mask polarity, BNSD layout, GQA heads, argument
-order, output order) and falls back where the documented limits exclude an input; they cannot
-show speed, graph capture or the fused kernels' exact numerics.
+Hardware-unverified (torch_npu needs the CANN toolkit): these tests show that NpuOps calls the
+torch_npu operators the way their documentation says (scale passed, mask polarity, BNSD layout,
+GQA heads, argument order, output order) and falls back where the documented limits exclude an
+input; they cannot show speed, graph capture or the fused kernels' exact numerics (on an NPU,
+the self-check compares every op with sdpa before it serves: ``glm_image.ops.selfcheck``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from ar_helpers import prompt_logits
 from fake_torch_npu import install, make_module, reference_attention
 
 from glm_image.device import npu_module
@@ -19,13 +21,11 @@ from glm_image.errors import GlmImageError
 from glm_image.models.dit import image_rotary_tables
 from glm_image.ops import BACKENDS, TorchOps, available_backends, npu_ops, select_ops
 from glm_image.ops.npu_ops import NpuOps
+from glm_image.ops.selfcheck import TOLERANCES
 
 REF = TorchOps()
-TOL = {
-    torch.float32: {"atol": 1e-5, "rtol": 1e-5},
-    torch.bfloat16: {"atol": 3e-2, "rtol": 3e-2},
-    torch.float16: {"atol": 3e-3, "rtol": 3e-3},
-}
+# each op against sdpa, element by element, over the table the parity tests and the self-check use
+TOL = {dtype: {"atol": atol, "rtol": rtol} for dtype, (atol, rtol) in TOLERANCES.items()}
 ALL_DTYPES = list(TOL)
 HALF = [torch.bfloat16, torch.float16]
 
@@ -449,34 +449,51 @@ def _with_ops(engine, ops, run):
 
 def test_ar_model_float32_unchanged(ar_engines, ops):
     engine = ar_engines[torch.float32]
-    want_logits, valid = engine.prompt_logits(PROMPTS, 64, 64)
-    want = engine.generate(PROMPTS, 64, 64, greedy_decoding=True, max_new_tokens=12).tokens
-    got_logits, _ = _with_ops(engine, ops, lambda: engine.prompt_logits(PROMPTS, 64, 64))
-    got = _with_ops(
-        engine, ops, lambda: engine.generate(PROMPTS, 64, 64, greedy_decoding=True, max_new_tokens=12)
-    )
+    want_logits, valid = prompt_logits(engine, PROMPTS, 64, 64)
+    want = engine.generate(PROMPTS, 64, 64, greedy=True, max_new_tokens=12).tokens
+    got_logits, _ = _with_ops(engine, ops, lambda: prompt_logits(engine, PROMPTS, 64, 64))
+    got = _with_ops(engine, ops, lambda: engine.generate(PROMPTS, 64, 64, greedy=True, max_new_tokens=12))
     torch.testing.assert_close(got_logits[valid], want_logits[valid], atol=1e-4, rtol=0)
     assert torch.equal(got.tokens, want)
     # fp32 attention is outside the documented dtypes; everything else ran on the fake torch_npu
     assert sorted(op for op, _ in ops.fallbacks) == ["attention", "decode_attention"]
 
 
+# bf16 bounds, measured with the inputs below on tiny checkpoints built with seeds 0-4 (the
+# fixture's is seed 0): the fused ops round once where sdpa rounds after each step, layer after
+# layer. Prompt logits: max |diff| / max |logit| 1.3e-2 on seed 0, 1.8e-2 at worst; the bound
+# leaves 1.4x over the worst. DiT velocity (with and without glyph padding, three latent/glyph
+# seeds each): max |diff| / max |velocity| 4.6e-3 on seed 0, 6.6e-3 at worst; the bound leaves
+# 1.5x.
+AR_BF16_BOUND = 2.5e-2
+DIT_BF16_BOUND = 1e-2
+
+
 def test_ar_model_bfloat16_unchanged(ar_engines, ops):
     engine = ar_engines[torch.bfloat16]
-    want_logits, valid = engine.prompt_logits(PROMPTS, 64, 64)
-    got_logits, _ = _with_ops(engine, ops, lambda: engine.prompt_logits(PROMPTS, 64, 64))
+    want_logits, valid = prompt_logits(engine, PROMPTS, 64, 64)
+    got_logits, _ = _with_ops(engine, ops, lambda: prompt_logits(engine, PROMPTS, 64, 64))
     scale = want_logits[valid].abs().max()
-    torch.testing.assert_close(got_logits[valid] / scale, want_logits[valid] / scale, atol=3e-2, rtol=0)
-    want = engine.generate(PROMPTS, 64, 64, greedy_decoding=True, max_new_tokens=12, return_logits=True)
+    torch.testing.assert_close(
+        got_logits[valid] / scale, want_logits[valid] / scale, atol=AR_BF16_BOUND, rtol=0
+    )
+    want = engine.generate(PROMPTS, 64, 64, greedy=True, max_new_tokens=12, return_logits=True)
     got = _with_ops(
         engine,
         ops,
-        lambda: engine.generate(PROMPTS, 64, 64, greedy_decoding=True, max_new_tokens=12, return_logits=True),
+        lambda: engine.generate(PROMPTS, 64, 64, greedy=True, max_new_tokens=12, return_logits=True),
     )
-    # One fused kernel rounds bf16 differently from sdpa's several ops, so a near-tie may flip a
-    # greedy token; on this checkpoint all agree (the float32 test demands every token).
-    agree = (got.tokens == want.tokens).float().mean()
-    assert agree >= 0.75, f"only {agree:.0%} of greedy bf16 tokens agree"
+    # Greedy tokens agreed on four of the five measured checkpoints; on one, a near-tie flipped a
+    # token and the rows diverged from there. So each row must agree up to its first difference,
+    # and there the reference's margin between its token and ours must be one that logits
+    # within the bound can reverse (each side off by at most AR_BF16_BOUND * max |logit|).
+    for row, (ours, theirs) in enumerate(zip(got.tokens, want.tokens, strict=True)):
+        differ = (ours != theirs).nonzero().flatten()
+        if differ.numel():
+            step = int(differ[0])
+            logits = want.logits[step][row]
+            gap = logits[theirs[step]] - logits[ours[step]]
+            assert gap <= 2 * AR_BF16_BOUND * logits.abs().max(), f"row {row} step {step}: gap {gap}"
     assert ops.fallbacks == []  # every op, attention and decode included, ran on torch_npu
 
 
@@ -484,7 +501,7 @@ def _dit_inputs(config, dtype, batch=2, height=8, width=12, text=5):
     g = torch.Generator().manual_seed(0)
     n = (height // 2) * (width // 2)
     keep = torch.ones(batch, text, dtype=torch.bool)
-    keep[1, :2] = False  # a shorter glyph sequence padded with keys no query sees: a -inf bias
+    keep[1, :2] = False  # a shorter glyph sequence, left-padded with keys no query sees
     return {
         "latents": torch.randn(batch, 16, height, width, generator=g).to(dtype),
         "glyph": torch.randn(batch, text, config.text_embed_dim, generator=g).to(dtype),
@@ -509,25 +526,25 @@ def dit_models(tiny_checkpoint):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dit_velocity_unchanged(dit_models, ops, dtype):
+    """Through torch_npu, with a shorter prompt's glyph padding (``text_keep``) and without."""
     model = dit_models[dtype]
-    x = _dit_inputs(model.config, dtype)
+    padded = _dit_inputs(model.config, dtype)
+    unpadded = {**padded, "text_keep": None}
     with torch.inference_mode():
-        want = model(**x)
+        want = [model(**x) for x in (padded, unpadded)]
         saved, model.ops = model.ops, ops
         try:
-            got = model(**x)
-            with_text_mask = model(
-                **{**x, "text_keep": None}, text_mask=torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])
-            )
+            got = [model(**x) for x in (padded, unpadded)]
         finally:
             model.ops = saved
-        want_text_mask = model(**{**x, "text_keep": None}, text_mask=torch.tensor([[1] * 5, [0, 0, 1, 1, 1]]))
-    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 5e-2, "rtol": 5e-2}
-    torch.testing.assert_close(got, want, **tol)
-    torch.testing.assert_close(with_text_mask, want_text_mask, **tol)
-    reasons = dict(ops.fallbacks)
-    assert set(reasons) == {"attention"}  # qk_norm_rope ran npu_rotary_mul in both dtypes
-    if dtype == torch.float32:
-        assert "float16/bfloat16" in reasons["attention"]
-    else:  # the -inf glyph padding became an atten_mask; the reference's 0/1 bias cannot
-        assert "pse_shift" in reasons["attention"]
+    for g, w in zip(got, want, strict=True):
+        if dtype == torch.float32:
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        else:
+            scale = w.abs().max()
+            torch.testing.assert_close(g / scale, w / scale, atol=DIT_BF16_BOUND, rtol=0)
+    if dtype == torch.float32:  # outside the documented query dtypes; qk_norm_rope ran on torch_npu
+        assert [op for op, _ in ops.fallbacks] == ["attention"]
+        assert "float16/bfloat16" in ops.fallbacks[0][1]
+    else:  # the glyph padding never needs a mask the fused attention cannot take
+        assert ops.fallbacks == []

@@ -34,7 +34,7 @@ from ..sampling import SamplingParams, image_seeds
 from ..weights import load_model
 from .decode import DecodeLoop, NoiseStream, TokenPicker
 from .graphs import graph_module
-from .loading import prepare_stage
+from .loading import prepare_stage, verify_ops
 from .protocol import GridSpec, decode_positions, prompt_positions, upsample_grid
 
 __all__ = ["DECODE_STEPS", "ArEngine", "ArResult"]
@@ -142,6 +142,7 @@ class ArEngine:
             device=setup.device,
             dtype=dtype,
         )
+        verify_ops(setup, model)
         if setup.device.type == "cpu":
             # A CPU GEMV over a short-rowed matrix is faster with the matrix stored column-major
             # (measured: 2.3x on the tiny head, no change at the released widths). Same values,

@@ -40,7 +40,7 @@ from ..ops import Ops
 from ..progress import Progress
 from ..sampling import euler_step, flow_schedule, guidance, image_seeds, image_seq_len
 from ..weights import load_model
-from .loading import prepare_stage
+from .loading import prepare_stage, verify_ops
 from .protocol import upsample_grid
 
 __all__ = ["DitEngine"]
@@ -105,6 +105,7 @@ class DitEngine:
         model = load_model(
             lambda: DitModel(config.dit, ops), root / "transformer", device=device, dtype=dtype
         )
+        verify_ops(setup, model)
         glyph = GlyphEncoder.from_pretrained(root, config, device=device, dtype=dtype)
         # fp16 overflows in this VAE (force_upcast in its config): decode it in float32 then.
         vae_dtype = torch.float32 if dtype == torch.float16 and config.vae.force_upcast else dtype

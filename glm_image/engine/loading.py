@@ -11,7 +11,7 @@ import torch
 from ..config import CheckpointConfig
 from ..ops import Ops, select_ops
 
-__all__ = ["StageSetup", "prepare_stage"]
+__all__ = ["StageSetup", "prepare_stage", "verify_ops"]
 
 
 @dataclass(frozen=True)
@@ -38,3 +38,12 @@ def prepare_stage(
     else:
         ops = select_ops(attention_backend, device, stage=stage)
     return StageSetup(root, config, device, ops)
+
+
+def verify_ops(setup: StageSetup, model: torch.nn.Module) -> None:
+    """Check the backend's kernels against the reference once for this (device, dtype), at the
+    loaded model's sizes, before the first forward (``Ops.verify``; a no-op for ``sdpa`` and once
+    done for a process). A kernel that fails is switched off with one warning."""
+    from ..ops import CheckSizes
+
+    setup.ops.verify(next(model.parameters()).dtype, CheckSizes.from_config(setup.config))

@@ -2,10 +2,50 @@
 cache), RMSNorm (+ residual add), LayerNorm + AdaLN modulation, M-RoPE and 2D RoPE, SwiGLU.
 
 Models call ops only through a backend object (``model.ops``); ``select_ops`` picks it once per
-engine. ``TorchOps`` (``sdpa``) is the reference every other backend is tested against.
+engine. ``TorchOps`` (``sdpa``) is the reference every other backend is tested against, and its
+ops are the kernels' twins. Before another backend serves a (device, dtype), its ops are checked
+against the reference once per process (``Ops.verify``, ``selfcheck``): one that fails is
+switched off.
 """
 
-from .registry import BACKENDS, CHOICES, available_backends, select_ops
-from .torch_ops import Ops, TorchOps
+from __future__ import annotations
 
-__all__ = ["BACKENDS", "CHOICES", "Ops", "TorchOps", "available_backends", "select_ops"]
+import importlib
+from typing import TYPE_CHECKING
+
+# The registry imports no torch: the CLI builds its `--attention-backend` choices from it.
+from .registry import BACKENDS, CHOICES, available_backends, select_ops
+
+if TYPE_CHECKING:
+    from .selfcheck import CheckRow, CheckSizes, check_backend, format_check
+    from .torch_ops import Ops, TorchOps
+
+_LAZY = {
+    "CheckRow": ".selfcheck",
+    "CheckSizes": ".selfcheck",
+    "check_backend": ".selfcheck",
+    "format_check": ".selfcheck",
+    "Ops": ".torch_ops",
+    "TorchOps": ".torch_ops",
+}
+
+__all__ = [
+    "BACKENDS",
+    "CHOICES",
+    "CheckRow",
+    "CheckSizes",
+    "Ops",
+    "TorchOps",
+    "available_backends",
+    "check_backend",
+    "format_check",
+    "select_ops",
+]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'glm_image.ops' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value

@@ -11,6 +11,9 @@ with torchair; the exact numerics of the fused kernels (accumulation order, bf16
 the high-precision/high-performance modes); and what the documentation leaves open, e.g. whether
 strided inputs that the docs do not forbid are accepted, or whether a masked key that holds NaN
 can leak into the output (the reference ``sdpa`` path leaks it; nothing here relies on it).
+On a real NPU the self-check (``Ops.verify``, ``selfcheck``) runs every op below against the
+reference before it serves a (device, dtype): an operator whose behaviour departs from its
+documentation is switched off for the process, with a warning, instead of trusted.
 
 Where each op comes from (documentation cited at each call):
 
@@ -42,7 +45,7 @@ import torch.nn.functional as F
 
 from ..device import npu_module
 from ..errors import GlmImageError
-from .torch_ops import TorchOps
+from .torch_ops import TorchOps, capturing
 
 __all__ = ["NpuOps"]
 
@@ -80,16 +83,6 @@ def _scale_argument(npu: ModuleType) -> str | None:
     return next((name for name in ("scale", "scale_value") if name in names), None)
 
 
-def _rebuilding() -> bool:
-    """True while a graph is captured or compiled: derived tensors must then be recomputed, so
-    that the work is recorded in the graph instead of read from an eager-mode memo."""
-    if torch.compiler.is_compiling():
-        return True
-    npu = getattr(torch, "npu", None)
-    capturing = getattr(npu, "is_current_stream_capturing", None)
-    return bool(capturing()) if callable(capturing) else False
-
-
 class _Memo:
     """Derived tensors, one per key, reused while the same source tensors come back.
 
@@ -109,7 +102,7 @@ class _Memo:
         return tuple(-1 if t.is_inference() else t._version for t in sources)
 
     def get(self, key: object, sources: tuple[torch.Tensor, ...], build: Callable[[], object]) -> object:
-        if _rebuilding():
+        if capturing("npu"):
             return build()
         hit = self._slots.get(key)
         versions = self._versions(sources)
@@ -148,7 +141,7 @@ def _ascend_mask(
     if mask.dtype == torch.bool:
         blocked = mask.logical_not()
     elif mask.is_floating_point():
-        if _rebuilding():
+        if capturing("npu"):
             return None, "a float bias cannot be checked for a pure -inf mask while capturing a graph"
         finite = torch.isfinite(mask)
         if bool((mask[finite] != 0).any()) or bool((~finite & ~torch.isneginf(mask)).any()):
@@ -257,6 +250,7 @@ class NpuOps(TorchOps):
         if why is None and mask is not None:
             key = ("mask", q.shape[0], q.shape[2], k.shape[2])
             blocked, why = self._memo.get(key, (mask,), lambda: _ascend_mask(mask, q, k))
+        why = why or self._switched_off("attention", q)
         if why is not None:
             self.fallback("attention", why)
             return super().attention(q, k, v, mask=mask, scale=scale)
@@ -277,6 +271,7 @@ class NpuOps(TorchOps):
             why = "decode takes one query per row and a bool `visible`"
         if why is None and tuple(visible.shape) != (q.shape[0], keys.shape[2]):
             why = f"visible {tuple(visible.shape)} is not (B, capacity)"
+        why = why or self._switched_off("decode_attention", q)
         if why is not None:
             self.fallback("decode_attention", why)
             return super().decode_attention(q, keys, values, visible, scale=scale, length=length)
@@ -305,7 +300,7 @@ class NpuOps(TorchOps):
         return None
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        if why := self._norm_limits("npu_rms_norm", x, weight):
+        if why := self._norm_limits("npu_rms_norm", x, weight) or self._switched_off("rms_norm", x):
             self.fallback("rms_norm", why)
             return super().rms_norm(x, weight, eps)
         # torch_npu.npu_rms_norm(self, gamma, epsilon=1e-06) -> (y, rstd): y = x / sqrt(mean(x^2)
@@ -328,6 +323,7 @@ class NpuOps(TorchOps):
             why = self._missing("npu_rms_norm")
         if why is None and (residual.dtype != x.dtype or residual.shape != x.shape):
             why = "x and residual differ in dtype or shape"
+        why = why or self._switched_off("add_rms_norm", x)
         if why is not None:
             self.fallback("add_rms_norm", why)
             return super().add_rms_norm(x, residual, weight, eps, pre_weight=pre_weight)
@@ -363,6 +359,7 @@ class NpuOps(TorchOps):
         why = self._rotary_limits(tuple(x.shape), x.dtype, (cos, signed_sin), rot)
         if why is None and (cos.shape != signed_sin.shape or tuple(cos.shape) != (*x.shape[:2], rot)):
             why = "tables are not (B, T, rot)"
+        why = why or self._switched_off("rotary_", x)
         if why is not None:
             self.fallback("rotary_", why)
             super().rotary_(x, cos, signed_sin)
@@ -389,6 +386,7 @@ class NpuOps(TorchOps):
         why = self._rotary_limits(image_shape, torch.float32, (cos, sin), q.shape[-1])
         if why is None and not cos.shape == sin.shape == (image_shape[1], q.shape[-1]):
             why = "rotary tables are not (S - text_len, D)"
+        why = why or self._switched_off("qk_norm_rope", q)
         if why is not None:
             self.fallback("qk_norm_rope", why)
             return super().qk_norm_rope(q, k, cos, sin, text_len, eps)
@@ -408,6 +406,7 @@ class NpuOps(TorchOps):
         why = self._missing("npu_swiglu")
         if why is None and (x.dtype not in _FLOATS or not 1 <= x.dim() <= 8 or x.shape[-1] % 2):
             why = "npu_swiglu takes float16/bfloat16/float32 of 1-8 dims, even along the split"
+        why = why or self._switched_off("swiglu", x)
         if why is not None:
             self.fallback("swiglu", why)
             return super().swiglu(x)

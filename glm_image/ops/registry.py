@@ -18,11 +18,14 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import GlmImageError
-from .torch_ops import Ops, TorchOps
+
+if TYPE_CHECKING:  # this module imports torch only when a backend is chosen (`--help` stays light)
+    import torch
+
+    from .torch_ops import Ops
 
 __all__ = ["BACKENDS", "BackendSpec", "available_backends", "select_ops"]
 
@@ -93,12 +96,16 @@ CHOICES = ("auto", *BACKENDS)
 
 def available_backends(device: torch.device | str) -> dict[str, str | None]:
     """Every registered backend -> None if it can serve ``device``, else the reason it cannot."""
+    import torch
+
     device = torch.device(device)
     return {name: spec.unusable(device) for name, spec in BACKENDS.items()}
 
 
 def select_ops(name: str | None, device: torch.device | str, *, stage: str = "") -> Ops:
     """The backend ``name`` (or ``auto``/None: the best usable one) for ``device``; logged once."""
+    import torch
+
     device = torch.device(device)
     name = (name or "auto").lower()
     if name not in CHOICES:
@@ -114,7 +121,7 @@ def select_ops(name: str | None, device: torch.device | str, *, stage: str = "")
         if reason is not None:
             raise GlmImageError(f"attention_backend = {name!r} cannot run on {device}: {reason}")
         why = "asked for"
-    ops = TorchOps(device) if name == "sdpa" else BACKENDS[name].load(device)
+    ops = BACKENDS[name].load(device)
     log.info(
         "%sops backend: %s on %s (%s): %s",
         f"{stage} " if stage else "",

@@ -1,9 +1,13 @@
-"""The reference backend ``sdpa``: every op family in plain torch, the contract the others meet.
+"""The reference backend ``sdpa``, and ``Ops``, what every backend shares.
 
-Each method's docstring is the op's contract (shapes, masks, dtypes, exact formula). The models
-call ops only through a backend object, so a faster backend (``triton``, ``npu``) replaces a
-method and must give the same result within its tolerance table; anything it cannot do falls
-back here with a stated reason (``Ops.fallback``), logged once.
+``TorchOps``'s ops ARE the kernels' torch twins (``glm_image_kernels.*_reference``): one copy of
+the reference maths, which the Triton kernels are tested against and this backend runs. Each
+twin's docstring is the op's contract (shapes, masks, dtypes, exact formula). The models call
+ops only through a backend object, so a faster backend (``triton``, ``npu``) replaces an op and
+must give the same result within ``selfcheck.TOLERANCES``; anything it cannot do falls back here
+with a stated reason (``Ops.fallback``), logged once. Before a non-reference backend serves a
+(device, dtype) for the first time, its replaced ops are checked against these (``Ops.verify``,
+see ``selfcheck``); one that raises or disagrees is switched off for the process.
 
 Masks and rotary tables are read-only for a backend and are not modified in place by the caller
 while a forward uses them, so a backend may derive what it needs from them once per forward
@@ -13,27 +17,56 @@ while a forward uses them, so a backend may derive what it needs from them once 
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
+import glm_image_kernels as kernels
 import torch
 import torch.nn.functional as F
 
-__all__ = ["Ops", "TorchOps"]
+if TYPE_CHECKING:
+    from .selfcheck import CheckRow, CheckSizes
+
+__all__ = ["Ops", "TorchOps", "capturing"]
 
 log = logging.getLogger("glm_image.ops")
 
 
+def capturing(device_type: str) -> bool:
+    """True while torch.compile traces or a graph is captured on ``device_type``'s current stream:
+    work must then be recorded in the graph (no eager-mode shortcuts, no host reads)."""
+    if torch.compiler.is_compiling():
+        return True
+    if device_type == "cpu":
+        return False
+    if device_type == "cuda" and not torch.cuda.is_initialized():
+        return False
+    is_capturing = getattr(getattr(torch, device_type, None), "is_current_stream_capturing", None)
+    return bool(is_capturing()) if callable(is_capturing) else False
+
+
 class Ops:
-    """A backend: a name, the device it serves, and the op families. Subclasses override ops."""
+    """A backend: a name, the device it serves, and the op families. Subclasses override ops.
+
+    The engine calls a backend from one thread at a time (its worker), so the per-object records
+    below need no lock; the process-wide self-check verdicts have one (``selfcheck``).
+    """
 
     name = "?"
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self._told: set[tuple[str, str]] = set()
+        # (device, dtype) -> {op: why its kernel is switched off}, from the self-check
+        self._off: dict[tuple[torch.device, torch.dtype], dict[str, str]] = {}
+        # set on the private instance the self-check runs: the fallbacks it took, and no checks
+        self._probing: list[tuple[str, str]] | None = None
+        self.check_sizes: CheckSizes | None = None  # the model's sizes, once ``verify`` is told
 
     def fallback(self, op: str, reason: str) -> None:
         """Note (once per op and reason) that ``op`` runs on the reference path, and why."""
-        if (op, reason) not in self._told:
+        if self._probing is not None:
+            self._probing.append((op, reason))
+        elif (op, reason) not in self._told:
             self._told.add((op, reason))
             log.info("%s backend: %s falls back to sdpa (%s)", self.name, op, reason)
 
@@ -42,134 +75,49 @@ class Ops:
         """(op, reason) for every fallback taken so far."""
         return sorted(self._told)
 
+    def verify(self, dtype: torch.dtype, sizes: CheckSizes | None = None) -> list[CheckRow]:
+        """Check every op this backend replaces against the reference, on the backend's device in
+        ``dtype`` at ``sizes`` (the model's; default: the released model's), once per process
+        and (backend, device, dtype); ops that fail are switched off here. Returns the rows (see
+        ``selfcheck``). Engines call it after loading; otherwise the first call of a replaced op
+        for a (device, dtype) runs it, at the sizes last given here."""
+        from .selfcheck import verify
+
+        return verify(self, self.device, dtype, sizes)
+
+    def _switched_off(self, op: str, x: torch.Tensor) -> str | None:
+        """Why ``op``'s kernel must not run for x's device and dtype (the self-check failed it),
+        or None. The first call for a (device, dtype) runs the check, unless a graph is being
+        captured (the check reads results back to the host): the kernel then runs unchecked."""
+        off = self._off.get((x.device, x.dtype))
+        if off is None:
+            if self._probing is not None or capturing(x.device.type):
+                return None
+            from .selfcheck import verify
+
+            verify(self, x.device, x.dtype)
+            off = self._off[(x.device, x.dtype)]
+        return off.get(op)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, device={self.device})"
 
 
 class TorchOps(Ops):
-    """``sdpa``: torch's scaled_dot_product_attention and plain tensor maths. Always registered."""
+    """``sdpa``: torch's scaled_dot_product_attention and plain tensor maths. Always registered.
+
+    Every op but ``swiglu`` (which no kernel replaces) is its kernel's twin, bound as is.
+    """
 
     name = "sdpa"
 
-    # ------------------------------------------------------------------ attention
-
-    def attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None, scale: float
-    ) -> torch.Tensor:
-        """Prefill / joint attention. q (B, H, T, D); k, v (B, KV, S, D) with H a multiple of KV
-        (grouped-query: query head h reads KV head h // (H / KV)).
-
-        ``mask``: None (every query sees every key), a bool tensor broadcastable to (B, H, T, S)
-        with True = may attend, or a float tensor of the same shape added to the scores.
-        Returns (B, H, T, D) in q's dtype.
-        """
-        return F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
-        )
-
-    def decode_attention(
-        self,
-        q: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        visible: torch.Tensor,
-        *,
-        scale: float,
-        length: int | torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """One new query per row over a layer's static KV cache.
-
-        q (B, H, 1, D); keys, values (B, KV, C, D): the whole cache (C = capacity); visible
-        (B, C) bool, True = may attend (every row sees at least one slot). ``length``, when given,
-        is a bound: no slot at or past it is visible, so a backend may skip them. It is a Python
-        int, or a 1-element int32 tensor on the device (a CUDA graph's changing bound), or None.
-        Returns (B, H, 1, D).
-        """
-        if isinstance(length, int):  # a tensor bound would need a host read: use the mask alone
-            keys, values, visible = keys[:, :, :length], values[:, :, :length], visible[:, :length]
-        return self.attention(q, keys, values, mask=visible[:, None, None, :], scale=scale)
-
-    # ------------------------------------------------------------------ normalisation
-
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        """``weight * (x / sqrt(mean(x^2) + eps))`` over the last dim: statistics in float32, the
-        normalised value cast back to x's dtype before the weight (the reference's order)."""
-        # torch.rms_norm without a weight is exactly h * rsqrt(mean(h^2) + eps), in one call
-        return weight * torch.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
-
-    def add_rms_norm(
-        self,
-        x: torch.Tensor,
-        residual: torch.Tensor,
-        weight: torch.Tensor,
-        eps: float,
-        *,
-        pre_weight: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The residual step between two blocks: returns (normed, new_residual) with
-
-            h = rms_norm(x, pre_weight) if pre_weight is given else x   (GLM's sandwich norm)
-            new_residual = residual + h
-            normed = rms_norm(new_residual, weight)
-
-        x, residual (..., dim) of one dtype; weights (dim,).
-        """
-        h = self.rms_norm(x, pre_weight, eps) if pre_weight is not None else x
-        new_residual = residual + h
-        return self.rms_norm(new_residual, weight, eps), new_residual
-
-    def layer_norm_modulate(
-        self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float
-    ) -> torch.Tensor:
-        """AdaLN: ``layer_norm(x) * (1 + scale) + shift``, LayerNorm without affine weights over
-        the last dim. x (B, N, dim); scale, shift (B, 1, dim). Returns x's dtype."""
-        return F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale) + shift
-
-    # ------------------------------------------------------------------ rotary embeddings
-
-    def rotary_(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
-        """Partial rotate-half RoPE in place (the AR model's M-RoPE, tables from
-        ``models.ar.rotary_tables``). x (B, T, heads, D), any strides with a unit last stride;
-        cos, signed_sin (B, T, rot), rot <= D even; channels [rot, D) are left alone.
-
-        ``signed_sin`` carries rotate-half's sign (-sin on the first half), so the result is
-        ``x * cos + roll(x, rot / 2) * signed_sin`` on the first rot channels, which equals the
-        reference's ``x * cos + rotate_half(x) * sin`` product for product.
-        """
-        rot = cos.shape[-1]
-        cos, signed_sin = cos.unsqueeze(2), signed_sin.unsqueeze(2)
-        x_rot = x[..., :rot]
-        rolled = torch.roll(x_rot, rot // 2, dims=-1).mul_(signed_sin)
-        x_rot.mul_(cos).add_(rolled)
-
-    def qk_norm_rope(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        text_len: int,
-        eps: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The DiT's query/key preparation. q, k (B, S, heads, D), any strides with a unit last
-        stride (views of the fused qkv output). Each is LayerNorm'ed over D (no affine weights;
-        statistics in float32, cast back to the input dtype), then the image tokens
-        [text_len, S) get 2D rotate-half RoPE computed in float32: ``x * cos + rotate_half(x) *
-        sin`` with cos, sin (S - text_len, D) float32 (``models.dit.image_rotary_tables``).
-        Text tokens are not rotated. Returns q, k as (B, heads, S, D) (the attention layout).
-        """
-        out = []
-        for x in (q, k):
-            x = F.layer_norm(x, (x.shape[-1],), eps=eps).to(x.dtype)
-            image = x[:, text_len:]
-            x1, x2 = image.chunk(2, dim=-1)
-            rotated = torch.cat([-x2, x1], dim=-1)
-            c, s = cos[None, :, None], sin[None, :, None]
-            image = (image.float() * c + rotated.float() * s).to(x.dtype)
-            out.append(torch.cat([x[:, :text_len], image], dim=1).transpose(1, 2))
-        return out[0], out[1]
-
-    # ------------------------------------------------------------------ activations
+    attention = staticmethod(kernels.attention_reference)
+    decode_attention = staticmethod(kernels.decode_attention_reference)
+    rms_norm = staticmethod(kernels.rms_norm_reference)
+    add_rms_norm = staticmethod(kernels.add_rms_norm_reference)
+    layer_norm_modulate = staticmethod(kernels.layer_norm_modulate_reference)
+    rotary_ = staticmethod(kernels.rotary_reference_)
+    qk_norm_rope = staticmethod(kernels.qk_norm_rope_reference)
 
     def swiglu(self, x: torch.Tensor) -> torch.Tensor:
         """``silu(gate) * up`` for x = [gate, up] along the last dim (the AR model's MLP)."""

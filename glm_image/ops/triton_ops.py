@@ -5,11 +5,12 @@ RMSNorm and the fused residual step, LayerNorm + AdaLN modulation, QK LayerNorm 
 op checks its inputs per call (device, dtype, strides, sizes) and, when a kernel cannot take
 them, runs the ``sdpa`` method instead after ``Ops.fallback`` records the reason (logged once).
 
-Prefill and DiT attention stay torch SDPA (``attention`` is inherited): a Triton prefill kernel
-would not beat cuDNN / FlashAttention-2 inside SDPA. ``SDPA_PRIORITY`` may name the SDPA
-backends to try first on CUDA; it stays empty (torch's own dispatch) until ``bench_kernels.py``
-measures a backend clearly faster on our shapes, and any backend that cannot take the inputs is
-skipped by torch, down to the math kernel.
+Prefill and DiT attention stay torch SDPA with torch's own backend dispatch (``attention`` is
+inherited): a Triton prefill kernel would not beat cuDNN / FlashAttention-2 inside SDPA.
+
+Before a kernel serves a (device, dtype) for the first time, the self-check runs it against its
+twin (``Ops.verify``, ``selfcheck``); one that raises or disagrees is switched off for the
+process, and its calls take the same fallback path as inputs it cannot take.
 
 Kernels take CUDA tensors, or CPU tensors when the kernels were imported under
 ``TRITON_INTERPRET=1`` (Triton's interpreter: tests only, slow).
@@ -36,12 +37,6 @@ class TritonOps(TorchOps):
     """``triton``: see the module docstring. Registered for CUDA (and CPU under the interpreter)."""
 
     name = "triton"
-
-    # SDPA backends to try first on CUDA for ``attention``, by mask kind ("none", "bool" or
-    # "bias": an additive float mask) -> SDPBackend names, fastest first (e.g.
-    # ("CUDNN_ATTENTION",)); a kind not listed keeps torch's default dispatch. Filled only from
-    # bench_kernels.py measurements; torch skips a named backend that cannot take the inputs.
-    SDPA_PRIORITY: dict[str, tuple[str, ...]] = {}  # noqa: RUF012 (read-only table)
 
     def __init__(self, device: torch.device | str = "cuda") -> None:
         super().__init__(device)
@@ -71,26 +66,6 @@ class TritonOps(TorchOps):
         return None
 
     # ------------------------------------------------------------------ attention
-
-    def attention(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None, scale: float
-    ) -> torch.Tensor:
-        """torch SDPA; on CUDA the backends ``SDPA_PRIORITY`` names for this kind of mask go first."""
-        kind = "none" if mask is None else "bool" if mask.dtype == torch.bool else "bias"
-        first = self.SDPA_PRIORITY.get(kind, ())
-        if not first or q.device.type != "cuda":
-            return super().attention(q, k, v, mask=mask, scale=scale)
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        named = [getattr(SDPBackend, name) for name in first]
-        default = (
-            SDPBackend.FLASH_ATTENTION,
-            SDPBackend.EFFICIENT_ATTENTION,
-            SDPBackend.MATH,
-            SDPBackend.CUDNN_ATTENTION,
-        )
-        with sdpa_kernel(named + [b for b in default if b not in named], set_priority=True):
-            return super().attention(q, k, v, mask=mask, scale=scale)
 
     def decode_attention(
         self,
@@ -124,6 +99,7 @@ class TritonOps(TorchOps):
                 length.numel() != 1 or length.dtype.is_floating_point or length.device != q.device
             ):
                 reason = "a length tensor that is not one integer on the device"
+        reason = reason or self._switched_off("decode_attention", q)
         if reason is not None:
             self.fallback("decode_attention", reason)
             # a device-tensor bound is not read back (no host sync, e.g. under graph capture):
@@ -150,7 +126,7 @@ class TritonOps(TorchOps):
         return reason
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        reason = self._norm_unfit(x, weight)
+        reason = self._norm_unfit(x, weight) or self._switched_off("rms_norm", x)
         if reason is not None:
             self.fallback("rms_norm", reason)
             return self._reference.rms_norm(x, weight, eps)
@@ -166,7 +142,7 @@ class TritonOps(TorchOps):
         pre_weight: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         weights = (weight,) if pre_weight is None else (weight, pre_weight)
-        reason = self._norm_unfit(x, *weights, residual=residual)
+        reason = self._norm_unfit(x, *weights, residual=residual) or self._switched_off("add_rms_norm", x)
         if reason is not None:
             self.fallback("add_rms_norm", reason)
             return self._reference.add_rms_norm(x, residual, weight, eps, pre_weight=pre_weight)
@@ -184,6 +160,7 @@ class TritonOps(TorchOps):
                 reason = f"scale/shift batch {scale.shape[0]}, {shift.shape[0]} for x batch {b}"
             elif dim > kernels.MAX_NORM_DIM:
                 reason = f"dim {dim} (kernel holds rows up to {kernels.MAX_NORM_DIM})"
+        reason = reason or self._switched_off("layer_norm_modulate", x)
         if reason is not None:
             self.fallback("layer_norm_modulate", reason)
             return self._reference.layer_norm_modulate(x, scale, shift, eps)
@@ -210,6 +187,7 @@ class TritonOps(TorchOps):
                 )
             ):
                 reason = f"x {tuple(x.shape)}, tables {tuple(cos.shape)}, {tuple(signed_sin.shape)}"
+        reason = reason or self._switched_off("rotary_", x)
         if reason is not None:
             self.fallback("rotary_", reason)
             return self._reference.rotary_(x, cos, signed_sin)
@@ -237,6 +215,7 @@ class TritonOps(TorchOps):
                 reason = (
                     f"tables {tuple(cos.shape)}, {tuple(sin.shape)} for {s - text_len} image tokens of {d}"
                 )
+        reason = reason or self._switched_off("qk_norm_rope", q)
         if reason is not None:
             self.fallback("qk_norm_rope", reason)
             return self._reference.qk_norm_rope(q, k, cos, sin, text_len, eps)

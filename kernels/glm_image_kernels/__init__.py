@@ -1,7 +1,10 @@
 """Fused Triton kernels for glm-image, each with its torch reference twin (``*_reference``).
 
-One module per kernel family; every entry point takes torch tensors, checks shapes, launches,
-and returns what the matching ``glm_image.ops.TorchOps`` method returns (the op contract):
+The twins are the reference maths of the engine, not copies of it: ``glm_image.ops.TorchOps``
+(the ``sdpa`` backend) binds them as its ops, and each twin's docstring is the op's contract
+(shapes, masks, dtypes, formula). ``attention_reference`` is the one op without a kernel (prefill
+and joint attention stay torch SDPA). One module per kernel family; every entry point takes
+torch tensors, checks shapes, launches, and returns what its twin returns:
 
 - ``decode_attention``: flash-decoding over the static KV cache, GQA, split-K (``flash_decoding``)
 - ``rotary_``: M-RoPE applied in place to q and k heads (``rotary``)
@@ -19,6 +22,7 @@ from ._triton import HAVE_TRITON, interpreted
 from .adaln import layer_norm_modulate, layer_norm_modulate_reference
 from .dit_qk import qk_norm_rope, qk_norm_rope_reference
 from .flash_decoding import (
+    attention_reference,
     decode_attention,
     decode_attention_plan,
     decode_attention_reference,
@@ -33,6 +37,7 @@ __all__ = [
     "MAX_NORM_DIM",
     "add_rms_norm",
     "add_rms_norm_reference",
+    "attention_reference",
     "decode_attention",
     "decode_attention_plan",
     "decode_attention_reference",

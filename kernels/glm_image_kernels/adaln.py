@@ -81,5 +81,7 @@ def layer_norm_modulate(
 def layer_norm_modulate_reference(
     x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float
 ) -> torch.Tensor:
-    """The twin: ``TorchOps.layer_norm_modulate``."""
+    """The twin, and the reference ``layer_norm_modulate`` op (AdaLN): ``layer_norm(x) * (1 +
+    scale) + shift``, LayerNorm without affine weights over the last dim. x (B, N, dim); scale,
+    shift (B, 1, dim). Returns x's dtype."""
     return F.layer_norm(x, (x.shape[-1],), eps=eps) * (1 + scale) + shift

@@ -137,8 +137,15 @@ def qk_norm_rope(
 def qk_norm_rope_reference(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, text_len: int, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The twin: ``TorchOps.qk_norm_rope`` (LayerNorm cast back to the input dtype, then the
-    rotation in float32)."""
+    """The twin, and the reference ``qk_norm_rope`` op: the DiT's query/key preparation.
+
+    q, k (B, S, heads, D), any strides with a unit last stride (views of the fused qkv output).
+    Each is LayerNorm'ed over D (no affine weights; statistics in float32, cast back to the input
+    dtype), then the image tokens [text_len, S) get 2D rotate-half RoPE computed in float32:
+    ``x * cos + rotate_half(x) * sin`` with cos, sin (S - text_len, D) float32
+    (``glm_image.models.dit.image_rotary_tables``). Text tokens are not rotated. Returns q, k as
+    (B, heads, S, D) (the attention layout).
+    """
     out = []
     for x in (q, k):
         x = F.layer_norm(x, (x.shape[-1],), eps=eps).to(x.dtype)

@@ -38,7 +38,13 @@ import torch.nn.functional as F
 
 from ._triton import cdiv, interpreted, next_power_of_2, require_triton, tl, triton
 
-__all__ = ["decode_attention", "decode_attention_plan", "decode_attention_reference", "default_split_size"]
+__all__ = [
+    "attention_reference",
+    "decode_attention",
+    "decode_attention_plan",
+    "decode_attention_reference",
+    "default_split_size",
+]
 
 _LOG2E = 1.4426950408889634
 _REDUCE_BLOCK = 16  # chunks combined per step of the reduce loop
@@ -338,6 +344,21 @@ def decode_attention(
     return out
 
 
+def attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """The reference ``attention`` op (prefill / joint attention; no kernel: torch SDPA is fast).
+
+    q (B, H, T, D); k, v (B, KV, S, D) with H a multiple of KV (grouped-query: query head h reads
+    KV head h // (H / KV)). ``mask``: None (every query sees every key), a bool tensor
+    broadcastable to (B, H, T, S) with True = may attend, or a float tensor of the same shape
+    added to the scores. Returns (B, H, T, D) in q's dtype.
+    """
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
 def decode_attention_reference(
     q: torch.Tensor,
     keys: torch.Tensor,
@@ -347,15 +368,17 @@ def decode_attention_reference(
     scale: float,
     length: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The twin: ``TorchOps.decode_attention`` (slice to the bound, SDPA with the bool mask)."""
-    if length is not None:
-        bound = int(length)
-        keys, values, visible = keys[:, :, :bound], values[:, :, :bound], visible[:, :bound]
-    return F.scaled_dot_product_attention(
-        q,
-        keys,
-        values,
-        attn_mask=visible[:, None, None, :],
-        scale=scale,
-        enable_gqa=q.shape[1] != keys.shape[1],
-    )
+    """The twin, and the reference ``decode_attention`` op: one new query per row over a layer's
+    static KV cache, ``attention_reference`` with ``visible`` as the mask.
+
+    q (B, H, 1, D); keys, values (B, KV, C, D): the whole cache (C = capacity); visible (B, C)
+    bool, True = may attend (every row sees at least one slot). ``length``, when given, is a
+    bound: no slot at or past it is visible, so an implementation may skip them. It is a Python
+    int, or a one-element integer tensor on the device (a CUDA graph's changing bound), or None.
+    Only an int bound slices the cache here: a tensor bound would need a host read (no sync,
+    e.g. under graph capture), and the mask alone already bounds the attention.
+    Returns (B, H, 1, D).
+    """
+    if isinstance(length, int):
+        keys, values, visible = keys[:, :, :length], values[:, :, :length], visible[:, :length]
+    return attention_reference(q, keys, values, mask=visible[:, None, None, :], scale=scale)

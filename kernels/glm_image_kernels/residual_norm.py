@@ -130,10 +130,11 @@ def add_rms_norm(
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The twin: ``TorchOps.rms_norm`` (statistics in float32, cast back before the weight)."""
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    """The twin, and the reference ``rms_norm`` op: ``weight * (x / sqrt(mean(x^2) + eps))`` over
+    the last dim, statistics in float32, the normalised value cast back to x's dtype before the
+    weight (the reference model's order)."""
+    # torch.rms_norm without a weight is exactly h * rsqrt(mean(h^2) + eps), in one call
+    return weight * torch.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 def add_rms_norm_reference(
@@ -144,7 +145,9 @@ def add_rms_norm_reference(
     *,
     pre_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The twin: ``TorchOps.add_rms_norm``."""
+    """The twin, and the reference ``add_rms_norm`` op: the residual step between two blocks,
+    (normed, new_residual) as in the module docstring (GLM's sandwich norm when ``pre_weight``
+    is given). x, residual (..., dim) of one dtype; weights (dim,)."""
     h = rms_norm_reference(x, pre_weight, eps) if pre_weight is not None else x
     new_residual = residual + h
     return rms_norm_reference(new_residual, weight, eps), new_residual

@@ -98,7 +98,15 @@ def rotary_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> Non
 
 
 def rotary_reference_(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> None:
-    """The twin (in place, like the kernel): ``TorchOps.rotary_``, in x's dtype."""
+    """The twin, and the reference ``rotary_`` op: partial rotate-half RoPE in place, in x's
+    dtype (the AR model's M-RoPE, tables from ``glm_image.models.ar.rotary_tables``).
+
+    x (B, T, heads, D), any strides with a unit last stride; cos, signed_sin (B, T, rot), rot <=
+    D even; channels [rot, D) are left alone. ``signed_sin`` carries rotate-half's sign (-sin on
+    the first half), so the result is ``x * cos + roll(x, rot / 2) * signed_sin`` on the first
+    rot channels, which equals the reference model's ``x * cos + rotate_half(x) * sin`` product
+    for product.
+    """
     rot = cos.shape[-1]
     cos, signed_sin = cos.unsqueeze(2), signed_sin.unsqueeze(2)
     x_rot = x[..., :rot]
