@@ -19,7 +19,7 @@ import torch
 from ..errors import GlmImageError
 from .report import build_report, markdown_table, median, timed
 from .roofline import ar_weight_bytes_per_token
-from .runtime import resolve_runtime
+from .runtime import StageBench
 
 __all__ = ["ArBenchOptions", "format_ar", "run_ar"]
 
@@ -27,19 +27,12 @@ PROMPT = "A vintage poster with the title 'SUMMER SALE' in bold red letters"
 
 
 @dataclass(frozen=True)
-class ArBenchOptions:
-    model: str = "tiny"
-    size: tuple[int, int] = (512, 512)  # (width, height)
-    repeats: int = 3
+class ArBenchOptions(StageBench):
     max_tokens: int | None = None
     greedy: bool = False
-    device: str | None = None
-    dtype: str | None = None
-    attention_backend: str | None = None
 
     def check(self) -> None:
-        if self.repeats < 1:
-            raise GlmImageError(f"--repeats = {self.repeats}; allowed: an integer >= 1")
+        super().check()
         if self.max_tokens is not None and self.max_tokens < 1:
             raise GlmImageError(f"--max-tokens = {self.max_tokens}; allowed: an integer >= 1")
 
@@ -48,16 +41,9 @@ def run_ar(options: ArBenchOptions, progress=None) -> dict[str, Any]:
     from transformers import GlmImageForConditionalGeneration
 
     from ..engine import ArEngine
-    from ..hub import resolve_checkpoint
 
-    options.check()
-    device, dtype = resolve_runtime(options.device, options.dtype)
-    root = resolve_checkpoint(options.model)
-    ours = ArEngine.from_pretrained(
-        root, device=device, dtype=dtype, attention_backend=options.attention_backend
-    )
+    ours, root, device, dtype = options.load(ArEngine)
     width, height = options.size
-    ours.config.size_limits.check_size(height, width)
     reference = (
         GlmImageForConditionalGeneration.from_pretrained(root / "vision_language_encoder", dtype=dtype)
         .to(device)

@@ -220,51 +220,37 @@ def _run_quality(args: argparse.Namespace) -> None:
     print(format_quality(report))
 
 
-def _finish(report: dict, out: str | None, text: str) -> None:
+def _run_stage(args: argparse.Namespace, options_class, run, format_report, **extra) -> None:
+    """``bench ar`` / ``bench dit``: the options, a progress bar over the repeats, the report."""
     from .report import save_report
 
-    if out:
-        save_report(report, out)
-    print(text)
+    options = options_class(
+        model=args.model,
+        size=args.size,
+        repeats=args.repeats,
+        device=args.device,
+        dtype=args.dtype,
+        attention_backend=args.attention_backend,
+        **extra,
+    )
+    options.check()
+    bar, progress = _bar(options.repeats, f"bench {args.bench_command}")
+    try:
+        report = run(options, progress)
+    finally:
+        bar.close()
+    if args.out:
+        save_report(report, args.out)
+    print(format_report(report))
 
 
 def _run_ar(args: argparse.Namespace) -> None:
     from .ar import ArBenchOptions, format_ar, run_ar
 
-    options = ArBenchOptions(
-        model=args.model,
-        size=args.size,
-        repeats=args.repeats,
-        max_tokens=args.max_tokens,
-        greedy=args.greedy,
-        device=args.device,
-        dtype=args.dtype,
-        attention_backend=args.attention_backend,
-    )
-    options.check()
-    bar, progress = _bar(options.repeats, "bench ar")
-    try:
-        report = run_ar(options, progress)
-    finally:
-        bar.close()
-    _finish(report, args.out, format_ar(report))
+    _run_stage(args, ArBenchOptions, run_ar, format_ar, max_tokens=args.max_tokens, greedy=args.greedy)
 
 
 def _run_dit(args: argparse.Namespace) -> None:
     from .dit import DitBenchOptions, format_dit, run_dit
 
-    options = DitBenchOptions(
-        model=args.model,
-        size=args.size,
-        repeats=args.repeats,
-        device=args.device,
-        dtype=args.dtype,
-        attention_backend=args.attention_backend,
-    )
-    options.check()
-    bar, progress = _bar(options.repeats, "bench dit")
-    try:
-        report = run_dit(options, progress)
-    finally:
-        bar.close()
-    _finish(report, args.out, format_dit(report))
+    _run_stage(args, DitBenchOptions, run_dit, format_dit)

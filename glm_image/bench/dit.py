@@ -16,10 +16,9 @@ from typing import Any
 
 import torch
 
-from ..errors import GlmImageError
 from .report import build_report, markdown_table, median, timed
 from .roofline import dit_flops_per_step
-from .runtime import resolve_runtime
+from .runtime import StageBench
 
 __all__ = ["DitBenchOptions", "format_dit", "run_dit"]
 
@@ -27,33 +26,17 @@ PROMPT = "A vintage poster with the title 'SUMMER SALE' in bold red letters"
 
 
 @dataclass(frozen=True)
-class DitBenchOptions:
-    model: str = "tiny"
-    size: tuple[int, int] = (512, 512)  # (width, height)
-    repeats: int = 3
-    device: str | None = None
-    dtype: str | None = None
-    attention_backend: str | None = None
-
-    def check(self) -> None:
-        if self.repeats < 1:
-            raise GlmImageError(f"--repeats = {self.repeats}; allowed: an integer >= 1")
+class DitBenchOptions(StageBench):
+    pass
 
 
 def run_dit(options: DitBenchOptions, progress=None) -> dict[str, Any]:
     from diffusers import GlmImageTransformer2DModel
 
     from ..engine import DitEngine
-    from ..hub import resolve_checkpoint
 
-    options.check()
-    device, dtype = resolve_runtime(options.device, options.dtype)
-    root = resolve_checkpoint(options.model)
-    ours = DitEngine.from_pretrained(
-        root, device=device, dtype=dtype, attention_backend=options.attention_backend
-    )
+    ours, root, device, dtype = options.load(DitEngine)
     width, height = options.size
-    ours.config.size_limits.check_size(height, width)
     reference = (
         GlmImageTransformer2DModel.from_pretrained(root / "transformer", dtype=dtype).to(device).eval()
     )

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
+from ..errors import GlmImageError
 from ..options import torch_dtype
 
-__all__ = ["Runners", "load_runners", "resolve_runtime"]
+__all__ = ["Runners", "StageBench", "load_runners", "resolve_runtime"]
 
 
 def resolve_runtime(device: str | None, dtype: str | None) -> tuple[torch.device, torch.dtype]:
@@ -23,6 +24,36 @@ def resolve_runtime(device: str | None, dtype: str | None) -> tuple[torch.device
 
     dev = resolve_device(device)
     return dev, default_dtype(dev) if dtype is None else torch_dtype(dtype)
+
+
+@dataclass(frozen=True)
+class StageBench:
+    """What ``bench ar`` and ``bench dit`` share: the checkpoint, the size, the repeats, the runtime."""
+
+    model: str = "tiny"
+    size: tuple[int, int] = (512, 512)  # (width, height)
+    repeats: int = 3
+    device: str | None = None
+    dtype: str | None = None
+    attention_backend: str | None = None
+
+    def check(self) -> None:
+        if self.repeats < 1:
+            raise GlmImageError(f"--repeats = {self.repeats}; allowed: an integer >= 1")
+
+    def load(self, engine_class):
+        """(engine, checkpoint folder, device, dtype), the size checked against the checkpoint."""
+        from ..hub import resolve_checkpoint
+
+        self.check()
+        device, dtype = resolve_runtime(self.device, self.dtype)
+        root = resolve_checkpoint(self.model)
+        engine = engine_class.from_pretrained(
+            root, device=device, dtype=dtype, attention_backend=self.attention_backend
+        )
+        width, height = self.size
+        engine.config.size_limits.check_size(height, width)
+        return engine, root, device, dtype
 
 
 @dataclass

@@ -10,8 +10,9 @@ switched off.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from .._lazy import lazy_attributes
 
 # The registry imports no torch: the CLI builds its `--attention-backend` choices from it.
 from .registry import BACKENDS, CHOICES, available_backends, select_ops
@@ -43,9 +44,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'glm_image.ops' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_attributes(__name__, _LAZY)
