@@ -3,6 +3,7 @@ that every request got exactly one distinct, valid image.
 
     python benchmarks/load_server.py --requests 16 --size 64x64 --steps 2 --out results/load_server.json
     python benchmarks/load_server.py --url http://127.0.0.1:8000 --requests 8 --size 1024x1024
+    python benchmarks/load_server.py --requests 16 --bad 8 --max-batch 4   # bad requests mixed in
 
 Without ``--url`` it starts the server itself (uvicorn in a thread, 127.0.0.1, a free port) on
 ``--model`` (default tiny), once per ``--max-batch`` value, so batching is measured against the
@@ -14,6 +15,14 @@ any check fails.
 Checks, after the timed part (so they cost no latency): status 200; exactly one image per
 request; the seed echoed is the one sent; the image (downloaded URL or decoded base64) is a PNG of
 the requested size; no two requests share a file id or image bytes.
+
+``--bad K`` mixes K hostile requests evenly into the load, cycling through their kinds:
+``special`` (a prompt full of the tokenizer's special-token strings: valid, so it must get its one
+image like any other), ``invalid`` (a bad size, a lone surrogate, guidance 1e30, an unknown field:
+each must be a 400) and, on a server started here, ``fault`` (a prompt the engine fails on: a
+wrapper makes the DiT return NaN for it, as a broken kernel would; it must be a 500, and the
+valid requests batched with it must still get their images). The report counts each kind and
+whether every valid request got exactly one valid image.
 """
 
 from __future__ import annotations
@@ -41,6 +50,14 @@ from _report import parse_size, write_report
 
 PATHS = {"openai": "/v1/images/generations", "bigmodel": "/api/paas/v4/images/generations"}
 PROMPT = "A storefront sign that says 'OPEN {}'"
+FAULT = "FAULT-INJECTED"  # a prompt holding this makes the locally started engine return NaN
+SPECIAL = "<|image|> <|dit_token_16384|> 'OPEN {}' <sop>1 1<eop> [gMASK] '</s>' <|endoftext|>"
+INVALID = (  # (changes to a valid body, what the test wants): every one a 400
+    {"size": "64 x 64"},
+    {"prompt": "a\ud800b"},
+    {"guidance": 1e30},
+    {"style": "vivid"},
+)
 
 
 def loopback(url: str) -> bool:
@@ -60,6 +77,8 @@ def scrape(url: str, headers: dict) -> dict[str, float]:
         "glm_image_engine_calls_total",
         "glm_image_batch_requests_sum",
         "glm_image_images_generated_total",
+        "glm_image_engine_failures_total",
+        "glm_image_engine_batches_split_total",
     )
     values = {}
     for line in text.splitlines():
@@ -83,7 +102,8 @@ def percentiles(values: list[float]) -> dict[str, float]:
     }
 
 
-def one_request(url: str, args, index: int, headers: dict) -> dict:
+def request_body(args, index: int, kind: str = "valid", variant: int = 0) -> tuple[dict, int]:
+    """The JSON body of request ``index`` of ``kind`` and the status it must get."""
     width, height = parse_size(args.size)
     body = {
         "prompt": PROMPT.format(index),
@@ -94,13 +114,39 @@ def one_request(url: str, args, index: int, headers: dict) -> dict:
     }
     if args.endpoint == "bigmodel":
         body["model"] = "glm-image"
+    if kind == "special":
+        body["prompt"] = SPECIAL.format(index)
+    elif kind == "fault":
+        body["prompt"] = f"{FAULT} {index}"
+        return body, 500
+    elif kind == "invalid":
+        body.update(INVALID[variant % len(INVALID)])
+        return body, 400
+    return body, 200
+
+
+def load_plan(args, fault: bool) -> list[tuple[int, str, int]]:
+    """(index, kind, variant) of every request: ``--requests`` valid ones with ``--bad`` hostile
+    ones spread evenly among them."""
+    kinds = ["special", "invalid", "fault"] if fault else ["special", "invalid"]
+    valid = [((i + 0.5) / args.requests, (i, "valid", 0)) for i in range(args.requests)]
+    bad = [
+        ((j + 0.5) / args.bad, (args.requests + j, kinds[j % len(kinds)], j // len(kinds)))
+        for j in range(args.bad)
+    ]
+    return [item for _, item in sorted(valid + bad, key=lambda pair: pair[0])]
+
+
+def one_request(url: str, args, index: int, headers: dict, kind: str = "valid", variant: int = 0) -> dict:
+    body, expect = request_body(args, index, kind, variant)
     start = time.perf_counter()
     try:
         response = requests.post(url + PATHS[args.endpoint], json=body, headers=headers, timeout=args.timeout)
     except requests.RequestException as e:
-        return {"index": index, "seed": body["seed"], "error": f"{type(e).__name__}: {e}"}
+        return {"index": index, "kind": kind, "expect": expect, "error": f"{type(e).__name__}: {e}"}
     seconds = time.perf_counter() - start
     result = {"index": index, "seed": body["seed"], "status": response.status_code, "seconds": seconds}
+    result.update(kind=kind, expect=expect)
     try:
         result["data"] = response.json().get("data")
     except ValueError:
@@ -111,13 +157,23 @@ def one_request(url: str, args, index: int, headers: dict) -> dict:
 
 
 def check(results: list[dict], args, headers: dict) -> dict:
-    """Every request: one image, its own seed, a PNG of the right size; no id or bytes shared."""
+    """Every valid request: one image, its own seed, a PNG of the right size; no id or bytes
+    shared. Every hostile one: the status it must get."""
     from PIL import Image
 
     width, height = parse_size(args.size)
     failures, digests, ids = [], {}, {}
+    kinds: dict[str, dict[str, int]] = {}
     for result in results:
-        where = f"request {result['index']}"
+        where = f"request {result['index']} ({result.get('kind', 'valid')})"
+        tally = kinds.setdefault(result.get("kind", "valid"), {"sent": 0, "as_expected": 0})
+        tally["sent"] += 1
+        if result.get("expect", 200) != 200:
+            if result.get("status") == result["expect"]:
+                tally["as_expected"] += 1
+            else:
+                failures.append(f"{where}: {result.get('status')}, expected {result['expect']}")
+            continue
         if "error" in result or result.get("status") != 200:
             failures.append(f"{where}: {result.get('status')} {result.get('error', '')}")
             continue
@@ -151,19 +207,34 @@ def check(results: list[dict], args, headers: dict) -> dict:
         digest = hashlib.sha256(content).hexdigest()
         if digest in digests:
             failures.append(f"{where}: same image bytes as request {digests[digest]}")
+            continue
         digests[digest] = result["index"]
-    return {"ok": not failures, "distinct_images": len(digests), "failures": failures[:20]}
+        tally["as_expected"] += 1
+    valid = [r for r in results if r.get("expect", 200) == 200]
+    return {
+        "ok": not failures,
+        "distinct_images": len(digests),
+        # the claim of the bad-request mode: each valid request, exactly one valid image of its own
+        "valid_requests": len(valid),
+        "valid_with_one_image": sum(kinds.get(k, {}).get("as_expected", 0) for k in ("valid", "special")),
+        "by_kind": kinds,
+        "failures": failures[:20],
+    }
 
 
-def run_load(url: str, args, headers: dict) -> dict:
-    """One bounded load: a warm-up request, then ``--requests`` over ``--concurrency`` threads."""
+def run_load(url: str, args, headers: dict, fault: bool = False) -> dict:
+    """One bounded load: a warm-up request, then ``--requests`` (and ``--bad``) over
+    ``--concurrency`` threads."""
     warm = one_request(url, args, -1, headers)
     if warm.get("status") != 200:
         raise SystemExit(f"warm-up request failed: {warm.get('status')} {warm.get('error')}")
     before = scrape(url, headers)
     start = time.perf_counter()
     with ThreadPoolExecutor(args.concurrency) as pool:
-        futures = [pool.submit(one_request, url, args, i, headers) for i in range(args.requests)]
+        futures = [
+            pool.submit(one_request, url, args, index, headers, kind, variant)
+            for index, kind, variant in load_plan(args, fault)
+        ]
         done, late = wait(futures, timeout=args.max_seconds)
         for future in late:
             future.cancel()
@@ -174,8 +245,13 @@ def run_load(url: str, args, headers: dict) -> dict:
     calls = after.get("glm_image_engine_calls_total", 0) - before.get("glm_image_engine_calls_total", 0)
     batched = after.get("glm_image_batch_requests_sum", 0) - before.get("glm_image_batch_requests_sum", 0)
     ok = [r for r in results if r.get("status") == 200]
+    counters = {
+        name.removeprefix("glm_image_"): int(after.get(name, 0) - before.get(name, 0))
+        for name in ("glm_image_engine_failures_total", "glm_image_engine_batches_split_total")
+    }
     return {
         "requests": args.requests,
+        "bad": args.bad,
         "concurrency": args.concurrency,
         "size": args.size,
         "steps": args.steps,
@@ -186,8 +262,25 @@ def run_load(url: str, args, headers: dict) -> dict:
         "latency_s": percentiles([r["seconds"] for r in ok]),
         "engine_calls": int(calls),
         "mean_requests_per_engine_call": round(batched / calls, 2) if calls else None,
+        **counters,
         "checks": check(results, args, headers),
     }
+
+
+def inject_faults(pipe) -> None:
+    """The DiT returns NaN for every image whose prompt holds FAULT, as a broken kernel would: the
+    pipeline's guard refuses the result and the server must fail that request alone."""
+    import torch
+
+    denoise = pipe.dit.denoise
+
+    def faulty(prior, prompts, *rest, **options):
+        latents = denoise(prior, prompts, *rest, **options)
+        per = latents.shape[0] // len(prompts)
+        bad = torch.tensor([FAULT in p for p in prompts], device=latents.device).repeat_interleave(per)
+        return torch.where(bad.view(-1, *[1] * (latents.dim() - 1)), float("nan"), latents)
+
+    pipe.dit.denoise = faulty
 
 
 def serve_locally(args, max_batch: int, pipe, out_dir: Path):
@@ -197,7 +290,7 @@ def serve_locally(args, max_batch: int, pipe, out_dir: Path):
 
     settings = ServerSettings(
         output_dir=out_dir,
-        max_queue=max(args.requests, 1),
+        max_queue=max(args.requests + args.bad, 1),
         max_batch=max_batch,
         timeout=args.timeout,
         steps=args.steps,
@@ -217,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         "--max-batch", default="1,4", help="comma list, one run each (server started here only)"
     )
     parser.add_argument("--requests", type=int, default=16, help="requests in the load (default 16)")
+    parser.add_argument(
+        "--bad", type=int, default=0, help="hostile requests mixed into the load (default 0; see above)"
+    )
     parser.add_argument("--concurrency", type=int, help="client threads (default: --requests)")
     parser.add_argument("--size", default="64x64", help="WIDTHxHEIGHT (default 64x64)")
     parser.add_argument("--steps", type=int, default=2, help="denoising steps (default 2)")
@@ -228,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="also write the JSON report here")
     args = parser.parse_args(argv)
     args.concurrency = args.concurrency or args.requests
-    if args.requests < 1 or args.concurrency < 1:
-        parser.error("--requests and --concurrency must be >= 1")
+    if args.requests < 1 or args.concurrency < 1 or args.bad < 0:
+        parser.error("--requests and --concurrency must be >= 1, --bad >= 0")
     headers = {}
     if args.api_key_env:
         headers["Authorization"] = f"Bearer {os.environ.get(args.api_key_env, '')}"
@@ -243,12 +339,14 @@ def main(argv: list[str] | None = None) -> int:
         from glm_image import GlmImage
 
         pipe = GlmImage.from_pretrained(args.model, device=args.device)
+        if args.bad:
+            inject_faults(pipe)
         for max_batch in (int(v) for v in args.max_batch.split(",")):
             with (
                 tempfile.TemporaryDirectory(prefix="glm-image-load-") as out_dir,
                 serve_locally(args, max_batch, pipe, Path(out_dir)) as url,
             ):
-                result = run_load(url, args, headers)
+                result = run_load(url, args, headers, fault=bool(args.bad))
             results.append({"model": args.model, "max_batch": max_batch, **result})
         base = next((r for r in results if r["max_batch"] == 1), None)
         for result in results:

@@ -1,7 +1,10 @@
 """The ``glm-image`` command. Thin: parse arguments, call the library, print, exit.
 
-A mistake a user can make (bad model name, missing or corrupt file) prints one line naming
-what is wrong and exits with status 2; it never shows a stack trace.
+A mistake a user can make (bad model name, missing or corrupt file, a bad value on any line of
+--prompts, an output path that cannot be written) prints one line naming what is wrong and exits
+with status 2, before the model loads; it never shows a stack trace. An engine fault (NaN or Inf
+in a result) is one line and status 1; Ctrl-C is one line and status 130. PNGs are written
+atomically: a file is the whole new image or what it was before.
 """
 
 from __future__ import annotations
@@ -34,6 +37,21 @@ def _cmd_info(args: argparse.Namespace) -> None:
         config, infos = describe_checkpoint(resolve_checkpoint(args.model))
     print(format_checkpoint(config, infos))
     print(_runtime())
+    if args.check_backend:
+        print(_check_backend(args, config))
+
+
+def _check_backend(args: argparse.Namespace, config) -> str:
+    """Run the ops backend's self-check visibly: every kernel against its torch twin, at this
+    checkpoint's sizes, on the device and dtype the flags name (the engines run the same check
+    before their first forward)."""
+    from .device import default_dtype, resolve_device
+    from .ops import CheckSizes, check_backend, format_check
+
+    device = resolve_device(args.device)
+    dtype = torch_dtype(args.dtype) or default_dtype(device)
+    rows = check_backend(args.attention_backend, device, dtype, CheckSizes.from_config(config))
+    return format_check(rows)
 
 
 def _runtime() -> str:
@@ -71,10 +89,14 @@ def _size(text: str) -> tuple[int, int]:
 
 
 _JSONL_KEYS = ("prompt", "size", "seed", "steps", "guidance")
+MAX_PROMPTS_BYTES = 16 * 2**20  # a --prompts file larger than this is not a prompt list
 
 
-def _requests(args: argparse.Namespace) -> list[GenerationRequest]:
-    """One request per generation: from the positional prompt, or one per line of --prompts."""
+def _requests(args: argparse.Namespace) -> list[tuple[str, GenerationRequest]]:
+    """(where, request) per generation: the positional prompt, or one per line of --prompts.
+
+    ``where`` names the source in error messages ("" for the positional prompt).
+    """
     width, height = args.size
     defaults = {
         "width": width,
@@ -86,17 +108,15 @@ def _requests(args: argparse.Namespace) -> list[GenerationRequest]:
         "images": tuple(args.image or ()),
     }
     if args.prompts is None:
-        if not args.prompt:
+        if args.prompt is None:
             raise GlmImageError("prompt: give a prompt, or --prompts FILE.jsonl")
-        return [GenerationRequest(args.prompt, **defaults)]
+        return [("", GenerationRequest(args.prompt, **defaults))]
+    if args.prompt is not None:
+        raise GlmImageError("prompt: give a prompt or --prompts FILE.jsonl, not both")
     import json
 
     requests = []
-    try:
-        lines = open(args.prompts, encoding="utf-8").read().splitlines()  # noqa: SIM115
-    except OSError as e:
-        raise GlmImageError(f"--prompts {args.prompts}: cannot be read ({e.strerror})") from None
-    for number, line in enumerate(lines, 1):
+    for number, line in _prompt_lines(args.prompts):
         if not line.strip():
             continue
         where = f"--prompts {args.prompts}, line {number}"
@@ -113,21 +133,136 @@ def _requests(args: argparse.Namespace) -> list[GenerationRequest]:
         if "size" in item:
             fields["width"], fields["height"] = parse_size(item["size"], f"{where}: size")
         fields.update({k: item[k] for k in ("seed", "steps", "guidance") if k in item})
-        requests.append(GenerationRequest(item["prompt"], **fields))
+        requests.append((where, GenerationRequest(item["prompt"], **fields)))
+    if not requests:
+        raise GlmImageError(f"--prompts {args.prompts}: no prompts in it (every line is empty)")
     return requests
 
 
-def _cmd_generate(args: argparse.Namespace) -> None:
+def _prompt_lines(path: str) -> list[tuple[int, str]]:
+    """(line number, text) of a UTF-8 file (a BOM is allowed); errors name the line."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(MAX_PROMPTS_BYTES + 1)
+    except OSError as e:
+        raise GlmImageError(f"--prompts {path}: cannot be read ({e.strerror})") from None
+    if len(data) > MAX_PROMPTS_BYTES:
+        raise GlmImageError(f"--prompts {path}: larger than {MAX_PROMPTS_BYTES // 2**20} MiB")
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise GlmImageError(
+            f"--prompts {path}, line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the file as UTF-8"
+        ) from None
+    return list(enumerate(text.splitlines(), 1))
+
+
+def _output_paths(output: str, count: int) -> list[Path]:
+    """The file of each image (numbered when several), each checked to be writable now."""
+    if not output.strip():
+        raise GlmImageError("-o/--output: empty; allowed: a file path such as out.png")
+    out = Path(output)
+    if out.name in ("", "..") or out.is_dir():
+        raise GlmImageError(
+            f"-o {_display(out)}: is a folder; allowed: a file path such as {out / 'out.png'}"
+        )
+    if count == 1:
+        paths = [out]
+    else:
+        paths = [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(1, count + 1)]
+    for path in paths:
+        _check_writable(path)
+    return paths
+
+
+def _check_writable(path: Path) -> None:
+    import tempfile
+
+    where = f"-o {_display(path)}"
+    try:
+        if path.is_dir():
+            raise GlmImageError(f"{where}: is a folder; allowed: a file path")
+        if path.exists() and not path.is_file():
+            raise GlmImageError(f"{where}: exists and is not a regular file")
+        if len(os.fsencode(path.name)) > 255:
+            raise GlmImageError(f"{where}: the file name is longer than 255 bytes")
+        folder = path.parent
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent  # created when the image is written
+        if not folder.is_dir():
+            raise GlmImageError(f"{where}: {_display(folder)} is not a folder")
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".glm-image-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise GlmImageError(f"{where}: cannot write there ({e.strerror})") from None
+
+
+def _display(path: os.PathLike | str) -> str:
+    """A path as text that can always be printed (undecodable bytes as backslash escapes)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _write_png(image, path: Path, text: dict[str, str]) -> None:
+    """Write atomically: a temporary file beside ``path``, then a rename. ``path`` is either the
+    whole new PNG or, after any failure or Ctrl-C, exactly what it was before."""
+    import secrets
+    import shutil
+
     from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_itxt(key, value)
+    temp = path.with_name(f".{secrets.token_hex(8)}.glm-image.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # O_EXCL: never write through someone else's file; mode 0o666 less the umask, as open() does
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as f:
+            image.save(f, format="PNG", pnginfo=info)
+            f.flush()
+            os.fsync(f.fileno())
+        if path.is_file():
+            shutil.copymode(path, temp)  # an overwritten file keeps its permissions
+        os.replace(temp, path)
+    except BaseException as e:
+        temp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            kept = "; the old file is unchanged" if path.exists() else ""
+            raise GlmImageError(f"-o {_display(path)}: cannot write ({e.strerror or e}){kept}") from None
+        raise
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    """Every input is checked (all requests, condition images, output paths) before the model
+    loads, so a mistake costs seconds, not a generation."""
+    import warnings
+
+    from PIL import Image
     from tqdm import tqdm
+
+    from .config import CheckpointConfig
+    from .hub import resolve_checkpoint
+    from .validation import check_request
+
+    sources = _requests(args)
+    paths = iter(_output_paths(args.output, sum(r.num_images for _, r in sources)))
+    limits = CheckpointConfig.from_dir(resolve_checkpoint(args.model)).size_limits
+    requests = []
+    for where, request in sources:
+        try:
+            with warnings.catch_warnings():
+                # a picture big enough for Pillow's bomb warning is refused, not decoded
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                requests.append(check_request(limits, request))
+        except GlmImageError as e:
+            raise GlmImageError(f"{where}: {e}" if where else str(e)) from None
 
     from .pipeline import GlmImage
 
-    requests = _requests(args)
     pipe = GlmImage.from_pretrained(args.model, **runtime_kwargs(args))
-    out = Path(args.output)
-    total = sum(request.num_images for request in requests)
-    written = 0
     for request in requests:
         bars: dict[str, tqdm] = {}
 
@@ -137,21 +272,19 @@ def _cmd_generate(args: argparse.Namespace) -> None:
                 bars[stage] = tqdm(total=of, desc=label, unit="tok" if stage == "ar" else "step", leave=False)
             bars[stage].update(done - bars[stage].n)
 
-        result = pipe.run(request, progress=progress)
-        for bar in bars.values():
-            bar.close()
+        try:
+            result = pipe.run(request, progress=progress)
+        finally:
+            for bar in bars.values():
+                bar.close()
         for image, image_seed in zip(result.images, result.seeds, strict=True):
-            written += 1
-            path = out if total == 1 else out.with_name(f"{out.stem}-{written}{out.suffix or '.png'}")
-            info = PngInfo()
-            for key, value in pipe.png_info(
+            path = next(paths)
+            text = pipe.png_info(
                 request.prompt, image_seed, request.height, request.width, request.steps, request.guidance
-            ).items():
-                info.add_itxt(key, value)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            image.save(path, format="PNG", pnginfo=info)
+            )
+            _write_png(image, path, text)
             timing = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
-            print(f"{path}  ({request.size}, seed {image_seed}; {timing})")
+            print(f"{_display(path)}  ({request.size}, seed {image_seed}; {timing})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -190,6 +323,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("tiny", "wide", "glm-image"),
         help="show a config preset; parameters are counted on the meta device (no memory)",
     )
+    info.add_argument(
+        "--check-backend",
+        action="store_true",
+        help="run the ops backend's self-check (each kernel against its torch twin) and print a table",
+    )
+    add_runtime_arguments(info)
     info.set_defaults(func=_cmd_info)
 
     make = sub.add_parser(
@@ -225,8 +364,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    from .errors import NonFiniteError
+
     try:
         args.func(args)
+    except KeyboardInterrupt:
+        print("glm-image: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+    except NonFiniteError as e:  # an engine fault, not the user's input
+        print(f"glm-image: error: {e}", file=sys.stderr)
+        return 1
     except GlmImageError as e:
         print(f"glm-image: error: {e}", file=sys.stderr)
         return 2

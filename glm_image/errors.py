@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class GlmImageError(Exception):
     """Base class of every error this engine raises on purpose."""
@@ -21,3 +23,24 @@ class CorruptCheckpointError(GlmImageError, ValueError):
 
 class WeightsMismatchError(GlmImageError, ValueError):
     """The tensors in a checkpoint do not match the module they are loaded into."""
+
+
+class NonFiniteError(GlmImageError):
+    """The engine produced NaN or Inf: an engine or kernel fault, not the request's values (those
+    are validated). Nothing is written; the server answers 500 with an error id."""
+
+
+def check_finite(values, stage: str, seeds: Sequence[int] | None = None) -> None:
+    """Raise ``NonFiniteError`` when a row of ``values`` (B, ...) holds NaN or Inf: never let a
+    black or garbage image out. ``stage`` names what was checked ("latents", "pixels")."""
+    import torch  # this module stays importable without torch
+
+    bad = ~torch.isfinite(values.reshape(values.shape[0], -1)).all(dim=1)  # (B,)
+    if not bool(bad.any()):
+        return
+    rows = bad.nonzero().flatten().tolist()
+    which = f"seeds {[seeds[i] for i in rows]}" if seeds is not None else f"rows {rows}"
+    raise NonFiniteError(
+        f"{stage}: NaN or Inf in {len(rows)} of {values.shape[0]} images ({which}); nothing was "
+        "written. The request's values were valid: this is an engine or kernel fault"
+    )

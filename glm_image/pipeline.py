@@ -1,7 +1,9 @@
 """GlmImage: validate -> AR prior tokens -> glyph embeddings -> denoise -> VAE -> images.
 
 The one object a user needs. Both stages load from one checkpoint; the request is checked before
-any work starts, with an error that names the field and the allowed values; every image has its
+any work starts, with an error that names the field and the allowed values; a prompt reaches the
+tokenizers as plain text (``validation.plain_text``); latents with NaN or Inf raise
+``NonFiniteError`` before the VAE runs, so no black image comes out; every image has its
 own seed (``seed`` numbers them ``seed, seed + 1, ...``), used by the AR sampler and the initial
 noise alike, so a seed gives the image diffusers' ``GlmImagePipeline`` gives with
 ``generator=torch.Generator().manual_seed(seed)``.
@@ -13,16 +15,24 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
 
 from ._version import __version__
 from .engine import ArEngine, DitEngine
-from .errors import GlmImageError
+from .errors import GlmImageError, check_finite
 from .progress import Progress
 from .request import GenerationRequest
-from .validation import check_generation, load_condition_images, request_seeds
+from .validation import (
+    check_generation,
+    check_request,
+    control_strings,
+    load_condition_images,
+    plain_text,
+    request_seeds,
+)
 
 __all__ = ["GenerationOutput", "GlmImage"]
 
@@ -149,10 +159,14 @@ class GlmImage:
         seeds = request_seeds(seed, count)
         timings: dict[str, float] = {}
 
+        # A prompt is text: special-token strings in it must not reach a tokenizer as controls.
+        ar_prompts = [plain_text(p, self._ar_controls) for p in prompts]
+        glyph_prompts = [plain_text(p, self._glyph_controls) for p in prompts]
+
         start = time.perf_counter()
         self._resident(self.ar, self.dit)
         result = self.ar.generate(
-            prompts,
+            ar_prompts,
             height,
             width,
             seeds=seeds,
@@ -175,7 +189,7 @@ class GlmImage:
         self._resident(self.dit, self.ar)
         latents = self.dit.denoise(
             prior,
-            prompts,
+            glyph_prompts,
             height,
             width,
             num_inference_steps,
@@ -185,6 +199,7 @@ class GlmImage:
             conditions=conditions,
         )
         timings["dit"] = time.perf_counter() - start
+        check_finite(latents, "latents", seeds)  # before the VAE: no black image from NaN
 
         start = time.perf_counter()
         decoded = self.dit.decode(latents)
@@ -196,17 +211,7 @@ class GlmImage:
 
     def validate_request(self, request: GenerationRequest) -> None:
         """Raise ``GlmImageError`` naming the first field of ``request`` that is not allowed."""
-        self.validate(
-            [request.prompt],
-            request.height,
-            request.width,
-            request.steps,
-            request.guidance,
-            request.num_images,
-        )
-        request_seeds(request.seed, request.num_images)
-        if request.images:
-            load_condition_images(list(request.images), 1, self.limits)
+        check_request(self.limits, request)
 
     def run(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationOutput:
         """Carry out one request."""
@@ -270,6 +275,14 @@ class GlmImage:
             )
             at += n
         return results
+
+    @cached_property
+    def _ar_controls(self) -> tuple[str, ...]:
+        return control_strings(self.ar.processor.tokenizer)
+
+    @cached_property
+    def _glyph_controls(self) -> tuple[str, ...]:
+        return control_strings(self.dit.glyph.tokenizer)
 
     def _resident(self, running, waiting) -> None:
         """With offloading, only the stage about to run sits on the device."""

@@ -8,21 +8,33 @@ checkpoint and ``GlmImage.run`` / ``GlmImage.run_batch`` carry it out. Requests 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from .errors import GlmImageError
 
-__all__ = ["GenerationRequest", "parse_size"]
+__all__ = ["GenerationRequest", "parse_size", "shown"]
+
+# Exactly WIDTHxHEIGHT in ASCII digits. Normalised: an upper-case X, and spaces around the whole
+# value. Refused: spaces inside, signs, underscores, non-ASCII digits (int() takes all of those).
+_SIZE = re.compile(r"([0-9]{1,9})[xX]([0-9]{1,9})")
+
+
+def shown(value: object, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters (a client's 20 MB field is not echoed back)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit limit for str()
+        return f"<{type(value).__name__} too large to show>"
+    return text if len(text) <= limit else f"{text[: limit - 3]}... ({len(text)} characters)"
 
 
 def parse_size(text: str, field: str = "size") -> tuple[int, int]:
     """'1280x1280' (WIDTHxHEIGHT) -> (width, height); the message names ``field``."""
-    parts = str(text).lower().split("x")
-    try:
-        width, height = (int(v) for v in parts)
-    except ValueError:
-        raise GlmImageError(f"{field} = {text!r}: expected WIDTHxHEIGHT, e.g. 1024x1024") from None
-    return width, height
+    match = _SIZE.fullmatch(text.strip(" ")) if isinstance(text, str) else None
+    if match is None:
+        raise GlmImageError(f"{field} = {shown(text)}: expected WIDTHxHEIGHT in ASCII digits, e.g. 1024x1024")
+    return int(match.group(1)), int(match.group(2))
 
 
 @dataclass(frozen=True)

@@ -2,21 +2,47 @@
 condition images. Every error names the field and the allowed values.
 
 Used by ``GlmImage`` (and through it by the CLI, the server and the benchmarks); the size rule
-itself is the checkpoint's (``CheckpointConfig.size_limits``).
+itself is the checkpoint's (``CheckpointConfig.size_limits``). The CLI runs ``check_request``
+on every request before it loads the model.
+
+A prompt is data, never control tokens: ``plain_text`` breaks every special-token string of a
+tokenizer (``<|image|>``, ``</s>``, ...) with a WORD JOINER (U+2060) after its first character,
+so the tokenizer reads it as ordinary text; a prompt without such a string is passed on
+unchanged (and tokenized exactly as the reference does).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
 from .config import SizeLimits
 from .errors import GlmImageError
+from .request import GenerationRequest
 from .sampling.seeds import image_seeds
 
-__all__ = ["MAX_PROMPT_CHARS", "check_generation", "load_condition_images", "request_seeds"]
+__all__ = [
+    "MAX_GUIDANCE",
+    "MAX_PROMPT_CHARS",
+    "check_generation",
+    "check_guidance",
+    "check_request",
+    "control_strings",
+    "load_condition_images",
+    "open_condition_image",
+    "plain_text",
+    "request_seeds",
+    "to_rgb",
+]
 
 MAX_PROMPT_CHARS = 1000
+# Classifier-free guidance: 1 (off) .. 20. Peers allow 0..20; our CFG runs the unconditional
+# branch only for g > 1 (uncond + g * (cond - uncond)), so 1 is the floor. 20 is the peers' cap:
+# larger values only saturate the image, and far beyond (1e30) the latents overflow to Inf.
+MIN_GUIDANCE, MAX_GUIDANCE = 1.0, 20.0
+MAX_ASPECT = 4  # condition images: the long side at most 4x the short one
+WORD_JOINER = "\u2060"  # invisible, no line break; in no tokenizer's special tokens
 
 
 def check_generation(
@@ -32,22 +58,39 @@ def check_generation(
     if not prompts:
         raise GlmImageError("prompt: need at least one prompt")
     for i, prompt in enumerate(prompts):
-        where = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise GlmImageError(f"{where}: must be a non-empty string")
-        if len(prompt) > MAX_PROMPT_CHARS:
-            raise GlmImageError(f"{where}: {len(prompt)} characters; allowed: at most {MAX_PROMPT_CHARS}")
+        _check_prompt(prompt, "prompt" if len(prompts) == 1 else f"prompt[{i}]")
     limits.check_size(height, width)
     if not _is_int(num_inference_steps) or num_inference_steps < 1:
         raise GlmImageError(f"num_inference_steps = {num_inference_steps!r}; allowed: an integer >= 1")
-    if (
-        isinstance(guidance_scale, bool)
-        or not isinstance(guidance_scale, (int, float))
-        or not guidance_scale >= 1
-    ):
-        raise GlmImageError(f"guidance_scale = {guidance_scale!r}; allowed: a number >= 1")
+    check_guidance(guidance_scale)
     if not _is_int(num_images_per_prompt) or num_images_per_prompt < 1:
         raise GlmImageError(f"num_images_per_prompt = {num_images_per_prompt!r}; allowed: an integer >= 1")
+
+
+def _check_prompt(prompt: object, where: str) -> None:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise GlmImageError(f"{where}: must be a non-empty string")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise GlmImageError(f"{where}: {len(prompt)} characters; allowed: at most {MAX_PROMPT_CHARS}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate: from a JSON "\ud800" or undecodable argv bytes
+        raise GlmImageError(
+            f"{where}: not valid Unicode text (a lone surrogate {prompt[e.start]!a} at character "
+            f"{e.start}); allowed: text that encodes as UTF-8"
+        ) from None
+
+
+def check_guidance(value: object, field: str = "guidance_scale") -> None:
+    """Guidance is a real number in MIN_GUIDANCE..MAX_GUIDANCE (no bool, NaN or Inf)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not MIN_GUIDANCE <= value <= MAX_GUIDANCE  # False for NaN
+    ):
+        raise GlmImageError(
+            f"{field} = {value!r}; allowed: a number in {MIN_GUIDANCE:g}..{MAX_GUIDANCE:g} (1: no guidance)"
+        )
 
 
 def _is_int(value: object) -> bool:
@@ -64,6 +107,68 @@ def request_seeds(seed: int | Sequence[int] | None, count: int) -> tuple[int, ..
     elif seed is not None and not _is_int(seed):
         raise GlmImageError(f"seed = {seed!r}; allowed: an integer, one integer per image, or none")
     return image_seeds(seed, count, field="seed")
+
+
+def check_request(limits: SizeLimits, request: GenerationRequest) -> GenerationRequest:
+    """Check every field of ``request``; returns it with its condition images opened (RGB).
+
+    Needs only the checkpoint's size rule, so a caller can check all its requests before it
+    loads a model.
+    """
+    check_generation(
+        limits,
+        [request.prompt],
+        request.height,
+        request.width,
+        request.steps,
+        request.guidance,
+        request.num_images,
+    )
+    request_seeds(request.seed, request.num_images)
+    if not request.images:
+        return request
+    [images] = load_condition_images(list(request.images), 1, limits)
+    return dataclasses.replace(request, images=tuple(images))
+
+
+# ------------------------------------------------------------------------------ prompt text
+
+
+def control_strings(tokenizer) -> tuple[str, ...]:
+    """The special-token strings ``tokenizer`` would read as control tokens inside a text."""
+    specials = set(getattr(tokenizer, "all_special_tokens", ()))
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    specials.update(token.content for token in decoder.values() if getattr(token, "special", False))
+    return tuple(sorted(s for s in specials if len(s) > 1))
+
+
+def plain_text(text: str, controls: Sequence[str]) -> str:
+    """``text`` with a WORD JOINER after the first character of every occurrence (overlapping
+    ones too) of every string in ``controls``, so that none of them occurs any more.
+
+    Why none can: a control string contains no joiner, so an occurrence in the result would be an
+    occurrence in ``text``, and each of those now has a joiner after its first character.
+    """
+    starts = set()
+    for control in controls:
+        at = text.find(control)
+        while at >= 0:
+            starts.add(at)
+            at = text.find(control, at + 1)
+    if not starts:
+        return text
+    parts, last = [], 0
+    for at in sorted(starts):
+        parts += [text[last : at + 1], WORD_JOINER]
+        last = at + 1
+    parts.append(text[last:])
+    return "".join(parts)
+
+
+# ------------------------------------------------------------------------------ results
+
+
+# ------------------------------------------------------------------------------ condition images
 
 
 def load_condition_images(images, prompts: int, limits: SizeLimits) -> list[list] | None:
@@ -87,22 +192,67 @@ def load_condition_images(images, prompts: int, limits: SizeLimits) -> list[list
         raise GlmImageError(f"images: {len(images)} lists for {prompts} prompts; need one per prompt")
     if len({len(group) for group in images}) != 1 or not images[0]:
         raise GlmImageError("images: every prompt needs the same number (>= 1) of condition images")
-    out = []
-    for i, group in enumerate(images):
-        converted = []
-        for j, item in enumerate(group):
-            where = f"images[{i}][{j}]" if prompts > 1 else f"images[{j}]"
-            try:
-                image = item if isinstance(item, Image.Image) else Image.open(item)
-                image = image.convert("RGB")
-            except (OSError, ValueError, TypeError) as e:
-                raise GlmImageError(f"{where}: not a readable image ({e})") from None
-            limits.check(f"{where} height", image.height)
-            limits.check(f"{where} width", image.width)
-            if max(image.size) > 4 * min(image.size):
-                raise GlmImageError(
-                    f"{where}: aspect ratio {image.width}x{image.height}; allowed: at most 4:1"
-                )
-            converted.append(image)
-        out.append(converted)
-    return out
+    return [
+        [
+            open_condition_image(item, f"images[{i}][{j}]" if prompts > 1 else f"images[{j}]", limits)
+            for j, item in enumerate(group)
+        ]
+        for i, group in enumerate(images)
+    ]
+
+
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+def open_condition_image(item, where: str, limits: SizeLimits):
+    """One condition image (a path, a file object or a PIL image) as an upright 8-bit RGB image.
+
+    The size is checked from the header, before any pixel is decoded (the rule is the same for
+    both sides, so a quarter turn from the EXIF orientation cannot change the verdict); a picture
+    too large to decode safely is refused, never decoded.
+    """
+    from PIL import Image, ImageOps
+
+    try:
+        image = item if isinstance(item, Image.Image) else Image.open(item)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise GlmImageError(
+            f"{where}: too many pixels to decode safely; allowed: at most {limits.maximum} pixels a side"
+        ) from None
+    except Exception as e:  # untrusted bytes: whatever the decoder raises is "not readable"
+        raise GlmImageError(f"{where}: not a readable image ({_reason(e)})") from None
+    limits.check(f"{where} width", image.width)
+    limits.check(f"{where} height", image.height)
+    if max(image.size) > MAX_ASPECT * min(image.size):
+        raise GlmImageError(
+            f"{where}: aspect ratio {image.width}x{image.height}; allowed: at most {MAX_ASPECT}:1"
+        )
+    try:
+        return to_rgb(ImageOps.exif_transpose(image))  # EXIF orientation: as a viewer shows it
+    except Exception as e:  # a header that reads but pixels that do not
+        raise GlmImageError(f"{where}: not a readable image ({_reason(e)})") from None
+
+
+def _reason(error: Exception) -> str:
+    """Pillow's message without the file object's repr (a memory address) it sometimes names."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(error, UnidentifiedImageError):
+        return "not a format Pillow can read, e.g. PNG, JPEG, WebP"
+    if isinstance(error, FileNotFoundError):
+        return "no such file"
+    text = getattr(error, "strerror", None) or str(error)
+    return text if " at 0x" not in text else type(error).__name__
+
+
+def to_rgb(image):
+    """8-bit RGB. 16-bit grey ("I;16", and "I" as Pillow opens 16-bit PNGs) maps 0..65535 onto
+    0..255 (v * 255 / 65535, rounded); Pillow's own convert would clip it at 255, near-white."""
+    import numpy as np
+    from PIL import Image
+
+    if image.mode in _SIXTEEN_BIT:
+        values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+        grey = ((values * 255 + 32767) // 65535).astype(np.uint8)
+        image = Image.fromarray(grey)  # (H, W) uint8: mode "L"
+    return image.convert("RGB")

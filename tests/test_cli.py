@@ -121,3 +121,22 @@ def test_script_and_console_entry_point(tmp_path, tiny_checkpoint):
     assert exe, "the console script `glm-image` is not installed"
     again = subprocess.run([exe, "make-checkpoint", str(out)], capture_output=True, text=True, check=False)
     assert again.returncode == 2 and "--overwrite" in again.stderr
+
+
+def test_info_check_backend_prints_the_self_check_table(tiny_checkpoint, capsys):
+    """On a CPU the reference backend has nothing to check; Triton's interpreter (set by the test
+    session) runs every kernel against its twin and prints one row per op."""
+    args = ["info", "--model", str(tiny_checkpoint), "--check-backend", "--device", "cpu"]
+    assert main(args) == 0
+    assert "nothing to check: the sdpa backend is the reference" in capsys.readouterr().out
+    assert main([*args, "--attention-backend", "triton"]) == 0
+    out = capsys.readouterr().out
+    for op in (
+        "decode_attention",
+        "rms_norm",
+        "add_rms_norm",
+        "layer_norm_modulate",
+        "rotary_",
+        "qk_norm_rope",
+    ):
+        assert any(line.startswith(op) and " ok " in line for line in out.splitlines()), op

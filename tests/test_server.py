@@ -274,7 +274,7 @@ LIMITS = "allowed: {min}..{max} in multiples of {mul}"
         ({"style": "vivid"}, "style", "style: unknown field; allowed: prompt, size, n"),
         ({"steps": 0}, "steps", "steps: num_inference_steps = 0; allowed: an integer >= 1"),
         ({"steps": 201}, "steps", "steps = 201; allowed: 1..200"),
-        ({"guidance": 0.5}, "guidance", "guidance: guidance_scale = 0.5; allowed: a number >= 1"),
+        ({"guidance": 0.5}, "guidance", "guidance: guidance_scale = 0.5; allowed: a number in 1..20"),
         ({"seed": "7"}, "seed", "seed = '7': Input should be a valid integer"),
         ({"seed": -1}, "seed", "seed = -1; allowed: an integer in 0.."),
     ],

@@ -316,9 +316,11 @@ class GlyphConfig(_Config):
             "dropout_rate",
             "eos_token_id",
             "initializer_factor",
+            "is_decoder",  # decoder-side settings: the Glyph Encoder runs the encoder only
             "is_encoder_decoder",
             "is_gated_act",  # derived from feed_forward_proj by T5Config
             "num_decoder_layers",
+            "scale_decoder_outputs",
             "pad_token_id",
             "tie_word_embeddings",
             "tokenizer_class",

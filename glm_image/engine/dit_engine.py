@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..config import CheckpointConfig
-from ..errors import GlmImageError
+from ..errors import GlmImageError, check_finite
 from ..models.dit import (
     CacheMode,
     ConditionKVCache,
@@ -304,6 +304,7 @@ class DitEngine:
         else:
             self.vae.disable_tiling()
         images = self.vae.decode(latents, return_dict=False)[0]
+        check_finite(images, "pixels")  # a VAE or kernel fault is an error, never a black image
         images = (images / 2 + 0.5).clamp(0, 1).float().permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in images]
 

@@ -22,12 +22,14 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 
 from .._version import __version__
 from ..errors import GlmImageError
-from ..request import GenerationRequest, parse_size
+from ..request import GenerationRequest, parse_size, shown
 from ..sampling import MAX_SEED  # torch generators take a signed 64-bit seed
+from ..validation import open_condition_image
 from .errors import ApiError, error_response, style_for
 from .files import FileStore, encode_png
 from .jobs import ClientGone, EngineQueue
@@ -49,10 +51,13 @@ SCHEMAS: dict[str, type[BaseModel]] = {
     OPENAI_PATH: OpenAIImageRequest,
     EDITS_PATH: EditForm,
 }
-# Open with a key configured: liveness, the API description, and files (their 128-bit random
-# ids are the capability, like the hosted service's download URLs).
-OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/openapi.json"})
+# Open with a key configured: liveness, and files (their 128-bit random ids are the capability,
+# like the hosted service's download URLs). The API description (/docs, /openapi.json) is not:
+# with a key, it needs the key too.
+OPEN_PATHS = frozenset({"/health"})
+JSON_PATHS = frozenset({BIGMODEL_PATH, OPENAI_PATH})
 MAX_IMAGES = 16  # condition images per edit
+CLIENT_GONE = 499  # nginx's "client closed request": only the log and the metrics see it
 # The pipeline's own names in its messages -> the API field a client sent.
 FIELD_OF = {
     "height": "size",
@@ -97,7 +102,10 @@ class _Gate:
             self.metrics.count_request(path, status)
             client = scope.get("client") or ("-", 0)
             # repr escapes control characters: a request path cannot forge log lines
-            log.info("%s %s %s %d %.3fs", client[0], scope["method"], repr(path)[1:-1], status, seconds)
+            note = " (the client closed the connection)" if status == CLIENT_GONE else ""
+            log.info(
+                "%s %s %s %d %.3fs%s", client[0], scope["method"], repr(path)[1:-1], status, seconds, note
+            )
 
     def _check_key(self, scope) -> ApiError | None:
         key = self.settings.api_key
@@ -112,11 +120,29 @@ class _Gate:
         return None
 
 
-def _validation_error(errors: list, path: str) -> ApiError:
+def _name(text: str, limit: int = 40) -> str:
+    """A client's field name as it may be echoed: UTF-8-safe (no lone surrogate) and short."""
+    safe = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return safe if len(safe) <= limit else safe[: limit - 3] + "..."
+
+
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def _validation_error(errors: list, path: str, content_type: str = "") -> ApiError:
     """Pydantic's first complaint, as a 400 naming the field (and the allowed fields or values)."""
+    if path in JSON_PATHS and not _is_json(content_type):
+        # FastAPI reads JSON only when the Content-Type says so; say that, not "not an object"
+        sent = f"as Content-Type {shown(content_type)}" if content_type else "without a Content-Type"
+        return ApiError(
+            "invalid_value",
+            f"body: sent {sent}; send the JSON object with 'Content-Type: application/json'",
+        )
     first = errors[0]
     where = [str(p) for p in first.get("loc", ()) if p != "body"]
-    field = ".".join(where) or "body"
+    field = _name(".".join(where)) or "body"
     kind, more = first.get("type", ""), f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     if kind == "extra_forbidden":
         allowed = ", ".join(SCHEMAS[path].model_fields) if path in SCHEMAS else "see /docs"
@@ -127,9 +153,17 @@ def _validation_error(errors: list, path: str) -> ApiError:
         return ApiError("invalid_value", f"body: not valid JSON ({first.get('ctx', {}).get('error', '')})")
     if field == "body":
         return ApiError("invalid_value", f"body: {first.get('msg')}; expected a JSON object")
-    shown = repr(first.get("input"))
-    shown = shown if len(shown) <= 80 else shown[:77] + "..."
-    return ApiError("invalid_value", f"{field} = {shown}: {first.get('msg')}{more}", param=field)
+    value = shown(first.get("input"), 80)
+    return ApiError("invalid_value", f"{field} = {value}: {first.get('msg')}{more}", param=field)
+
+
+def _unreadable_body(cause: BaseException | None) -> str | None:
+    """Why a JSON body could not be parsed, when FastAPI's message would not say."""
+    if isinstance(cause, UnicodeDecodeError):
+        return f"body: not UTF-8 text (byte 0x{cause.object[cause.start]:02x} at offset {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "body: JSON nested too deeply; expected a JSON object of the documented fields"
+    return None
 
 
 async def _disconnected(request: Request) -> None:
@@ -177,10 +211,22 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, error: RequestValidationError) -> Response:
         path = request.scope["path"]
-        return error_response(_validation_error(list(error.errors()), path), style_for(path))
+        content_type = request.headers.get("content-type", "")
+        return error_response(_validation_error(list(error.errors()), path, content_type), style_for(path))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, error: ClientDisconnect) -> Response:
+        # the client left mid-upload: nobody reads an answer; the request's log line says so
+        return Response(status_code=CLIENT_GONE)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, error: StarletteHTTPException) -> Response:
+        cause = error.__cause__  # what FastAPI's "There was an error parsing the body" hides
+        if isinstance(cause, ClientDisconnect):
+            return Response(status_code=CLIENT_GONE)
+        unreadable = _unreadable_body(cause)
+        if unreadable is not None:
+            return error_response(ApiError("invalid_value", unreadable), style_for(request.scope["path"]))
         kind = {400: "invalid_value", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
         if error.status_code not in kind:
             return JSONResponse({"error": {"message": str(error.detail)}}, status_code=error.status_code)
@@ -200,7 +246,7 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
         if name is not None and name not in names:
             allowed = ", ".join(names)
             raise ApiError(
-                "model_not_found", f"model {name!r} does not exist; allowed: {allowed}", param="model"
+                "model_not_found", f"model {shown(name)} does not exist; allowed: {allowed}", param="model"
             )
 
     def build(body, default_size: str, images: tuple = ()) -> GenerationRequest:
@@ -208,19 +254,24 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
         size = body.size if body.size not in (None, "auto") else default_size
         try:
             width, height = parse_size(size, "size")
+        except GlmImageError as e:
+            raise ApiError("invalid_value", str(e), param="size") from None
+        try:
             for side, value in (("width", width), ("height", height)):
                 pipe.limits.check(side, value)
         except GlmImageError as e:
-            raise ApiError("invalid_value", f"size = {size!r}: {e}", param="size") from None
+            raise ApiError("invalid_value", f"size = {shown(size)}: {e}", param="size") from None
         if body.seed is not None and not 0 <= body.seed <= MAX_SEED - (body.n - 1):
             raise ApiError(
                 "invalid_value",
-                f"seed = {body.seed}; allowed: an integer in 0..{MAX_SEED - (body.n - 1)} (image i uses seed + i)",
+                f"seed = {shown(body.seed)}; allowed: an integer in 0..{MAX_SEED - (body.n - 1)} (image i uses seed + i)",
                 param="seed",
             )
         if body.steps is not None and body.steps > settings.max_steps:
             raise ApiError(
-                "invalid_value", f"steps = {body.steps}; allowed: 1..{settings.max_steps}", param="steps"
+                "invalid_value",
+                f"steps = {shown(body.steps)}; allowed: 1..{settings.max_steps}",
+                param="steps",
             )
         request = GenerationRequest(
             body.prompt,
@@ -262,7 +313,7 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
         try:
             output = await queue.result(job, _disconnected(http))
         except ClientGone:
-            return Response(status_code=499)  # nginx's "client closed request": only the log sees it
+            return Response(status_code=CLIENT_GONE)
         base = (settings.public_url or str(http.base_url)).rstrip("/")
         items = await anyio.to_thread.run_sync(materialize, output, request, response_format or "url", base)
         metrics.observe("total", time.perf_counter() - job.arrived)
@@ -301,7 +352,9 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
                         "invalid_value", "mask: not supported; the prompt says what to change", param="mask"
                     )
                 elif isinstance(value, UploadFile) or key in fields:
-                    raise ApiError("invalid_value", f"{key}: expected one text value", param=key)
+                    raise ApiError(
+                        "invalid_value", f"{_name(key)}: expected one text value", param=_name(key)
+                    )
                 else:
                     fields[key] = value
             try:
@@ -321,23 +374,16 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
         return await generate(http, build(body, default, tuple(images)), body.response_format)
 
     def read_image(data: bytes, index: int):
-        """Decode one upload, checking its size against the model's limits before decoding pixels."""
-        from PIL import Image
-
+        """Decode one upload (upright, 8-bit RGB), its size checked before any pixel is decoded."""
         where = f"image[{index}]"
         if len(data) > settings.max_upload_bytes:
             raise ApiError(
                 "too_large", f"{where}: larger than {settings.max_upload_bytes} bytes", param="image"
             )
         try:
-            image = Image.open(io.BytesIO(data))
-            for side, value in (("width", image.width), ("height", image.height)):
-                pipe.limits.check(f"{where} {side}", value)
-            return image.convert("RGB")
+            return open_condition_image(io.BytesIO(data), where, pipe.limits)
         except GlmImageError as e:
             raise ApiError("invalid_value", str(e), param="image") from None
-        except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise ApiError("invalid_value", f"{where}: not a readable image ({e})", param="image") from None
 
     @app.get("/health", summary="liveness; open even with an API key")
     async def health() -> dict:
@@ -367,4 +413,7 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
             path, media_type="image/png", headers={"Cache-Control": "max-age=31536000, immutable"}
         )
 
+    # HEAD answers as GET without the body (load balancers, link checkers); one schema entry each
+    for route, endpoint in (("/health", health), ("/files/{name}", download)):
+        app.add_api_route(route, endpoint, methods=["HEAD"], include_in_schema=False)
     return app

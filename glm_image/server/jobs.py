@@ -7,6 +7,10 @@ alone through ``pipe.run``). ``run_batch`` keeps each request's own seeds, so a 
 images it would get alone. The call is blocking torch code, so it runs on a dedicated engine
 thread (always the same one, which CUDA prefers), never on the event loop.
 
+When an engine call with several requests raises, each of its requests still waited for runs
+again alone, so one request that breaks the engine (a fault its values did not reveal) fails
+alone and the others get the images they would have got anyway.
+
 A job leaves the queue without running when its client disconnects or its timeout passes while
 it waits. A running engine call is stopped at its next step (through the pipeline's progress
 callback) once every job in it has been abandoned the same way. Queue state is touched only on
@@ -24,7 +28,7 @@ from collections.abc import Awaitable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ..errors import GlmImageError
+from ..errors import GlmImageError, NonFiniteError
 from ..request import GenerationRequest
 from .errors import ApiError
 from .metrics import Metrics
@@ -157,7 +161,6 @@ class EngineQueue:
         return self.pipe.run_batch(requests, progress)
 
     async def _work(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             while not self._waiting:
                 self._wakeup.clear()
@@ -166,33 +169,55 @@ class EngineQueue:
             now = time.perf_counter()
             for job in batch:
                 self.metrics.observe("queue_wait", now - job.arrived)
-            self.running = len(batch)
-            try:
-                outputs = await loop.run_in_executor(self._executor, self._call, batch)
-            except _Abandoned:
-                self.metrics.count_engine_call(len(batch), None, stopped=True)
-                log.info("stopped an engine call: all %d of its requests were abandoned", len(batch))
-            except Exception as e:
-                self.metrics.count_engine_call(len(batch), None)
+            await self._run(batch)
+
+    async def _run(self, batch: list[Job]) -> None:
+        """One engine call; when a call of several requests raises, each runs again alone."""
+        loop = asyncio.get_running_loop()
+        self.running = len(batch)
+        try:
+            outputs = await loop.run_in_executor(self._executor, self._call, batch)
+        except _Abandoned:
+            self.metrics.count_engine_call(len(batch), None, stopped=True)
+            log.info("stopped an engine call: all %d of its requests were abandoned", len(batch))
+        except Exception as e:
+            self.metrics.count_engine_call(len(batch), None)
+            if len(batch) == 1:
                 self._fail(batch, e)
-            else:
-                self.metrics.count_engine_call(len(batch), outputs[0].timings)
-                self.metrics.count_images(sum(len(output.images) for output in outputs))
-                for job, output in zip(batch, outputs, strict=True):
-                    if not job.future.done():
-                        job.future.set_result(output)
-            finally:
-                self.running = 0
+                return
+            self.metrics.count_split()
+            log.warning(
+                "an engine call of %d requests raised %s; running each of them alone",
+                len(batch),
+                type(e).__name__,
+            )
+            for job in batch:
+                if not job.abandoned:
+                    await self._run([job])
+        else:
+            self.metrics.count_engine_call(len(batch), outputs[0].timings)
+            self.metrics.count_images(sum(len(output.images) for output in outputs))
+            for job, output in zip(batch, outputs, strict=True):
+                if not job.future.done():
+                    job.future.set_result(output)
+        finally:
+            self.running = 0
 
     def _fail(self, batch: list[Job], error: Exception) -> None:
-        if isinstance(error, GlmImageError):  # validated before queueing, so rare; still the user's
+        if isinstance(error, GlmImageError) and not isinstance(error, NonFiniteError):
+            # validated before queueing, so rare; still the user's
             failure = ApiError("invalid_value", str(error))
         else:
             error_id = secrets.token_hex(8)
             log.error("engine failure, error id %s", error_id, exc_info=error)
+            what = (
+                "produced NaN or Inf for this request, so no image was made"
+                if isinstance(error, NonFiniteError)
+                else "failed on this request"
+            )
             failure = ApiError(
                 "internal",
-                f"the engine failed on this request (error id {error_id}); the server keeps serving",
+                f"the engine {what} (error id {error_id}); the server keeps serving",
                 error_id=error_id,
             )
         for job in batch:

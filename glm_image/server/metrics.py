@@ -62,6 +62,7 @@ class Metrics:
         self.engine_calls = 0
         self.engine_failures = 0
         self.engine_stopped = 0
+        self.batches_split = 0  # calls of several requests that raised; each request ran again alone
         self.requests: dict[tuple[str, int], int] = defaultdict(int)
         self.dropped: dict[str, int] = defaultdict(int)  # reason -> queued jobs removed before they ran
         self.stages = {stage: _Histogram() for stage in STAGES}
@@ -91,6 +92,10 @@ class Metrics:
             for stage in ("ar", "dit", "vae"):
                 if stage in timings:
                     self.stages[stage].observe(timings[stage])
+
+    def count_split(self) -> None:
+        with self._lock:
+            self.batches_split += 1
 
     def count_images(self, count: int) -> None:
         with self._lock:
@@ -143,8 +148,15 @@ class Metrics:
             metric(
                 "glm_image_engine_failures_total",
                 "counter",
-                "Engine calls that raised (answered 500).",
+                "Engine calls that raised (a call of several requests is then run again, one "
+                "request at a time, and those calls are counted too).",
                 [("", self.engine_failures)],
+            )
+            metric(
+                "glm_image_engine_batches_split_total",
+                "counter",
+                "Engine calls of several requests that raised, whose requests then ran alone.",
+                [("", self.batches_split)],
             )
             metric(
                 "glm_image_engine_calls_stopped_total",

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import GlmImageError
+from ..validation import check_guidance
 
 __all__ = ["ServerSettings"]
 
@@ -44,7 +45,6 @@ class ServerSettings:
             raise GlmImageError(f"steps = {self.steps}; allowed: 1..{self.max_steps} (max_steps)")
         if not self.timeout > 0:
             raise GlmImageError(f"timeout = {self.timeout!r}; allowed: seconds > 0")
-        if not self.guidance >= 1:
-            raise GlmImageError(f"guidance = {self.guidance!r}; allowed: a number >= 1")
+        check_guidance(self.guidance, "guidance")
         if self.api_key is not None and not self.api_key.strip():
             raise GlmImageError("api key: empty; allowed: a non-empty string, or no key (no auth)")
