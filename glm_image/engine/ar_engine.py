@@ -7,6 +7,12 @@ prefill and a fixed-length decode loop run with a static KV cache and no host sy
 per token: the sampled token stays on the device and feeds the next step. Each sample has its
 own seeded generator, so a batch gives the same images as its samples run one by one.
 
+``decoding="jacobi"`` decodes by speculative Jacobi windows instead (``engine.jacobi``): each
+forward checks a window of draft tokens and keeps those sequential sampling could have written,
+so the images have the same distribution in fewer forwards, though not the same image per seed;
+greedy decoding gives exactly the sequential tokens. ``sequential`` equals the reference seed for
+seed and stays the default.
+
 ``constrain_grid=True`` (default) masks EOS and the special tokens while a grid is incomplete,
 *after* temperature/top-k/top-p, so whenever the reference would have written a valid grid we
 write the same one, and where it would have cut the grid short we cannot. ``False`` reproduces
@@ -32,12 +38,13 @@ from ..ops import Ops
 from ..progress import Progress
 from ..sampling import SamplingParams, image_seeds
 from ..weights import load_model
-from .decode import DecodeLoop, NoiseStream, TokenPicker
+from . import jacobi
+from .decode import DecodeLoop, DecodeStats, NoiseStream, TokenPicker
 from .graphs import graph_module
 from .loading import prepare_stage, verify_ops
 from .protocol import GridSpec, decode_positions, prompt_positions, upsample_grid
 
-__all__ = ["DECODE_STEPS", "ArEngine", "ArResult"]
+__all__ = ["DECODE_STEPS", "DECODINGS", "ArEngine", "ArResult"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,10 @@ log = logging.getLogger(__name__)
 #   static - the graph's step run eagerly, on any device: what a graph replays, checkable on a CPU
 #   graph  - a device graph, required: an error where it cannot be captured
 DECODE_STEPS = ("auto", "eager", "static", "graph")
+
+# How tokens are chosen: one per forward (the reference's way, seed for seed), or speculative
+# Jacobi windows (the same distribution, fewer forwards; ``engine.jacobi``)
+DECODINGS = ("sequential", "jacobi")
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,7 @@ class ArResult:
     conditions: list[list[tuple[torch.Tensor, tuple[int, int]]]] | None = None
     prefill_seconds: float = 0.0  # planning + prefill + the first token, device synchronised
     decode_step: str = "eager"  # how the steps after the first ran: eager, static or graph
+    stats: DecodeStats | None = None  # model forwards (the prefill included), tokens per forward
 
 
 @dataclass(frozen=True)
@@ -270,6 +282,9 @@ class ArEngine:
         return_logits: bool = False,
         progress: Progress | None = None,
         images: Sequence[Sequence] | None = None,
+        decoding: str = "sequential",
+        jacobi_window: int = jacobi.DEFAULT_WINDOW,
+        jacobi_drafts: str = "last",
     ) -> ArResult:
         """Generate the grids for every (prompt, image) pair; see ``generate_prior_tokens``.
 
@@ -281,6 +296,11 @@ class ArEngine:
         and experiments: ``prior_tokens`` is then None unless the target grid is complete.
         ``images``: image-to-image, one list of condition images (PIL) per prompt; the model then
         writes the target grid only (no preview), and ``conditions`` carries the images' codes.
+
+        ``decoding``: ``sequential`` or ``jacobi`` (see the module docstring); ``jacobi_window``
+        tokens go through each Jacobi forward (the most it can accept), ``jacobi_drafts`` says
+        where a position's first draft comes from (``engine.jacobi.DRAFT_INITS``). The result's
+        ``stats`` count the forwards either way.
         """
         start = time.perf_counter()
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -288,6 +308,14 @@ class ArEngine:
             raise GlmImageError("prompts: need at least one prompt")
         if num_images_per_prompt < 1:
             raise GlmImageError(f"num_images_per_prompt = {num_images_per_prompt} must be >= 1")
+        if decoding not in DECODINGS:
+            raise GlmImageError(f"decoding = {decoding!r}; allowed: {', '.join(DECODINGS)}")
+        if decoding == "jacobi":
+            jacobi.check_options(jacobi_window, jacobi_drafts)
+            if return_logits:
+                raise GlmImageError(
+                    "return_logits: the logits of every step exist with decoding='sequential' only"
+                )
         self.config.size_limits.check_size(height, width)
         if images is not None and len(images) != len(prompts):
             raise GlmImageError(
@@ -308,14 +336,30 @@ class ArEngine:
             steps = min(steps, max_new_tokens)
 
         greedy = self.greedy_default if greedy is None else greedy
-        tokens, logits, prefill_done, how = self._decode(
-            batch, steps, generators, greedy, constrain_grid, return_logits, progress
-        )
+        if decoding == "jacobi":
+            logits = None
+            tokens, stats, prefill_done, how = jacobi.decode(
+                self,
+                batch,
+                spec,
+                steps,
+                generators,
+                greedy,
+                constrain_grid,
+                window=jacobi_window,
+                drafts=jacobi_drafts,
+                progress=progress,
+            )
+        else:
+            tokens, logits, prefill_done, how = self._decode(
+                batch, steps, generators, greedy, constrain_grid, return_logits, progress
+            )
+            stats = DecodeStats("sequential", steps, (steps,) * len(seeds), steps)
         end = spec.target_offset + spec.target[0] * spec.target[1]
         target = tokens[:, spec.target_offset : end]
         whole = steps >= end and bool((target < self.num_codes).all())
         prior = upsample_grid(target, *spec.target) if whole else None
-        return ArResult(tokens, prior, spec, seeds, logits, conditions, prefill_done - start, how)
+        return ArResult(tokens, prior, spec, seeds, logits, conditions, prefill_done - start, how, stats)
 
     def generate_prior_tokens(
         self,
@@ -328,10 +372,13 @@ class ArEngine:
         *,
         num_images_per_prompt: int = 1,
         progress: Progress | None = None,
+        decoding: str = "sequential",
+        jacobi_window: int = jacobi.DEFAULT_WINDOW,
     ) -> torch.Tensor:
         """Prior tokens for the DiT: (B, (H/16) * (W/16)), B = prompts x images per prompt.
 
         ``seeds``: one per image, or one int (image ``i`` uses ``seed + i``), or None (random).
+        ``decoding``, ``jacobi_window``: see ``generate``.
         """
         result = self.generate(
             prompts,
@@ -342,6 +389,8 @@ class ArEngine:
             constrain_grid=constrain_grid,
             num_images_per_prompt=num_images_per_prompt,
             progress=progress,
+            decoding=decoding,
+            jacobi_window=jacobi_window,
         )
         if result.prior_tokens is None:
             bad = (result.tokens[:, result.spec.target_offset :] >= self.num_codes).nonzero()[0].tolist()
@@ -419,9 +468,14 @@ class ArEngine:
         return tokens, kept_logits, prefill_done, how
 
     def _run_steps(
-        self, loop: DecodeLoop, steps: int, kept_logits: list | None, progress: Progress | None
+        self,
+        loop: DecodeLoop | jacobi.JacobiLoop,
+        steps: int,
+        kept_logits: list | None,
+        progress: Progress | None,
     ) -> str:
-        """Steps 1..steps-1 as ``decode_step`` says; returns how they ran."""
+        """The steps after the prefill's token (sequential steps or Jacobi iterations) as
+        ``decode_step`` says; returns how they ran."""
         mode = self.decode_step
         if kept_logits is not None:  # the raw logits are collected on the host, step by step
             if mode in ("static", "graph"):

@@ -30,7 +30,7 @@ from ..progress import Progress
 from ..sampling import SamplingParams, apply_filters, draw_with_noise, exponential_noise
 from .graphs import capture
 
-__all__ = ["DecodeLoop", "NoiseStream", "TokenPicker"]
+__all__ = ["DecodeLoop", "DecodeStats", "NoiseStream", "TokenPicker"]
 
 
 class NoiseStream:
@@ -108,20 +108,23 @@ class TokenPicker:
         self, logits: torch.Tensor, noise: torch.Tensor | None, unfinished: torch.Tensor
     ) -> torch.Tensor:
         """(B, V) float32 logits and (B, V) noise -> (B,) tokens; ``unfinished`` updated in place."""
-        if self.greedy:
-            # only_codes masks in place; the raw logits may be kept by the caller
-            scores = self.only_codes(logits.clone(), logits) if self.constrain_grid else logits
-            token = scores.argmax(dim=-1)
-        else:
-            scores = apply_filters(logits, self.params)
-            if self.constrain_grid:
-                scores = self.only_codes(scores, logits)
-            token = draw_with_noise(scores, noise)
+        scores = self.scores(logits)
+        token = scores.argmax(dim=-1) if self.greedy else draw_with_noise(scores, noise)
         if not self.constrain_grid and self.pad is not None:
             # As transformers' generate: a finished sequence continues with padding.
             token = torch.where(unfinished, token, torch.full_like(token, self.pad))
             unfinished &= token != self.eos
         return token
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, V) float32 logits -> the scores a token is drawn from (greedy: the argmax of):
+        temperature, top-k, top-p, then the grid constraint. Speculative decoding verifies its
+        drafts against the softmax of exactly these."""
+        if self.greedy:
+            # only_codes masks in place; the raw logits may be kept by the caller
+            return self.only_codes(logits.clone(), logits) if self.constrain_grid else logits
+        scores = apply_filters(logits, self.params)
+        return self.only_codes(scores, logits) if self.constrain_grid else scores
 
     def only_codes(self, scores: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """Mask everything but the image codes in the (filtered, owned) ``scores``, in place.
@@ -137,6 +140,21 @@ class TokenPicker:
         fallback = logits.clone()
         fallback[:, codes:] = float("-inf")
         return torch.where(empty, fallback, scores)
+
+
+@dataclass(frozen=True)
+class DecodeStats:
+    """What one call cost in model forwards (the prefill included) for its tokens."""
+
+    decoding: str  # sequential | jacobi
+    forwards: int  # forwards of the batch (as many as its slowest image needed)
+    image_forwards: tuple[int, ...]  # per image: forwards until its last token
+    tokens: int  # tokens per image
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Accepted tokens per forward, the mean over the images (sequential: 1)."""
+        return sum(self.tokens / f for f in self.image_forwards) / len(self.image_forwards)
 
 
 class DecodeLoop:

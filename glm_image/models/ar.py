@@ -95,10 +95,10 @@ class Attention(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],  # (B, T, rotary_dim) each
         cache: KVCache,
         layer: int,
-        slots: torch.Tensor,  # (T,) cache slots written by this step
+        slots: torch.Tensor,  # (T,) cache slots written by this step; window: (B, KV, T, D) per row
         mask: torch.Tensor | None,  # prefill: (B, 1, T, T) True = may attend
-        visible: torch.Tensor | None,  # decode (T = 1): (B, capacity) True = may attend
-        length: int | torch.Tensor | None,  # decode: no visible slot at or past it (see Ops)
+        visible: torch.Tensor | None,  # decode (T = 1): (B, capacity); window: (B, T, capacity)
+        length: int | torch.Tensor | None,  # decode, window: no visible slot at or past it (see Ops)
     ) -> torch.Tensor:
         b, t, _ = x.shape
         heads, kv = self.heads, self.kv_heads
@@ -109,13 +109,21 @@ class Attention(nn.Module):
         v = qkv[:, :, heads + kv :].transpose(1, 2)
 
         keys, values = cache.keys[layer], cache.values[layer]  # (B, KV, capacity, D)
-        keys.index_copy_(2, slots, k)
-        values.index_copy_(2, slots, v)
+        if slots.dim() == 1:
+            keys.index_copy_(2, slots, k)
+            values.index_copy_(2, slots, v)
+        else:  # a window: each row writes at its own slots
+            keys.scatter_(2, slots, k)
+            values.scatter_(2, slots, v)
         scale = self.head_dim**-0.5
-        if visible is not None:
-            out = ops.decode_attention(q, keys, values, visible, scale=scale, length=length)
-        else:
+        if visible is None:
             out = ops.attention(q, keys[:, :, :t], values[:, :, :t], mask=mask, scale=scale)
+        elif visible.dim() == 2:
+            out = ops.decode_attention(q, keys, values, visible, scale=scale, length=length)
+        else:  # a window: T queries per row, each with its own visibility (causal, per-row offsets)
+            if isinstance(length, int):
+                keys, values, visible = keys[:, :, :length], values[:, :, :length], visible[..., :length]
+            out = ops.attention(q, keys, values, mask=visible[:, None], scale=scale)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, heads * self.head_dim))
 
 
@@ -180,14 +188,25 @@ class ArModel(nn.Module):
         input_ids: torch.Tensor,  # (B, T)
         rope: tuple[torch.Tensor, torch.Tensor],  # (B, T, rotary_dim) each, from rotary_tables
         cache: KVCache,
-        slots: torch.Tensor,  # (T,) cache slots this step writes
+        slots: torch.Tensor,  # (T,) cache slots this step writes; window: (B, T), per row
         *,
         mask: torch.Tensor | None = None,  # prefill (slots 0..T-1): (B, 1, T, T) bool, True = attend
-        visible: torch.Tensor | None = None,  # decode (T = 1): (B, capacity) bool, True = attend
-        length: int | torch.Tensor | None = None,  # decode: a bound on the visible slots
+        visible: torch.Tensor | None = None,  # decode (T = 1): (B, capacity); window: (B, T, capacity)
+        length: int | torch.Tensor | None = None,  # decode, window: a bound on the visible slots
     ) -> torch.Tensor:
-        """Hidden states after the final norm, (B, T, hidden); K/V written into ``cache``."""
+        """Hidden states after the final norm, (B, T, hidden); K/V written into ``cache``.
+
+        Three kinds of call: the prefill (``mask``; the prompt at slots 0..T-1), a decode step
+        (one token per row at shared ``slots``, ``visible`` (B, capacity)), and a window (T
+        tokens per row at per-row ``slots`` (B, T), ``visible`` (B, T, capacity): speculative
+        decoding, where rows have accepted different numbers of tokens). An int ``length`` lets
+        decode and window attention skip the cache's tail.
+        """
         ops, eps, layers = self.ops, self.config.rms_norm_eps, self.layers
+        if slots.dim() == 2:  # the scatter index of every layer's K/V write: (B, KV, T, D)
+            b, t = slots.shape
+            kv, d = self.config.num_key_value_heads, self.config.head_dim
+            slots = slots.view(b, 1, t, 1).expand(b, kv, t, d)
         attend = {"mask": mask, "visible": visible, "length": length}
         residual = self.embed_tokens(input_ids)
         h = ops.rms_norm(residual, layers[0].input_layernorm.weight, eps)

@@ -1,0 +1,329 @@
+"""Speculative Jacobi decoding: several tokens per forward, the distribution of sequential sampling.
+
+Each row keeps its accepted tokens and ``W - 1`` draft tokens after them. One iteration is one
+forward over a window of ``W`` tokens per row (the last accepted token, then the drafts), then
+verification and the Jacobi update (``sampling.speculative``): each row accepts 1..W tokens and
+gets the next window's drafts. Sequential sampling is the special case W = 1.
+
+Data layout (B rows, capacity C = P + steps + W, generated index i lives in cache slot P + i):
+
+- ``tokens`` (B, steps + W): row b's accepted tokens in [0, n_b); past them, scratch;
+- ``accepted`` n (B,), ``drafts`` (B, W - 1), ``q`` (B, W - 1, V): the draft distributions;
+- the window of row b reads generated indices n_b - 1 .. n_b + W - 2 and writes their K/V at
+  slots P + n_b - 1 + j (``ArModel`` scatters per row); query j sees the prompt's real slots and
+  the generated slots up to its own (causal within the window). Slots past it hold K/V of drafts
+  an earlier window rejected; they are hidden, then overwritten.
+
+Every row advances by its own count; a finished row (n_b = steps) still runs (static shapes)
+but writes only scratch slots and counts nothing. One iteration reads and writes only buffers
+allocated before the first, so it is a static step that a device graph can capture like
+``DecodeLoop``'s; the host reads one small tensor per iteration (the row counts: when to stop,
+and in eager mode how much of the cache to read). Each row draws its uniforms (2W - 1 per
+iteration) from its own seeded generator (``UniformStream``).
+
+Sampling is exact but not seed-for-seed equal to sequential decoding (the randomness is used
+differently); greedy decoding gives exactly the sequential tokens.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from ..device import synchronize
+from ..errors import GlmImageError
+from ..models.ar import ArModel, KVCache, rotary_tables
+from ..progress import Progress
+from ..sampling.speculative import greedy_drafts, greedy_verify, jacobi_drafts, verify
+from .decode import DecodeStats, TokenPicker
+from .graphs import capture
+from .protocol import GridSpec
+
+__all__ = [
+    "DEFAULT_WINDOW",
+    "DRAFT_INITS",
+    "JacobiLoop",
+    "UniformStream",
+    "check_options",
+    "decode",
+    "draft_sources",
+]
+
+DEFAULT_WINDOW = 8
+
+# Where a draft comes from when no forward has computed its position yet:
+#   last    - drawn from the window's last distribution (exact and structure-free)
+#   above   - the token one grid row above (either grid); row 0 as ``last``
+#   preview - target grid: the preview token at the same place (the preview upsampled);
+#             preview grid: as ``above``
+DRAFT_INITS = ("last", "above", "preview")
+
+
+def check_options(window: int, drafts: str) -> None:
+    """The Jacobi options a user gives, checked before any work."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise GlmImageError(f"jacobi_window = {window!r} must be an integer >= 1")
+    if drafts not in DRAFT_INITS:
+        raise GlmImageError(f"jacobi_drafts = {drafts!r}; allowed: {', '.join(DRAFT_INITS)}")
+
+
+def draft_sources(spec: GridSpec, length: int, init: str) -> torch.Tensor:
+    """(length,) for each generated index, the earlier index whose token an initial draft there
+    copies, or -1 (then it is drawn from the window's last distribution)."""
+    sources = torch.full((length,), -1, dtype=torch.long)
+    if init == "last":
+        return sources
+    offset = 0
+    for grid, (rows, cols) in enumerate(spec.generated):
+        local = torch.arange(rows * cols)
+        row, col = local // cols, local % cols
+        if init == "preview" and spec.preview is not None and grid == 1:  # the target grid
+            p_rows, p_cols = spec.preview
+            src = (row * p_rows // rows) * p_cols + col * p_cols // cols
+        else:
+            src = torch.where(row > 0, offset + local - cols, -1)
+        end = min(offset + rows * cols, length)
+        sources[offset:end] = src[: end - offset]
+        offset += rows * cols
+    return sources
+
+
+class UniformStream:
+    """Uniforms in [0, 1), ``width`` per iteration, drawn ``chunk`` iterations at a time; row
+    ``i`` from ``generators[i]``. float64: an inverse-CDF draw resolves probabilities down to the
+    uniform's step. ``buffer`` (B, chunk, width) is allocated once and refilled in place (a
+    device graph reads it); ``refill(i)`` makes it hold iterations [i, i + chunk)."""
+
+    def __init__(
+        self, generators: list[torch.Generator], iterations: int, width: int, device: torch.device, chunk: int
+    ) -> None:
+        self.generators, self.iterations = generators, iterations
+        self.chunk = max(1, min(chunk, iterations))
+        self.buffer = torch.empty((len(generators), self.chunk, width), dtype=torch.float64, device=device)
+
+    def refill(self, iteration: int) -> None:
+        count = min(self.chunk, self.iterations - iteration)
+        for row, generator in enumerate(self.generators):
+            self.buffer[row, :count].uniform_(generator=generator)
+
+
+class JacobiLoop:
+    """The window iterations of one call, after the prefill wrote the prompt into ``cache``.
+
+    ``rope``: (B, steps + W, rot) tables of generated indices 0.. (past the last, anything);
+    ``valid``: (B, P) the prompt's real slots; ``sources``: ``draft_sources`` (>= steps + W).
+    """
+
+    def __init__(
+        self,
+        model: ArModel,
+        cache: KVCache,
+        picker: TokenPicker,
+        uniforms: UniformStream | None,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        valid: torch.Tensor,
+        steps: int,
+        window: int,
+        sources: torch.Tensor,
+    ) -> None:
+        self.model, self.cache, self.picker, self.uniforms = model, cache, picker, uniforms
+        self.cos, self.sin = rope
+        self.steps, self.window = steps, window
+        b, self.prompt_len = valid.shape
+        device = self.device = valid.device
+        self.vocab = model.config.vision_vocab_size
+        self.tokens = torch.zeros((b, steps + window), dtype=torch.long, device=device)
+        self.accepted = torch.zeros(b, dtype=torch.long, device=device)
+        self.drafts = torch.zeros((b, window - 1), dtype=torch.long, device=device)
+        self.q = None if picker.greedy else torch.zeros((b, window - 1, self.vocab), device=device)
+        self.forwards = torch.zeros(b, dtype=torch.long, device=device)  # per row, while unfinished
+        self.iterations = 1  # forwards of the batch, the prefill's included
+        self.iteration = torch.zeros(1, dtype=torch.long, device=device)  # the uniforms' row
+        self.offsets = torch.arange(window, device=device)
+        self.slot_ids = torch.arange(cache.capacity, device=device)
+        self.open = torch.ones((b, cache.capacity), dtype=torch.bool, device=device)
+        self.open[:, : self.prompt_len] = valid  # padding stays hidden; generated slots by position
+        self.sources = sources.to(device)
+        self.structured = bool((sources >= 0).any())
+
+    # ---------------------------------------------------------------- one iteration
+
+    def _target(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, T, V) raw logits -> the target: argmax tokens (B, T), or probabilities (B, T, V)
+        after the very filters and grid constraint of sequential sampling (``TokenPicker``)."""
+        b, t, v = logits.shape
+        scores = self.picker.scores(logits.reshape(b * t, v))
+        if self.picker.greedy:
+            return scores.argmax(dim=-1).view(b, t)
+        return scores.softmax(dim=-1).view(b, t, v)
+
+    def _init(self, accepted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """The initial drafts of the next window's positions accepted + j: tokens (B, D), or
+        distributions (B, D, V); from ``sources`` where it names a token, else the last target."""
+        b, d = self.drafts.shape
+        last = target[:, -1:]
+        fallback = last.expand(b, d) if self.q is None else last.expand(b, d, self.vocab)
+        if not self.structured:
+            return fallback
+        position = (accepted.unsqueeze(1) + self.offsets[:d]).clamp_max(len(self.sources) - 1)
+        source = self.sources[position]  # (B, D)
+        copied = self.tokens.gather(1, source.clamp_min(0))
+        if self.q is None:
+            return torch.where(source >= 0, copied, fallback)
+        point = target.new_zeros((b, d, self.vocab)).scatter_(-1, copied.unsqueeze(-1), 1.0)
+        return torch.where((source >= 0).unsqueeze(-1), point, fallback)
+
+    def _advance(self, logits: torch.Tensor, u: torch.Tensor | None) -> None:
+        """Verify a forward's (B, T, V) logits (T = 1 for the prefill's token, else W) against
+        the drafts, write the accepted tokens, propose the next drafts; ``u`` (B, 2W - 1)."""
+        t = logits.shape[1]
+        n, d = self.accepted, self.drafts.shape[1]
+        target = self._target(logits)
+        drafts = self.drafts[:, : t - 1]
+        if self.q is None:
+            count, tokens = greedy_verify(target, drafts)
+        else:
+            count, tokens = verify(target, self.q[:, : t - 1], drafts, u[:, : t - 1], u[:, t - 1])
+        count = torch.minimum(count, (self.steps - n).clamp_min(0))  # finished rows: 0
+        self.tokens.scatter_(1, n.unsqueeze(1) + self.offsets[:t], tokens)
+        self.forwards += n < self.steps
+        n = n + count
+        init = self._init(n, target)
+        if self.q is None:
+            self.drafts.copy_(greedy_drafts(target, count, init))
+        else:
+            drafts, q = jacobi_drafts(target, count, init, u[:, t : t + d])
+            self.drafts.copy_(drafts)
+            self.q.copy_(q)
+        self.accepted.copy_(n)
+
+    def _uniforms(self) -> torch.Tensor | None:
+        if self.uniforms is None:
+            return None
+        row = torch.remainder(self.iteration, self.uniforms.chunk)
+        return self.uniforms.buffer.index_select(1, row).squeeze(1)  # (B, 2W - 1)
+
+    def first(self, logits: torch.Tensor) -> None:
+        """Token 0 from the prefill's last logits (B, 1, V), and the first drafts."""
+        if self.uniforms is not None:
+            self.uniforms.refill(0)
+        self._advance(logits, self._uniforms())
+        self.iteration.fill_(1)
+
+    def step(self, length: int | None = None) -> None:
+        """One window iteration on device tensors (capturable with ``length`` None)."""
+        n = self.accepted
+        index = (n - 1).unsqueeze(1) + self.offsets  # (B, W): generated index of each input
+        ids = torch.cat([self.tokens.gather(1, index[:, :1]), self.drafts], dim=1)
+        at = index.unsqueeze(-1).expand(-1, -1, self.cos.shape[-1])
+        rope = (self.cos.gather(1, at), self.sin.gather(1, at))
+        slots = index + self.prompt_len
+        visible = self.open.unsqueeze(1) & (self.slot_ids <= slots.unsqueeze(-1))  # (B, W, C)
+        hidden = self.model(ids, rope, self.cache, slots, visible=visible, length=length)
+        self._advance(self.model.logits(hidden), self._uniforms())
+        self.iteration.add_(1)
+
+    # ---------------------------------------------------------------- the loop
+
+    def _snapshot(self) -> list[torch.Tensor]:
+        state = [self.accepted, self.drafts, self.forwards, self.iteration]
+        return state + ([self.q] if self.q is not None else [])
+
+    def run_eager(self, steps: int, on_logits: None, progress: Progress | None) -> None:
+        """Iterate until every row holds its tokens, attention reading the cache only up to the
+        furthest window slot (a Python int from the iteration's host read)."""
+        self._run(progress, None)
+
+    def run_static(self, steps: int, progress: Progress | None, replay=None) -> None:
+        """Iterate with the capturable step (``replay``: its captured graph), the whole cache."""
+        self._run(progress, replay or self.step)
+
+    def run_graph(self, steps: int, progress: Progress | None) -> str | None:
+        """Capture the iteration once and replay it; the reason (nothing changed) if it cannot
+        be captured. Capture runs one iteration eagerly, which the reset undoes."""
+        if self.steps < 2:
+            return f"{self.steps} tokens leave nothing to replay"
+        saved = [x.clone() for x in self._snapshot()]
+
+        def restore() -> None:
+            for x, s in zip(self._snapshot(), saved, strict=True):
+                x.copy_(s)
+
+        captured = capture(self.step, self.device, reset=restore)
+        if isinstance(captured, str):
+            return captured
+        self._run(progress, captured.replay)
+        return None
+
+    def _run(self, progress: Progress | None, step) -> None:
+        """Iterations until every row is done; ``step`` None: eager, bounded by the host read."""
+        iteration = 1
+        while True:
+            low, high = torch.stack(torch.aminmax(self.accepted)).tolist()  # the one host read
+            if progress is not None:
+                progress("ar", low, self.steps)
+            if low >= self.steps:
+                self.iterations = iteration
+                return
+            if self.uniforms is not None and iteration % self.uniforms.chunk == 0:
+                self.uniforms.refill(iteration)
+            if step is None:
+                self.step(self.prompt_len + high - 1 + self.window)
+            else:
+                step()
+            iteration += 1
+
+    def stats(self) -> DecodeStats:
+        return DecodeStats("jacobi", self.iterations, tuple(self.forwards.tolist()), self.steps)
+
+    def result(self) -> torch.Tensor:
+        """(B, steps) tokens; with the grid unconstrained, padding after EOS (as sequential)."""
+        tokens = self.tokens[:, : self.steps].clone()
+        picker = self.picker
+        if not picker.constrain_grid and picker.pad is not None:
+            eos = tokens == picker.eos
+            tokens[(eos.long().cumsum(dim=1) - eos.long()) > 0] = picker.pad
+        return tokens
+
+
+def decode(
+    engine,
+    batch,
+    spec: GridSpec,
+    steps: int,
+    generators: list[torch.Generator],
+    greedy: bool,
+    constrain_grid: bool,
+    *,
+    window: int = DEFAULT_WINDOW,
+    drafts: str = "last",
+    progress: Progress | None = None,
+) -> tuple[torch.Tensor, DecodeStats, float, str]:
+    """``ArEngine._decode`` by Jacobi windows: tokens (B, steps), the counters, when the prefill
+    was done (``time.perf_counter``, device synchronised) and how the iterations ran (the
+    engine's ``decode_step``, as for sequential decoding)."""
+    check_options(window, drafts)
+    model, text, device = engine.model, engine.config.ar.text, engine.device
+    b, prompt_len = batch.input_ids.shape
+    cache = KVCache(text, b, prompt_len + steps + window, device, engine.dtype)
+    picker = TokenPicker(
+        engine.sampling,
+        greedy,
+        constrain_grid,
+        engine.num_codes,
+        text.eos_token_id,
+        engine.config.generation.pad_token_id,
+    )
+    positions = batch.decode_positions[:, :, :steps]
+    positions = torch.cat([positions, positions[:, :, -1:].expand(-1, -1, window)], dim=2)
+    rope = rotary_tables(positions, text, engine.dtype)  # past the last token: scratch only
+    # at most one forward per token: ``steps`` iterations, the prefill's included
+    uniforms = None if greedy else UniformStream(generators, steps, 2 * window - 1, device, 256)
+    sources = draft_sources(spec, steps + window, drafts)
+    loop = JacobiLoop(model, cache, picker, uniforms, rope, batch.valid, steps, window, sources)
+    loop.first(model.logits(engine._prefill(batch, cache)[:, -1:]))
+    synchronize(device)
+    prefill_done = time.perf_counter()
+    how = engine._run_steps(loop, steps, None, progress)
+    return loop.result(), loop.stats(), prefill_done, how
