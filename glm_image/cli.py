@@ -19,7 +19,14 @@ from pathlib import Path
 from ._version import __version__
 from .bench.cli import add_parser as add_bench_parser
 from .errors import GlmImageError
-from .options import DTYPE_NAMES, add_runtime_arguments, runtime_kwargs, torch_dtype
+from .options import (
+    DTYPE_NAMES,
+    add_generation_arguments,
+    add_runtime_arguments,
+    generation_kwargs,
+    runtime_kwargs,
+    torch_dtype,
+)
 from .request import GenerationRequest, parse_size
 from .server.cli import add_parser as add_serve_parser
 
@@ -262,7 +269,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
     from .pipeline import GlmImage
 
-    pipe = GlmImage.from_pretrained(args.model, **runtime_kwargs(args))
+    pipe = GlmImage.from_pretrained(args.model, **runtime_kwargs(args), **generation_kwargs(args))
     for request in requests:
         bars: dict[str, tqdm] = {}
 
@@ -277,14 +284,16 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         finally:
             for bar in bars.values():
                 bar.close()
-        for image, image_seed in zip(result.images, result.seeds, strict=True):
+        forwards = result.ar_forwards or (None,) * len(result.images)
+        for image, image_seed, ar_forwards in zip(result.images, result.seeds, forwards, strict=True):
             path = next(paths)
             text = pipe.png_info(
                 request.prompt, image_seed, request.height, request.width, request.steps, request.guidance
             )
             _write_png(image, path, text)
             timing = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
-            print(f"{_display(path)}  ({request.size}, seed {image_seed}; {timing})")
+            cost = f"; AR {ar_forwards} forwards for {result.ar_tokens} tokens" if ar_forwards else ""
+            print(f"{_display(path)}  ({request.size}, seed {image_seed}; {timing}{cost})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("-o", "--output", default="glm-image.png", help="output PNG (numbered when several)")
     gen.add_argument("--model", default="tiny", help="tiny | wide | a checkpoint folder | a Hugging Face id")
     add_runtime_arguments(gen)
+    add_generation_arguments(gen)
     gen.set_defaults(func=_cmd_generate)
 
     info = sub.add_parser("info", help="show a checkpoint's components, sizes and dtypes")

@@ -22,6 +22,7 @@ import torch
 
 from ._version import __version__
 from .engine import ArEngine, DitEngine
+from .engine.choices import DEFAULT_WINDOW, check_decoding
 from .errors import GlmImageError, check_finite
 from .progress import Progress
 from .request import GenerationRequest
@@ -48,6 +49,8 @@ class GenerationOutput:
     # "dit", "vae"; shared by every image of the call
     timings: dict[str, float] = field(default_factory=dict)
     ar_tokens: int = 0  # tokens the AR model wrote per image (preview + target grid)
+    # AR model forwards per image, the prefill included (sequential: one per token; Jacobi: fewer)
+    ar_forwards: tuple[int, ...] = ()
 
 
 def _needs_offload(root: Path, device: torch.device, dtype: torch.dtype) -> bool:
@@ -64,11 +67,20 @@ def _needs_offload(root: Path, device: torch.device, dtype: torch.dtype) -> bool
 
 class GlmImage:
     def __init__(
-        self, ar: ArEngine, dit: DitEngine, name: str, *, offload_to: str | torch.device | None = None
+        self,
+        ar: ArEngine,
+        dit: DitEngine,
+        name: str,
+        *,
+        offload_to: str | torch.device | None = None,
+        ar_decoding: str = "sequential",
+        jacobi_window: int = DEFAULT_WINDOW,
     ) -> None:
         """``offload_to``: where a stage waits while the other runs (e.g. "cpu"); None keeps both
-        stages on their device."""
+        stages on their device. ``ar_decoding``, ``jacobi_window``: the defaults of ``generate``."""
+        check_decoding(ar_decoding, jacobi_window)
         self.ar, self.dit, self.name = ar, dit, name
+        self.ar_decoding, self.jacobi_window = ar_decoding, jacobi_window
         self.device = ar.device
         self.offload_to = torch.device(offload_to) if offload_to is not None else None
         self.limits = ar.config.size_limits
@@ -87,6 +99,8 @@ class GlmImage:
         dtype: torch.dtype | None = None,
         offload: bool | None = None,
         attention_backend: str | None = None,
+        ar_decoding: str = "sequential",
+        jacobi_window: int = DEFAULT_WINDOW,
     ) -> GlmImage:
         """``model``: tiny | wide | a checkpoint folder | a Hugging Face id (see ``hub``).
 
@@ -96,7 +110,9 @@ class GlmImage:
         ``offload``: keep only the running stage on the device (the other waits in host memory).
         None decides: on a GPU whose free memory cannot hold both stages' weights (with 15%
         headroom for activations), offload; everywhere else, keep both. The choice is logged.
+        ``ar_decoding``: how the AR stage decodes by default (see ``generate``).
         """
+        check_decoding(ar_decoding, jacobi_window)
         from .device import default_dtype, resolve_device
         from .hub import resolve_checkpoint
         from .ops import select_ops
@@ -117,7 +133,14 @@ class GlmImage:
         )
         ar = ArEngine.from_pretrained(root, device=home, dtype=dtype, attention_backend=ops)
         dit = DitEngine.from_pretrained(root, device=home, dtype=dtype, attention_backend=ops)
-        pipe = cls(ar, dit, str(model), offload_to=home if offload else None)
+        pipe = cls(
+            ar,
+            dit,
+            str(model),
+            offload_to=home if offload else None,
+            ar_decoding=ar_decoding,
+            jacobi_window=jacobi_window,
+        )
         pipe.device = device
         return pipe
 
@@ -146,12 +169,20 @@ class GlmImage:
         images: Sequence | None = None,
         num_images_per_prompt: int = 1,
         progress: Progress | None = None,
+        ar_decoding: str | None = None,
+        jacobi_window: int | None = None,
     ) -> GenerationOutput:
         """Images for every (prompt, image) pair, prompt-major.
 
         ``seed``: the first image's seed (image ``i`` uses ``seed + i``), or one seed per image,
-        or None (random).
+        or None (random). ``ar_decoding``: ``sequential`` (one AR forward per token; a seed gives
+        the reference's image) or ``jacobi`` (speculative Jacobi windows of ``jacobi_window``
+        tokens: the same distribution of images in fewer forwards, not the same image per seed);
+        None takes the pipeline's default (``from_pretrained``).
         """
+        ar_decoding = self.ar_decoding if ar_decoding is None else ar_decoding
+        jacobi_window = self.jacobi_window if jacobi_window is None else jacobi_window
+        check_decoding(ar_decoding, jacobi_window)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         self.validate(prompts, height, width, num_inference_steps, guidance_scale, num_images_per_prompt)
         condition_images = load_condition_images(images, len(prompts), self.limits)
@@ -173,6 +204,8 @@ class GlmImage:
             num_images_per_prompt=num_images_per_prompt,
             progress=progress,
             images=condition_images,
+            decoding=ar_decoding,
+            jacobi_window=jacobi_window,
         )
         prior = result.prior_tokens  # never None: the grid is constrained to image codes
         conditions = None
@@ -205,7 +238,9 @@ class GlmImage:
         decoded = self.dit.decode(latents)
         timings["vae"] = time.perf_counter() - start
         log.info("generated %d image(s) %dx%d: %s", count, width, height, timings)
-        return GenerationOutput(decoded, prior.cpu(), seeds, timings, result.tokens.shape[1])
+        return GenerationOutput(
+            decoded, prior.cpu(), seeds, timings, result.tokens.shape[1], result.stats.image_forwards
+        )
 
     # ---------------------------------------------------------------- requests
 
@@ -271,6 +306,7 @@ class GlmImage:
                     out.seeds[at : at + n],
                     out.timings,
                     out.ar_tokens,
+                    out.ar_forwards[at : at + n],
                 )
             )
             at += n
@@ -294,12 +330,16 @@ class GlmImage:
         self, prompt: str, seed: int, height: int, width: int, steps: int, guidance: float
     ) -> dict[str, str]:
         """The generation parameters, as PNG text chunks."""
+        decoding = self.ar_decoding
+        if decoding == "jacobi":  # the same distribution as sequential, not the same image per seed
+            decoding += f" (window {self.jacobi_window})"
         return {
             "prompt": prompt,
             "seed": str(seed),
             "size": f"{width}x{height}",
             "steps": str(steps),
             "guidance": str(guidance),
+            "ar_decoding": decoding,
             "model": self.name,
             "engine": f"glm-image {__version__}",
         }

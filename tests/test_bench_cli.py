@@ -208,13 +208,22 @@ def test_quality_without_an_ocr_package_names_the_extra(monkeypatch):
 
 def test_bench_ar_and_dit_write_the_shared_layout(tiny_checkpoint, tmp_path, capsys):
     common = ["--model", str(tiny_checkpoint), "--size", "64x64", "--repeats", "1", "--device", "cpu"]
-    assert main(["bench", "ar", *common, "--max-tokens", "8", "--out", str(tmp_path / "a.json")]) == 0
+    decoders = ["--ar-decoding", "sequential,jacobi", "--jacobi-window", "2,4", "--images", "2"]
+    assert (
+        main(["bench", "ar", *common, "--max-tokens", "8", *decoders, "--out", str(tmp_path / "a.json")]) == 0
+    )
     ar = json.loads((tmp_path / "a.json").read_text())
     _common_layout(ar, "ar_decode")
-    assert ar["results"][0]["new_tokens"] == 8 and ar["results"][0]["weight_bytes_per_token"] > 0
+    rows = {r["decoder"]: r for r in ar["results"]}
+    assert list(rows) == ["reference", "sequential", "jacobi W=2", "jacobi W=4"]
+    assert all(r["new_tokens"] == 8 and r["weight_bytes_per_token"] > 0 for r in rows.values())
+    # sequential decoding and the reference make one forward per token, the prefill's included
+    assert rows["sequential"]["forwards_per_image"] == rows["reference"]["forwards_per_image"] == 8
+    assert rows["sequential"]["forwards_vs_sequential"] == 1 and rows["sequential"]["images"] == 2
+    assert all(1 <= rows[f"jacobi W={w}"]["forwards_per_image"] <= 8 for w in (2, 4))
     assert main(["bench", "dit", *common, "--out", str(tmp_path / "d.json")]) == 0
     dit = json.loads((tmp_path / "d.json").read_text())
     _common_layout(dit, "dit_step")
     assert dit["results"][0]["image_tokens"] == 16
     out = capsys.readouterr().out
-    assert "| model | size | mode |" in out and "| model | size | image tokens |" in out
+    assert "| model | size | mode | T | decoder |" in out and "| model | size | image tokens |" in out

@@ -4,19 +4,18 @@ transformers' ``generate``; sampled sequences have the distribution of sequentia
 from __future__ import annotations
 
 import itertools
-import json
-import shutil
 from collections import Counter
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from glm_image.engine import ArEngine, jacobi
+from glm_image.engine.choices import DEFAULT_WINDOW
 from glm_image.engine.protocol import GridSpec
 from glm_image.errors import GlmImageError
 from glm_image.sampling import SamplingParams
 from glm_image.sampling.speculative import verify
+from glm_image.synthetic import sharpen_ar
 
 PROMPTS = ["A storefront sign that says 'OPEN'", "一张海报，标题写着「春节快乐」，背景是红色的灯笼"]
 
@@ -26,7 +25,7 @@ def engine(tiny_checkpoint):
     return ArEngine.from_pretrained(tiny_checkpoint)
 
 
-def _jacobi(engine, prompts, height, width, *, window=jacobi.DEFAULT_WINDOW, drafts="last", **kwargs):
+def _jacobi(engine, prompts, height, width, *, window=DEFAULT_WINDOW, drafts="last", **kwargs):
     return engine.generate(
         prompts, height, width, decoding="jacobi", jacobi_window=window, jacobi_drafts=drafts, **kwargs
     )
@@ -221,21 +220,8 @@ ALPHA = 0.001
 
 @pytest.fixture(scope="module")
 def sharp_engine(tiny_checkpoint, tmp_path_factory):
-    root = shutil.copytree(tiny_checkpoint, tmp_path_factory.mktemp("sharp") / "tiny-sharp")
-    folder = root / "vision_language_encoder"
-    shards = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
-    for shard in sorted(shards):
-        tensors = load_file(folder / shard)
-        if "lm_head.weight" in tensors:
-            head = tensors["lm_head.weight"].clone()
-            head[:SHARP_CODES] *= SHARP_SCALE
-            tensors["lm_head.weight"] = head
-        key = "model.language_model.embed_tokens.weight"
-        if key in tensors:
-            table = tensors[key]
-            shared = torch.randn(table.shape[1], generator=torch.Generator().manual_seed(0))
-            tensors[key] = table + shared / shared.norm() * table[:16384].norm(dim=1).mean()
-        save_file(tensors, folder / shard, metadata={"format": "pt"})
+    out = tmp_path_factory.mktemp("sharp") / "tiny-sharp"
+    root = sharpen_ar(tiny_checkpoint, out, codes=SHARP_CODES, scale=SHARP_SCALE)
     engine = ArEngine.from_pretrained(root)
     # the checkpoint's temperature; top-k instead of its top-p keeps the test fast (top-p sorts
     # 16512 logits per position) and still zeroes most of p

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..engine.choices import DEFAULT_WINDOW
 from ..errors import GlmImageError
 from ..options import add_runtime_arguments
 from ..request import parse_size
@@ -42,6 +43,19 @@ def _model_and_runtime(parser: argparse.ArgumentParser) -> None:
     )
     add_runtime_arguments(parser)
     parser.add_argument("--out", help="write the JSON report here")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected numbers separated by commas, e.g. 0.5,0.9"
+        ) from None
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -121,6 +135,29 @@ def add_parser(sub) -> None:
         "--max-tokens", type=int, help="generate at most N tokens (default: the whole protocol at the size)"
     )
     ar.add_argument("--greedy", action="store_true", help="argmax instead of the checkpoint's sampling")
+    ar.add_argument("--images", type=int, default=1, help="images per call, one seed each (default 1)")
+    ar.add_argument(
+        "--ar-decoding",
+        type=_names,
+        default=("sequential",),
+        help="decoders besides the reference: sequential[,jacobi] (sequential always runs: the baseline)",
+    )
+    ar.add_argument(
+        "--jacobi-window",
+        type=_ints,
+        default=(DEFAULT_WINDOW,),
+        help=f"windows, e.g. 4,8 (default {DEFAULT_WINDOW})",
+    )
+    ar.add_argument("--jacobi-drafts", type=_names, default=("last",), help="draft sources, e.g. last,above")
+    ar.add_argument(
+        "--temperatures", type=_floats, default=(), help="sampling temperatures (default: the checkpoint's)"
+    )
+    ar.add_argument(
+        "--sharpen",
+        action="store_true",
+        help="measure a copy of the model with sharp AR distributions (random weights accept few drafts)",
+    )
+    ar.add_argument("--no-reference", action="store_true", help="skip transformers' generate")
     ar.set_defaults(func=_run_ar)
 
     dit = which.add_parser(
@@ -135,7 +172,7 @@ def add_parser(sub) -> None:
     dit.set_defaults(func=_run_dit)
 
 
-def _bar(total: int, what: str):
+def _bar(total: int | None, what: str):
     from tqdm import tqdm
 
     bar = tqdm(total=total, desc=what, unit="run", leave=False)
@@ -234,7 +271,7 @@ def _run_stage(args: argparse.Namespace, options_class, run, format_report, **ex
         **extra,
     )
     options.check()
-    bar, progress = _bar(options.repeats, f"bench {args.bench_command}")
+    bar, progress = _bar(None, f"bench {args.bench_command}")
     try:
         report = run(options, progress)
     finally:
@@ -247,7 +284,21 @@ def _run_stage(args: argparse.Namespace, options_class, run, format_report, **ex
 def _run_ar(args: argparse.Namespace) -> None:
     from .ar import ArBenchOptions, format_ar, run_ar
 
-    _run_stage(args, ArBenchOptions, run_ar, format_ar, max_tokens=args.max_tokens, greedy=args.greedy)
+    _run_stage(
+        args,
+        ArBenchOptions,
+        run_ar,
+        format_ar,
+        max_tokens=args.max_tokens,
+        greedy=args.greedy,
+        images=args.images,
+        decodings=args.ar_decoding,
+        windows=args.jacobi_window,
+        drafts=args.jacobi_drafts,
+        temperatures=args.temperatures,
+        sharpen=args.sharpen,
+        compare_reference=not args.no_reference,
+    )
 
 
 def _run_dit(args: argparse.Namespace) -> None:

@@ -39,25 +39,15 @@ from ..progress import Progress
 from ..sampling import SamplingParams, image_seeds
 from ..weights import load_model
 from . import jacobi
+from .choices import DECODE_STEPS, DEFAULT_WINDOW, check_decoding
 from .decode import DecodeLoop, DecodeStats, NoiseStream, TokenPicker
 from .graphs import graph_module
 from .loading import prepare_stage, verify_ops
 from .protocol import GridSpec, decode_positions, prompt_positions, upsample_grid
 
-__all__ = ["DECODE_STEPS", "DECODINGS", "ArEngine", "ArResult"]
+__all__ = ["ArEngine", "ArResult"]
 
 log = logging.getLogger(__name__)
-
-# How the decode loop runs its steps (``ArEngine(decode_step=...)``):
-#   auto   - a device graph where the device has one (CUDA, Ascend), else eager
-#   eager  - one Python-driven step per token (the cache's unused tail is skipped)
-#   static - the graph's step run eagerly, on any device: what a graph replays, checkable on a CPU
-#   graph  - a device graph, required: an error where it cannot be captured
-DECODE_STEPS = ("auto", "eager", "static", "graph")
-
-# How tokens are chosen: one per forward (the reference's way, seed for seed), or speculative
-# Jacobi windows (the same distribution, fewer forwards; ``engine.jacobi``)
-DECODINGS = ("sequential", "jacobi")
 
 
 @dataclass(frozen=True)
@@ -283,7 +273,7 @@ class ArEngine:
         progress: Progress | None = None,
         images: Sequence[Sequence] | None = None,
         decoding: str = "sequential",
-        jacobi_window: int = jacobi.DEFAULT_WINDOW,
+        jacobi_window: int = DEFAULT_WINDOW,
         jacobi_drafts: str = "last",
     ) -> ArResult:
         """Generate the grids for every (prompt, image) pair; see ``generate_prior_tokens``.
@@ -299,7 +289,7 @@ class ArEngine:
 
         ``decoding``: ``sequential`` or ``jacobi`` (see the module docstring); ``jacobi_window``
         tokens go through each Jacobi forward (the most it can accept), ``jacobi_drafts`` says
-        where a position's first draft comes from (``engine.jacobi.DRAFT_INITS``). The result's
+        where a position's first draft comes from (``engine.choices.DRAFT_INITS``). The result's
         ``stats`` count the forwards either way.
         """
         start = time.perf_counter()
@@ -308,14 +298,11 @@ class ArEngine:
             raise GlmImageError("prompts: need at least one prompt")
         if num_images_per_prompt < 1:
             raise GlmImageError(f"num_images_per_prompt = {num_images_per_prompt} must be >= 1")
-        if decoding not in DECODINGS:
-            raise GlmImageError(f"decoding = {decoding!r}; allowed: {', '.join(DECODINGS)}")
-        if decoding == "jacobi":
-            jacobi.check_options(jacobi_window, jacobi_drafts)
-            if return_logits:
-                raise GlmImageError(
-                    "return_logits: the logits of every step exist with decoding='sequential' only"
-                )
+        check_decoding(decoding, jacobi_window, jacobi_drafts)
+        if decoding == "jacobi" and return_logits:
+            raise GlmImageError(
+                "return_logits: the logits of every step exist with decoding='sequential' only"
+            )
         self.config.size_limits.check_size(height, width)
         if images is not None and len(images) != len(prompts):
             raise GlmImageError(
@@ -373,7 +360,7 @@ class ArEngine:
         num_images_per_prompt: int = 1,
         progress: Progress | None = None,
         decoding: str = "sequential",
-        jacobi_window: int = jacobi.DEFAULT_WINDOW,
+        jacobi_window: int = DEFAULT_WINDOW,
     ) -> torch.Tensor:
         """Prior tokens for the DiT: (B, (H/16) * (W/16)), B = prompts x images per prompt.
 

@@ -32,40 +32,15 @@ import time
 import torch
 
 from ..device import synchronize
-from ..errors import GlmImageError
 from ..models.ar import ArModel, KVCache, rotary_tables
 from ..progress import Progress
 from ..sampling.speculative import greedy_drafts, greedy_verify, jacobi_drafts, verify
+from .choices import DEFAULT_WINDOW, check_jacobi
 from .decode import DecodeStats, TokenPicker
 from .graphs import capture
 from .protocol import GridSpec
 
-__all__ = [
-    "DEFAULT_WINDOW",
-    "DRAFT_INITS",
-    "JacobiLoop",
-    "UniformStream",
-    "check_options",
-    "decode",
-    "draft_sources",
-]
-
-DEFAULT_WINDOW = 8
-
-# Where a draft comes from when no forward has computed its position yet:
-#   last    - drawn from the window's last distribution (exact and structure-free)
-#   above   - the token one grid row above (either grid); row 0 as ``last``
-#   preview - target grid: the preview token at the same place (the preview upsampled);
-#             preview grid: as ``above``
-DRAFT_INITS = ("last", "above", "preview")
-
-
-def check_options(window: int, drafts: str) -> None:
-    """The Jacobi options a user gives, checked before any work."""
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise GlmImageError(f"jacobi_window = {window!r} must be an integer >= 1")
-    if drafts not in DRAFT_INITS:
-        raise GlmImageError(f"jacobi_drafts = {drafts!r}; allowed: {', '.join(DRAFT_INITS)}")
+__all__ = ["JacobiLoop", "UniformStream", "decode", "draft_sources"]
 
 
 def draft_sources(spec: GridSpec, length: int, init: str) -> torch.Tensor:
@@ -303,7 +278,7 @@ def decode(
     """``ArEngine._decode`` by Jacobi windows: tokens (B, steps), the counters, when the prefill
     was done (``time.perf_counter``, device synchronised) and how the iterations ran (the
     engine's ``decode_step``, as for sequential decoding)."""
-    check_options(window, drafts)
+    check_jacobi(window, drafts)
     model, text, device = engine.model, engine.config.ar.text, engine.device
     b, prompt_len = batch.input_ids.shape
     cache = KVCache(text, b, prompt_len + steps + window, device, engine.dtype)

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from ..errors import GlmImageError
-from ..options import add_runtime_arguments, runtime_kwargs
+from ..options import add_generation_arguments, add_runtime_arguments, generation_kwargs, runtime_kwargs
 
 __all__ = ["add_parser", "settings_from_args"]
 
@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
         "--model", default="tiny", help="tiny | wide | a checkpoint folder | a Hugging Face id"
     )
     add_runtime_arguments(serve)
+    add_generation_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument(
@@ -110,7 +111,7 @@ def _run(args: argparse.Namespace) -> None:
 
     settings = settings_from_args(args)
     FileStore(settings.output_dir)  # a bad --output-dir fails now, not after the model loads
-    pipe = GlmImage.from_pretrained(args.model, **runtime_kwargs(args))
+    pipe = GlmImage.from_pretrained(args.model, **runtime_kwargs(args), **generation_kwargs(args))
     app = create_app(pipe, settings)
     for name in ("glm_image.server", "uvicorn.error"):
         logging.getLogger(name).setLevel(logging.INFO)
