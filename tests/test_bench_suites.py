@@ -9,7 +9,7 @@ import pytest
 from glm_image.bench.suites import load_suite
 from glm_image.errors import GlmImageError
 from glm_image.models.glyph import glyph_texts
-from glm_image.pipeline import MAX_PROMPT_CHARS
+from glm_image.validation import MAX_PROMPT_CHARS
 
 
 def test_builtin_cvtg_has_two_to_five_regions_in_both_languages():
