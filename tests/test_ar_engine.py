@@ -183,3 +183,18 @@ def test_max_new_tokens_stops_early(engine):
     assert torch.equal(partial.tokens, whole.tokens[:, :10])
     with pytest.raises(GlmImageError, match="max_new_tokens = 0"):
         engine.generate(PROMPT, 512, 512, max_new_tokens=0)
+
+
+def test_do_sample_false_in_the_generation_config_makes_greedy_the_default(tiny_copy):
+    import json
+
+    path = tiny_copy / "vision_language_encoder" / "generation_config.json"
+    config = json.loads(path.read_text())
+    path.write_text(json.dumps({**config, "do_sample": False}))
+    engine = ArEngine.from_pretrained(tiny_copy)
+    default = engine.generate(PROMPT, 64, 64, seeds=[5], max_new_tokens=12).tokens
+    assert torch.equal(
+        default, engine.generate(PROMPT, 64, 64, seeds=[5], greedy=True, max_new_tokens=12).tokens
+    )
+    sampled = engine.generate(PROMPT, 64, 64, seeds=[5], greedy=False, max_new_tokens=12).tokens
+    assert not torch.equal(sampled, default)
