@@ -12,10 +12,8 @@ noise alike, so a seed gives the image diffusers' ``GlmImagePipeline`` gives wit
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -23,15 +21,14 @@ import torch
 from ._version import __version__
 from .engine import ArEngine, DitEngine
 from .engine.choices import DEFAULT_WINDOW, check_decoding
-from .errors import GlmImageError, check_finite
+from .errors import GlmImageError
 from .progress import Progress
 from .request import GenerationRequest
+from .stages import ar_stage, dit_stage
 from .validation import (
     check_generation,
     check_request,
-    control_strings,
     load_condition_images,
-    plain_text,
     request_seeds,
 )
 
@@ -188,58 +185,28 @@ class GlmImage:
         condition_images = load_condition_images(images, len(prompts), self.limits)
         count = len(prompts) * num_images_per_prompt
         seeds = request_seeds(seed, count)
-        timings: dict[str, float] = {}
 
-        # A prompt is text: special-token strings in it must not reach a tokenizer as controls.
-        ar_prompts = [plain_text(p, self._ar_controls) for p in prompts]
-        glyph_prompts = [plain_text(p, self._glyph_controls) for p in prompts]
-
-        start = time.perf_counter()
         self._resident(self.ar, self.dit)
-        result = self.ar.generate(
-            ar_prompts,
+        prior = ar_stage(
+            self.ar,
+            prompts,
             height,
             width,
-            seeds=seeds,
+            seeds,
             num_images_per_prompt=num_images_per_prompt,
-            progress=progress,
-            images=condition_images,
+            condition_images=condition_images,
             decoding=ar_decoding,
             jacobi_window=jacobi_window,
-        )
-        prior = result.prior_tokens  # never None: the grid is constrained to image codes
-        conditions = None
-        if condition_images is not None:  # the AR's codes of each prompt's images, for the DiT cache
-            per_row = result.conditions[::num_images_per_prompt]
-            conditions = [
-                [(image, codes, grid) for image, (codes, grid) in zip(images_, row, strict=True)]
-                for images_, row in zip(condition_images, per_row, strict=True)
-            ]
-        timings["ar"] = time.perf_counter() - start
-        timings["ar_prefill"] = result.prefill_seconds
-
-        start = time.perf_counter()
-        self._resident(self.dit, self.ar)
-        latents = self.dit.denoise(
-            prior,
-            glyph_prompts,
-            height,
-            width,
-            num_inference_steps,
-            guidance_scale,
-            seeds=seeds,
             progress=progress,
-            conditions=conditions,
         )
-        timings["dit"] = time.perf_counter() - start
-        check_finite(latents, "latents", seeds)  # before the VAE: no black image from NaN
-
-        start = time.perf_counter()
-        decoded = self.dit.decode(latents)
-        timings["vae"] = time.perf_counter() - start
+        self._resident(self.dit, self.ar)
+        images, dit_timings = dit_stage(
+            self.dit, prior, num_inference_steps, guidance_scale, progress=progress
+        )
+        timings = {**prior.timings, **dit_timings}
         log.info("generated %d image(s) %dx%d: %s", count, width, height, timings)
         return GenerationOutput(
-            decoded, prior.cpu(), seeds, timings, result.tokens.shape[1], result.stats.image_forwards
+            images, prior.prior_token_ids, seeds, timings, prior.ar_tokens, prior.ar_forwards
         )
 
     # ---------------------------------------------------------------- requests
@@ -311,14 +278,6 @@ class GlmImage:
             )
             at += n
         return results
-
-    @cached_property
-    def _ar_controls(self) -> tuple[str, ...]:
-        return control_strings(self.ar.processor.tokenizer)
-
-    @cached_property
-    def _glyph_controls(self) -> tuple[str, ...]:
-        return control_strings(self.dit.glyph.tokenizer)
 
     def _resident(self, running, waiting) -> None:
         """With offloading, only the stage about to run sits on the device."""
