@@ -4,11 +4,15 @@ that every request got exactly one distinct, valid image.
     python benchmarks/load_server.py --requests 16 --size 64x64 --steps 2 --out results/load_server.json
     python benchmarks/load_server.py --url http://127.0.0.1:8000 --requests 8 --size 1024x1024
     python benchmarks/load_server.py --requests 16 --bad 8 --max-batch 4   # bad requests mixed in
+    python benchmarks/load_server.py --server single,stages,ray --max-batch 4 --out results/load_servers.json
 
-Without ``--url`` it starts the server itself (uvicorn in a thread, 127.0.0.1, a free port) on
-``--model`` (default tiny), once per ``--max-batch`` value, so batching is measured against the
-unbatched server in the same run (the ratio is the signal; absolute times on a shared CPU are
-noise). ``--url`` must be a loopback address. The run is bounded: every request has a timeout and
+Without ``--url`` it starts the server itself on 127.0.0.1 and a free port, on ``--model``
+(default tiny), once per ``--server`` and ``--max-batch`` value, so the executors and batching
+are measured against each other in the same run (the ratio is the signal; absolute times on a
+shared CPU are noise). ``--server``: ``single`` (one engine call at a time in the server
+process; uvicorn in a thread), ``stages`` (the AR and the DiT in two worker processes,
+overlapped: ``--stages separate``), ``ray`` (a local Ray instance with ``--ar-replicas`` and
+``--dit-replicas``, its CPUs shared among them: ``--ray``). ``--url`` must be a loopback address. The run is bounded: every request has a timeout and
 the whole load a deadline, after which unfinished requests count as failures. Exit status 1 when
 any check fails.
 
@@ -19,7 +23,7 @@ the requested size; no two requests share a file id or image bytes.
 ``--bad K`` mixes K hostile requests evenly into the load, cycling through their kinds:
 ``special`` (a prompt full of the tokenizer's special-token strings: valid, so it must get its one
 image like any other), ``invalid`` (a bad size, a lone surrogate, guidance 1e30, an unknown field:
-each must be a 400) and, on a server started here, ``fault`` (a prompt the engine fails on: a
+each must be a 400) and, on a ``single`` server started here, ``fault`` (a prompt the engine fails on: a
 wrapper makes the DiT return NaN for it, as a broken kernel would; it must be a 500, and the
 valid requests batched with it must still get their images). The report counts each kind and
 whether every valid request got exactly one valid image.
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
 import io
 import ipaddress
@@ -48,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import parse_size, write_report
 
+SERVERS = ("single", "stages", "ray")
 PATHS = {"openai": "/v1/images/generations", "bigmodel": "/api/paas/v4/images/generations"}
 PROMPT = "A storefront sign that says 'OPEN {}'"
 FAULT = "FAULT-INJECTED"  # a prompt holding this makes the locally started engine return NaN
@@ -83,7 +89,9 @@ def scrape(url: str, headers: dict) -> dict[str, float]:
     values = {}
     for line in text.splitlines():
         name, _, value = line.partition(" ")
-        if name in wanted:
+        if name in wanted or name.startswith(
+            ("glm_image_stage_busy_seconds_total{", "glm_image_stage_overlap")
+        ):
             values[name] = float(value)
     return values
 
@@ -249,6 +257,15 @@ def run_load(url: str, args, headers: dict, fault: bool = False) -> dict:
         name.removeprefix("glm_image_"): int(after.get(name, 0) - before.get(name, 0))
         for name in ("glm_image_engine_failures_total", "glm_image_engine_batches_split_total")
     }
+    # seconds each executor stage worked during the load, and seconds two stages worked at once
+    busy = {
+        re.sub(r'.*stage="(\w+)".*', r"\1", name): round(value - before.get(name, 0), 3)
+        for name, value in after.items()
+        if name.startswith("glm_image_stage_busy_seconds_total{")
+    }
+    overlap = "glm_image_stage_overlap_seconds_total"
+    counters["stage_busy_s"] = busy
+    counters["stage_overlap_s"] = round(after.get(overlap, 0) - before.get(overlap, 0), 3)
     return {
         "requests": args.requests,
         "bad": args.bad,
@@ -283,7 +300,9 @@ def inject_faults(pipe) -> None:
     pipe.dit.denoise = faulty
 
 
-def serve_locally(args, max_batch: int, pipe, out_dir: Path):
+@contextlib.contextmanager
+def serve_locally(args, kind: str, max_batch: int, pipe, out_dir: Path):
+    """The server of ``kind`` on 127.0.0.1 and a free port; yields its URL."""
     from glm_image.server.app import create_app
     from glm_image.server.runner import ServerThread
     from glm_image.server.settings import ServerSettings
@@ -295,7 +314,57 @@ def serve_locally(args, max_batch: int, pipe, out_dir: Path):
         timeout=args.timeout,
         steps=args.steps,
     )
-    return ServerThread(create_app(pipe, settings))
+    if kind == "ray":
+        yield from serve_on_ray(args, settings)
+        return
+    if kind == "stages":
+        from glm_image.hub import resolve_checkpoint
+        from glm_image.server.executors import ModelFront
+        from glm_image.server.workers import staged_processes
+
+        front = ModelFront.from_checkpoint(args.model)
+        executor = staged_processes(
+            front, str(resolve_checkpoint(args.model)), device=args.device, threads=args.threads
+        )
+        app = create_app(front, settings, executor)
+    else:
+        app = create_app(pipe, settings)
+    with ServerThread(app, startup_timeout=600) as url:
+        yield url
+
+
+def serve_on_ray(args, settings):
+    """The Ray Serve application on the local Ray instance ``main`` started; removed after."""
+    import socket
+
+    from ray import serve
+
+    from glm_image.server.ray_app import APP_NAME, build
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cpus = (os.cpu_count() or 2) / (args.ar_replicas + args.dit_replicas)
+    flags = {
+        "model": args.model,
+        "output_dir": str(settings.output_dir),
+        "max_queue": settings.max_queue,
+        "max_batch": settings.max_batch,
+        "timeout": settings.timeout,
+        "steps": settings.steps,
+        "ar_replicas": args.ar_replicas,
+        "dit_replicas": args.dit_replicas,
+        "ar_cpus": cpus,
+        "dit_cpus": cpus,
+    }
+    if args.device:
+        flags["device"] = args.device
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build(flags), name=APP_NAME, route_prefix="/")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,6 +378,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-batch", default="1,4", help="comma list, one run each (server started here only)"
     )
+    parser.add_argument(
+        "--server",
+        default="single",
+        help="comma list of servers to start here, one run each: single, stages, ray (default single)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch CPU threads of the single server and of each stage worker (default: torch's, the "
+        "stage workers splitting the cores; Ray replicas get their CPU share)",
+    )
+    parser.add_argument("--ar-replicas", type=int, default=1, help="--server ray: AR replicas (default 1)")
+    parser.add_argument("--dit-replicas", type=int, default=1, help="--server ray: DiT replicas (default 1)")
     parser.add_argument("--requests", type=int, default=16, help="requests in the load (default 16)")
     parser.add_argument(
         "--bad", type=int, default=0, help="hostile requests mixed into the load (default 0; see above)"
@@ -336,24 +418,57 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--url {args.url}: only loopback addresses (127.0.0.1, ::1, localhost)")
         results.append({"server": args.url, **run_load(args.url.rstrip("/"), args, headers)})
     else:
-        from glm_image import GlmImage
+        kinds = [k.strip() for k in args.server.split(",") if k.strip()]
+        if not kinds or set(kinds) - set(SERVERS):
+            parser.error(f"--server {args.server}: allowed: a comma list of {', '.join(SERVERS)}")
+        pipe = None
+        if "single" in kinds:
+            import torch
 
-        pipe = GlmImage.from_pretrained(args.model, device=args.device)
-        if args.bad:
-            inject_faults(pipe)
-        for max_batch in (int(v) for v in args.max_batch.split(",")):
-            with (
-                tempfile.TemporaryDirectory(prefix="glm-image-load-") as out_dir,
-                serve_locally(args, max_batch, pipe, Path(out_dir)) as url,
-            ):
-                result = run_load(url, args, headers, fault=bool(args.bad))
-            results.append({"model": args.model, "max_batch": max_batch, **result})
-        base = next((r for r in results if r["max_batch"] == 1), None)
+            from glm_image import GlmImage
+
+            if args.threads:
+                torch.set_num_threads(args.threads)  # this benchmark process serves nothing else
+            pipe = GlmImage.from_pretrained(args.model, device=args.device)
+            if args.bad:
+                inject_faults(pipe)
+        if "ray" in kinds:
+            import ray
+
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        try:
+            for kind in kinds:
+                for max_batch in (int(v) for v in args.max_batch.split(",")):
+                    with (
+                        tempfile.TemporaryDirectory(prefix="glm-image-load-") as out_dir,
+                        serve_locally(args, kind, max_batch, pipe, Path(out_dir)) as url,
+                    ):
+                        result = run_load(url, args, headers, fault=bool(args.bad) and kind == "single")
+                    results.append(
+                        {
+                            "model": args.model,
+                            "server": kind,
+                            "max_batch": max_batch,
+                            "threads": args.threads,
+                            **result,
+                        }
+                    )
+        finally:
+            if "ray" in kinds:
+                ray.shutdown()
         for result in results:
+            same_server = [r for r in results if r["server"] == result["server"]]
+            base = next((r for r in same_server if r["max_batch"] == 1), None)
             if base is not None and result is not base and base["requests_per_s"]:
                 result["throughput_vs_max_batch_1"] = round(
                     result["requests_per_s"] / base["requests_per_s"], 2
                 )
+            single = next(
+                (r for r in results if r["server"] == "single" and r["max_batch"] == result["max_batch"]),
+                None,
+            )
+            if single is not None and result is not single and single["requests_per_s"]:
+                result["throughput_vs_single"] = round(result["requests_per_s"] / single["requests_per_s"], 2)
     write_report("server_load", results, args.out)
     return 0 if all(r["checks"]["ok"] for r in results) else 1
 

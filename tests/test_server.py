@@ -494,6 +494,7 @@ def test_health_and_metrics(glm, tmp_path):
             "multiple": limits.multiple,
         }
         assert "glm-image" in health["models"] and str(glm.name) in health["models"]
+        assert health["executor"] == {"mode": "in-process", "device": "cpu"}
         assert post(url, OPENAI, {"prompt": "p", "size": "64x64", "n": 2}).status_code == 200
         assert post(url, BIGMODEL, {"model": "glm-image", "prompt": "p", "size": "64x64"}).status_code == 200
         assert post(url, OPENAI, {"prompt": "p", "size": "1x1"}).status_code == 400
@@ -505,6 +506,10 @@ def test_health_and_metrics(glm, tmp_path):
     assert values['glm_image_requests_total{endpoint="/v1/images/generations",status="200"}'] == 1
     assert values['glm_image_requests_total{endpoint="/v1/images/generations",status="400"}'] == 1
     assert values['glm_image_requests_total{endpoint="/api/paas/v4/images/generations",status="200"}'] == 1
+    # one stage (the whole engine call): busy while it ran, never beside another stage
+    assert values['glm_image_stage_busy_seconds_total{stage="engine"}'] > 0
+    assert values['glm_image_stage_calls{stage="engine"}'] == 0
+    assert values["glm_image_stage_overlap_seconds_total"] == 0
     for stage, count in (("ar", 2), ("dit", 2), ("vae", 2), ("queue_wait", 2), ("total", 2)):
         buckets = [
             v for k, v in values.items() if k.startswith(f'glm_image_stage_seconds_bucket{{stage="{stage}"')

@@ -1,4 +1,4 @@
-"""`glm-image bench speed|quality|ar|dit`: arguments here; the harness, the reference libraries, the
+"""`glm-image bench speed|quality|ar|dit|plan`: arguments here; the harness, the reference libraries, the
 OCR and matplotlib are imported only when a command runs.
 
 Every command prints a Markdown table and, with ``--out``, writes the JSON report (the layout of
@@ -171,6 +171,19 @@ def add_parser(sub) -> None:
     dit.add_argument("--repeats", type=int, default=3, help="timed runs per engine; medians (default 3)")
     dit.set_defaults(func=_run_dit)
 
+    plan = which.add_parser(
+        "plan",
+        help="AR:DiT replica counts for a Ray Serve deployment, from a `bench speed` report",
+        description="Propose how many AR and DiT replicas to deploy on N accelerators (serve --ray, "
+        "deploy/glm-image-ray.yaml) from the per-stage times of a `glm-image bench speed --out` report.",
+    )
+    plan.add_argument("speed_report", metavar="SPEED.json", help="a `glm-image bench speed --out` report")
+    plan.add_argument("--gpus", type=int, default=8, help="accelerators in the cluster (default 8)")
+    plan.add_argument("--ar-gpus", type=int, default=1, help="accelerators per AR replica (default 1)")
+    plan.add_argument("--dit-gpus", type=int, default=1, help="accelerators per DiT replica (default 1)")
+    plan.add_argument("--out", help="write the JSON report here")
+    plan.set_defaults(func=_run_plan)
+
 
 def _bar(total: int | None, what: str):
     from tqdm import tqdm
@@ -299,6 +312,16 @@ def _run_ar(args: argparse.Namespace) -> None:
         sharpen=args.sharpen,
         compare_reference=not args.no_reference,
     )
+
+
+def _run_plan(args: argparse.Namespace) -> None:
+    from .plan import format_plan, load_speed_report, plan_from_speed
+    from .report import save_report
+
+    plan = plan_from_speed(load_speed_report(args.speed_report), args.gpus, args.ar_gpus, args.dit_gpus)
+    if args.out:
+        save_report(plan, args.out)
+    print(format_plan(plan))
 
 
 def _run_dit(args: argparse.Namespace) -> None:

@@ -3,7 +3,10 @@
 Thin: a body becomes a ``GenerationRequest``, the pipeline validates it (400 naming the field),
 the queue runs it, and the images come back as URLs of files this server wrote or as base64.
 ``create_app(pipe, settings)`` takes an already-loaded ``GlmImage`` (``glm-image serve`` loads it
-once before listening, so a bad ``--model`` is a one-line error, not a traceback).
+once before listening, so a bad ``--model`` is a one-line error, not a traceback). With an
+``executor`` (``executors``: the two stages in worker processes, or as Ray Serve deployments)
+``pipe`` is only the model as the API sees it (``executors.ModelFront``); the routes, errors, auth
+and metrics are the same, whatever runs the engine.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from ..request import GenerationRequest, parse_size, shown
 from ..sampling import MAX_SEED  # torch generators take a signed 64-bit seed
 from ..validation import open_condition_image
 from .errors import ApiError, error_response, style_for
+from .executors import Executor, InProcessExecutor
 from .files import FileStore, encode_png
 from .jobs import ClientGone, EngineQueue
 from .metrics import Metrics
@@ -174,20 +178,27 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
-    """The app over ``pipe`` (a loaded ``GlmImage``, or anything with its request methods)."""
+def create_app(pipe, settings: ServerSettings | None = None, executor: Executor | None = None) -> FastAPI:
+    """The app over ``pipe`` (a loaded ``GlmImage``, or anything with its request methods).
+
+    ``executor``: what runs the engine calls; None: ``InProcessExecutor(pipe)``, one engine call
+    at a time in this process. Its ``start`` runs before the server listens (a worker that
+    cannot load fails the startup) and its ``stop`` when the server shuts down.
+    """
     settings = settings or ServerSettings()
     metrics = Metrics()
     files = FileStore(settings.output_dir)
-    queue = EngineQueue(pipe, settings, metrics)
+    executor = executor if executor is not None else InProcessExecutor(pipe)
+    queue = EngineQueue(executor, settings, metrics)
     names = ["glm-image", *sorted({str(pipe.name), *settings.model_names} - {"glm-image"})]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await queue.start()
         log.info(
-            "serving %s: queue %d, batch %d images, timeout %gs, files in %s%s",
+            "serving %s (%s): queue %d, batch %d images, timeout %gs, files in %s%s",
             pipe.name,
+            executor.name,
             settings.max_queue,
             settings.max_batch,
             settings.timeout,
@@ -201,6 +212,7 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
 
     app = FastAPI(title="glm-image", version=__version__, lifespan=lifespan)
     app.state.pipe, app.state.settings, app.state.queue = pipe, settings, queue
+    app.state.executor = executor
     app.state.metrics, app.state.files = metrics, files
     app.add_middleware(_Gate, settings=settings, metrics=metrics)
 
@@ -386,10 +398,11 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
             raise ApiError("invalid_value", str(e), param="image") from None
 
     @app.get("/health", summary="liveness; open even with an API key")
-    async def health() -> dict:
+    async def health() -> Response:
         limits = pipe.limits
-        return {
-            "status": "ok",
+        broken = executor.broken
+        body = {
+            "status": "ok" if broken is None else "unavailable",
             "model": str(pipe.name),
             "models": names,
             "version": __version__,
@@ -397,7 +410,11 @@ def create_app(pipe, settings: ServerSettings | None = None) -> FastAPI:
             "max_queue": settings.max_queue,
             "running": queue.running,
             "sizes": {"minimum": limits.minimum, "maximum": limits.maximum, "multiple": limits.multiple},
+            "executor": executor.describe(),
         }
+        if broken is not None:
+            body["reason"] = broken
+        return JSONResponse(body, status_code=200 if broken is None else 503)
 
     @app.get("/metrics", summary="Prometheus text format")
     async def prometheus() -> Response:

@@ -8,9 +8,10 @@ import os
 from pathlib import Path
 
 from ..errors import GlmImageError
+from ..hub import resolve_checkpoint
 from ..options import add_generation_arguments, add_runtime_arguments, generation_kwargs, runtime_kwargs
 
-__all__ = ["add_parser", "settings_from_args"]
+__all__ = ["add_parser", "ray_options_from_args", "settings_from_args", "stage_options_from_args"]
 
 log = logging.getLogger("glm_image.server")
 
@@ -68,6 +69,60 @@ def add_parser(sub) -> None:
         "--public-url",
         help="base of the returned file URLs, e.g. behind a proxy (default: the address the client used)",
     )
+    stages = serve.add_argument_group(
+        "stages", "where the AR and the DiT run (default: both in the server process, one call at a time)"
+    )
+    stages.add_argument(
+        "--stages",
+        choices=("together", "separate"),
+        default="together",
+        help="separate: the AR and the DiT in two worker processes, so one request's AR runs while "
+        "another's DiT runs; only token ids cross between them (default together)",
+    )
+    stages.add_argument(
+        "--ar-device", metavar="DEV", help="with --stages separate: the AR's device, e.g. cuda:0"
+    )
+    stages.add_argument(
+        "--dit-device", metavar="DEV", help="with --stages separate: the DiT's device, e.g. cuda:1"
+    )
+    stages.add_argument(
+        "--stage-threads",
+        type=int,
+        metavar="N",
+        help="with --stages separate: CPU threads per worker (default: on a CPU, the cores split between the two)",
+    )
+    ray = serve.add_argument_group(
+        "ray", 'Ray Serve (pip install "glm-image[ray]"): the same API, the AR and the DiT scaled separately'
+    )
+    ray.add_argument(
+        "--ray", action="store_true", help="serve on Ray Serve (see deploy/ for a cluster config)"
+    )
+    ray.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="a running Ray cluster (auto, or ray://host:10001); default: start a local Ray instance",
+    )
+    for stage in ("ar", "dit"):
+        name = stage.upper() if stage == "ar" else "DiT"
+        ray.add_argument(
+            f"--{stage}-replicas",
+            default="1",
+            metavar="N|MIN-MAX",
+            help=f"{name} replicas: a fixed count, or MIN-MAX to autoscale (default 1)",
+        )
+        ray.add_argument(
+            f"--{stage}-gpus",
+            type=float,
+            metavar="G",
+            help=f"GPUs per {name} replica (its parallel degree; default 1 on a cluster with GPUs, else 0)",
+        )
+        ray.add_argument(
+            f"--{stage}-cpus",
+            type=float,
+            default=1.0,
+            metavar="C",
+            help=f"CPUs per {name} replica (default 1)",
+        )
     serve.set_defaults(func=_run)
 
 
@@ -98,6 +153,44 @@ def settings_from_args(args: argparse.Namespace):
     )
 
 
+def stage_options_from_args(args: argparse.Namespace):
+    """``--stages separate`` and its devices; a stage flag without it is a one-line error."""
+    from .settings import StageOptions
+
+    given = [flag for flag in ("ar_device", "dit_device", "stage_threads") if getattr(args, flag) is not None]
+    if args.stages != "separate":
+        if given:
+            raise GlmImageError(f"--{given[0].replace('_', '-')} needs --stages separate")
+        return None
+    if args.ray:
+        raise GlmImageError(
+            "--stages separate and --ray: Ray always runs the stages as separate deployments; pick one"
+        )
+    return StageOptions(args.ar_device, args.dit_device, args.stage_threads)
+
+
+def ray_options_from_args(args: argparse.Namespace):
+    """``--ray`` and its replica counts and resources; a Ray flag without ``--ray`` is an error."""
+    from .settings import RayOptions, parse_replicas
+
+    defaults = {"ar_replicas": "1", "dit_replicas": "1", "ar_cpus": 1.0, "dit_cpus": 1.0}
+    flags = ("ray_address", "ar_gpus", "dit_gpus", *defaults)
+    given = [f for f in flags if getattr(args, f) is not None and getattr(args, f) != defaults.get(f)]
+    if not args.ray:
+        if given:
+            raise GlmImageError(f"--{given[0].replace('_', '-')} needs --ray")
+        return None
+    return RayOptions(
+        address=args.ray_address,
+        ar_replicas=parse_replicas(args.ar_replicas, "--ar-replicas"),
+        dit_replicas=parse_replicas(args.dit_replicas, "--dit-replicas"),
+        ar_gpus=args.ar_gpus,
+        dit_gpus=args.dit_gpus,
+        ar_cpus=args.ar_cpus,
+        dit_cpus=args.dit_cpus,
+    )
+
+
 def _run(args: argparse.Namespace) -> None:
     try:
         import uvicorn
@@ -107,14 +200,42 @@ def _run(args: argparse.Namespace) -> None:
     except ImportError as e:
         raise GlmImageError(f'serve: {e.name} is not installed; pip install "glm-image[serve]"') from None
 
-    from ..pipeline import GlmImage
-
     settings = settings_from_args(args)
+    stages, ray = stage_options_from_args(args), ray_options_from_args(args)
     FileStore(settings.output_dir)  # a bad --output-dir fails now, not after the model loads
-    pipe = GlmImage.from_pretrained(args.model, **runtime_kwargs(args), **generation_kwargs(args))
-    app = create_app(pipe, settings)
     for name in ("glm_image.server", "uvicorn.error"):
         logging.getLogger(name).setLevel(logging.INFO)
+    if ray is not None:
+        try:
+            from .ray_app import serve_with_ray
+        except ImportError as e:
+            raise GlmImageError(
+                f'serve --ray: {e.name} is not installed; pip install "glm-image[ray]"'
+            ) from None
+        serve_with_ray(args)
+        return
+    if stages is not None:
+        from .executors import ModelFront
+        from .workers import staged_processes
+
+        pipe = ModelFront.from_checkpoint(args.model, **generation_kwargs(args))
+        runtime = runtime_kwargs(args)
+        executor = staged_processes(
+            pipe,
+            str(resolve_checkpoint(args.model)),
+            device=runtime["device"],
+            dtype=args.dtype,
+            attention_backend=runtime["attention_backend"],
+            ar_device=stages.ar_device,
+            dit_device=stages.dit_device,
+            threads=stages.threads,
+        )
+        app = create_app(pipe, settings, executor)
+    else:
+        from ..pipeline import GlmImage
+
+        pipe = GlmImage.from_pretrained(args.model, **runtime_kwargs(args), **generation_kwargs(args))
+        app = create_app(pipe, settings)
     if settings.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s with no API key: anyone who can reach it can generate", args.host)
     uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)

@@ -1,20 +1,26 @@
-"""The bounded request queue and its one engine worker.
+"""The bounded request queue, and the batches it pushes through the executor's stages.
 
-One worker owns the engine: it takes the oldest waiting job plus every other waiting job with
-the same ``GenerationRequest.batch_key`` (same size, steps, guidance; text-to-image) up to
-``max_batch`` images, and makes ONE ``pipe.run_batch`` call for them (image-to-image jobs run
-alone through ``pipe.run``). ``run_batch`` keeps each request's own seeds, so a request gets the
-images it would get alone. The call is blocking torch code, so it runs on a dedicated engine
-thread (always the same one, which CUDA prefers), never on the event loop.
+The queue takes the oldest waiting job plus every other waiting job with the same
+``GenerationRequest.batch_key`` (same size, steps, guidance; text-to-image) up to ``max_batch``
+images, and sends them through the executor (``executors``) as ONE engine call: with the
+in-process executor one ``pipe.run_batch``; with a staged one an AR call, then a DiT call.
+Image-to-image jobs run alone. Each image keeps its own seed, so a request gets the images it
+would get alone.
+
+A batch is taken only when the executor's first stage has a free slot (so waiting requests
+batch as long as the engine is busy), and at most as many batches are in flight as all stages
+have slots: with an AR stage and a DiT stage of one slot each, batch N+1's AR runs while batch
+N's DiT runs, and a third batch waits in the queue.
 
 When an engine call with several requests raises, each of its requests still waited for runs
-again alone, so one request that breaks the engine (a fault its values did not reveal) fails
-alone and the others get the images they would have got anyway.
+again alone, so one request that breaks the engine (a fault its values did not reveal, a worker
+that died) fails alone and the others get the images they would have got anyway.
 
 A job leaves the queue without running when its client disconnects or its timeout passes while
-it waits. A running engine call is stopped at its next step (through the pipeline's progress
-callback) once every job in it has been abandoned the same way. Queue state is touched only on
-the event loop thread; the engine thread reads nothing but the jobs' ``abandoned`` flags.
+it waits. A running engine call is stopped at its next step (through the stages' progress
+callbacks) once every job in it has been abandoned the same way, and a batch nobody waits for
+any more does not enter its next stage. Queue state is touched only on the event loop thread;
+the stage threads read nothing but the jobs' ``abandoned`` flags.
 """
 
 from __future__ import annotations
@@ -25,14 +31,15 @@ import secrets
 import time
 from collections import deque
 from collections.abc import Awaitable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..errors import GlmImageError, NonFiniteError
 from ..request import GenerationRequest
 from .errors import ApiError
+from .executors import Executor, StageDied
 from .metrics import Metrics
 from .settings import ServerSettings
+from .stagework import Abandoned
 
 __all__ = ["ClientGone", "EngineQueue", "Job"]
 
@@ -43,49 +50,55 @@ class ClientGone(Exception):
     """The client disconnected before its result was ready; there is no one to answer."""
 
 
-class _Abandoned(Exception):
-    """Raised inside a running engine call whose every job was abandoned, to stop it early."""
-
-
 @dataclass(eq=False)
 class Job:
     request: GenerationRequest
     future: asyncio.Future
     arrived: float = field(default_factory=time.perf_counter)
-    abandoned: bool = False  # its client left or its time ran out; read by the engine thread
+    abandoned: bool = False  # its client left or its time ran out; read by the stage threads
 
 
 class EngineQueue:
-    def __init__(self, pipe, settings: ServerSettings, metrics: Metrics) -> None:
-        self.pipe, self.settings, self.metrics = pipe, settings, metrics
+    def __init__(self, executor: Executor, settings: ServerSettings, metrics: Metrics) -> None:
+        self.executor, self.settings, self.metrics = executor, settings, metrics
         self._waiting: deque[Job] = deque()
         self._wakeup = asyncio.Event()
-        self._executor: ThreadPoolExecutor | None = None
         self._task: asyncio.Task | None = None
-        self.running = 0  # jobs in the engine call now running
+        self._calls: set[asyncio.Task] = set()
+        self._active: set[Job] = set()  # jobs of the engine calls in flight
+        self._slots = [asyncio.Semaphore(stage.slots) for stage in executor.stages]
+        self._in_flight = asyncio.Semaphore(sum(stage.slots for stage in executor.stages))
+        metrics.declare_stages(stage.name for stage in executor.stages)
 
     @property
     def depth(self) -> int:
         return len(self._waiting)
 
+    @property
+    def running(self) -> int:
+        """Jobs in the engine calls now in flight."""
+        return len(self._active)
+
     async def start(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm-image-engine")
+        await self.executor.start()
         self._task = asyncio.create_task(self._work(), name="glm-image-engine-worker")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-        while self._waiting:
-            job = self._waiting.popleft()
+        tasks = [t for t in (self._task, *self._calls) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        closing = ApiError("unavailable", "the server is shutting down")
+        for job in [*self._waiting, *self._active]:
             if not job.future.done():
-                job.future.set_exception(ApiError("unavailable", "the server is shutting down"))
-        if self._executor is not None:
-            # An engine call already running cannot be interrupted; do not wait for it.
-            self._executor.shutdown(wait=False, cancel_futures=True)
+                job.future.set_exception(closing)
+        self._waiting.clear()
+        await self.executor.stop()
 
     def submit(self, request: GenerationRequest) -> Job:
         """Queue a validated request, or raise 429 when ``max_queue`` jobs already wait."""
+        if self.executor.broken is not None:
+            raise ApiError("unavailable", f"the server cannot generate: {self.executor.broken}")
         if len(self._waiting) >= self.settings.max_queue:
             raise ApiError(
                 "queue_full",
@@ -148,36 +161,61 @@ class EngineQueue:
                 images += request.num_images
         return batch
 
-    def _call(self, batch: list[Job]) -> list:
-        """Runs on the engine thread."""
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if all(job.abandoned for job in batch):
-                raise _Abandoned
-
-        requests = [job.request for job in batch]
-        if requests[0].images:
-            return [self.pipe.run(requests[0], progress)]
-        return self.pipe.run_batch(requests, progress)
-
     async def _work(self) -> None:
+        first = self._slots[0]
         while True:
             while not self._waiting:
                 self._wakeup.clear()
                 await self._wakeup.wait()
+            await self._in_flight.acquire()
+            await first.acquire()
+            if not self._waiting:  # every waiting job left while the first stage was busy
+                first.release()
+                self._in_flight.release()
+                continue
             batch = self._take()
             now = time.perf_counter()
             for job in batch:
                 self.metrics.observe("queue_wait", now - job.arrived)
-            await self._run(batch)
+            task = asyncio.create_task(self._call(batch), name="glm-image-engine-call")
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
 
-    async def _run(self, batch: list[Job]) -> None:
-        """One engine call; when a call of several requests raises, each runs again alone."""
-        loop = asyncio.get_running_loop()
-        self.running = len(batch)
+    async def _call(self, batch: list[Job]) -> None:
+        """A batch taken by the worker, which already holds the first stage's slot for it."""
         try:
-            outputs = await loop.run_in_executor(self._executor, self._call, batch)
-        except _Abandoned:
+            await self._run(batch, holding_first=True)
+        finally:
+            self._in_flight.release()
+
+    async def _through(self, batch: list[Job], holding_first: bool) -> list:
+        """The batch through every stage, each entered when it has a free slot."""
+
+        def abandoned() -> bool:  # read on stage threads too: plain flags, no queue state
+            return all(job.abandoned for job in batch)
+
+        work = [job.request for job in batch]
+        for index, stage in enumerate(self.executor.stages):
+            if index or not holding_first:
+                await self._slots[index].acquire()
+            try:
+                if abandoned():
+                    raise Abandoned
+                self.metrics.stage_busy(stage.name, True)
+                try:
+                    work = await stage.run(work, abandoned)
+                finally:
+                    self.metrics.stage_busy(stage.name, False)
+            finally:
+                self._slots[index].release()
+        return work
+
+    async def _run(self, batch: list[Job], holding_first: bool = False) -> None:
+        """One engine call; when a call of several requests raises, each runs again alone."""
+        self._active.update(batch)
+        try:
+            outputs = await self._through(batch, holding_first)
+        except Abandoned:
             self.metrics.count_engine_call(len(batch), None, stopped=True)
             log.info("stopped an engine call: all %d of its requests were abandoned", len(batch))
         except Exception as e:
@@ -201,24 +239,25 @@ class EngineQueue:
                 if not job.future.done():
                     job.future.set_result(output)
         finally:
-            self.running = 0
+            self._active.difference_update(batch)
 
     def _fail(self, batch: list[Job], error: Exception) -> None:
-        if isinstance(error, GlmImageError) and not isinstance(error, NonFiniteError):
+        if isinstance(error, ApiError):  # the executor's own answer (e.g. a stage that cannot restart)
+            failure = error
+        elif isinstance(error, GlmImageError) and not isinstance(error, NonFiniteError):
             # validated before queueing, so rare; still the user's
             failure = ApiError("invalid_value", str(error))
         else:
             error_id = secrets.token_hex(8)
             log.error("engine failure, error id %s", error_id, exc_info=error)
-            what = (
-                "produced NaN or Inf for this request, so no image was made"
-                if isinstance(error, NonFiniteError)
-                else "failed on this request"
-            )
+            if isinstance(error, NonFiniteError):
+                what = "the engine produced NaN or Inf for this request, so no image was made"
+            elif isinstance(error, StageDied):
+                what = str(error)
+            else:
+                what = "the engine failed on this request"
             failure = ApiError(
-                "internal",
-                f"the engine {what} (error id {error_id}); the server keeps serving",
-                error_id=error_id,
+                "internal", f"{what} (error id {error_id}); the server keeps serving", error_id=error_id
             )
         for job in batch:
             if not job.future.done():

@@ -7,6 +7,7 @@ half-written histogram.
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
 
 __all__ = ["Metrics"]
@@ -67,6 +68,34 @@ class Metrics:
         self.dropped: dict[str, int] = defaultdict(int)  # reason -> queued jobs removed before they ran
         self.stages = {stage: _Histogram() for stage in STAGES}
         self.batch_sizes = _Histogram((1, 2, 4, 8, 16, 32))  # requests per engine call
+        # Stage occupancy: calls working in each stage now, seconds each stage was busy, and
+        # seconds two or more stages were busy at once (the overlap a staged executor buys).
+        self._in_stage: dict[str, int] = defaultdict(int)
+        self.busy_seconds: dict[str, float] = defaultdict(float)
+        self.overlap_seconds = 0.0
+        self._since = time.perf_counter()
+
+    def _advance(self, now: float) -> None:
+        """Credit the time since the last change to the stages busy during it (under the lock)."""
+        elapsed, busy = now - self._since, [stage for stage, n in self._in_stage.items() if n]
+        for stage in busy:
+            self.busy_seconds[stage] += elapsed
+        if len(busy) >= 2:
+            self.overlap_seconds += elapsed
+        self._since = now
+
+    def declare_stages(self, stages) -> None:
+        """The executor's stage names, so every stage's series shows from the first scrape."""
+        with self._lock:
+            for stage in stages:
+                self._in_stage[stage] += 0
+                self.busy_seconds[stage] += 0.0
+
+    def stage_busy(self, stage: str, busy: bool) -> None:
+        """A call entered (``busy``) or left ``stage``."""
+        with self._lock:
+            self._advance(time.perf_counter())
+            self._in_stage[stage] += 1 if busy else -1
 
     def observe(self, stage: str, seconds: float) -> None:
         with self._lock:
@@ -125,6 +154,7 @@ class Metrics:
             return [(f"{name}{suffix}", value) for suffix, value in samples]
 
         with self._lock:
+            self._advance(time.perf_counter())
             metric("glm_image_queue_depth", "gauge", "Jobs waiting for the engine.", [("", queue_depth)])
             metric(
                 "glm_image_queue_capacity",
@@ -178,6 +208,27 @@ class Metrics:
                 "counter",
                 "Queued jobs removed before they ran (client gone, timed out).",
                 [(f'{{reason="{_escape(reason)}"}}', n) for reason, n in sorted(self.dropped.items())],
+            )
+            metric(
+                "glm_image_stage_calls",
+                "gauge",
+                "Engine calls working in each executor stage now.",
+                [(f'{{stage="{_escape(stage)}"}}', n) for stage, n in sorted(self._in_stage.items())],
+            )
+            metric(
+                "glm_image_stage_busy_seconds_total",
+                "counter",
+                "Seconds each executor stage (engine; or ar and dit) was working on a call.",
+                [
+                    (f'{{stage="{_escape(stage)}"}}', round(s, 6))
+                    for stage, s in sorted(self.busy_seconds.items())
+                ],
+            )
+            metric(
+                "glm_image_stage_overlap_seconds_total",
+                "counter",
+                "Seconds two stages worked at once (one batch's AR beside another's DiT).",
+                [("", round(self.overlap_seconds, 6))],
             )
             lines.append(
                 "# HELP glm_image_stage_seconds Latency per stage: ar, dit, vae per engine call; "

@@ -1,4 +1,5 @@
-"""Every option of ``glm-image serve``, as one frozen value the app is built from."""
+"""Every option of ``glm-image serve``: ``ServerSettings`` (the app), ``StageOptions`` and
+``RayOptions`` (what runs the engine), frozen values checked when built."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from ..errors import GlmImageError
 from ..validation import check_guidance
 
-__all__ = ["ServerSettings"]
+__all__ = ["RayOptions", "ServerSettings", "StageOptions", "parse_replicas"]
 
 
 @dataclass(frozen=True)
@@ -48,3 +49,52 @@ class ServerSettings:
         check_guidance(self.guidance, "guidance")
         if self.api_key is not None and not self.api_key.strip():
             raise GlmImageError("api key: empty; allowed: a non-empty string, or no key (no auth)")
+
+
+@dataclass(frozen=True)
+class StageOptions:
+    """``--stages separate``: the AR and the DiT in two worker processes, overlapped."""
+
+    ar_device: str | None = None  # None: the server's --device
+    dit_device: str | None = None
+    # CPU threads of each worker; None: torch's default (on a CPU: the cores split between the two)
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise GlmImageError(f"--stage-threads {self.threads!r}; allowed: an integer >= 1")
+
+
+def parse_replicas(text: str, flag: str) -> tuple[int, int]:
+    """'2' -> (2, 2): a fixed count; '1-4' -> (1, 4): autoscaled between the two."""
+    low, dash, high = str(text).partition("-")
+    try:
+        bounds = (int(low), int(high) if dash else int(low))
+    except ValueError:
+        bounds = (0, 0)
+    if not 1 <= bounds[0] <= bounds[1]:
+        raise GlmImageError(
+            f"{flag} {text!r}; allowed: N (a fixed count >= 1) or MIN-MAX (autoscaled, 1 <= MIN <= MAX)"
+        )
+    return bounds
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """``--ray``: the app on Ray Serve; the AR and the DiT as deployments of their own."""
+
+    address: str | None = None  # None: start a local Ray instance; "auto": the running cluster
+    ar_replicas: tuple[int, int] = (1, 1)  # (min, max): equal is a fixed count, else autoscaled
+    dit_replicas: tuple[int, int] = (1, 1)
+    # Accelerators per replica: the stage's parallel degree (1 until tensor/sequence parallelism
+    # lands). None: 1 when the cluster has GPUs and --device is not cpu, else 0.
+    ar_gpus: float | None = None
+    dit_gpus: float | None = None
+    ar_cpus: float = 1.0  # CPUs Ray reserves per replica
+    dit_cpus: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("ar_gpus", "dit_gpus", "ar_cpus", "dit_cpus"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and value >= 0):
+                raise GlmImageError(f"--{name.replace('_', '-')} {value!r}; allowed: a number >= 0")

@@ -1,0 +1,348 @@
+"""`glm-image serve --ray` (issue 17): the same API on Ray Serve, the AR and the DiT as separate
+deployments, on a local Ray instance (2 CPUs, the tiny model, 64..256 pixels, 1-2 steps).
+
+Starting Ray takes tens of seconds, so these tests run only when asked for (``-m ray``; CI runs
+them as a step of their own) and need the ray extra (``pip install -e ".[test,ray]"``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+from glm_image.request import GenerationRequest
+
+pytestmark = pytest.mark.ray
+
+ray = pytest.importorskip("ray", reason='the Ray tests need the ray extra: pip install -e ".[test,ray]"')
+psutil = pytest.importorskip("psutil")
+
+from ray import serve  # noqa: E402
+from test_server import (  # noqa: E402
+    BIGMODEL,
+    EDITS,
+    OPENAI,
+    b64_image,
+    metrics,
+    noise_png,
+    png,
+    post,
+    same_pixels,
+    wait_until,
+)
+from test_server_stages import free_port  # noqa: E402
+
+from glm_image.errors import NonFiniteError  # noqa: E402
+from glm_image.server.executors import StageDied  # noqa: E402
+from glm_image.server.ray_app import APP_NAME, RayRunner, build  # noqa: E402
+from glm_image.server.stagework import Abandoned  # noqa: E402
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _only_when_asked(request):  # module scope: runs before the module's Ray fixture
+    if not re.search(r"(?<!not )\bray\b", request.config.option.markexpr or ""):
+        pytest.skip("starts a local Ray instance: run with -m ray (a CI step of its own)")
+
+
+def ray_processes() -> set[int]:
+    """Every Ray daemon and worker on this machine (raylet, gcs_server, ray::* workers)."""
+    found = set()
+    for process in psutil.process_iter(["name", "cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            words = " ".join(process.info["cmdline"] or [process.info["name"] or ""])
+            if re.search(r"\braylet\b|\bgcs_server\b|^ray::", words):
+                found.add(process.pid)
+    return found
+
+
+def test_serve_ray_command_starts_and_stops_cleanly(tiny_checkpoint, tmp_path):
+    """Runs before any other test of this module starts Ray here: the command's local Ray
+    instance is the only one, and after Ctrl-C none of its processes is left."""
+    before = ray_processes()
+    port = free_port()
+    argv = [sys.executable, "-m", "glm_image.cli", "serve", "--ray", "--model", str(tiny_checkpoint)]
+    argv += ["--port", str(port), "--output-dir", str(tmp_path), "--steps", "1"]
+    argv += ["--ar-cpus", "0.5", "--dit-cpus", "0.5", "--dit-replicas", "2"]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def up() -> bool:
+            assert process.poll() is None, process.stdout.read().decode()
+            with contextlib.suppress(requests.RequestException):  # the proxy is up before the app
+                return requests.get(url + "/health", timeout=2).status_code == 200
+            return False
+
+        wait_until(up, timeout=300)
+        r = post(url, BIGMODEL, {"model": "glm-image", "prompt": "p", "size": "64x64"})
+        assert r.status_code == 200, r.text
+        assert png(requests.get(r.json()["data"][0]["url"], timeout=10).content).size == (64, 64)
+        health = requests.get(url + "/health", timeout=10).json()
+        assert health["executor"]["mode"] == "ray" and health["executor"]["dit"]["slots"] == 2
+        started = {p.pid for p in psutil.Process(process.pid).children(recursive=True)}
+        assert ray_processes() - before, "no Ray process was started"
+        process.send_signal(signal.SIGINT)  # Ctrl-C
+        assert process.wait(timeout=120) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log = process.communicate(timeout=30)[0].decode()
+    assert "Traceback" not in log, log[-3000:]
+    wait_until(
+        lambda: (
+            not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in started)
+        ),
+        timeout=30,
+    )
+    assert not (ray_processes() - before), "Ray processes outlived glm-image serve --ray"
+
+
+def deploy(tiny_checkpoint, out, **flags) -> None:
+    args = {"model": str(tiny_checkpoint), "output_dir": str(out), "steps": 2}
+    args |= {"dit_replicas": 2, "ar_cpus": 0.5, "dit_cpus": 0.5, **flags}
+    serve.run(build(args), name=APP_NAME, route_prefix="/")
+
+
+@pytest.fixture(scope="module")
+def ray_server(tiny_checkpoint, tmp_path_factory):
+    """One AR replica and two DiT replicas on a local 2-CPU Ray instance: (url, output dir)."""
+    port, out = free_port(), tmp_path_factory.mktemp("ray-files")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        deploy(tiny_checkpoint, out)
+        yield f"http://127.0.0.1:{port}", out
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_both_api_shapes_through_ray(ray_server, glm):
+    url, out = ray_server
+    big = post(url, BIGMODEL, {"model": "glm-image", "prompt": "a sign 'OPEN'", "size": "96x64", "seed": 5})
+    assert big.status_code == 200, big.text
+    [item] = big.json()["data"]
+    assert re.fullmatch(re.escape(url) + r"/files/[0-9a-f]{32}\.png", item["url"]) and item["seed"] == 5
+    image = png(requests.get(item["url"], timeout=10).content)  # served by the ingress, from --output-dir
+    assert image.size == (96, 64) and image.text["seed"] == "5" and image.text["steps"] == "2"
+    assert (out / item["url"].rsplit("/", 1)[1]).is_file()
+    alone = glm.run(GenerationRequest("a sign 'OPEN'", 96, 64, steps=2, seed=5)).images[0]
+    assert same_pixels(image, alone)  # the stages apart on Ray: the pipeline's image
+
+    oai = post(
+        url, OPENAI, {"prompt": "p", "size": "64x64", "seed": 9, "n": 2, "response_format": "b64_json"}
+    )
+    assert oai.status_code == 200, oai.text
+    assert [item["seed"] for item in oai.json()["data"]] == [9, 10]
+    both = glm.run(GenerationRequest("p", 64, 64, steps=2, seed=9, num_images=2)).images
+    for item, expected in zip(oai.json()["data"], both, strict=True):
+        assert same_pixels(b64_image(item), expected)
+
+    edit = requests.post(
+        url + EDITS,
+        data={"prompt": "make it red", "seed": "3", "response_format": "b64_json"},
+        files={"image": ("a.png", noise_png(64, 64))},
+        timeout=60,
+    )
+    assert edit.status_code == 200 and b64_image(edit.json()["data"][0]).size == (64, 64), edit.text
+
+    bad = post(url, BIGMODEL, {"model": "glm-image", "prompt": "p", "size": "64x70"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "1214"  # the same errors
+    assert post(url, OPENAI, {"prompt": "p", "style": "vivid"}).json()["error"]["param"] == "style"
+
+
+def check_one_distinct_png_each(url: str, bodies: list[dict], responses: list) -> None:
+    assert [r.status_code for r in responses] == [200] * len(bodies), [r.text[:300] for r in responses]
+    seen_urls, seen_pixels = set(), set()
+    for body, response in zip(bodies, responses, strict=True):
+        data = response.json()["data"]
+        assert len(data) == 1 and data[0]["seed"] == body["seed"]
+        image = png(requests.get(data[0]["url"], timeout=10).content)
+        assert (
+            image.size == tuple(map(int, body["size"].split("x"))) and image.text["prompt"] == body["prompt"]
+        )
+        seen_urls.add(data[0]["url"])
+        seen_pixels.add(image.tobytes())
+    assert len(seen_urls) == len(seen_pixels) == len(bodies)
+
+
+def test_eight_concurrent_requests_each_get_one_distinct_png_of_its_size(ray_server):
+    url, _ = ray_server
+    before = metrics(url)["glm_image_images_generated_total"]
+    sizes = ["64x64", "96x64", "64x96", "64x64", "96x64", "64x64", "64x96", "64x64"]
+    bodies = [{"prompt": f"sign {i}", "size": size, "seed": 40 + i} for i, size in enumerate(sizes)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda body: post(url, OPENAI, body), bodies))
+    check_one_distinct_png_each(url, bodies, responses)
+    assert metrics(url)["glm_image_images_generated_total"] == before + len(bodies)
+
+
+def dit_replicas() -> list[psutil.Process]:
+    return [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "ServeReplica:glm-image:DitStage" in " ".join(p.info["cmdline"] or [])
+    ]
+
+
+def busiest(processes: list[psutil.Process], seconds: float = 0.3) -> psutil.Process:
+    """The process that used the most CPU over ``seconds``: the replica running a call."""
+
+    def used(p):
+        times = p.cpu_times()
+        return times.user + times.system
+
+    before = [used(p) for p in processes]
+    time.sleep(seconds)
+    return max(zip(processes, before, strict=True), key=lambda pair: used(pair[0]) - pair[1])[0]
+
+
+def test_a_dit_replica_killed_during_a_load_run_loses_no_request(ray_server):
+    """SIGKILL the DiT replica that is running a call while eight requests are in flight: its
+    call goes once more to the other replica; every request gets exactly one image of its own,
+    and no image is made twice."""
+    url, _ = ray_server
+    before = metrics(url)
+    sizes = ["256x256", "224x256", "256x224", "256x256", "224x256", "256x224", "256x256", "224x224"]
+    bodies = [
+        {"prompt": f"load {i}", "size": size, "seed": 70 + i, "steps": 60} for i, size in enumerate(sizes)
+    ]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        futures = [pool.submit(post, url, OPENAI, body) for body in bodies]
+        wait_until(lambda: metrics(url)['glm_image_stage_calls{stage="dit"}'] >= 1, timeout=120)
+        victim = busiest(dit_replicas())
+        victim.kill()
+        responses = [f.result() for f in futures]
+    check_one_distinct_png_each(url, bodies, responses)
+    after = metrics(url)
+    assert after["glm_image_images_generated_total"] == before["glm_image_images_generated_total"] + len(
+        bodies
+    )
+    assert after["glm_image_engine_failures_total"] == before["glm_image_engine_failures_total"]
+    assert not victim.is_running()
+    # the call it was running was sent once more, to the other replica
+    assert requests.get(url + "/health", timeout=10).json()["executor"]["dit"]["retries"] == 1
+
+
+def test_a_full_queue_is_429_as_in_one_process(ray_server, tiny_checkpoint):
+    """Redeployed with room for one waiting request: the third of three at once is refused."""
+    url, out = ray_server
+    deploy(tiny_checkpoint, out, max_queue=1)
+    bodies = [
+        {"prompt": f"q {i}", "size": size, "seed": i}
+        for i, size in enumerate(["64x64", "96x64", "64x96", "96x96"])
+    ]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        responses = list(pool.map(lambda body: post(url, OPENAI, body), bodies))
+    refused = [r for r in responses if r.status_code == 429]
+    assert refused and all(r.status_code in (200, 429) for r in responses), [r.text for r in responses]
+    error = refused[0].json()["error"]
+    assert error["code"] == "rate_limit_exceeded" and "queue is full (1 requests waiting)" in error["message"]
+    assert refused[0].headers["retry-after"] == "1"
+
+
+# ---------------------------------------------------------------------------------------- the runner alone
+
+
+class FakeResponse:
+    """A ``DeploymentResponse`` that gives ``outcome`` (raises it, if an exception) after ``delay``."""
+
+    def __init__(self, outcome, delay: float = 0.0) -> None:
+        self.outcome, self.delay, self.cancelled = outcome, delay, False
+
+    def __await__(self):
+        return self._result().__await__()
+
+    async def _result(self):
+        await asyncio.sleep(self.delay)
+        if isinstance(self.outcome, BaseException):
+            raise self.outcome
+        return self.outcome
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeHandle:
+    """A deployment handle whose calls give ``outcomes`` in turn."""
+
+    deployment_name = "DitStage"
+
+    def __init__(self, *outcomes, delay: float = 0.0) -> None:
+        self.outcomes, self.delay, self.sent, self.responses = list(outcomes), delay, [], []
+
+    @property
+    def run(self):
+        return self
+
+    def remote(self, payload):
+        self.sent.append(payload)
+        self.responses.append(FakeResponse(self.outcomes.pop(0), self.delay))
+        return self.responses[-1]
+
+
+def test_a_call_whose_replica_died_is_sent_once_more():
+    from ray.exceptions import ActorDiedError
+
+    handle = FakeHandle(ActorDiedError(), "images")
+    runner = RayRunner("dit", handle, slots=2)
+    assert asyncio.run(runner.run("prior", lambda: False)) == "images"
+    assert handle.sent == ["prior", "prior"] and runner.describe()["retries"] == 1
+
+
+def test_a_call_lost_twice_is_a_clear_stage_error():
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    runner = RayRunner("dit", FakeHandle(ActorDiedError(), ActorUnavailableError("gone", None)), slots=1)
+    with pytest.raises(StageDied, match="a dit replica was lost while it ran this request, twice"):
+        asyncio.run(runner.run("prior", lambda: False))
+
+
+def test_errors_raised_in_a_replica_keep_their_kind():
+    from ray.exceptions import RayTaskError
+
+    nan = RayTaskError("run", "Traceback ...", NonFiniteError("latents: NaN or Inf")).as_instanceof_cause()
+    handle = FakeHandle(nan)
+    with pytest.raises(NonFiniteError, match="latents: NaN or Inf") as caught:
+        asyncio.run(RayRunner("dit", handle, slots=1).run("prior", lambda: False))
+    assert not isinstance(caught.value, RayTaskError) and len(handle.sent) == 1  # not retried
+    broken = RayTaskError("run", "Traceback: KeyError 'x'", KeyError("x")).as_instanceof_cause()
+    with pytest.raises(RuntimeError, match="the ar replica failed"):
+        asyncio.run(RayRunner("ar", FakeHandle(broken), slots=1).run("call", lambda: False))
+
+
+def test_an_abandoned_call_is_cancelled_in_its_replica():
+    handle = FakeHandle("never read", delay=30)
+    with pytest.raises(Abandoned):
+        asyncio.run(RayRunner("dit", handle, slots=1).run("prior", lambda: True))
+    assert handle.responses[0].cancelled
+
+
+def test_the_cluster_config_is_a_valid_serve_config_our_builder_accepts(tiny_checkpoint):
+    """deploy/glm-image-ray.yaml: Serve's own schema takes it, and ``build`` makes the
+    application from its args: 2 AR + 6 DiT replicas, one GPU each."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((Path(__file__).parent.parent / "deploy" / "glm-image-ray.yaml").read_text())
+    ServeDeploySchema.model_validate(config)
+    [app] = config["applications"]
+    assert app["import_path"] == "glm_image.server.ray_app:build"
+    application = build({**app["args"], "model": str(tiny_checkpoint), "output_dir": "/tmp/glm-image-yaml"})
+    ingress = application._bound_deployment
+    ar, dit, options = ingress.init_args
+    assert ar._bound_deployment.num_replicas == 2 and dit._bound_deployment.num_replicas == 6
+    for stage in (ar, dit):
+        assert stage._bound_deployment.ray_actor_options["num_gpus"] == 1
+    assert options["slots"] == (2, 6) and options["settings"].max_queue == 64
