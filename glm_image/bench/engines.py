@@ -11,6 +11,9 @@ stage is what lies between the end of the AR stage and the start of the decode (
 encoding, the denoising loop). On a GPU the device is synchronised at every mark, except
 between decode steps.
 
+Ours can also run with a DiT step cache (``OursRunner.with_cache``): the same loaded pipeline,
+each call given a fresh ``StepCache``, reporting the transformer passes each image computed.
+
 ``max_ar_tokens`` (benchmarks only) stops both AR models after that many tokens and fills the
 rest of the grid with code 0, so the DiT and the VAE still run on a whole grid: the AR rate is
 then measured over the tokens written, and the image is not a real one.
@@ -18,16 +21,21 @@ then measured over the tokens written, and the image is not a real one.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import GlmImageError
 from .report import synchronize
+
+if TYPE_CHECKING:
+    from ..engine.step_cache import StepCacheOptions
 
 __all__ = ["OursRunner", "ReferenceRunner", "StageTimes", "on_device"]
 
@@ -44,7 +52,9 @@ class StageTimes:
     ar_tokens: int  # tokens written per sequence (the reference counts its EOS step)
     ar_sequences: int  # token sequences the AR wrote in the call
     images: int
-    dit_forwards: int | None = None  # transformer forwards (the reference runs one per CFG branch)
+    # transformer passes per image: the reference runs one per CFG branch and step; ours reports
+    # them with a step cache (a cached branch-step counts 1/num_layers, its first-block probe)
+    dit_forwards: float | None = None
 
     @property
     def ar_decode(self) -> float:
@@ -88,6 +98,7 @@ def _module_bytes(*modules: torch.nn.Module) -> int:
 
 class OursRunner:
     name = "ours"
+    dit_cache: StepCacheOptions | None = None
 
     def __init__(
         self,
@@ -102,6 +113,12 @@ class OursRunner:
         self.pipe = GlmImage.from_pretrained(
             model, device=device, dtype=dtype, attention_backend=attention_backend
         )
+
+    def with_cache(self, options: StepCacheOptions) -> OursRunner:
+        """A runner named ``ours_cached`` on the same pipeline, its DiT steps cached with ``options``."""
+        runner = copy.copy(self)
+        runner.name, runner.dit_cache = "ours_cached", options
+        return runner
 
     @property
     def weight_bytes(self) -> int:
@@ -134,9 +151,12 @@ class OursRunner:
         stage's time holds its own kernels (one synchronisation each; nothing else changes)."""
         ar, dit = self.pipe.ar, self.pipe.dit
         generate = _capped_ours(ar.generate, max_ar_tokens) if max_ar_tokens is not None else ar.generate
+        denoise, caches = dit.denoise, []
+        if self.dit_cache is not None:
+            denoise = _cached(denoise, self.dit_cache, caches)
         if self.device.type != "cpu":
-            generate, dit.denoise = _then_sync(generate, self.device), _then_sync(dit.denoise, self.device)
-        ar.generate = generate
+            generate, denoise = _then_sync(generate, self.device), _then_sync(denoise, self.device)
+        ar.generate, dit.denoise = generate, denoise
         try:
             synchronize(self.device)
             start = time.perf_counter()
@@ -149,8 +169,31 @@ class OursRunner:
             for engine, name in ((ar, "generate"), (dit, "denoise")):
                 engine.__dict__.pop(name, None)
         t = out.timings
-        times = StageTimes(t["ar"], t["ar_prefill"], t["dit"], t["vae"], total, out.ar_tokens, batch, batch)
+        forwards = [f for cache in caches for f in cache.forwards]
+        times = StageTimes(
+            t["ar"],
+            t["ar_prefill"],
+            t["dit"],
+            t["vae"],
+            total,
+            out.ar_tokens,
+            batch,
+            batch,
+            round(sum(forwards) / len(forwards), 4) if forwards else None,
+        )
         return out.images, times
+
+
+def _cached(denoise, options: StepCacheOptions, caches: list):
+    """``DitEngine.denoise`` given a fresh ``StepCache`` each call, kept in ``caches`` to read after."""
+    from ..engine.step_cache import StepCache
+
+    def run(*args, **kwargs):
+        cache = StepCache(options)
+        caches.append(cache)
+        return denoise(*args, **{**kwargs, "dit_cache": cache})
+
+    return run
 
 
 def _then_sync(fn, device: torch.device):

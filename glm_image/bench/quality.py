@@ -5,21 +5,33 @@ Every prompt gets one image per engine, with the same size, steps and seed (so w
 with Word Accuracy and NED, LongText items with the text score (``metrics``), per engine, suite
 and language. The OCR is RapidOCR (``ocr``), not the one the published numbers used: the report
 says so, and which model read the images.
+
+With ``dit_cache`` (a ``StepCacheOptions``) ours also runs with that DiT step cache (engine
+``ours_cached``, same prompt, size, steps and seed): its samples carry the PSNR of their image
+against ours uncached and the transformer passes it computed, its results the mean and worst
+PSNR, the passes per image and its score minus ours uncached (``*_delta``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from ..errors import GlmImageError
 from .metrics import CvtgScore, LongTextScore, cvtg_aggregate, cvtg_score, longtext_aggregate, longtext_score
 from .report import build_report, markdown_table
 from .suites import SuiteItem, load_suite
 
-__all__ = ["QualityOptions", "format_quality", "run_quality"]
+if TYPE_CHECKING:
+    from ..engine.step_cache import StepCacheOptions
+
+__all__ = ["QualityOptions", "format_quality", "psnr", "run_quality"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +49,17 @@ class QualityOptions:
     attention_backend: str | None = None
     compare_reference: bool = False
     save_images: str | None = None
+    dit_cache: StepCacheOptions | None = None  # also run ours with this DiT step cache
+
+
+def psnr(image, reference) -> float:
+    """Peak signal-to-noise ratio in dB of an 8-bit image against a reference of the same size
+    (PIL images or arrays; peak 255); inf when they are identical."""
+    a, b = (np.asarray(x, dtype=np.float64) for x in (image, reference))
+    if a.shape != b.shape:
+        raise ValueError(f"psnr: images of shapes {a.shape} and {b.shape}")
+    mse = float(np.mean((a - b) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 def _score(item: SuiteItem, lines: list[str]) -> dict[str, Any]:
@@ -62,16 +85,20 @@ def _aggregate(samples: list[dict]) -> dict[str, Any]:
 
 
 def run_quality(options: QualityOptions, progress=None) -> dict[str, Any]:
-    from .engines import on_device
+    from .engines import OursRunner, on_device
     from .ocr import RapidOcr
     from .runtime import load_runners
 
+    if options.dit_cache is not None:
+        options.dit_cache.check()
     items = load_suite(options.suite, options.limit)
     ocr = RapidOcr()  # before any model loads: a missing OCR package fails in a second
     loaded = load_runners(
         options.model, options.device, options.dtype, options.attention_backend, options.compare_reference
     )
-    ours, runners, swap = loaded.ours, loaded.runners, loaded.swap
+    ours, runners, swap = loaded.ours, list(loaded.runners), loaded.swap
+    if options.dit_cache is not None:
+        runners.insert(1, ours.with_cache(options.dit_cache))
     device, dtype, root = loaded.device, loaded.dtype, loaded.root
     width, height = options.size
     ours.pipe.validate([item.prompt for item in items], height, width, options.steps, 1.5, 1)
@@ -79,6 +106,7 @@ def run_quality(options: QualityOptions, progress=None) -> dict[str, Any]:
 
     samples = []
     for item in items:
+        uncached = None  # ours' image of this item, for the cached engine's PSNR
         for runner in runners:
             error = None
             try:
@@ -87,7 +115,7 @@ def run_quality(options: QualityOptions, progress=None) -> dict[str, Any]:
                         item.prompt, height, width, options.steps, 1, options.seed, None
                     )
             except GlmImageError as e:
-                if runner is ours:
+                if isinstance(runner, OursRunner):
                     raise
                 # the reference can fail on a prompt (a non-image token inside its grid): that
                 # image shows no text, and the run goes on
@@ -108,6 +136,12 @@ def run_quality(options: QualityOptions, progress=None) -> dict[str, Any]:
             }
             if error is not None:
                 sample["error"] = error
+            if runner is ours:
+                uncached = images[0]
+            elif runner.name == "ours_cached":
+                score = psnr(images[0], uncached)
+                sample["psnr_db"] = None if math.isinf(score) else round(score, 3)
+                sample["dit_forwards"] = times.dit_forwards
             if out_dir is not None and images:
                 out_dir.mkdir(parents=True, exist_ok=True)
                 path = out_dir / f"{item.id.replace('/', '-')}-{runner.name}.png"
@@ -126,15 +160,16 @@ def run_quality(options: QualityOptions, progress=None) -> dict[str, Any]:
             for lang in [*langs, "all"] if len(langs) > 1 else langs:
                 subset = mine if lang == "all" else [s for s in mine if s["lang"] == lang]
                 failed = sum(1 for s in subset if "error" in s)
-                results.append(
-                    {
-                        "engine": runner.name,
-                        "suite": suite,
-                        "lang": lang,
-                        **_aggregate(subset),
-                        "failed": failed,
-                    }
-                )
+                result = {
+                    "engine": runner.name,
+                    "suite": suite,
+                    "lang": lang,
+                    **_aggregate(subset),
+                    "failed": failed,
+                }
+                if runner.name == "ours_cached":
+                    result |= _cache_summary(subset, result, results)
+                results.append(result)
 
     ocr_info = ocr.describe()
     config = {
@@ -149,8 +184,14 @@ def run_quality(options: QualityOptions, progress=None) -> dict[str, Any]:
         "guidance": 1.5,
         "seed": options.seed,
         "compare_reference": options.compare_reference,
+        "dit_cache": dataclasses.asdict(options.dit_cache) if options.dit_cache else None,
     }
     notes = [f"OCR: {ocr.name}", ocr_info["note"]]
+    if options.dit_cache is not None:
+        notes.append(
+            "ours_cached: ours with the DiT step cache; psnr_db against ours uncached over 8-bit RGB (null: "
+            "identical); dit_forwards: transformer passes per image, a cached branch-step counting 1/num_layers"
+        )
     if any("error" in s for s in samples):
         notes.append(
             "an engine that failed on a prompt made no image there: scored as an image showing no text"
@@ -160,8 +201,30 @@ def run_quality(options: QualityOptions, progress=None) -> dict[str, Any]:
     )
 
 
+def _cache_summary(subset: list[dict], result: dict, earlier: list[dict]) -> dict[str, Any]:
+    """The cached engine's subset against ours uncached on the same items (already in ``earlier``)."""
+    scores = [s["psnr_db"] for s in subset if s.get("psnr_db") is not None]
+    base = next(
+        r
+        for r in earlier
+        if (r["engine"], r["suite"], r["lang"]) == ("ours", result["suite"], result["lang"])
+    )
+    key = "word_accuracy" if result["suite"] == "cvtg" else "text_score"
+    return {
+        "dit_forwards": round(sum(s["dit_forwards"] for s in subset) / len(subset), 4),
+        "psnr_db_mean": round(sum(scores) / len(scores), 3) if scores else None,
+        "psnr_db_min": min(scores) if scores else None,
+        "identical_images": len(subset) - len(scores),
+        f"{key}_delta": round(result[key] - base[key], 6),
+    }
+
+
 def _fmt(x: float | None) -> str | None:
     return None if x is None else f"{x:.4f}"
+
+
+def _db(x: float | None) -> str:
+    return "identical" if x is None else f"{x:.1f} dB"
 
 
 def format_quality(report: dict[str, Any]) -> str:
@@ -194,12 +257,20 @@ def format_quality(report: dict[str, Any]) -> str:
                 f"{r['correct_words']}/{r['words']}" if cvtg else f"{r['matched']}/{r['total']}",
             ]
         )
+    caches = [
+        f"DiT cache, {r['suite']} {r['lang']}: {r['dit_forwards']:.4g} transformer passes per image, PSNR against "
+        f"uncached mean {_db(r['psnr_db_mean'])} worst {_db(r['psnr_db_min'])}, "
+        + ", ".join(f"{k} {v:+.4f}" for k, v in r.items() if k.endswith("_delta"))
+        for r in report["results"]
+        if r["engine"] == "ours_cached"
+    ]
     lines = [
         f"glm-image bench quality: suite {config['suite']}, model {config['model']}, {config['size']}, "
         f"{config['steps']} steps, seed {config['seed']}, {report['machine']['device']}",
         "",
         markdown_table(headers, rows),
         "",
+        *caches,
         *report["notes"],
     ]
     return "\n".join(lines)

@@ -8,15 +8,21 @@ Reported per engine: medians over the repeats of every stage, the AR decode rate
 per step, the end-to-end seconds per image and the peak memory of a run; then ours/reference
 ratios and, on a GPU in the device table, the fraction of the hardware floor (``roofline``).
 
+With ``dit_cache`` (a ``StepCacheOptions``) ours also runs with that DiT step cache, as the
+engine ``ours_cached`` on the same loaded pipeline, timed in the same alternation; each case then
+reports (``cache``) its DiT speed-up over ours uncached, the transformer passes per image and the
+PSNR of its images against ours uncached (same prompt and seed).
+
 On a GPU with ``--compare-reference`` the engine that is not running waits in host memory, so
 each engine's peak memory is its own. On a CPU both stay loaded (see ``memory``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +32,9 @@ from .memory import PeakMemory
 from .report import build_report, device_name, markdown_table, median
 from .roofline import ar_weight_bytes_per_token, dit_flops_per_step, floor_fractions, fraction
 from .runtime import load_runners
+
+if TYPE_CHECKING:
+    from ..engine.step_cache import StepCacheOptions
 
 __all__ = ["SpeedOptions", "format_speed", "run_speed"]
 
@@ -50,8 +59,11 @@ class SpeedOptions:
     dtype: str | None = None
     attention_backend: str | None = None
     max_ar_tokens: int | None = None
+    dit_cache: StepCacheOptions | None = None  # also run ours with this DiT step cache
 
     def check(self) -> None:
+        if self.dit_cache is not None:
+            self.dit_cache.check()
         if not self.sizes or not self.batches:
             raise GlmImageError("--sizes and --batch need at least one value each")
         for name, value, least in (
@@ -73,7 +85,9 @@ def run_speed(options: SpeedOptions, progress=None) -> dict[str, Any]:
     loaded = load_runners(
         options.model, options.device, options.dtype, options.attention_backend, options.compare_reference
     )
-    ours, runners, swap = loaded.ours, loaded.runners, loaded.swap
+    ours, runners, swap = loaded.ours, list(loaded.runners), loaded.swap
+    if options.dit_cache is not None:
+        runners.insert(1, ours.with_cache(options.dit_cache))
     device, dtype, root = loaded.device, loaded.dtype, loaded.root
     for width, height in options.sizes:  # a bad size fails now, not after the first case
         ours.pipe.validate([options.prompt], height, width, options.steps, 1.5, max(options.batches))
@@ -93,9 +107,10 @@ def run_speed(options: SpeedOptions, progress=None) -> dict[str, Any]:
                     if progress:
                         progress()
             samples: dict[str, list] = {runner.name: [] for runner in runners}
+            images: dict[str, list] = {}  # each engine's images of its last run
             for repeat in range(options.repeats):
                 for runner in runners if repeat % 2 == 0 else runners[::-1]:
-                    times, memory = _measure(runner, call, device, swap)
+                    images[runner.name], times, memory = _measure(runner, call, device, swap)
                     samples[runner.name].append((times, memory))
                     memory_method = memory.method
                     if progress:
@@ -103,9 +118,11 @@ def run_speed(options: SpeedOptions, progress=None) -> dict[str, Any]:
             image_tokens = (height // patch) * (width // patch)
             flops = dit_flops_per_step(checkpoint.dit, image_tokens, lengths[0], images=batch)
             floor = floor_fractions(device, name, dtype, ar_bytes_per_step=ar_bytes, dit_flops=flops)
-            results.append(
-                _case(width, height, batch, options, samples, runners, ar_bytes, flops, floor, dtype, device)
+            case = _case(
+                width, height, batch, options, samples, runners, ar_bytes, flops, floor, dtype, device
             )
+            case["cache"] = _cache_comparison(case, images, options) if options.dit_cache else None
+            results.append(case)
 
     notes = [f"peak memory: {memory_method}"]
     if device.type == "cpu" and options.compare_reference:
@@ -137,14 +154,36 @@ def run_speed(options: SpeedOptions, progress=None) -> dict[str, Any]:
         "seed": options.seed,
         "compare_reference": options.compare_reference,
         "max_ar_tokens": options.max_ar_tokens,
+        "dit_cache": dataclasses.asdict(options.dit_cache) if options.dit_cache else None,
     }
+    if options.dit_cache is not None:
+        notes.append(
+            "cache: ours_cached against ours uncached; psnr_db over 8-bit RGB, the worst image of the batch "
+            "(null: identical); dit_forwards: transformer passes per image, a cached branch-step counting "
+            "1/num_layers"
+        )
     return build_report("speed", results, config=config, notes=notes, device=device)
 
 
-def _measure(runner, call, device: torch.device, swap: bool) -> tuple[StageTimes, PeakMemory]:
+def _measure(runner, call, device: torch.device, swap: bool) -> tuple[list, StageTimes, PeakMemory]:
     with on_device(runner, swap), PeakMemory(device) as memory:
-        _, times = runner.run(*call)
-    return times, memory
+        images, times = runner.run(*call)
+    return images, times, memory
+
+
+def _cache_comparison(case: dict, images: dict[str, list], options: SpeedOptions) -> dict:
+    """The cached engine against ours uncached: DiT speed-up, passes per image, image PSNR."""
+    from .quality import psnr
+
+    ours, cached = case["ours"], case["ours_cached"]
+    scores = [psnr(a, b) for a, b in zip(images["ours_cached"], images["ours"], strict=True)]
+    worst = min(scores)
+    return {
+        "dit_speedup": round(ours["dit_s"] / cached["dit_s"], 4) if cached["dit_s"] > 0 else None,
+        "dit_forwards": cached["dit_forwards"],
+        "dit_forwards_uncached": 2 * options.steps,  # guidance 1.5: both branches every step
+        "psnr_db": None if worst == float("inf") else round(worst, 3),
+    }
 
 
 def _engine(samples: list, steps: int, ar_bytes: int, flops: float, floor: dict, weight_bytes: int) -> dict:
@@ -214,6 +253,7 @@ def _case(width, height, batch, options, samples, runners, ar_bytes, flops, floo
         "ar_weight_bytes_per_token": ar_bytes,
         "dit_flops_per_step": flops,
         "ours": ours,
+        "ours_cached": engines.get("ours_cached"),
         "reference": reference,
         "ratio": ratio,
         "floor": floor,
@@ -252,8 +292,8 @@ def format_speed(report: dict[str, Any]) -> str:
     ]
     rows = []
     for case in report["results"]:
-        for name in ("ours", "reference"):
-            e = case[name]
+        for name in ("ours", "ours_cached", "reference"):
+            e = case.get(name)
             if e is None:
                 continue
             f = e["fraction_of_floor"]
@@ -290,6 +330,13 @@ def format_speed(report: dict[str, Any]) -> str:
                 ]
             )
     floors = {c["floor"].get("device") or c["floor"].get("reason") for c in report["results"]}
+    caches = [
+        f"DiT cache at {c['size']} batch {c['batch']}: DiT x{_num(k['dit_speedup'])} against uncached, "
+        f"{_num(k['dit_forwards'])} of {k['dit_forwards_uncached']} transformer passes per image, PSNR "
+        + ("identical" if k["psnr_db"] is None else f"{k['psnr_db']:.1f} dB")
+        for c in report["results"]
+        if (k := c.get("cache"))
+    ]
     lines = [
         f"glm-image bench speed: model {config['model']}, {machine['device']}, {config['dtype']}, "
         f"{config['steps']} steps, median of {config['repeats']} (after {config['warmup']} warm-up)",
@@ -299,6 +346,7 @@ def format_speed(report: dict[str, Any]) -> str:
         "AR decode tok/s = tokens after the first x sequences / (AR - prefill) s; DiT s/step = DiT s / steps"
         + ("; ours/ref < 1 is faster for times, > 1 for tok/s." if config["compare_reference"] else "."),
         f"floor: {'; '.join(sorted(map(str, floors)))}",
+        *caches,
         *report["notes"],
     ]
     return "\n".join(lines)

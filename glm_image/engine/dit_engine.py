@@ -14,6 +14,11 @@ query still sees, so a prompt's image depends on the other prompts of its batch.
 hide that padding (``isolate_prompts=True``): each image equals the one its prompt gives alone,
 which is what a batch of independent requests needs. ``isolate_prompts=False`` reproduces the
 reference's batch.
+
+Step caching (``dit_cache``, off by default): a ``StepCache`` decides per step and per row (one
+image in one CFG branch) whether blocks 1.. run or their last residual is reused; the rows that
+run go through those blocks together, their key groups sliced from the call's (``row_groups``).
+See ``engine.step_cache``.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from ..models.dit import (
     KeyGroup,
     attention_groups,
     image_rotary_tables,
+    row_groups,
 )
 from ..models.glyph import GlyphEncoder
 from ..ops import Ops
@@ -42,9 +48,9 @@ from ..sampling import euler_step, flow_schedule, guidance, image_seeds, image_s
 from ..weights import load_model
 from .loading import prepare_stage, verify_ops
 from .protocol import upsample_grid
+from .step_cache import StepCache
 
 __all__ = ["DitEngine"]
-
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,7 @@ class DitEngine:
         progress: Progress | None = None,
         conditions: Sequence[Sequence[Condition]] | None = None,
         isolate_prompts: bool = True,
+        dit_cache: StepCache | None = None,
     ) -> torch.Tensor:
         """Final latents (B, C, H/8, W/8). ``prompts`` has one entry per image or per prompt.
 
@@ -168,11 +175,15 @@ class DitEngine:
         (h*w,), (h, w)); each is encoded once into the condition cache, which the conditional
         branch attends to at every step and the unconditional branch does not.
         ``isolate_prompts``: see the module docstring.
+        ``dit_cache``: a fresh ``StepCache`` per call, or None (every step runs every block); after
+        the call its ``forwards`` holds each image's transformer passes.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         per_prompt = self._check(prior_token_ids, prompts, height, width)
         if guidance_scale < 1:
             raise GlmImageError(f"guidance_scale = {guidance_scale} must be >= 1")
+        if dit_cache is not None and not isinstance(dit_cache, StepCache):
+            raise GlmImageError(f"dit_cache: got {type(dit_cache).__name__}; allowed: a StepCache or None")
         prior = prior_token_ids.to(self.device)
         # Given latents keep their dtype until the first step upcasts them, as in the reference.
         latents = (
@@ -189,8 +200,10 @@ class DitEngine:
         sigmas = schedule.sigmas.to(self.device)
         # The latents stay float32 between steps (the scheduler's upcast); the model sees its dtype.
         latents = latents.float()
+        if dit_cache is not None:
+            dit_cache.start(prior.shape[0], 2 if plan.guidance > 1 else 1, self.config.dit.num_layers)
         for i, t in enumerate(schedule.timesteps.tolist()):
-            velocity = self._velocity(plan, latents, t)
+            velocity = self._velocity(plan, latents, t, i, dit_cache)
             latents = euler_step(latents, velocity, sigmas[i], sigmas[i + 1])
             if progress is not None:
                 progress("dit", i + 1, num_inference_steps)
@@ -263,27 +276,52 @@ class DitEngine:
             cache.next_sample()
         return cache
 
-    def _velocity(self, plan: _Plan, latents: torch.Tensor, t: float) -> torch.Tensor:
+    def _velocity(
+        self, plan: _Plan, latents: torch.Tensor, t: float, step: int = 0, dit_cache: StepCache | None = None
+    ) -> torch.Tensor:
         """The guided velocity (float32) at timestep ``t``: one forward for both CFG branches."""
         b = latents.shape[0]
         x = (torch.cat([latents, latents]) if plan.guidance > 1 else latents).to(self.dtype)
         # the DiT sees t - 1
         step_t = torch.full((x.shape[0],), t - 1, dtype=torch.float32, device=self.device)
-        velocity = self.model(
-            x,
-            plan.text,
-            plan.prior,
-            plan.drop,
-            step_t,
-            plan.size,
-            plan.crop,
-            cache=plan.cache,
-            mode=CacheMode.READ if plan.cache is not None else None,
-            groups=plan.groups,
-            rope=plan.rope,
-        )
+        inputs = (x, plan.text, plan.prior, plan.drop, step_t, plan.size, plan.crop)
+        mode = CacheMode.READ if plan.cache is not None else None
+        if dit_cache is None:
+            velocity = self.model(*inputs, cache=plan.cache, mode=mode, groups=plan.groups, rope=plan.rope)
+        else:
+            velocity = self._cached_forward(plan, inputs, mode, step, dit_cache)
         velocity = velocity.float()
         return guidance(velocity[:b], velocity[b:], plan.guidance) if plan.guidance > 1 else velocity
+
+    def _cached_forward(
+        self, plan: _Plan, inputs: tuple, mode: CacheMode | None, step: int, dit_cache: StepCache
+    ) -> torch.Tensor:
+        """The model's forward in its three pieces, blocks 1.. only for the rows ``dit_cache``
+        computes; a step that computes every row is the uncached forward, bit for bit."""
+        model, x = self.model, inputs[0]
+        image, text, temb = model.embed(*inputs)
+        first, text = model.blocks(image, text, temb, plan.rope, plan.groups, plan.cache, mode, range(1))
+        rest = range(1, self.config.dit.num_layers)
+        compute = dit_cache.decide(step, image, first)
+        rows = first.shape[0]
+        if len(compute) == rows:
+            out, _ = model.blocks(first, text, temb, plan.rope, plan.groups, plan.cache, mode, rest)
+            dit_cache.record(step, compute, first, out)
+            return model.head(out, temb, *x.shape[-2:])
+        computing = set(compute)
+        cached = [r for r in range(rows) if r not in computing]
+        out = torch.empty_like(first)  # (rows, N, dim)
+        index = torch.tensor(cached, device=x.device)
+        out[index] = first[index] + dit_cache.predict(step, cached)
+        if compute:
+            index = torch.tensor(compute, device=x.device)
+            groups = row_groups(plan.groups, compute, plan.cache)
+            part, _ = model.blocks(
+                first[index], text[index], temb[index], plan.rope, groups, plan.cache, mode, rest
+            )
+            dit_cache.record(step, compute, first[index], part)
+            out[index] = part
+        return model.head(out, temb, *x.shape[-2:])
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, *, tiled: bool | None = None) -> list:

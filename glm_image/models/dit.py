@@ -48,6 +48,7 @@ __all__ = [
     "attention_groups",
     "image_rotary_tables",
     "key_groups",
+    "row_groups",
     "timestep_embedding",
 ]
 
@@ -164,6 +165,22 @@ def attention_groups(
         for row, sample in zip(reading, cache.samples(len(reading)), strict=True):
             samples[row] = sample
         stored = [k.shape[2] for k in cache.keys[0]]
+    return key_groups(text_from, samples, stored)
+
+
+def row_groups(
+    groups: Sequence[KeyGroup], rows: Sequence[int], cache: ConditionKVCache | None = None
+) -> tuple[KeyGroup, ...]:
+    """The key groups of a forward over some rows of a planned batch: ``rows`` (ascending batch
+    indices) become rows 0.. of the new batch, each seeing the keys it saw in ``groups``; the
+    same result as planning those rows alone. ``cache``: the one ``groups`` read, if any."""
+    text_from: list[int] = []
+    samples: list[int | None] = []
+    for row in rows:
+        group = next(g for g in groups if g.start <= row < g.stop)
+        text_from.append(group.text_from)
+        samples.append(None if group.samples is None else group.samples[row - group.start])
+    stored = [k.shape[2] for k in cache.keys[0]] if cache is not None else []
     return key_groups(text_from, samples, stored)
 
 
@@ -382,13 +399,38 @@ class DitModel(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,  # image_rotary_tables, if precomputed
     ) -> torch.Tensor:
         """Velocity (B, C, H, W). Which keys each row sees: ``groups``, or else ``text_keep`` and
-        ``read_rows`` (turned into groups here, reading them back to the host)."""
-        b, c, h, w = latents.shape
+        ``read_rows`` (turned into groups here, reading them back to the host).
+
+        The forward is ``embed``, ``blocks`` over every layer, ``head``: a step cache runs the
+        same three pieces itself, so a step it does not cache computes exactly this."""
+        b, _, h, w = latents.shape
         if groups is None:
             groups = attention_groups(b, text_keep, cache, mode, read_rows)
         elif text_keep is not None or read_rows is not None:
             raise ValueError("give groups or text_keep/read_rows, not both")
         _check_groups(groups, b, cache is not None and mode is CacheMode.READ)
+        image, text, temb = self.embed(
+            latents, glyph, prior_ids, prior_drop, timestep, target_size, crop_coords
+        )
+        if rope is None:
+            p = self.config.patch_size
+            rope = image_rotary_tables(h // p, w // p, self.config.attention_head_dim, latents.device)
+        layers = range(len(self.transformer_blocks))
+        image, _ = self.blocks(image, text, temb, rope, groups, cache, mode, layers)
+        return self.head(image, temb, h, w)
+
+    def embed(
+        self,
+        latents: torch.Tensor,  # (B, C, H, W)
+        glyph: torch.Tensor,  # (B, T, text_embed_dim)
+        prior_ids: torch.Tensor,  # (B, H/p * W/p)
+        prior_drop: torch.Tensor,  # (B, H/p * W/p) bool
+        timestep: torch.Tensor,  # (B,)
+        target_size: torch.Tensor,  # (B, 2)
+        crop_coords: torch.Tensor,  # (B, 2)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The image stream (B, N, dim), the text stream (B, T, dim) and the conditioning (B, time_dim)."""
+        b, c, h, w = latents.shape
         p = self.config.patch_size
         rows, cols = h // p, w // p
         patches = (
@@ -399,15 +441,33 @@ class DitModel(nn.Module):
         prior = self.prior_token_embedding(prior_ids) * (~prior_drop).unsqueeze(-1).to(image.dtype)
         image = image + self.prior_projector(prior)
         temb = self.time_condition_embed(timestep, target_size, crop_coords, image.dtype)
-        if rope is None:
-            rope = image_rotary_tables(rows, cols, self.config.attention_head_dim, latents.device)
+        return image, text, temb
 
-        for i, block in enumerate(self.transformer_blocks):
-            image, text = block(self.ops, image, text, temb, rope, groups, cache, mode, i)
+    def blocks(
+        self,
+        image: torch.Tensor,  # (B, N, dim)
+        text: torch.Tensor,  # (B, T, dim)
+        temb: torch.Tensor,  # (B, time_dim)
+        rope: tuple[torch.Tensor, torch.Tensor],
+        groups: Sequence[KeyGroup],
+        cache: ConditionKVCache | None,
+        mode: CacheMode | None,
+        layers: range,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both streams after the blocks ``layers`` (consecutive); ``groups`` cover these B rows."""
+        for i in layers:
+            image, text = self.transformer_blocks[i](
+                self.ops, image, text, temb, rope, groups, cache, mode, i
+            )
+        return image, text
 
+    def head(self, image: torch.Tensor, temb: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Final AdaLN, projection and unpatchify: the image stream (B, N, dim) -> velocity (B, C, H, W);
+        ``height``, ``width``: the latents' H and W."""
+        b, p = image.shape[0], self.config.patch_size
         scale, shift = self.norm_out.linear(temb.to(image.dtype)).chunk(2, dim=1)
         image = F.layer_norm(image, (image.shape[-1],), eps=_EPS) * (1 + scale)[:, None] + shift[:, None]
-        out = self.proj_out(image).reshape(b, rows, cols, -1, p, p)
+        out = self.proj_out(image).reshape(b, height // p, width // p, -1, p, p)
         return out.permute(0, 3, 1, 4, 2, 5).flatten(4, 5).flatten(2, 3)
 
 
