@@ -284,16 +284,15 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         finally:
             for bar in bars.values():
                 bar.close()
-        forwards = result.ar_forwards or (None,) * len(result.images)
-        for image, image_seed, ar_forwards in zip(result.images, result.seeds, forwards, strict=True):
+        timing = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
+        for index, image in enumerate(result.images):
             path = next(paths)
-            text = pipe.png_info(
-                request.prompt, image_seed, request.height, request.width, request.steps, request.guidance
-            )
+            text = pipe.png_info(request, result, index)
             _write_png(image, path, text)
-            timing = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
-            cost = f"; AR {ar_forwards} forwards for {result.ar_tokens} tokens" if ar_forwards else ""
-            print(f"{_display(path)}  ({request.size}, seed {image_seed}; {timing}{cost})")
+            cost = (
+                f"AR {text['ar_forwards']} forwards for {result.ar_tokens} tokens, DiT {text['dit_forwards']}"
+            )
+            print(f"{_display(path)}  ({request.size}, seed {text['seed']}; {timing}; {cost})")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import argparse
 
-from .engine.choices import DECODINGS, DEFAULT_WINDOW
+from .engine.choices import DECODINGS, DEFAULT_WINDOW, DIT_CACHES, StepCacheOptions
 from .ops import CHOICES as BACKEND_NAMES
 
 __all__ = [
     "DTYPE_NAMES",
     "add_generation_arguments",
     "add_runtime_arguments",
+    "dit_cache_options",
     "generation_kwargs",
     "runtime_kwargs",
     "torch_dtype",
@@ -43,7 +44,7 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--ar-decoding`` and ``--jacobi-window``."""
+    """``--ar-decoding``, ``--jacobi-window`` and the DiT step cache's ``--dit-cache*``."""
     parser.add_argument(
         "--ar-decoding",
         choices=DECODINGS,
@@ -58,6 +59,40 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_WINDOW,
         metavar="N",
         help=f"tokens checked per Jacobi forward (default {DEFAULT_WINDOW})",
+    )
+    defaults = StepCacheOptions()
+    parser.add_argument(
+        "--dit-cache",
+        choices=DIT_CACHES,
+        default="none",
+        help="DiT step caching: none (default) or fbcache (skip the blocks after the first on steps whose "
+        "first-block residual barely changed; check a threshold with `bench quality --dit-cache`)",
+    )
+    parser.add_argument(
+        "--dit-cache-threshold",
+        type=float,
+        default=defaults.threshold,
+        metavar="X",
+        help=f"relative change below which a step is reused (default {defaults.threshold}; 0: never)",
+    )
+    parser.add_argument(
+        "--dit-cache-warmup",
+        type=int,
+        default=defaults.warmup,
+        metavar="N",
+        help=f"first steps always computed (default {defaults.warmup})",
+    )
+    parser.add_argument(
+        "--dit-cache-max-consecutive",
+        type=int,
+        default=defaults.max_consecutive,
+        metavar="N",
+        help=f"cached steps in a row at most (default {defaults.max_consecutive})",
+    )
+    parser.add_argument(
+        "--dit-cache-taylor",
+        action="store_true",
+        help="extrapolate a reused residual to first order (TaylorSeer)",
     )
 
 
@@ -79,6 +114,24 @@ def runtime_kwargs(args: argparse.Namespace) -> dict:
     }
 
 
+def dit_cache_options(args: argparse.Namespace) -> StepCacheOptions | None:
+    """The ``--dit-cache*`` flags as ``StepCacheOptions`` (checked), or None for ``none``."""
+    if args.dit_cache == "none":
+        return None
+    options = StepCacheOptions(
+        threshold=args.dit_cache_threshold,
+        warmup=args.dit_cache_warmup,
+        max_consecutive=args.dit_cache_max_consecutive,
+        taylor=args.dit_cache_taylor,
+    )
+    options.check()
+    return options
+
+
 def generation_kwargs(args: argparse.Namespace) -> dict:
     """The keyword arguments of ``GlmImage.from_pretrained`` that ``add_generation_arguments`` gives."""
-    return {"ar_decoding": args.ar_decoding, "jacobi_window": args.jacobi_window}
+    return {
+        "ar_decoding": args.ar_decoding,
+        "jacobi_window": args.jacobi_window,
+        "dit_cache": dit_cache_options(args),
+    }

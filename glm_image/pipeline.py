@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ._version import __version__
 from .engine import ArEngine, DitEngine
-from .engine.choices import DEFAULT_WINDOW, check_decoding
+from .engine.choices import DEFAULT_WINDOW, StepCacheOptions, check_decoding
 from .errors import GlmImageError
 from .progress import Progress
 from .request import GenerationRequest
-from .stages import ar_stage, dit_stage
+from .stages import ArCall, DitCall, GenerationOutput, ar_stage, dit_stage, output_of, outputs_of, plan_call
 from .validation import (
     check_generation,
     check_request,
@@ -35,19 +34,6 @@ from .validation import (
 __all__ = ["GenerationOutput", "GlmImage"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GenerationOutput:
-    images: list  # PIL images, one per (prompt, image) pair, prompt-major
-    prior_token_ids: torch.Tensor  # (B, (H/16) * (W/16))
-    seeds: tuple[int, ...]
-    # seconds per stage: "ar" (of which "ar_prefill": planning, prefill and the first token),
-    # "dit", "vae"; shared by every image of the call
-    timings: dict[str, float] = field(default_factory=dict)
-    ar_tokens: int = 0  # tokens the AR model wrote per image (preview + target grid)
-    # AR model forwards per image, the prefill included (sequential: one per token; Jacobi: fewer)
-    ar_forwards: tuple[int, ...] = ()
 
 
 def _needs_offload(root: Path, device: torch.device, dtype: torch.dtype) -> bool:
@@ -62,6 +48,16 @@ def _needs_offload(root: Path, device: torch.device, dtype: torch.dtype) -> bool
     return needed > 0.85 * free
 
 
+def _describe(cache: StepCacheOptions | None) -> str:
+    if cache is None:
+        return "none"
+    taylor = ", taylor" if cache.taylor else ""
+    return (
+        f"fbcache (threshold {cache.threshold}, warmup {cache.warmup}, "
+        f"max consecutive {cache.max_consecutive}{taylor})"
+    )
+
+
 class GlmImage:
     def __init__(
         self,
@@ -72,12 +68,16 @@ class GlmImage:
         offload_to: str | torch.device | None = None,
         ar_decoding: str = "sequential",
         jacobi_window: int = DEFAULT_WINDOW,
+        dit_cache: StepCacheOptions | None = None,
     ) -> None:
         """``offload_to``: where a stage waits while the other runs (e.g. "cpu"); None keeps both
-        stages on their device. ``ar_decoding``, ``jacobi_window``: the defaults of ``generate``."""
+        stages on their device. ``ar_decoding``, ``jacobi_window``, ``dit_cache``: the defaults
+        of ``generate``."""
         check_decoding(ar_decoding, jacobi_window)
+        if dit_cache is not None:
+            dit_cache.check()
         self.ar, self.dit, self.name = ar, dit, name
-        self.ar_decoding, self.jacobi_window = ar_decoding, jacobi_window
+        self.ar_decoding, self.jacobi_window, self.dit_cache = ar_decoding, jacobi_window, dit_cache
         self.device = ar.device
         self.offload_to = torch.device(offload_to) if offload_to is not None else None
         self.limits = ar.config.size_limits
@@ -98,6 +98,7 @@ class GlmImage:
         attention_backend: str | None = None,
         ar_decoding: str = "sequential",
         jacobi_window: int = DEFAULT_WINDOW,
+        dit_cache: StepCacheOptions | None = None,
     ) -> GlmImage:
         """``model``: tiny | wide | a checkpoint folder | a Hugging Face id (see ``hub``).
 
@@ -107,9 +108,11 @@ class GlmImage:
         ``offload``: keep only the running stage on the device (the other waits in host memory).
         None decides: on a GPU whose free memory cannot hold both stages' weights (with 15%
         headroom for activations), offload; everywhere else, keep both. The choice is logged.
-        ``ar_decoding``: how the AR stage decodes by default (see ``generate``).
+        ``ar_decoding``, ``jacobi_window``, ``dit_cache``: the defaults of ``generate``.
         """
         check_decoding(ar_decoding, jacobi_window)
+        if dit_cache is not None:
+            dit_cache.check()
         from .device import default_dtype, resolve_device
         from .hub import resolve_checkpoint
         from .ops import select_ops
@@ -137,6 +140,7 @@ class GlmImage:
             offload_to=home if offload else None,
             ar_decoding=ar_decoding,
             jacobi_window=jacobi_window,
+            dit_cache=dit_cache,
         )
         pipe.device = device
         return pipe
@@ -168,6 +172,7 @@ class GlmImage:
         progress: Progress | None = None,
         ar_decoding: str | None = None,
         jacobi_window: int | None = None,
+        dit_cache: StepCacheOptions | None = None,
     ) -> GenerationOutput:
         """Images for every (prompt, image) pair, prompt-major.
 
@@ -175,8 +180,14 @@ class GlmImage:
         or None (random). ``ar_decoding``: ``sequential`` (one AR forward per token; a seed gives
         the reference's image) or ``jacobi`` (speculative Jacobi windows of ``jacobi_window``
         tokens: the same distribution of images in fewer forwards, not the same image per seed);
-        None takes the pipeline's default (``from_pretrained``).
+        None takes the pipeline's default (``from_pretrained``). ``dit_cache``: DiT step caching
+        (``engine.step_cache``: skip blocks on steps that change little; ``GenerationOutput.
+        dit_forwards`` says what each image computed); None takes the pipeline's default (off
+        unless set there).
         """
+        dit_cache = self.dit_cache if dit_cache is None else dit_cache
+        if dit_cache is not None:
+            dit_cache.check()
         ar_decoding = self.ar_decoding if ar_decoding is None else ar_decoding
         jacobi_window = self.jacobi_window if jacobi_window is None else jacobi_window
         check_decoding(ar_decoding, jacobi_window)
@@ -186,28 +197,26 @@ class GlmImage:
         count = len(prompts) * num_images_per_prompt
         seeds = request_seeds(seed, count)
 
-        self._resident(self.ar, self.dit)
-        prior = ar_stage(
-            self.ar,
-            prompts,
+        call = ArCall(
+            tuple(prompts),
             height,
             width,
             seeds,
-            num_images_per_prompt=num_images_per_prompt,
-            condition_images=condition_images,
-            decoding=ar_decoding,
-            jacobi_window=jacobi_window,
-            progress=progress,
+            num_images_per_prompt,
+            condition_images,
+            ar_decoding,
+            jacobi_window,
         )
+        prior, made = self._run_stages(call, num_inference_steps, guidance_scale, dit_cache, progress)
+        log.info("generated %d image(s) %dx%d: %s", count, width, height, {**prior.timings, **made.timings})
+        return output_of(prior, made)
+
+    def _run_stages(self, call: ArCall, steps: int, guidance: float, dit_cache, progress):
+        self._resident(self.ar, self.dit)
+        prior = ar_stage(self.ar, call, progress=progress)
         self._resident(self.dit, self.ar)
-        images, dit_timings = dit_stage(
-            self.dit, prior, num_inference_steps, guidance_scale, progress=progress
-        )
-        timings = {**prior.timings, **dit_timings}
-        log.info("generated %d image(s) %dx%d: %s", count, width, height, timings)
-        return GenerationOutput(
-            images, prior.prior_token_ids, seeds, timings, prior.ar_tokens, prior.ar_forwards
-        )
+        made = dit_stage(self.dit, DitCall(prior, steps, guidance, dit_cache), progress=progress)
+        return prior, made
 
     # ---------------------------------------------------------------- requests
 
@@ -217,26 +226,16 @@ class GlmImage:
 
     def run(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationOutput:
         """Carry out one request."""
-        return self.generate(
-            request.prompt,
-            height=request.height,
-            width=request.width,
-            num_inference_steps=request.steps,
-            guidance_scale=request.guidance,
-            seed=request.seed,
-            images=list(request.images) or None,
-            num_images_per_prompt=request.num_images,
-            progress=progress,
-        )
+        return self.run_batch([request], progress)[0]
 
     def run_batch(
         self, requests: Sequence[GenerationRequest], progress: Progress | None = None
     ) -> list[GenerationOutput]:
-        """Several text-to-image requests with one ``batch_key`` as ONE engine call.
+        """Requests with one ``batch_key`` as ONE engine call (``stages.plan_call``).
 
         Every image keeps its own seed, so each request gets the images it would get alone (up
         to the last bits of batched GEMMs). Returns one output per request, in order; the
-        timings are the shared call's.
+        timings are the shared call's. The pipeline's defaults decode and cache.
         """
         requests = list(requests)
         if not requests:
@@ -246,38 +245,12 @@ class GlmImage:
                 "run_batch: requests differ in size, steps, guidance or condition images; "
                 "group them by GenerationRequest.batch_key"
             )
-        if len(requests) == 1:
-            return [self.run(requests[0], progress)]
+        for request in requests:
+            self.validate_request(request)
+        call = plan_call(requests, self.limits, self.ar_decoding, self.jacobi_window)
         first = requests[0]
-        prompts, seeds = [], []
-        for request in requests:
-            own = request_seeds(request.seed, request.num_images)
-            prompts += [request.prompt] * request.num_images
-            seeds += own
-        out = self.generate(
-            prompts,
-            height=first.height,
-            width=first.width,
-            num_inference_steps=first.steps,
-            guidance_scale=first.guidance,
-            seed=seeds,
-            progress=progress,
-        )
-        results, at = [], 0
-        for request in requests:
-            n = request.num_images
-            results.append(
-                GenerationOutput(
-                    out.images[at : at + n],
-                    out.prior_token_ids[at : at + n],
-                    out.seeds[at : at + n],
-                    out.timings,
-                    out.ar_tokens,
-                    out.ar_forwards[at : at + n],
-                )
-            )
-            at += n
-        return results
+        prior, made = self._run_stages(call, first.steps, first.guidance, self.dit_cache, progress)
+        return outputs_of(requests, prior, made)
 
     def _resident(self, running, waiting) -> None:
         """With offloading, only the stage about to run sits on the device."""
@@ -285,20 +258,25 @@ class GlmImage:
             waiting.to(self.offload_to)
             running.to(self.device)
 
-    def png_info(
-        self, prompt: str, seed: int, height: int, width: int, steps: int, guidance: float
-    ) -> dict[str, str]:
-        """The generation parameters, as PNG text chunks."""
+    def png_info(self, request: GenerationRequest, output: GenerationOutput, index: int) -> dict[str, str]:
+        """Image ``index`` of ``output`` (made for ``request``): its generation parameters and
+        cost, as PNG text chunks."""
         decoding = self.ar_decoding
         if decoding == "jacobi":  # the same distribution as sequential, not the same image per seed
             decoding += f" (window {self.jacobi_window})"
-        return {
-            "prompt": prompt,
-            "seed": str(seed),
-            "size": f"{width}x{height}",
-            "steps": str(steps),
-            "guidance": str(guidance),
+        text = {
+            "prompt": request.prompt,
+            "seed": str(output.seeds[index]),
+            "size": request.size,
+            "steps": str(request.steps),
+            "guidance": str(request.guidance),
             "ar_decoding": decoding,
+            "dit_cache": _describe(self.dit_cache),
             "model": self.name,
             "engine": f"glm-image {__version__}",
         }
+        if output.ar_forwards:
+            text["ar_forwards"] = str(output.ar_forwards[index])
+        if output.dit_forwards:
+            text["dit_forwards"] = f"{output.dit_forwards[index]:g}"
+        return text

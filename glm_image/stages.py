@@ -1,10 +1,15 @@
 """The two stages of a generation, each a function of one engine, and what crosses between them.
 
-``ar_stage`` (the AR engine) turns prompts into prior tokens; ``dit_stage`` (the DiT engine and
-its VAE) turns prior tokens into images. Only ``PriorTokens`` passes from one to the other: token
-ids, condition codes and the request's numbers, cheap to send to another process or machine. So
-the stages can run in one process (``GlmImage``), on separate devices with one request's AR
-beside another's DiT, or as separate deployments.
+``ar_stage`` (the AR engine) turns an ``ArCall`` into ``PriorTokens``; ``dit_stage`` (the DiT
+engine and its VAE) turns a ``DitCall`` (prior tokens and the denoising settings) into
+``Images``. Only these values cross: token ids, condition codes and the request's numbers, cheap
+to send to another process or machine. So the stages can run in one process (``GlmImage``), in
+two worker processes that overlap, or as separate deployments (``glm_image.server``).
+
+``plan_call`` turns requests that share a ``batch_key`` into one ``ArCall`` (seeds drawn here, so
+a call retried elsewhere makes the same images) and ``outputs_of`` the call's images back into
+one ``GenerationOutput`` per request: every executor, and ``GlmImage.run`` / ``run_batch``, use
+these, so a request gets the same image wherever it runs.
 """
 
 from __future__ import annotations
@@ -15,12 +20,54 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .engine.choices import DEFAULT_WINDOW
+from .config import SizeLimits
+from .engine.choices import DEFAULT_WINDOW, StepCacheOptions
 from .errors import check_finite
 from .progress import Progress
-from .validation import control_strings, plain_text
+from .request import GenerationRequest
+from .validation import control_strings, load_condition_images, plain_text, request_seeds
 
-__all__ = ["PriorTokens", "ar_stage", "dit_stage"]
+__all__ = [
+    "ArCall",
+    "DitCall",
+    "GenerationOutput",
+    "Images",
+    "PriorTokens",
+    "ar_stage",
+    "dit_stage",
+    "output_of",
+    "outputs_of",
+    "plan_call",
+]
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    images: list  # PIL images, one per (prompt, image) pair, prompt-major
+    prior_token_ids: torch.Tensor  # (B, (H/16) * (W/16))
+    seeds: tuple[int, ...]
+    # seconds per stage: "ar" (of which "ar_prefill": planning, prefill and the first token),
+    # "dit", "vae"; shared by every image of the call
+    timings: dict[str, float] = field(default_factory=dict)
+    ar_tokens: int = 0  # tokens the AR model wrote per image (preview + target grid)
+    # AR model forwards per image, the prefill included (sequential: one per token; Jacobi: fewer)
+    ar_forwards: tuple[int, ...] = ()
+    # DiT transformer passes per image (2 per step with guidance; fewer with a step cache)
+    dit_forwards: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class ArCall:
+    """One AR stage call, checked, its seeds drawn."""
+
+    prompts: tuple[str, ...]  # as the user wrote them
+    height: int
+    width: int
+    seeds: tuple[int, ...]  # one per image, prompt-major
+    num_images_per_prompt: int = 1
+    condition_images: list[list] | None = None  # image-to-image: one list of RGB PIL images per prompt
+    decoding: str = "sequential"
+    jacobi_window: int = DEFAULT_WINDOW
 
 
 @dataclass(frozen=True)
@@ -40,83 +87,156 @@ class PriorTokens:
     timings: dict[str, float] = field(default_factory=dict)  # "ar", "ar_prefill"
 
 
-def ar_stage(
-    ar,
-    prompts: Sequence[str],
-    height: int,
-    width: int,
-    seeds: Sequence[int],
-    *,
-    num_images_per_prompt: int = 1,
-    condition_images: list[list] | None = None,
+@dataclass(frozen=True)
+class DitCall:
+    """One DiT stage call: the prior tokens and how to denoise them."""
+
+    prior: PriorTokens
+    steps: int
+    guidance: float
+    dit_cache: StepCacheOptions | None = None  # DiT step caching (``engine.step_cache``); None: off
+
+
+@dataclass(frozen=True)
+class Images:
+    """What the DiT stage made."""
+
+    images: list  # PIL images, prompt-major
+    timings: dict[str, float]  # "dit", "vae"
+    # DiT transformer passes per image (2 per step with guidance); with a step cache, fewer
+    dit_forwards: tuple[float, ...] = ()
+
+
+def plan_call(
+    requests: Sequence[GenerationRequest],
+    limits: SizeLimits,
     decoding: str = "sequential",
     jacobi_window: int = DEFAULT_WINDOW,
-    progress: Progress | None = None,
-) -> PriorTokens:
-    """Prior tokens for checked inputs (``GlmImage.validate``, ``validation.request_seeds``,
-    ``validation.load_condition_images``). A prompt is text: special-token strings in it never
+) -> ArCall:
+    """The AR call of validated requests sharing one ``batch_key``: one request keeps its
+    ``num_images`` per prompt and its condition images; several are one prompt per image, each
+    image with its own seed (so each request gets the images it gets alone)."""
+    first = requests[0]
+    if len(requests) == 1:
+        return ArCall(
+            (first.prompt,),
+            first.height,
+            first.width,
+            request_seeds(first.seed, first.num_images),
+            first.num_images,
+            load_condition_images(list(first.images) or None, 1, limits),
+            decoding,
+            jacobi_window,
+        )
+    prompts: list[str] = []
+    seeds: list[int] = []
+    for request in requests:
+        prompts += [request.prompt] * request.num_images
+        seeds += request_seeds(request.seed, request.num_images)
+    return ArCall(tuple(prompts), first.height, first.width, tuple(seeds), 1, None, decoding, jacobi_window)
+
+
+def output_of(prior: PriorTokens, made: Images) -> GenerationOutput:
+    """The whole call's output: every image, prompt-major."""
+    return GenerationOutput(
+        made.images,
+        prior.prior_token_ids,
+        prior.seeds,
+        {**prior.timings, **made.timings},
+        prior.ar_tokens,
+        prior.ar_forwards,
+        made.dit_forwards,
+    )
+
+
+def outputs_of(
+    requests: Sequence[GenerationRequest], prior: PriorTokens, made: Images
+) -> list[GenerationOutput]:
+    """One ``GenerationOutput`` per request (a call's images in request order; the timings are
+    the shared call's)."""
+    whole, outputs, at = output_of(prior, made), [], 0
+    for request in requests:
+        part = slice(at, at + request.num_images)
+        outputs.append(
+            GenerationOutput(
+                whole.images[part],
+                whole.prior_token_ids[part],
+                whole.seeds[part],
+                whole.timings,
+                whole.ar_tokens,
+                whole.ar_forwards[part],
+                whole.dit_forwards[part],
+            )
+        )
+        at = part.stop
+    return outputs
+
+
+def ar_stage(ar, call: ArCall, *, progress: Progress | None = None) -> PriorTokens:
+    """Prior tokens for a checked call. A prompt is text: special-token strings in it never
     reach the tokenizer as control tokens (``validation.plain_text``)."""
     start = time.perf_counter()
     controls = control_strings(ar.processor.tokenizer)
     result = ar.generate(
-        [plain_text(p, controls) for p in prompts],
-        height,
-        width,
-        seeds=list(seeds),
-        num_images_per_prompt=num_images_per_prompt,
+        [plain_text(p, controls) for p in call.prompts],
+        call.height,
+        call.width,
+        seeds=list(call.seeds),
+        num_images_per_prompt=call.num_images_per_prompt,
         progress=progress,
-        images=condition_images,
-        decoding=decoding,
-        jacobi_window=jacobi_window,
+        images=call.condition_images,
+        decoding=call.decoding,
+        jacobi_window=call.jacobi_window,
     )
     conditions = None
-    if condition_images is not None:  # the AR's codes of each prompt's images, for the DiT cache
-        per_row = result.conditions[::num_images_per_prompt]
+    if call.condition_images is not None:  # the AR's codes of each prompt's images, for the DiT cache
+        per_row = result.conditions[:: call.num_images_per_prompt]
         conditions = [
             [(image, codes, grid) for image, (codes, grid) in zip(images, row, strict=True)]
-            for images, row in zip(condition_images, per_row, strict=True)
+            for images, row in zip(call.condition_images, per_row, strict=True)
         ]
-    timings = {"ar": time.perf_counter() - start, "ar_prefill": result.prefill_seconds}
     return PriorTokens(
-        tuple(prompts),
-        height,
-        width,
-        tuple(seeds),
-        num_images_per_prompt,
+        call.prompts,
+        call.height,
+        call.width,
+        call.seeds,
+        call.num_images_per_prompt,
         result.prior_tokens.cpu(),  # never None: the grid is constrained to image codes
         conditions,
         result.tokens.shape[1],
         result.stats.image_forwards,
-        timings,
+        {"ar": time.perf_counter() - start, "ar_prefill": result.prefill_seconds},
     )
 
 
-def dit_stage(
-    dit,
-    prior: PriorTokens,
-    num_inference_steps: int,
-    guidance_scale: float,
-    *,
-    progress: Progress | None = None,
-) -> tuple[list, dict[str, float]]:
-    """Images (PIL, prompt-major) and the seconds of "dit" and "vae". NaN or Inf in the latents
-    or the pixels is an error (``NonFiniteError``), never a black image."""
+def dit_stage(dit, call: DitCall, *, progress: Progress | None = None) -> Images:
+    """The images of ``call.prior``. NaN or Inf in the latents or the pixels is an error
+    (``NonFiniteError``), never a black image."""
+    from .engine.step_cache import StepCache
+
+    prior = call.prior
     controls = control_strings(dit.glyph.tokenizer)
+    cache = StepCache(call.dit_cache) if call.dit_cache is not None else None
     start = time.perf_counter()
     latents = dit.denoise(
         prior.prior_token_ids,
         [plain_text(p, controls) for p in prior.prompts],
         prior.height,
         prior.width,
-        num_inference_steps,
-        guidance_scale,
+        call.steps,
+        call.guidance,
         seeds=prior.seeds,
         progress=progress,
         conditions=prior.conditions,
+        dit_cache=cache,
     )
     timings = {"dit": time.perf_counter() - start}
     check_finite(latents, "latents", prior.seeds)  # before the VAE: no black image from NaN
     start = time.perf_counter()
     images = dit.decode(latents)
     timings["vae"] = time.perf_counter() - start
-    return images, timings
+    if cache is not None:
+        forwards = tuple(cache.forwards)
+    else:  # one pass per branch and step
+        forwards = (float((2 if call.guidance > 1 else 1) * call.steps),) * len(images)
+    return Images(images, timings, forwards)

@@ -54,9 +54,11 @@ def test_speed_against_the_reference(tiny_checkpoint, tmp_path, capsys):
     (case,) = report["results"]
     assert (case["size"], case["batch"], case["device"], case["dtype"]) == ("64x64", 1, "cpu", "float32")
     ours, reference = case["ours"], case["reference"]
-    assert set(ours) == ENGINE_KEYS and set(reference) == ENGINE_KEYS | {"dit_forwards"}
+    assert set(ours) == ENGINE_KEYS | {"ar_forwards_per_image"}
+    assert set(reference) == ENGINE_KEYS | {"dit_forwards"}
     # 64x64: a 16x16 preview + a 2x2 target grid; the reference also runs its EOS step
     assert ours["ar_tokens"] == 260 and reference["ar_tokens"] == 261
+    assert ours["ar_forwards_per_image"] == 260  # sequential: one forward per token
     assert reference["dit_forwards"] == 2 * 2  # two CFG branches per step
     assert all(len(v) == 1 for v in ours["seconds"].values())
     assert ours["peak_memory_bytes"] > 0 and ours["weight_bytes"] > 0

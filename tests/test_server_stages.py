@@ -73,7 +73,7 @@ def record_spans(executor) -> list[tuple[str, float, float, tuple[str, ...]]]:
         original = runner.run
 
         async def timed(payload, abandoned, original=original, stage=stage):
-            prompts = payload.prompts if stage == "ar" else payload[0].prompts
+            prompts = payload.prompts if stage == "ar" else payload.prior.prompts
             start = time.perf_counter()
             try:
                 return await original(payload, abandoned)

@@ -11,7 +11,7 @@ import argparse
 
 from ..engine.choices import DEFAULT_WINDOW
 from ..errors import GlmImageError
-from ..options import add_runtime_arguments
+from ..options import add_generation_arguments, add_runtime_arguments, dit_cache_options
 from ..request import parse_size
 
 __all__ = ["add_parser"]
@@ -60,6 +60,8 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def _common(parser: argparse.ArgumentParser) -> None:
     _model_and_runtime(parser)
+    # ours decodes with --ar-decoding; with --dit-cache it also runs cached (engine ours_cached)
+    add_generation_arguments(parser)
     parser.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="seed of every generation (default 0)")
     parser.add_argument(
@@ -185,6 +187,15 @@ def add_parser(sub) -> None:
     plan.set_defaults(func=_run_plan)
 
 
+def _generation(args: argparse.Namespace) -> dict:
+    """How ours generates (``--ar-decoding``) and the step cache it is also measured with."""
+    return {
+        "ar_decoding": args.ar_decoding,
+        "jacobi_window": args.jacobi_window,
+        "dit_cache": dit_cache_options(args),
+    }
+
+
 def _bar(total: int | None, what: str):
     from tqdm import tqdm
 
@@ -211,6 +222,7 @@ def _run_speed(args: argparse.Namespace) -> None:
         dtype=args.dtype,
         attention_backend=args.attention_backend,
         max_ar_tokens=args.max_ar_tokens,
+        **_generation(args),
     )
     options.check()  # bad options, a missing device or matplotlib fail now, not after loading models
     resolve_runtime(options.device, options.dtype)
@@ -218,7 +230,7 @@ def _run_speed(args: argparse.Namespace) -> None:
         from .plot import require_matplotlib
 
         require_matplotlib()
-    engines = 2 if args.compare_reference else 1
+    engines = 1 + bool(args.compare_reference) + (options.dit_cache is not None)
     runs = (
         len(options.sizes)
         * len(options.batches)
@@ -258,8 +270,10 @@ def _run_quality(args: argparse.Namespace) -> None:
         attention_backend=args.attention_backend,
         compare_reference=args.compare_reference,
         save_images=args.save_images,
+        **_generation(args),
     )
-    count = len(load_suite(args.suite, args.limit)) * (2 if args.compare_reference else 1)
+    engines = 1 + bool(args.compare_reference) + (options.dit_cache is not None)
+    count = len(load_suite(args.suite, args.limit)) * engines
     bar, progress = _bar(count, "bench quality")
     try:
         report = run_quality(options, progress)

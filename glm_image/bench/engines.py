@@ -55,6 +55,7 @@ class StageTimes:
     # transformer passes per image: the reference runs one per CFG branch and step; ours reports
     # them with a step cache (a cached branch-step counts 1/num_layers, its first-block probe)
     dit_forwards: float | None = None
+    ar_forwards: float | None = None  # ours: AR forwards per image, the prefill included
 
     @property
     def ar_decode(self) -> float:
@@ -106,12 +107,15 @@ class OursRunner:
         device: torch.device,
         dtype: torch.dtype,
         attention_backend: str | None = None,
+        **generation,
     ) -> None:
+        """``generation``: ``GlmImage.from_pretrained``'s generation defaults (``ar_decoding``,
+        ``jacobi_window``)."""
         from ..pipeline import GlmImage
 
         self.device = device
         self.pipe = GlmImage.from_pretrained(
-            model, device=device, dtype=dtype, attention_backend=attention_backend
+            model, device=device, dtype=dtype, attention_backend=attention_backend, **generation
         )
 
     def with_cache(self, options: StepCacheOptions) -> OursRunner:
@@ -151,9 +155,7 @@ class OursRunner:
         stage's time holds its own kernels (one synchronisation each; nothing else changes)."""
         ar, dit = self.pipe.ar, self.pipe.dit
         generate = _capped_ours(ar.generate, max_ar_tokens) if max_ar_tokens is not None else ar.generate
-        denoise, caches = dit.denoise, []
-        if self.dit_cache is not None:
-            denoise = _cached(denoise, self.dit_cache, caches)
+        denoise = dit.denoise
         if self.device.type != "cpu":
             generate, denoise = _then_sync(generate, self.device), _then_sync(denoise, self.device)
         ar.generate, dit.denoise = generate, denoise
@@ -161,7 +163,13 @@ class OursRunner:
             synchronize(self.device)
             start = time.perf_counter()
             out = self.pipe.generate(
-                prompt, height, width, num_inference_steps=steps, seed=seed, num_images_per_prompt=batch
+                prompt,
+                height,
+                width,
+                num_inference_steps=steps,
+                seed=seed,
+                num_images_per_prompt=batch,
+                dit_cache=self.dit_cache,
             )
             synchronize(self.device)
             total = time.perf_counter() - start
@@ -169,7 +177,6 @@ class OursRunner:
             for engine, name in ((ar, "generate"), (dit, "denoise")):
                 engine.__dict__.pop(name, None)
         t = out.timings
-        forwards = [f for cache in caches for f in cache.forwards]
         times = StageTimes(
             t["ar"],
             t["ar_prefill"],
@@ -179,21 +186,10 @@ class OursRunner:
             out.ar_tokens,
             batch,
             batch,
-            round(sum(forwards) / len(forwards), 4) if forwards else None,
+            round(sum(out.dit_forwards) / batch, 4) if self.dit_cache is not None else None,
+            sum(out.ar_forwards) / batch,
         )
         return out.images, times
-
-
-def _cached(denoise, options: StepCacheOptions, caches: list):
-    """``DitEngine.denoise`` given a fresh ``StepCache`` each call, kept in ``caches`` to read after."""
-    from ..engine.step_cache import StepCache
-
-    def run(*args, **kwargs):
-        cache = StepCache(options)
-        caches.append(cache)
-        return denoise(*args, **{**kwargs, "dit_cache": cache})
-
-    return run
 
 
 def _then_sync(fn, device: torch.device):

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ..engine.choices import DEFAULT_WINDOW
 from ..errors import GlmImageError
 from .metrics import CvtgScore, LongTextScore, cvtg_aggregate, cvtg_score, longtext_aggregate, longtext_score
 from .report import build_report, markdown_table
@@ -50,6 +51,8 @@ class QualityOptions:
     compare_reference: bool = False
     save_images: str | None = None
     dit_cache: StepCacheOptions | None = None  # also run ours with this DiT step cache
+    ar_decoding: str = "sequential"  # how ours decodes (the reference: always sequential)
+    jacobi_window: int = DEFAULT_WINDOW
 
 
 def psnr(image, reference) -> float:
@@ -94,7 +97,13 @@ def run_quality(options: QualityOptions, progress=None) -> dict[str, Any]:
     items = load_suite(options.suite, options.limit)
     ocr = RapidOcr()  # before any model loads: a missing OCR package fails in a second
     loaded = load_runners(
-        options.model, options.device, options.dtype, options.attention_backend, options.compare_reference
+        options.model,
+        options.device,
+        options.dtype,
+        options.attention_backend,
+        options.compare_reference,
+        ar_decoding=options.ar_decoding,
+        jacobi_window=options.jacobi_window,
     )
     ours, runners, swap = loaded.ours, list(loaded.runners), loaded.swap
     if options.dit_cache is not None:

@@ -72,14 +72,20 @@ class Runners:
 
 
 def load_runners(
-    model: str, device: str | None, dtype: str | None, attention_backend: str | None, compare_reference: bool
+    model: str,
+    device: str | None,
+    dtype: str | None,
+    attention_backend: str | None,
+    compare_reference: bool,
+    **generation,
 ) -> Runners:
+    """Ours (``generation``: ``GlmImage.from_pretrained``'s generation defaults), then the reference."""
     from ..hub import resolve_checkpoint
     from .engines import OursRunner, ReferenceRunner
 
     dev, dt = resolve_runtime(device, dtype)
     root = resolve_checkpoint(model)
-    ours = OursRunner(root, dev, dt, attention_backend)
+    ours = OursRunner(root, dev, dt, attention_backend, **generation)
     swap = dev.type != "cpu" and compare_reference
     runners: list = [ours]
     if compare_reference:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..engine.choices import DEFAULT_WINDOW
 from ..errors import GlmImageError
 from .engines import StageTimes, on_device
 from .memory import PeakMemory
@@ -60,6 +61,8 @@ class SpeedOptions:
     attention_backend: str | None = None
     max_ar_tokens: int | None = None
     dit_cache: StepCacheOptions | None = None  # also run ours with this DiT step cache
+    ar_decoding: str = "sequential"  # how ours decodes (the reference: always sequential)
+    jacobi_window: int = DEFAULT_WINDOW
 
     def check(self) -> None:
         if self.dit_cache is not None:
@@ -83,7 +86,13 @@ def run_speed(options: SpeedOptions, progress=None) -> dict[str, Any]:
     """Measure every case; return the report (the shared layout of ``report``)."""
     options.check()
     loaded = load_runners(
-        options.model, options.device, options.dtype, options.attention_backend, options.compare_reference
+        options.model,
+        options.device,
+        options.dtype,
+        options.attention_backend,
+        options.compare_reference,
+        ar_decoding=options.ar_decoding,
+        jacobi_window=options.jacobi_window,
     )
     ours, runners, swap = loaded.ours, list(loaded.runners), loaded.swap
     if options.dit_cache is not None:
@@ -154,6 +163,8 @@ def run_speed(options: SpeedOptions, progress=None) -> dict[str, Any]:
         "seed": options.seed,
         "compare_reference": options.compare_reference,
         "max_ar_tokens": options.max_ar_tokens,
+        "ar_decoding": options.ar_decoding,
+        "jacobi_window": options.jacobi_window if options.ar_decoding == "jacobi" else None,
         "dit_cache": dataclasses.asdict(options.dit_cache) if options.dit_cache else None,
     }
     if options.dit_cache is not None:
@@ -219,6 +230,8 @@ def _engine(samples: list, steps: int, ar_bytes: int, flops: float, floor: dict,
     }
     if last.dit_forwards is not None:
         out["dit_forwards"] = last.dit_forwards
+    if last.ar_forwards is not None:  # ours: Jacobi decoding writes several tokens per forward
+        out["ar_forwards_per_image"] = last.ar_forwards
     return out
 
 

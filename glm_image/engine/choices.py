@@ -3,9 +3,21 @@ command line can offer them (``glm_image.options``) without loading anything."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 from ..errors import GlmImageError
 
-__all__ = ["DECODE_STEPS", "DECODINGS", "DEFAULT_WINDOW", "DRAFT_INITS", "check_decoding", "check_jacobi"]
+__all__ = [
+    "DECODE_STEPS",
+    "DECODINGS",
+    "DEFAULT_WINDOW",
+    "DIT_CACHES",
+    "DRAFT_INITS",
+    "StepCacheOptions",
+    "check_decoding",
+    "check_jacobi",
+]
 
 # How the AR decode loop runs its steps (``ArEngine(decode_step=...)``):
 #   auto   - a device graph where the device has one (CUDA, Ascend), else eager
@@ -42,3 +54,28 @@ def check_decoding(decoding: str, window: int = DEFAULT_WINDOW, drafts: str = "l
         raise GlmImageError(f"ar_decoding = {decoding!r}; allowed: {', '.join(DECODINGS)}")
     if decoding == "jacobi":
         check_jacobi(window, drafts)
+
+
+# DiT step caching (``engine.step_cache``): none, or the first-block cache
+DIT_CACHES = ("none", "fbcache")
+
+
+@dataclass(frozen=True)
+class StepCacheOptions:
+    """What a user sets. The defaults are TeaCache's and cache-dit's for GLM-Image (measured there
+    on the released weights: threshold 0.12-0.24, 4-8 warm-up steps, at most 3 cached in a row)."""
+
+    threshold: float = 0.12  # relative L1 change of block 0's residual below which a row reuses
+    warmup: int = 4  # the first steps always run every block
+    max_consecutive: int = 3  # cached steps in a row, per row, before one runs every block again
+    taylor: bool = False  # extrapolate the cached residual to first order (TaylorSeer)
+
+    def check(self) -> None:
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
+            raise GlmImageError(f"dit_cache threshold = {t!r}; allowed: a number >= 0 (0: never cache)")
+        for name, value in (("warmup", self.warmup), ("max_consecutive", self.max_consecutive)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise GlmImageError(f"dit_cache {name} = {value!r}; allowed: an integer >= 0")
+        if not isinstance(self.taylor, bool):
+            raise GlmImageError(f"dit_cache taylor = {self.taylor!r}; allowed: true or false")

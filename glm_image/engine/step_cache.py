@@ -27,35 +27,11 @@ the reference pipeline, which runs one forward per branch.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
-from ..errors import GlmImageError
+from .choices import StepCacheOptions
 
 __all__ = ["StepCache", "StepCacheOptions"]
-
-
-@dataclass(frozen=True)
-class StepCacheOptions:
-    """What a user sets. The defaults are TeaCache's and cache-dit's for GLM-Image (measured there
-    on the released weights: threshold 0.12-0.24, 4-8 warm-up steps, at most 3 cached in a row)."""
-
-    threshold: float = 0.12  # relative L1 change of block 0's residual below which a row reuses
-    warmup: int = 4  # the first steps always run every block
-    max_consecutive: int = 3  # cached steps in a row, per row, before one runs every block again
-    taylor: bool = False  # extrapolate the cached residual to first order (TaylorSeer)
-
-    def check(self) -> None:
-        t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t < 0:
-            raise GlmImageError(f"dit_cache threshold = {t!r}; allowed: a number >= 0 (0: never cache)")
-        for name, value in (("warmup", self.warmup), ("max_consecutive", self.max_consecutive)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise GlmImageError(f"dit_cache {name} = {value!r}; allowed: an integer >= 0")
-        if not isinstance(self.taylor, bool):
-            raise GlmImageError(f"dit_cache taylor = {self.taylor!r}; allowed: true or false")
 
 
 class StepCache:

@@ -309,11 +309,8 @@ def create_app(pipe, settings: ServerSettings | None = None, executor: Executor 
     def materialize(output, request: GenerationRequest, response_format: str, base: str) -> list[dict]:
         """PNG bytes with the parameters embedded -> files (URLs) or base64. Runs in a thread."""
         items = []
-        for image, seed in zip(output.images, output.seeds, strict=True):
-            text = pipe.png_info(
-                request.prompt, seed, request.height, request.width, request.steps, request.guidance
-            )
-            data = encode_png(image, text)
+        for index, (image, seed) in enumerate(zip(output.images, output.seeds, strict=True)):
+            data = encode_png(image, pipe.png_info(request, output, index))
             if response_format == "b64_json":
                 items.append({"b64_json": base64.b64encode(data).decode("ascii"), "seed": seed})
             else:

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..config.checkpoint import SizeLimits
-from ..engine.choices import DEFAULT_WINDOW
+from ..engine.choices import DEFAULT_WINDOW, StepCacheOptions, check_decoding
 from ..pipeline import GlmImage
-from .stagework import Abandoned, outputs_of, plan_ar_call, run_stage
+from ..stages import DitCall, outputs_of, plan_call
+from .stagework import Abandoned, run_stage
 
 __all__ = [
     "Executor",
@@ -78,12 +79,13 @@ class ModelFront:
         limits: SizeLimits,
         ar_decoding: str = "sequential",
         jacobi_window: int = DEFAULT_WINDOW,
+        dit_cache: StepCacheOptions | None = None,
     ) -> None:
-        from ..engine.choices import check_decoding
-
         check_decoding(ar_decoding, jacobi_window)
+        if dit_cache is not None:
+            dit_cache.check()
         self.name, self.limits = name, limits
-        self.ar_decoding, self.jacobi_window = ar_decoding, jacobi_window
+        self.ar_decoding, self.jacobi_window, self.dit_cache = ar_decoding, jacobi_window, dit_cache
 
     @classmethod
     def from_checkpoint(cls, model: str, **options) -> ModelFront:
@@ -95,7 +97,7 @@ class ModelFront:
 
     @classmethod
     def of(cls, pipe) -> ModelFront:
-        return cls(str(pipe.name), pipe.limits, pipe.ar_decoding, pipe.jacobi_window)
+        return cls(str(pipe.name), pipe.limits, pipe.ar_decoding, pipe.jacobi_window, pipe.dit_cache)
 
 
 class InProcessExecutor:
@@ -215,11 +217,13 @@ class StagedExecutor:
 
     async def _ar(self, requests: list, abandoned: Abandon) -> tuple:
         front = self.front
-        call = plan_ar_call(requests, front.limits, front.ar_decoding, front.jacobi_window)
+        call = plan_call(requests, front.limits, front.ar_decoding, front.jacobi_window)
         return requests, await self.ar.run(call, abandoned)
 
     async def _dit(self, work: tuple, abandoned: Abandon) -> list:
         requests, prior = work
         first = requests[0]  # one batch_key: the same steps and guidance for all
-        images, timings = await self.dit.run((prior, first.steps, first.guidance), abandoned)
-        return outputs_of(requests, prior, images, timings)
+        made = await self.dit.run(
+            DitCall(prior, first.steps, first.guidance, self.front.dit_cache), abandoned
+        )
+        return outputs_of(requests, prior, made)

@@ -225,7 +225,7 @@ def application(
         "api_key_env": api_key_env,
         "name": front.name,
         "limits": front.limits,
-        "decoding": (front.ar_decoding, front.jacobi_window),
+        "decoding": (front.ar_decoding, front.jacobi_window, front.dit_cache),
         # a batch enters a stage when one of its replicas can take it (the most, when autoscaled)
         "slots": (options.ar_replicas[1], options.dit_replicas[1]),
     }

@@ -2,8 +2,8 @@
 
 The server spawns the worker (``spawn``: a fresh interpreter, never a fork of a process holding
 torch threads or a CUDA context), which loads one engine (``stagework.load_stage``) and answers
-calls over a pipe: ``ArCall`` -> ``PriorTokens`` for the AR stage, ``(PriorTokens, steps,
-guidance)`` -> images for the DiT stage. Replies are plain tuples; an error crosses as its kind
+calls over a pipe: ``ArCall`` -> ``PriorTokens`` for the AR stage, ``DitCall`` -> ``Images``
+for the DiT stage (``glm_image.stages``). Replies are plain tuples; an error crosses as its kind
 and text (a NaN result stays a ``NonFiniteError``, anything else is logged with the worker's
 traceback under the request's error id).
 

@@ -1,16 +1,20 @@
-"""AR decoding as every entry point offers it: ``GlmImage`` and ``glm-image generate``.
+"""AR decoding and DiT step caching as every entry point offers them: ``GlmImage`` and
+``glm-image generate``.
 
-The decoders themselves are proven in test_jacobi.py (greedy tokens, exact distribution); here:
-the option reaches the AR engine, the cost is reported, and bad values fail before any work.
+The mechanisms are proven in test_jacobi.py (greedy tokens, exact distribution) and
+test_step_cache.py (bit-identical at threshold 0, the PSNR guard); here: the options reach the
+engines, the cost is reported per image, and bad values fail before any work.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from glm_image.errors import GlmImageError
+from glm_image.request import GenerationRequest
 
 
 def test_jacobi_through_the_pipeline_reports_its_forwards(glm):
@@ -36,10 +40,11 @@ def test_the_pipeline_default_and_its_override(glm, monkeypatch):
     monkeypatch.setattr(glm.ar, "generate", spy)
     monkeypatch.setattr(glm, "ar_decoding", "jacobi")
     monkeypatch.setattr(glm, "jacobi_window", 3)
-    glm.generate("'A'", 64, 64, num_inference_steps=1, seed=1)
+    out = glm.generate("'A'", 64, 64, num_inference_steps=1, seed=1)
     glm.generate("'A'", 64, 64, num_inference_steps=1, seed=1, ar_decoding="sequential")
     assert seen == [("jacobi", 3), ("sequential", 3)]
-    assert glm.png_info("'A'", 1, 64, 64, 1, 1.5)["ar_decoding"] == "jacobi (window 3)"
+    text = glm.png_info(GenerationRequest("'A'", 64, 64, steps=1, seed=1), out, 0)
+    assert text["ar_decoding"] == "jacobi (window 3)" and text["ar_forwards"] == str(out.ar_forwards[0])
 
 
 @pytest.mark.parametrize(
@@ -71,3 +76,34 @@ def test_greedy_jacobi_prior_tokens_equal_sequential_through_the_engine_entry(gl
     sequential = glm.ar.generate_prior_tokens("'A'", 64, 96, seeds=[2], greedy=True)
     jacobi = glm.ar.generate_prior_tokens("'A'", 64, 96, seeds=[2], greedy=True, decoding="jacobi")
     assert torch.equal(jacobi, sequential)
+
+
+def test_dit_cache_through_the_pipeline(glm):
+    from glm_image.engine.choices import StepCacheOptions
+
+    plain = glm.generate("'A'", 64, 64, num_inference_steps=6, seed=2)
+    never = glm.generate(
+        "'A'", 64, 64, num_inference_steps=6, seed=2, dit_cache=StepCacheOptions(threshold=0)
+    )
+    assert plain.dit_forwards == never.dit_forwards == (12.0,)  # two CFG passes per step
+    assert np.array_equal(np.asarray(plain.images[0]), np.asarray(never.images[0]))
+    eager = StepCacheOptions(threshold=1e9, warmup=1, max_consecutive=6)
+    cached = glm.generate("'A'", 64, 64, num_inference_steps=6, seed=2, dit_cache=eager)
+    layers = glm.dit.config.dit.num_layers
+    # the first step computes; the 5 others run block 0 only, in both branches
+    assert cached.dit_forwards == (pytest.approx(2 + 10 / layers),)
+
+
+def test_generate_command_takes_the_dit_cache(tiny_checkpoint, tmp_path, cli):
+    out = tmp_path / "c.png"
+    common = ["generate", "'A'", "--model", str(tiny_checkpoint), "--size", "64x64", "--steps", "4"]
+    cache = ["--dit-cache", "fbcache", "--dit-cache-threshold", "1e9", "--dit-cache-warmup", "1"]
+    run = cli(*common, "--seed", "5", *cache, "-o", str(out))
+    assert run.returncode == 0, run.stderr
+    text = Image.open(out).text
+    assert text["dit_cache"].startswith("fbcache (threshold 1000000000.0, warmup 1")
+    assert float(text["dit_forwards"]) < 8 and "DiT " + text["dit_forwards"] in run.stdout
+    bad = cli(*common, "--dit-cache", "fbcache", "--dit-cache-threshold", "-1", "-o", str(tmp_path / "x.png"))
+    assert (
+        bad.returncode == 2 and "dit_cache threshold = -1.0" in bad.stderr and "Traceback" not in bad.stderr
+    )
