@@ -1,4 +1,10 @@
-"""What a checkpoint holds: components, sizes, dtypes, files. Read from headers, no weights loaded."""
+"""What a checkpoint holds: components, sizes, dtypes, files. Read from headers, no weights loaded.
+
+``memory_report`` is ``glm-image info --quantize ... --json``: each component's parameters and
+bytes as the loader would build them under a quantization scheme, and the memory planner's choice
+for a size (``glm_image.residency``); everything is counted on the ``meta`` device, so the released
+preset's figures need no weights and no memory.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +17,7 @@ from .errors import CheckpointError
 from .synthetic.reference import REFERENCE_FACTORIES, build_reference, count_parameters
 from .weights import WeightIndex
 
-__all__ = ["ComponentInfo", "describe_checkpoint", "format_checkpoint"]
+__all__ = ["ComponentInfo", "describe_checkpoint", "format_checkpoint", "memory_report"]
 
 # Named parts of the vision-language encoder, by key prefix (the AR text model is the hot path).
 _VLE_PARTS = {
@@ -138,3 +144,52 @@ def format_checkpoint(config: CheckpointConfig, infos: list[ComponentInfo]) -> s
         ]
         lines += [f"  {source}: {key}" for source, key in unknown]
     return "\n".join(lines)
+
+
+def memory_report(
+    root: str | Path,
+    quantize: str | None = None,
+    *,
+    dtype=None,
+    device: str | None = None,
+    max_memory: str | int | None = None,
+    height: int = 1024,
+    width: int = 1024,
+    batch: int = 1,
+) -> dict:
+    """The JSON object of ``glm-image info --quantize SCHEME --json``::
+
+        {"model", "dtype", "quantize",
+         "components": {name: {"params": int, "bytes": int}},   # as loaded under the scheme
+         "plan": {"residency", "quantize", "fits", "budget_bytes", "peak_bytes", "reason", ...}}
+
+    Components: ar_text_decoder, ar_vision (ViT + VQ tokenizer, loaded for image-to-image only),
+    dit, glyph_encoder, vae. ``dtype``: the full-precision dtype (default bfloat16, the
+    release's). The plan is for ``height`` x ``width`` at ``batch`` under ``max_memory`` and, with a
+    ``device``, that device's free memory; with neither there is no budget and the plan is
+    ``resident``. With ``quantize="auto"`` the plan picks the scheme and the components follow it.
+    """
+    import torch
+
+    from .quant import parse_quantize
+    from .residency import plan_memory, weight_bytes
+
+    dtype = dtype or torch.bfloat16
+    scheme = parse_quantize(quantize)
+    plan = plan_memory(
+        root,
+        device or "meta",
+        dtype,
+        quantize=scheme,
+        height=height,
+        width=width,
+        batch=batch,
+        max_memory=max_memory,
+    )
+    return {
+        "model": str(root),
+        "dtype": str(dtype).removeprefix("torch."),
+        "quantize": str(plan.scheme),
+        "components": weight_bytes(root, plan.scheme, dtype),
+        "plan": plan.to_json(),
+    }

@@ -10,6 +10,12 @@ checkpoint tensors, e.g. q/k/v) and checkpoint prefixes it deliberately does not
 Only safetensors are read. Headers are validated before any tensor is touched, so a truncated
 or corrupt file, a missing shard or an index naming a missing file gives an error naming the
 file. Nothing is ever unpickled.
+
+Quantization happens here, while loading (``quantize=``): the checks run against the module as
+built (full-precision linears), then each linear named for quantization has its weight read,
+converted on the device into the module that replaces it (``glm_image.quant.QuantLinear``) and
+dropped, one tensor at a time. The device never holds more than the converted model plus one
+full-precision tensor (and the converter's temporaries).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import logging
 import struct
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -256,23 +263,37 @@ def build_on_meta(factory: Callable[[], torch.nn.Module]) -> torch.nn.Module:
         return factory()
 
 
+# a linear's name -> what turns the linear (on meta) and its loaded weight into its replacement
+Converters = Mapping[str, Callable[[torch.nn.Module, torch.Tensor], torch.nn.Module]]
+
+
 def load_model(
     factory: Callable[[], torch.nn.Module],
     folder: str | Path,
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
+    quantize: Callable[[torch.nn.Module], Converters] | None = None,
 ) -> torch.nn.Module:
     """Build on ``meta`` and load ``folder`` strictly; the module may declare how it reads it.
 
     A model whose names differ from the checkpoint's declares ``checkpoint_key_map()`` (see
     ``load_weights``) and, for tensors of the folder it deliberately leaves unread,
-    ``UNUSED_CHECKPOINT_PREFIXES``.
+    ``UNUSED_CHECKPOINT_PREFIXES``. ``quantize``: given the module built on meta, the converters
+    of ``load_weights`` (e.g. ``glm_image.quant.linear_quantizers("int8")``).
     """
     module = build_on_meta(factory)
     key_map = module.checkpoint_key_map() if hasattr(module, "checkpoint_key_map") else None
     unused = tuple(getattr(module, "UNUSED_CHECKPOINT_PREFIXES", ()))
-    load_weights(module, folder, device=device, dtype=dtype, key_map=key_map, ignore_prefixes=unused)
+    load_weights(
+        module,
+        folder,
+        device=device,
+        dtype=dtype,
+        key_map=key_map,
+        ignore_prefixes=unused,
+        quantize=quantize(module) if quantize is not None else None,
+    )
     return module
 
 
@@ -305,6 +326,7 @@ def load_weights(
     dtype: torch.dtype | None = None,
     key_map: Mapping[str, str | Fuse] | None = None,
     ignore_prefixes: tuple[str, ...] = (),
+    quantize: Converters | None = None,
 ) -> LoadReport:
     """Load a component folder's safetensors into ``module`` (usually built on ``meta``), strictly.
 
@@ -312,11 +334,17 @@ def load_weights(
     unmapped keys are read under their own name. Checkpoint tensors under ``ignore_prefixes`` are
     deliberately unused (e.g. the ViT when only the text decoder is built). ``dtype`` casts
     floating-point tensors; integer tensors keep theirs.
+
+    ``quantize`` maps the names of linear submodules to converters: each such linear's weight is
+    checked as usual, read (on ``device``, in ``dtype``), passed with the linear to its converter,
+    and the module returned replaces the linear; its bias, if any, is loaded as usual into the
+    replacement's ``bias``. The full-precision weight is dropped at once (see the module docstring).
     """
     start = time.perf_counter()
     index = WeightIndex.from_folder(folder)
     key_map = key_map or {}
     expected = module.state_dict(keep_vars=True)
+    converted = _converted_keys(module, quantize or {})
 
     def sources(key: str) -> tuple[str, ...]:
         target = key_map.get(key, key)
@@ -360,9 +388,15 @@ def load_weights(
             parts.append(f"wrong shape ({len(wrong_shape)}): " + "; ".join(shown))
         raise WeightsMismatchError("\n  ".join(parts))
 
+    sharing = Counter(plan.values())
+    tied = [k for k in converted if plan[k] != k or sharing[k] > 1]
+    if tied:
+        raise WeightsMismatchError(f"{index.folder}: cannot quantize tied weights: {_names(tied)}")
+
     device = torch.device(device)
     state: dict[str, torch.Tensor] = {}
     loaded: dict[str, torch.Tensor] = {}
+    replacements: dict[str, torch.nn.Module] = {}
     num_bytes = 0
     with contextlib.ExitStack() as stack:
         handles: dict[Path, object] = {}
@@ -383,13 +417,30 @@ def load_weights(
             cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
             return tensor.to(device=device, dtype=cast)
 
+        def read_full(src: str) -> torch.Tensor:
+            parts = [read(s) for s in sources(src)]
+            target = key_map.get(src)
+            return torch.cat(parts, dim=target.dim) if isinstance(target, Fuse) else parts[0]
+
         for key, src in plan.items():
+            if key in converted:  # read, convert, drop: one full-precision tensor at a time
+                name = converted[key]
+                new = quantize[name](module.get_submodule(name), read_full(src))
+                replacements[name] = new
+                num_bytes += sum(
+                    t.numel() * t.element_size() for n, t in new.named_parameters() if n != "bias"
+                )
+                continue
             if src not in loaded:
-                parts = [read(s) for s in sources(src)]
-                target = key_map.get(src)
-                loaded[src] = torch.cat(parts, dim=target.dim) if isinstance(target, Fuse) else parts[0]
+                loaded[src] = read_full(src)
                 num_bytes += loaded[src].numel() * loaded[src].element_size()
             state[key] = loaded[src]
+        for name, new in replacements.items():
+            parent, _, attr = name.rpartition(".")
+            setattr(module.get_submodule(parent), attr, new)
+            for tensor_name, tensor in new.state_dict(keep_vars=True).items():
+                if tensor_name != "bias":
+                    state[f"{name}.{tensor_name}"] = tensor
         module.load_state_dict(state, strict=True, assign=True)
 
     _retie(module, plan)
@@ -397,7 +448,7 @@ def load_weights(
     report = LoadReport(
         folder=index.folder,
         files=index.files,
-        num_tensors=len(loaded),
+        num_tensors=len(loaded) + len(replacements),
         num_bytes=num_bytes,
         seconds=time.perf_counter() - start,
         ignored=ignored,
@@ -411,6 +462,24 @@ def load_weights(
         report.seconds,
     )
     return report
+
+
+def _converted_keys(module: torch.nn.Module, quantize: Converters) -> dict[str, str]:
+    """The weight key of each linear named in ``quantize`` -> that linear's name."""
+    keys = {}
+    for name in quantize:
+        try:
+            linear = module.get_submodule(name)
+        except AttributeError:
+            raise WeightsMismatchError(
+                f"{type(module).__name__} has no module '{name}' to quantize"
+            ) from None
+        if not isinstance(linear, torch.nn.Linear):
+            raise WeightsMismatchError(
+                f"'{name}' is a {type(linear).__name__}; only nn.Linear weights are quantized"
+            )
+        keys[f"{name}.weight"] = name
+    return keys
 
 
 def _retie(module: torch.nn.Module, plan: Mapping[str, str]) -> None:

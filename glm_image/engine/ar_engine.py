@@ -36,6 +36,7 @@ from ..models.ar import ArModel, KVCache, rotary_tables
 from ..models.vision import VisionEncoder
 from ..ops import Ops
 from ..progress import Progress
+from ..quant import QuantScheme
 from ..sampling import SamplingParams, image_seeds
 from ..weights import load_model
 from . import jacobi
@@ -129,20 +130,24 @@ class ArEngine:
         attention_backend: str | Ops | None = None,
         decode_step: str = "auto",
         noise_worker: bool = False,
+        quantize: str | QuantScheme | None = None,
     ) -> ArEngine:
         """``attention_backend``: an ops backend name (auto, sdpa, triton, npu; see
         ``glm_image.ops``) chosen for ``device``, or a backend already chosen by the caller (e.g.
-        for the device the stage will run on when it is loaded elsewhere first). The other
-        options: see ``__init__``."""
+        for the device the stage will run on when it is loaded elsewhere first). ``quantize``:
+        the decoder's weight format, none | int8 | fp8 | int4, or a scheme naming stages
+        (``ar=int4,dit=int8``; see ``glm_image.quant``), applied layer by layer while loading. The
+        other options: see ``__init__``."""
         from transformers import GlmImageProcessor
 
-        setup = prepare_stage(path, device, attention_backend, "AR")
+        setup = prepare_stage(path, device, attention_backend, "AR", quantize)
         config = setup.config
         model = load_model(
             lambda: ArModel(config.ar.text, setup.ops),
             setup.root / "vision_language_encoder",
             device=setup.device,
             dtype=dtype,
+            quantize=setup.quantize,
         )
         verify_ops(setup, model)
         if setup.device.type == "cpu":

@@ -44,6 +44,7 @@ from ..models.dit import (
 from ..models.glyph import GlyphEncoder
 from ..ops import Ops
 from ..progress import Progress
+from ..quant import QuantScheme
 from ..sampling import euler_step, flow_schedule, guidance, image_seeds, image_seq_len
 from ..weights import load_model
 from .loading import prepare_stage, verify_ops
@@ -102,14 +103,21 @@ class DitEngine:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         attention_backend: str | Ops | None = None,
+        quantize: str | QuantScheme | None = None,
     ) -> DitEngine:
-        """``attention_backend``: as ``ArEngine.from_pretrained``."""
+        """``attention_backend``: as ``ArEngine.from_pretrained``. ``quantize``: the DiT's weight
+        format, none | int8 | fp8, or a scheme naming stages (see ``glm_image.quant``); the glyph
+        encoder and the VAE load as stored."""
         from diffusers import AutoencoderKL
 
-        setup = prepare_stage(path, device, attention_backend, "DiT")
+        setup = prepare_stage(path, device, attention_backend, "DiT", quantize)
         root, config, device, ops = setup.root, setup.config, setup.device, setup.ops
         model = load_model(
-            lambda: DitModel(config.dit, ops), root / "transformer", device=device, dtype=dtype
+            lambda: DitModel(config.dit, ops),
+            root / "transformer",
+            device=device,
+            dtype=dtype,
+            quantize=setup.quantize,
         )
         verify_ops(setup, model)
         glyph = GlyphEncoder.from_pretrained(root, config, device=device, dtype=dtype)

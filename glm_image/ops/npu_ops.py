@@ -29,6 +29,11 @@ Where each op comes from (documentation cited at each call):
 - ``qk_norm_rope``: LayerNorm in torch (F.layer_norm runs natively), the image tokens' 2D RoPE
   through ``npu_rotary_mul`` in float32.
 - ``swiglu``: ``npu_swiglu`` (its first half is the gate, as ours).
+- ``quant_linear`` (int8): ``npu_weight_quant_batchmatmul`` with the weight's per-channel scale as
+  ``antiquant_scale`` (``y = x @ (weight * antiquant_scale)``), the weight passed as the
+  documented (K, N) transposed view of our (N, K) rows; float16/bfloat16 activations. int4 stays on
+  the reference: the op takes int4 packed eight to an int32 by ``npu_convert_weight_to_int4pack``,
+  a layout the loader does not write (and fp8 is not an Ascend format here).
 - ``layer_norm_modulate``: inherited. torch_npu documents no AdaLN op (CANN's aclnnAdaLayerNorm
   is reachable only through MindIE-SD's plugin), and its LayerNorm ops take a (dim,) weight,
   not a per-sample (B, 1, dim) scale.
@@ -45,6 +50,7 @@ import torch.nn.functional as F
 
 from ..device import npu_module
 from ..errors import GlmImageError
+from .quant import TORCH_PATHS, QuantPath
 from .torch_ops import TorchOps, capturing
 
 __all__ = ["NpuOps"]
@@ -163,10 +169,41 @@ def _rope_factors(cos: torch.Tensor, signed_sin: torch.Tensor) -> tuple[torch.Te
     return cos.unsqueeze(2).contiguous(), plain_sin.unsqueeze(2)
 
 
+_WQBMM = "npu_weight_quant_batchmatmul"
+
+
+def _wqbmm_unfit(x: torch.Tensor, weight) -> str | None:
+    """npu_weight_quant_batchmatmul's documented limits (hiascend.com "torch_npu.
+    npu_weight_quant_batchmatmul", 6.0.0 / 7.0.0, Atlas A2): x float16/bfloat16 (M, K); weight
+    int8 (K, N), a transposed view allowed (recommended per channel); antiquant_scale (N,) of x's
+    dtype."""
+    npu = npu_module()
+    if npu is None or not callable(getattr(npu, _WQBMM, None)):
+        return f"this torch_npu has no {_WQBMM}"
+    if x.dtype not in _HALF:
+        return f"{_WQBMM} takes float16/bfloat16 activations, not {x.dtype}"
+    if x.shape[1] != weight.in_features:
+        return f"x of {x.shape[1]} features for a weight of {weight.in_features}"
+    if torch.is_grad_enabled() and x.requires_grad:
+        return "inputs that need gradients (inference only)"
+    return None
+
+
+def _wqbmm(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+    # bias is added here: its documented dtypes changed between releases (float16/float32 only
+    # in 6.0.x, whatever x is), and the addition costs nothing next to the matmul
+    y = getattr(npu_module(), _WQBMM)(x, weight.data.t(), weight.scale.to(x.dtype))
+    return y if bias is None else y + bias
+
+
+WQBMM_PATH = QuantPath("npu-wqbmm", ("int8",), _wqbmm_unfit, _wqbmm)
+
+
 class NpuOps(TorchOps):
     """``npu``: torch_npu fused operators, each checked against its documented limits first."""
 
     name = "npu"
+    quant_paths = (WQBMM_PATH, *TORCH_PATHS)
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         super().__init__(device)

@@ -19,6 +19,11 @@ Entry points:
   by hand is checked too. Not while a graph is captured: the check reads results on the host.
 - ``check_backend(name, device, dtype, sizes)`` and ``format_check(rows)``: a report for the
   command line (op, status, max abs error and its bound, tolerance, error).
+- ``verify_quant(ops, device, dtype, kind)`` (``Ops.verify_quant``): the same for the quantized
+  matmuls of one weight format (``ops.quant``; every backend, ``sdpa`` included, since torch's own
+  quantized matmuls take layouts we choose), against ``quant_linear_reference``, at decode and
+  prefill row counts; rows named ``quant_linear[<format>] <path>``. Checked when an engine loads a
+  quantized model, or lazily at the first call.
 
 Status of a row: ``ok``; ``FAILED`` (raised or disagreed: switched off); ``fallback`` (the
 backend's own limits send these inputs to the reference, so there was nothing to check).
@@ -36,7 +41,15 @@ import torch
 
 from .torch_ops import Ops, TorchOps
 
-__all__ = ["TOLERANCES", "CheckRow", "CheckSizes", "check_backend", "format_check", "verify"]
+__all__ = [
+    "TOLERANCES",
+    "CheckRow",
+    "CheckSizes",
+    "check_backend",
+    "format_check",
+    "verify",
+    "verify_quant",
+]
 
 log = logging.getLogger("glm_image.ops")
 
@@ -324,6 +337,95 @@ def verify(
                     )
     ops._off[(device, dtype)] = {
         row.op: f"switched off by the self-check: {row.error}" for row in rows if row.status == FAILED
+    }
+    return list(rows)
+
+
+# ---------------------------------------------------------------------- quantized matmuls
+
+_QUANT_ROWS = (1, 3, 37)  # a decode step, a small batch, a prefill (past the GEMV's 16 rows)
+_QUANT_OUT = 96  # output channels of the check's weight (a multiple of 16, not of 64)
+_COARSER = (torch.float32, torch.float16, torch.bfloat16)  # by increasing rounding error
+
+
+def _quant_tolerance(dtype: torch.dtype, precision: torch.dtype | None) -> tuple[float, float]:
+    """The tolerance of a path whose activations are computed in ``precision`` for inputs of ``dtype``."""
+    from .quant import FP8_TOLERANCE
+
+    if precision == torch.float8_e4m3fn:
+        return FP8_TOLERANCE
+    ranks = [_COARSER.index(d) if d in _COARSER else 0 for d in (dtype, precision or dtype)]
+    return TOLERANCES[_COARSER[max(ranks)]]
+
+
+def _run_quant(
+    ops: Ops, device: torch.device, dtype: torch.dtype, kind: str, sizes: CheckSizes
+) -> list[CheckRow]:
+    from glm_image_kernels import quant_linear_reference
+
+    from ..quant.formats import quantize
+
+    inputs = _Inputs(device, dtype, 4)
+    k = sizes.hidden
+    weight = quantize(inputs.randn(_QUANT_OUT, k, scale=k**-0.5, dtype=torch.float32), kind)
+    bias = inputs.randn(_QUANT_OUT, scale=0.1)
+    xs = [inputs.randn(m, k) for m in _QUANT_ROWS]
+    where = str(device), str(dtype).removeprefix("torch.")
+    rows = []
+    with torch.inference_mode():
+        for path in ops.quant_paths:
+            if kind not in path.kinds:
+                continue
+            op = f"quant_linear[{kind}] {path.name}"
+            tolerance = _quant_tolerance(dtype, path.precision)
+            status, worst, worst_bound, text, ran = OK, 0.0, tolerance[0], "", False
+            for x in xs:
+                if path.unfit(x, weight) is not None:
+                    continue
+                ran = True
+                want = quant_linear_reference(x, weight, bias)
+                try:
+                    got = path.run(x, weight, bias)
+                except Exception as e:  # a kernel that cannot compile or launch
+                    status, worst, worst_bound, text = FAILED, None, None, f"{type(e).__name__}: {e}".strip()
+                    break
+                error, bound, why = _compare(got, want, tolerance)
+                if error / bound >= worst / worst_bound:
+                    worst, worst_bound = error, bound
+                if why:
+                    status, text = FAILED, f"{x.shape[0]} rows: {why}"
+                    break
+            if ran:
+                rows.append(CheckRow(ops.name, *where, op, status, worst, worst_bound, tolerance, text))
+    return rows
+
+
+def verify_quant(
+    ops: Ops, device: torch.device | str, dtype: torch.dtype, kind: str, sizes: CheckSizes | None = None
+) -> list[CheckRow]:
+    """``Ops.verify_quant`` on ``device`` (see the module docstring): check once per process,
+    switch the failed paths off on ``ops``, return the rows."""
+    device = torch.device(device)
+    if sizes is not None:
+        ops.check_sizes = sizes
+    key = (f"{ops.name}:quant:{kind}", _device_key(device), dtype)
+    with _LOCK:
+        rows = _VERDICTS.get(key)
+        if rows is None:
+            rows = _VERDICTS[key] = tuple(
+                _run_quant(ops, device, dtype, kind, ops.check_sizes or CheckSizes())
+            )
+            for row in rows:
+                if row.status == FAILED:
+                    log.warning(
+                        "%s backend on %s (%s): %s failed its self-check and is switched off for this "
+                        "process (its calls run on the reference): %s",
+                        *(row.backend, row.device, row.dtype, row.op, row.error),
+                    )
+    ops._quant_off[(device, dtype, kind)] = {
+        row.op.rsplit(" ", 1)[1]: f"switched off by the self-check: {row.error}"
+        for row in rows
+        if row.status == FAILED
     }
     return list(rows)
 

@@ -9,6 +9,10 @@ with a stated reason (``Ops.fallback``), logged once. Before a non-reference bac
 (device, dtype) for the first time, its replaced ops are checked against these (``Ops.verify``,
 see ``selfcheck``); one that raises or disagrees is switched off for the process.
 
+Quantized linears (``quant_linear``) are the one family where the reference backend runs more
+than the reference: torch's own quantized matmuls where torch has one for the device and format
+(``ops.quant``), checked against the reference (``quant_linear_reference``) like a kernel is.
+
 Masks and rotary tables are read-only for a backend and are not modified in place by the caller
 while a forward uses them, so a backend may derive what it needs from them once per forward
 (the ``npu`` backend converts mask polarity and the sin sign once, not once per layer).
@@ -23,7 +27,10 @@ import glm_image_kernels as kernels
 import torch
 import torch.nn.functional as F
 
+from .quant import TORCH_PATHS
+
 if TYPE_CHECKING:
+    from .quant import QuantPath
     from .selfcheck import CheckRow, CheckSizes
 
 __all__ = ["Ops", "TorchOps", "capturing"]
@@ -52,6 +59,8 @@ class Ops:
     """
 
     name = "?"
+    # the quantized matmuls this backend tries, in order (see ``ops.quant``)
+    quant_paths: tuple[QuantPath, ...] = ()
 
     def __init__(self, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
@@ -61,6 +70,8 @@ class Ops:
         # set on the private instance the self-check runs: the fallbacks it took, and no checks
         self._probing: list[tuple[str, str]] | None = None
         self.check_sizes: CheckSizes | None = None  # the model's sizes, once ``verify`` is told
+        # (device, dtype, format) -> {quant path: why it is switched off}, from ``verify_quant``
+        self._quant_off: dict[tuple[torch.device, torch.dtype, str], dict[str, str]] = {}
 
     def fallback(self, op: str, reason: str) -> None:
         """Note (once per op and reason) that ``op`` runs on the reference path, and why."""
@@ -99,6 +110,42 @@ class Ops:
             off = self._off[(x.device, x.dtype)]
         return off.get(op)
 
+    def verify_quant(self, dtype: torch.dtype, kind: str, sizes: CheckSizes | None = None) -> list[CheckRow]:
+        """Check this backend's quantized matmuls for format ``kind`` against the reference (once
+        per process and (backend, device, dtype, format)); the ones that fail are switched off.
+        Engines call it after loading a quantized model; otherwise the first call does."""
+        from .selfcheck import verify_quant
+
+        return verify_quant(self, self.device, dtype, kind, sizes)
+
+    def quant_linear(self, x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ dequantize(weight)^T + bias``: x (..., K), weight a ``QuantWeight`` (N, K), bias
+        (N,) or None; returns (..., N) in x's dtype. The first of ``quant_paths`` that takes the
+        inputs and passed its self-check runs; otherwise the reference (``quant_linear_reference``)."""
+        rows = x.reshape(-1, x.shape[-1])
+        why = []
+        for path in self.quant_paths:
+            if weight.kind not in path.kinds:
+                continue
+            reason = path.unfit(rows, weight) or self._quant_switched_off(path.name, rows, weight.kind)
+            if reason is None:
+                return path.run(rows, weight, bias).view(*x.shape[:-1], weight.out_features)
+            why.append(f"{path.name}: {reason}")
+        if why:
+            self.fallback(f"quant_linear[{weight.kind}]", "; ".join(why))
+        return kernels.quant_linear_reference(x, weight, bias)
+
+    def _quant_switched_off(self, path: str, x: torch.Tensor, kind: str) -> str | None:
+        off = self._quant_off.get((x.device, x.dtype, kind))
+        if off is None:
+            if self._probing is not None or capturing(x.device.type):
+                return None
+            from .selfcheck import verify_quant
+
+            verify_quant(self, x.device, x.dtype, kind)
+            off = self._quant_off[(x.device, x.dtype, kind)]
+        return off.get(path)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, device={self.device})"
 
@@ -110,6 +157,7 @@ class TorchOps(Ops):
     """
 
     name = "sdpa"
+    quant_paths = TORCH_PATHS
 
     attention = staticmethod(kernels.attention_reference)
     decode_attention = staticmethod(kernels.decode_attention_reference)

@@ -1,7 +1,9 @@
 """The ``triton`` backend: our fused kernels (``glm_image_kernels``) where they fit, torch elsewhere.
 
 Kernels: decode attention over the static KV cache (flash-decoding, GQA), M-RoPE in place,
-RMSNorm and the fused residual step, LayerNorm + AdaLN modulation, QK LayerNorm + 2D RoPE. Each
+RMSNorm and the fused residual step, LayerNorm + AdaLN modulation, QK LayerNorm + 2D RoPE, and
+the weight-only int8 / int4 GEMV of quantized linears at decode batch sizes (``quant_paths``;
+larger batches and fp8 take torch's paths, ``ops.quant``). Each
 op checks its inputs per call (device, dtype, strides, sizes) and, when a kernel cannot take
 them, runs the ``sdpa`` method instead after ``Ops.fallback`` records the reason (logged once).
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 import glm_image_kernels as kernels
 import torch
 
+from .quant import TORCH_PATHS, QuantPath
 from .torch_ops import TorchOps
 
 __all__ = ["TritonOps"]
@@ -33,10 +36,42 @@ def _power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def _gemv_unfit(x: torch.Tensor, weight) -> str | None:
+    """Why the quantized GEMV kernel cannot take x (M, K) and ``weight``, or None."""
+    if not kernels.HAVE_TRITON:
+        return "Triton is not installed"
+    kinds = {x.device.type, weight.data.device.type}
+    if kinds - {"cuda", "cpu"} or len(kinds) != 1:
+        return "tensors not on one CUDA device"
+    if "cpu" in kinds and not kernels.interpreted():
+        return "CPU tensors, and glm_image_kernels was imported without TRITON_INTERPRET=1"
+    if x.dtype not in _DTYPES:
+        return f"activations in {x.dtype}"
+    if x.shape[0] > kernels.MAX_QUANT_ROWS:
+        return f"more than {kernels.MAX_QUANT_ROWS} rows (a GEMM: dequantize + tensor cores)"
+    if x.shape[1] != weight.in_features or x.stride(-1) != 1:
+        return "activations not (M, in_features) with a unit last stride"
+    if not all(t.is_contiguous() for t in (weight.data, weight.scale)):
+        return "a weight that is not contiguous"
+    if weight.kind == "int4" and not (_power_of_two(weight.group) and weight.group <= 256):
+        return f"int4 group {weight.group} (kernel needs a power of two up to 256)"
+    if torch.is_grad_enabled() and x.requires_grad:
+        return "inputs that need gradients (the kernels are inference-only)"
+    return None
+
+
+def _gemv(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
+    return kernels.quant_linear(x, weight, bias)
+
+
+GEMV_PATH = QuantPath("triton-gemv", ("int8", "int4"), _gemv_unfit, _gemv)
+
+
 class TritonOps(TorchOps):
     """``triton``: see the module docstring. Registered for CUDA (and CPU under the interpreter)."""
 
     name = "triton"
+    quant_paths = (GEMV_PATH, *TORCH_PATHS)
 
     def __init__(self, device: torch.device | str = "cuda") -> None:
         super().__init__(device)

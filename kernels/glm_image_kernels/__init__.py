@@ -11,6 +11,8 @@ torch tensors, checks shapes, launches, and returns what its twin returns:
 - ``rms_norm``, ``add_rms_norm``: RMSNorm, and residual add + sandwich norms in one pass (``residual_norm``)
 - ``layer_norm_modulate``: LayerNorm + AdaLN scale/shift (``adaln``)
 - ``qk_norm_rope``: QK LayerNorm + 2D RoPE + transpose for the DiT (``dit_qk``)
+- ``quant_linear``: weight-only int8 / int4 GEMV for decode-sized batches (``quant_linear``), with
+  ``QuantWeight``, the quantized weight formats its twin dequantizes
 
 Importing never needs Triton (the twins are plain torch); calling a kernel does. Kernels run on
 CUDA tensors, or on CPU tensors in Triton's interpreter when ``TRITON_INTERPRET=1`` was set before
@@ -28,6 +30,8 @@ from .flash_decoding import (
     decode_attention_reference,
     default_split_size,
 )
+from .quant_linear import MAX_ROWS as MAX_QUANT_ROWS
+from .quant_linear import QuantWeight, quant_linear, quant_linear_reference, unpack_int4
 from .residual_norm import MAX_DIM as MAX_NORM_DIM
 from .residual_norm import add_rms_norm, add_rms_norm_reference, rms_norm, rms_norm_reference
 from .rotary import rotary_, rotary_reference_
@@ -35,6 +39,8 @@ from .rotary import rotary_, rotary_reference_
 __all__ = [
     "HAVE_TRITON",
     "MAX_NORM_DIM",
+    "MAX_QUANT_ROWS",
+    "QuantWeight",
     "add_rms_norm",
     "add_rms_norm_reference",
     "attention_reference",
@@ -47,8 +53,11 @@ __all__ = [
     "layer_norm_modulate_reference",
     "qk_norm_rope",
     "qk_norm_rope_reference",
+    "quant_linear",
+    "quant_linear_reference",
     "rms_norm",
     "rms_norm_reference",
     "rotary_",
     "rotary_reference_",
+    "unpack_int4",
 ]

@@ -1,0 +1,345 @@
+"""Quantized weights: speed, memory and quality against the unquantized engine, in one run.
+
+    python benchmarks/bench_quant.py gemv                     # one 13696x4096 GEMV per path, 1 and 2 threads
+    python benchmarks/bench_quant.py speed --model wide       # AR decode tok/s and DiT s/step per dtype / scheme
+    python benchmarks/bench_quant.py memory --model wide      # measured peaks against the planner's estimate
+    python benchmarks/bench_quant.py quality --model tiny     # logits KL / top-1, velocity error, image PSNR
+    ... --out results/quant_<mode>.json                      # the shared JSON layout (benchmarks/README.md)
+
+``speed`` and ``memory`` run every configuration in a fresh child process, one after the other
+and in rounds (``--repeats``), so each peak is that configuration's own and a machine that drifts
+favours none; AR tokens/s is (tokens - 1) / (call - prefill) seconds, the best round reported with
+the median. ``quality`` loads the unquantized engine and each quantized one in turn; AR logits are
+teacher-forced (``glm_image.quant.compare``), the DiT gets the same prior tokens (random codes:
+the checkpoints' weights are random, so the AR's tokens carry no more meaning) and seeds. fp8 runs
+here through ``torch._scaled_mm`` on the CPU (the engine allows it on FP8 GPUs only; the maths
+is the same). Random weights are not the released model: its quality needs its weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _report import build_report, markdown_table, median, save_report
+
+PROMPTS = ("A vintage poster with the title 'SUMMER SALE' in bold red letters", "a red car on a quiet street")
+AR_CONFIGS = (
+    "float32",
+    "bfloat16",
+    "float16",
+    "float32+int8",
+    "bfloat16+int8",
+    "float16+int8",
+    "float32+ar=int4",
+)
+DIT_CONFIGS = ("float32", "bfloat16", "float32+int8", "bfloat16+int8")
+
+
+def _config(text: str) -> tuple[torch.dtype, str]:
+    dtype, _, scheme = text.partition("+")
+    return getattr(torch, dtype), scheme or "none"
+
+
+# ---------------------------------------------------------------------- children (one config each)
+
+
+def _child_ar(model: str, config: str, tokens: int, size: int) -> dict:
+    from glm_image.bench.memory import PeakMemory
+    from glm_image.engine import ArEngine
+
+    dtype, scheme = _config(config)
+    with PeakMemory("cpu") as memory:
+        start = time.perf_counter()
+        engine = ArEngine.from_pretrained(model, dtype=dtype, quantize=scheme)
+        load_s = time.perf_counter() - start
+        engine.generate(PROMPTS[0], size, size, seeds=[0], max_new_tokens=4)  # warm-up
+        start = time.perf_counter()
+        result = engine.generate(PROMPTS[0], size, size, seeds=[0], max_new_tokens=tokens)
+        total = time.perf_counter() - start
+    decode = total - result.prefill_seconds
+    weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    return {
+        "tokens_per_s": (tokens - 1) / decode,
+        "prefill_s": result.prefill_seconds,
+        "load_s": load_s,
+        "weight_bytes": weights,
+        "peak_rss_bytes": memory.peak,
+        "peak_increase_bytes": memory.increase,
+    }
+
+
+def _child_dit(model: str, config: str, steps: int, size: int) -> dict:
+    from glm_image.bench.memory import PeakMemory
+    from glm_image.engine import DitEngine
+
+    dtype, scheme = _config(config)
+    prior = torch.randint(0, 16384, (1, (size // 16) ** 2), generator=torch.Generator().manual_seed(0))
+    with PeakMemory("cpu") as memory:
+        engine = DitEngine.from_pretrained(model, dtype=dtype, quantize=scheme)
+        engine.denoise(prior, PROMPTS[0], size, size, num_inference_steps=1, seeds=0)  # warm-up
+        start = time.perf_counter()
+        engine.denoise(prior, PROMPTS[0], size, size, num_inference_steps=steps, seeds=0)
+        seconds = time.perf_counter() - start
+    weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    return {
+        "s_per_step": seconds / steps,
+        "weight_bytes": weights,
+        "peak_rss_bytes": memory.peak,
+        "peak_increase_bytes": memory.increase,
+    }
+
+
+def _child_memory(model: str, scheme: str, size: int) -> dict:
+    """Each stage's measured growth of the process (Linux peak RSS) beside the planner's estimate.
+    float32 (the checkpoint is bfloat16): every weight is then a copy in the process's own memory,
+    not pages of the memory-mapped file that count only once touched."""
+    from glm_image.bench.memory import PeakMemory
+    from glm_image.engine import ArEngine, DitEngine
+    from glm_image.hub import resolve_checkpoint
+    from glm_image.residency import estimate_memory
+
+    root = resolve_checkpoint(model)
+    estimate = estimate_memory(root, scheme, torch.float32, height=size, width=size)
+    out = {}
+    with PeakMemory("cpu") as m:
+        ar = ArEngine.from_pretrained(root, dtype=torch.float32, quantize=scheme)
+    out["ar_weights"] = (m.increase, estimate.weights["ar_text_decoder"])
+    with PeakMemory("cpu") as m, torch.inference_mode():
+        ar.generate(PROMPTS[0], size, size, seeds=[0], max_new_tokens=32)
+    out["ar_activations"] = (m.increase, estimate.ar_activations)
+    del ar
+    with PeakMemory("cpu") as m:
+        dit = DitEngine.from_pretrained(root, dtype=torch.float32, quantize=scheme)
+    out["dit_glyph_vae_weights"] = (m.increase, estimate.dit_stage)
+    prior = torch.randint(0, 16384, (1, (size // 16) ** 2), generator=torch.Generator().manual_seed(0))
+    with PeakMemory("cpu") as m:
+        latents = dit.denoise(prior, PROMPTS[0], size, size, num_inference_steps=1, seeds=0)
+    out["dit_activations"] = (m.increase, estimate.dit_activations)
+    with PeakMemory("cpu") as m:
+        dit.decode(latents)
+    out["vae_activations"] = (m.increase, estimate.vae_activations)
+    return {
+        k: {"measured_bytes": a, "estimated_bytes": b, "ratio": round(b / a, 3) if a else None}
+        for k, (a, b) in out.items()
+    }
+
+
+def _run_child(*args: str, threads: int | None = None) -> dict:
+    extra = ["--threads", str(threads)] if threads else []
+    out = subprocess.run(
+        [sys.executable, __file__, "_child", *extra, *args], capture_output=True, text=True, check=False
+    )
+    if out.returncode:
+        raise RuntimeError(f"child {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------- modes
+
+
+def run_speed(args) -> dict:
+    results = []
+    rounds: dict[tuple[str, str], list[dict]] = {}
+    for _ in range(args.repeats):
+        for config in args.ar_configs:
+            rounds.setdefault(("ar", config), []).append(
+                _run_child("ar", args.model, config, str(args.tokens), str(args.size), threads=args.threads)
+            )
+        for config in args.dit_configs:
+            rounds.setdefault(("dit", config), []).append(
+                _run_child(
+                    "dit", args.model, config, str(args.steps), str(args.dit_size), threads=args.threads
+                )
+            )
+    for (stage, config), runs in rounds.items():
+        key = "tokens_per_s" if stage == "ar" else "s_per_step"
+        values = [r[key] for r in runs]
+        best = max(values) if stage == "ar" else min(values)
+        results.append(
+            {
+                "stage": stage,
+                "config": config,
+                key: round(best, 4),
+                f"{key}_median": round(median(values), 4),
+                f"{key}_all": [round(v, 4) for v in values],
+                "weight_bytes": runs[0]["weight_bytes"],
+                "peak_rss_bytes": max(r["peak_rss_bytes"] for r in runs),
+            }
+        )
+    ar = [r for r in results if r["stage"] == "ar"]
+    fastest = max((r for r in ar if "+" not in r["config"]), key=lambda r: r["tokens_per_s"], default=None)
+    notes = []
+    if fastest:
+        for r in ar:
+            r["vs_fastest_unquantized"] = round(r["tokens_per_s"] / fastest["tokens_per_s"], 3)
+        notes.append(f"fastest unquantized AR dtype: {fastest['config']} ({fastest['tokens_per_s']} tok/s)")
+    config = {"model": args.model, "tokens": args.tokens, "size": args.size, "dit_size": args.dit_size,
+              "steps": args.steps, "repeats": args.repeats, "threads": args.threads or torch.get_num_threads()}  # fmt: skip
+    return build_report("quant_speed", results, config=config, notes=notes, device="cpu")
+
+
+def run_memory(args) -> dict:
+    results = [{"scheme": s, **_run_child("memory", args.model, s, str(args.size))} for s in args.schemes]
+    notes = ["measured: growth of the process's peak RSS over each step (Linux VmHWM), float32 on the CPU"]
+    return build_report("quant_memory", results, config={"model": args.model, "size": args.size}, notes=notes)
+
+
+def _load(engine_cls, root, kind: str):
+    from glm_image.models.ar import ArModel
+    from glm_image.models.dit import DitModel
+    from glm_image.quant import linear_quantizers
+    from glm_image.weights import load_model
+
+    engine = engine_cls.from_pretrained(root)
+    if kind != "none":  # fp8 too: the CPU path of the same maths (see the module docstring)
+        ar = engine_cls.__name__ == "ArEngine"
+        factory = (
+            (lambda: ArModel(engine.config.ar.text, engine.model.ops))
+            if ar
+            else (lambda: DitModel(engine.config.dit, engine.model.ops))
+        )
+        engine.model = load_model(factory, root / ("vision_language_encoder" if ar else "transformer"),
+                                  quantize=linear_quantizers(kind)).eval()  # fmt: skip
+    return engine
+
+
+def run_quality(args) -> dict:
+    from glm_image.bench.quality import psnr
+    from glm_image.engine import ArEngine, DitEngine
+    from glm_image.hub import resolve_checkpoint
+    from glm_image.quant.compare import dit_velocity, logit_metrics, relative_error, teacher_forced_logits
+
+    root = resolve_checkpoint(args.model)
+    size = args.size
+    reference = _load(ArEngine, root, "none")
+    paths = []
+    for prompt in PROMPTS:
+        tokens = reference.generate(prompt, size, size, seeds=[0], max_new_tokens=args.tokens).tokens[0]
+        paths.append((prompt, tokens, teacher_forced_logits(reference, prompt, size, size, tokens)))
+    del reference
+    results = []
+    for kind in ("int8", "int4", "fp8"):
+        engine = _load(ArEngine, root, kind)
+        got = torch.cat([teacher_forced_logits(engine, p, size, size, t) for p, t, _ in paths])
+        metrics = logit_metrics(torch.cat([ref for _, _, ref in paths]), got)
+        results.append({"stage": "ar", "scheme": kind, **{k: round(v, 6) for k, v in metrics.items()}})
+        del engine
+
+    prior = torch.randint(0, 16384, (1, (size // 16) ** 2), generator=torch.Generator().manual_seed(1))
+    reference = _load(DitEngine, root, "none")
+    velocity = dit_velocity(reference, prior, PROMPTS[0], size, size)
+    image = reference.decode(
+        reference.denoise(prior, PROMPTS[0], size, size, num_inference_steps=args.steps, seeds=0)
+    )[0]
+    del reference
+    for kind in ("int8", "fp8"):
+        engine = _load(DitEngine, root, kind)
+        got = dit_velocity(engine, prior, PROMPTS[0], size, size)
+        latents = engine.denoise(prior, PROMPTS[0], size, size, num_inference_steps=args.steps, seeds=0)
+        results.append({"stage": "dit", "scheme": kind, "velocity_relative_error": round(relative_error(velocity, got), 6),
+                        "image_psnr_db": round(psnr(engine.decode(latents)[0], image), 2)})  # fmt: skip
+        del engine
+    config = {
+        "model": args.model,
+        "size": size,
+        "ar_tokens": args.tokens,
+        "dit_steps": args.steps,
+        "prompts": PROMPTS,
+    }
+    notes = [
+        "random weights, not the released model",
+        "AR: teacher-forced over the unquantized model's tokens",
+    ]
+    return build_report("quant_quality", results, config=config, notes=notes, device="cpu")
+
+
+def run_gemv(args) -> dict:
+    """One 13696x4096 GEMV (the AR's down_proj shape) through each path, 1 and 2 threads."""
+    from glm_image.ops.quant import TORCH_PATHS
+    from glm_image.quant.formats import quantize
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(13696, 4096, generator=g) / 64
+    int8, int4 = quantize(w, "int8"), quantize(w, "int4")
+    x = torch.randn(1, 4096, generator=g)
+    paths = {p.name: p for p in TORCH_PATHS}
+    halves = {d: w.to(d) for d in (torch.bfloat16, torch.float16)}
+    cases = {
+        "float32 dense": lambda: torch.nn.functional.linear(x, w),
+        "bfloat16 dense": lambda: torch.nn.functional.linear(x.bfloat16(), halves[torch.bfloat16]),
+        "float16 dense": lambda: torch.nn.functional.linear(x.half(), halves[torch.float16]),
+        "int8 int8pack (float32 in/out)": lambda: paths["int8pack"].run(x, int8, None),
+        "int8 int8-split (float32, 1 row)": lambda: paths["int8-split"].run(x, int8, None),
+        "int4 reference (dequantize + linear)": lambda: int4.dequantize().matmul(x.T),
+    }
+    results = []
+    threads = torch.get_num_threads()
+    for n in (1, threads):
+        torch.set_num_threads(n)
+        times = {k: [] for k in cases}
+        with torch.inference_mode():
+            for fn in cases.values():
+                fn()
+            for _ in range(args.repeats):
+                for name, fn in cases.items():  # interleaved: drift favours none
+                    start = time.perf_counter()
+                    fn()
+                    times[name].append(time.perf_counter() - start)
+        results += [{"threads": n, "case": k, "min_ms": round(min(v) * 1e3, 3), "median_ms": round(median(v) * 1e3, 3)}
+                    for k, v in times.items()]  # fmt: skip
+    torch.set_num_threads(threads)
+    return build_report(
+        "quant_gemv", results, config={"shape": [13696, 4096], "repeats": args.repeats}, device="cpu"
+    )
+
+
+def main(argv=None) -> None:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_child":
+        kind, *rest = sys.argv[2:]
+        if kind == "--threads":  # the child's own intra-op threads (a benchmark setting)
+            torch.set_num_threads(int(rest[0]))
+            kind, *rest = rest[1:]
+        fn = {"ar": _child_ar, "dit": _child_dit, "memory": _child_memory}[kind]
+        rest = [int(r) if r.isdigit() else r for r in rest]
+        print(json.dumps(fn(*rest)))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=("gemv", "speed", "memory", "quality"))
+    parser.add_argument("--model", default="wide")
+    parser.add_argument("--size", type=int, default=512, help="AR / quality image side")
+    parser.add_argument("--dit-size", type=int, default=512)
+    parser.add_argument("--tokens", type=int, default=48, help="AR tokens per timed call / quality step")
+    parser.add_argument("--steps", type=int, default=2, help="DiT steps timed / denoised for PSNR")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, help="speed: torch threads in each child (default: torch's)")
+    parser.add_argument("--ar-configs", default=",".join(AR_CONFIGS))
+    parser.add_argument("--dit-configs", default=",".join(DIT_CONFIGS))
+    parser.add_argument("--schemes", default="none;int8;ar=int4", help="memory mode: schemes, ';'-separated")
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+    args.ar_configs = [c for c in args.ar_configs.split(",") if c]
+    args.dit_configs = [c for c in args.dit_configs.split(",") if c]
+    args.schemes = [s for s in args.schemes.split(";") if s]
+    report = {"gemv": run_gemv, "speed": run_speed, "memory": run_memory, "quality": run_quality}[args.mode](
+        args
+    )
+    if args.out:
+        save_report(report, args.out)
+    rows = report["results"]
+    headers = list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, list)))
+    print(markdown_table(headers, [[r.get(h) for h in headers] for r in rows]))
+    for note in report.get("notes", []):
+        print(note)
+
+
+if __name__ == "__main__":
+    main()

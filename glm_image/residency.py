@@ -1,0 +1,419 @@
+"""The memory planner: where the stages live and, with ``quantize="auto"``, their weight format.
+
+Given the device's free memory (or ``max_memory``), the image size and the batch, ``plan_memory``
+picks the residency, in this order of preference:
+
+- ``resident``: both stages on the device (no transfers);
+- ``swap``: one stage at a time, the idle one waiting in pinned host memory (two transfers of a
+  stage's weights per image: ~0.4 s each way for an int8 AR over PCIe 4.0 x16);
+- ``offload``: layer by layer, the last resort (every step streams the weights).
+
+With ``auto`` the format is chosen too, trying (none, resident), (int8, resident), (int8, swap),
+(ar=int4 + dit=int8, swap), (ar=int4 + dit=int8, offload): int8 before swapping, since it costs
+little quality and makes AR decoding faster (half the bytes per token), while swapping costs
+transfers on every image. One log line says what was chosen and why (``MemoryPlan.describe``).
+
+The estimate (``estimate_memory``): the weights of every component as the loader builds them
+(our models and the reference's ByT5 and VAE built on the ``meta`` device: exact, and no weights
+needed), plus the largest activations of each stage: the AR's static KV cache and prefill, the
+DiT's per-block tensors at the size (``DIT_ACTIVATION``, measured: 11-18x rows x tokens x hidden
+x bytes on a CPU, see ``benchmarks/bench_quant.py``), the VAE decode (``VAE_ACTIVATION``,
+measured: ~2000x pixels x bytes, untiled), and ``RESERVE`` for the allocator and library
+workspaces. The ViT (image-to-image only) is counted when ``images`` is set.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import GlmImageError
+from .quant import QuantScheme, parse_quantize
+
+__all__ = [
+    "RESIDENCIES",
+    "MemoryEstimate",
+    "MemoryPlan",
+    "device_budget",
+    "estimate_memory",
+    "parse_memory",
+    "plan_memory",
+    "weight_bytes",
+]
+
+log = logging.getLogger(__name__)
+
+RESIDENCIES = ("resident", "swap", "offload")
+DIT_ACTIVATION = 20  # x rows * tokens * hidden * bytes: a block's live tensors at its peak
+VAE_ACTIVATION = 4  # x the decoder's largest feature map (+ 2 x the next): an untiled decode's peak
+PROMPT_TOKENS = 1024  # the AR prompt the plan allows for (a 1000-character prompt and template)
+GLYPH_TOKENS = 512  # the glyph tokens the plan allows for
+RESERVE = 512 * 2**20  # allocator fragmentation, cuBLAS / attention workspaces
+_AUTO = (
+    (QuantScheme("none", "none"), "resident"),
+    (QuantScheme("int8", "int8"), "resident"),
+    (QuantScheme("int8", "int8"), "swap"),
+    (QuantScheme("int4", "int8"), "swap"),
+    (QuantScheme("int4", "int8"), "offload"),
+)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
+
+
+def parse_memory(value: str | int | None, field: str = "max_memory") -> int | None:
+    """ "16GB" (10**9), "16GiB" (2**30), "512MB", or a number of bytes -> bytes; None stays None."""
+    if value is None or isinstance(value, int):
+        if isinstance(value, int) and value <= 0:
+            raise GlmImageError(f"{field} = {value}; allowed: a positive size such as 16GB or 16GiB")
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise GlmImageError(
+            f"{field} = {value!r}; allowed: a positive size with a unit of B, KB, MB, GB, TB "
+            "(powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 16GB"
+        )
+    return int(float(match.group(1)) * _UNITS[unit])
+
+
+# ---------------------------------------------------------------------- weights
+
+
+def _format_bytes(out_features: int, in_features: int, kind: str) -> int:
+    """Bytes of one quantized (out, in) weight (``glm_image.quant.formats``)."""
+    from .quant.formats import default_group
+
+    if kind == "int4":
+        return out_features * in_features // 2 + 2 * 2 * out_features * (
+            in_features // default_group(in_features)
+        )
+    return out_features * in_features + 4 * out_features  # int8 / fp8 + float32 scales
+
+
+def _module_bytes(
+    module: torch.nn.Module, dtype: torch.dtype | None, quantized: dict[str, str]
+) -> tuple[int, int]:
+    """(parameters, bytes) of a module built on meta, loaded in ``dtype`` (None: as built), with
+    the linears named in ``quantized`` (name -> format) stored in their format."""
+    params = total = 0
+    seen: set[int] = set()
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        params += tensor.numel()
+        owner = name.rpartition(".")[0]
+        if name.endswith(".weight") and owner in quantized:
+            total += _format_bytes(*tensor.shape, quantized[owner])
+        else:
+            cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+            total += (
+                tensor.numel()
+                * (torch.finfo(cast).bits if cast.is_floating_point else torch.iinfo(cast).bits)
+                // 8
+            )
+    return params, total
+
+
+def weight_bytes(
+    root: str | Path, scheme: QuantScheme | str | None, dtype: torch.dtype, *, vision: bool = True
+) -> dict[str, dict[str, int]]:
+    """Every component as loaded under ``scheme`` in ``dtype``: ``{name: {"params", "bytes"}}``,
+    for ar_text_decoder, ar_vision (the ViT + VQ tokenizer of image-to-image, if ``vision``), dit,
+    glyph_encoder and vae. Built on ``meta`` from the configs: no weights are read."""
+    from .config import CheckpointConfig
+    from .models.ar import ArModel
+    from .models.dit import DitModel
+    from .models.vision import VisionEncoder
+    from .quant import quantized_linears
+    from .synthetic.reference import build_reference
+    from .weights import build_on_meta
+
+    scheme = parse_quantize(scheme)
+    if scheme.auto:
+        raise GlmImageError("weight_bytes: give a concrete scheme; 'auto' is resolved by plan_memory")
+    config = CheckpointConfig.from_dir(root)
+    out: dict[str, dict[str, int]] = {}
+
+    def add(name: str, module: torch.nn.Module, load_dtype: torch.dtype | None, kind: str = "none") -> None:
+        quantized = dict.fromkeys(quantized_linears(module), kind) if kind != "none" else {}
+        params, nbytes = _module_bytes(module, load_dtype, quantized)
+        out[name] = {"params": params, "bytes": nbytes}
+
+    add("ar_text_decoder", build_on_meta(lambda: ArModel(config.ar.text)), dtype, scheme.ar)
+    if vision:
+        add("ar_vision", build_on_meta(lambda: VisionEncoder(config.ar.vision, config.ar.vq)), dtype)
+    add("dit", build_on_meta(lambda: DitModel(config.dit)), dtype, scheme.dit)
+    add("glyph_encoder", build_reference(config.root, "text_encoder", meta=True), dtype)
+    add("vae", build_reference(config.root, "vae", meta=True), _vae_dtype(config, dtype))
+    return out
+
+
+def _vae_dtype(config, dtype: torch.dtype) -> torch.dtype:
+    # as DitEngine.from_pretrained: fp16 overflows in this VAE, which then decodes in float32
+    return torch.float32 if dtype == torch.float16 and config.vae.force_upcast else dtype
+
+
+# ---------------------------------------------------------------------- activations
+
+
+def _vae_decode_elements(vae, pixels: int) -> int:
+    """Elements live at an untiled decode's peak for an image of ``pixels``: ``VAE_ACTIVATION`` x
+    the decoder's largest feature map + 2 x the next largest. Each up block runs at its resolution
+    with its channels, then (all but the last) upsamples its output x2."""
+    channels = list(reversed(vae.block_out_channels))
+    levels = len(channels)
+    maps = []
+    for j, c in enumerate(channels):
+        at = pixels // 4 ** (levels - 1 - j)  # this block's resolution
+        maps.append(c * at)
+        if j < levels - 1:
+            maps.append(c * 4 * at)  # its upsampled output
+    first, second = sorted(maps, reverse=True)[:2]
+    return VAE_ACTIVATION * first + 2 * second
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes on the device: each component's weights and each stage's largest activations."""
+
+    weights: dict[str, int]
+    ar_activations: int
+    dit_activations: int
+    vae_activations: int
+    largest_layer: dict[str, int] = field(default_factory=dict)  # per stage, for offloading
+
+    @property
+    def ar_stage(self) -> int:
+        return self.weights["ar_text_decoder"] + self.weights.get("ar_vision", 0)
+
+    @property
+    def dit_stage(self) -> int:
+        return self.weights["dit"] + self.weights["glyph_encoder"] + self.weights["vae"]
+
+    def peak(self, residency: str) -> int:
+        """The estimated peak on the device under ``residency``."""
+        ar_run = self.ar_activations
+        dit_run = max(self.dit_activations, self.vae_activations)
+        if residency == "resident":
+            return self.ar_stage + self.dit_stage + max(ar_run, dit_run) + RESERVE
+        if residency == "swap":
+            return max(self.ar_stage + ar_run, self.dit_stage + dit_run) + RESERVE
+        # offload: everything but the blocks stays; two blocks (running, next) stream in
+        ar = self.ar_stage - self.largest_layer["ar"] * self.largest_layer["ar_layers"]
+        dit = self.weights["dit"] - self.largest_layer["dit"] * self.largest_layer["dit_layers"]
+        ar_peak = ar + 2 * self.largest_layer["ar"] + ar_run
+        dit_peak = (
+            dit
+            + self.weights["glyph_encoder"]
+            + self.weights["vae"]
+            + 2 * self.largest_layer["dit"]
+            + dit_run
+        )
+        return max(ar_peak, dit_peak) + RESERVE
+
+    def to_json(self) -> dict:
+        return {
+            "weights_bytes": dict(self.weights),
+            "ar_activation_bytes": self.ar_activations,
+            "dit_activation_bytes": self.dit_activations,
+            "vae_activation_bytes": self.vae_activations,
+            "reserve_bytes": RESERVE,
+            "peak_bytes": {r: self.peak(r) for r in RESIDENCIES},
+        }
+
+
+def estimate_memory(
+    root: str | Path,
+    scheme: QuantScheme | str | None,
+    dtype: torch.dtype,
+    *,
+    height: int = 1024,
+    width: int = 1024,
+    batch: int = 1,
+    images: bool = False,
+) -> MemoryEstimate:
+    """The estimate for one generation call of ``batch`` images at ``height`` x ``width`` (see
+    the module docstring); ``images``: image-to-image (the ViT is loaded)."""
+    from .config import CheckpointConfig
+
+    scheme = parse_quantize(scheme)
+    config = CheckpointConfig.from_dir(root)
+    components = weight_bytes(root, scheme, dtype, vision=images)
+    weights = {name: c["bytes"] for name, c in components.items()}
+    act = torch.finfo(dtype).bits // 8
+    text, dit = config.ar.text, config.dit
+
+    # AR: the static cache (prompt + preview + target grid + EOS), the prefill's widest tensors
+    # (the MLP's gate/up and its product, q/k/v, float32 attention scores where SDPA takes the
+    # masked math path), the sampling noise, and a layer's weight dequantized for a prefill GEMM
+    tokens = (height // 32) * (width // 32) + 256 + 1
+    capacity = PROMPT_TOKENS + tokens
+    kv = 2 * text.num_hidden_layers * batch * text.num_key_value_heads * capacity * text.head_dim * act
+    prefill = batch * PROMPT_TOKENS * (3 * text.intermediate_size + 3 * text.hidden_size) * act
+    scores = batch * text.num_attention_heads * PROMPT_TOKENS**2 * 4
+    noise = batch * 256 * text.vision_vocab_size * 4
+    widest = 2 * text.intermediate_size * text.hidden_size * act if scheme.ar != "none" else 0
+    ar_activations = kv + prefill + scores + noise + widest
+
+    # DiT: both CFG branches of every image through a block, and the dequantized widest weight
+    rows = 2 * batch
+    patch = config.vae.scale_factor * dit.patch_size
+    seq = (height // patch) * (width // patch) + GLYPH_TOKENS
+    dit_widest = 4 * dit.hidden_size * dit.hidden_size * act if scheme.dit != "none" else 0
+    dit_activations = DIT_ACTIVATION * rows * seq * dit.hidden_size * act + dit_widest
+
+    vae_act = torch.finfo(_vae_dtype(config, dtype)).bits // 8
+    pixels = min(height * width, 1024 * 1024)  # above 1024x1024 the decode is tiled
+    vae_activations = batch * _vae_decode_elements(config.vae, pixels) * vae_act
+
+    largest = {
+        "ar": weights["ar_text_decoder"] // max(1, text.num_hidden_layers),
+        "ar_layers": text.num_hidden_layers,
+        "dit": weights["dit"] // max(1, dit.num_layers),
+        "dit_layers": dit.num_layers,
+    }
+    return MemoryEstimate(weights, ar_activations, dit_activations, vae_activations, largest)
+
+
+# ---------------------------------------------------------------------- the plan
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    residency: str  # resident | swap | offload (see RESIDENCIES)
+    scheme: QuantScheme
+    budget: int | None  # bytes the device offers (None: unknown)
+    peak_bytes: int  # the estimated peak under this residency
+    estimate: MemoryEstimate
+    fits: bool
+    reason: str
+    device: str
+    size: tuple[int, int]  # (height, width)
+    batch: int
+
+    @property
+    def offload(self) -> bool:
+        """True when the stages must not both stay on the device (``GlmImage(offload=...)``)."""
+        return self.residency != "resident"
+
+    def describe(self) -> str:
+        """The one log line: the choice and why."""
+        gb = 1e9
+        budget = f"{self.budget / gb:.1f} GB" if self.budget is not None else "unknown"
+        height, width = self.size
+        return (
+            f"memory plan on {self.device}: quantize {self.scheme}, {self.residency}; estimated peak "
+            f"{self.peak_bytes / gb:.1f} GB of {budget} for {width}x{height} batch {self.batch} "
+            f"(weights AR {self.estimate.ar_stage / gb:.1f} GB + DiT/glyph/VAE {self.estimate.dit_stage / gb:.1f} GB): "
+            f"{self.reason}"
+        )
+
+    def to_json(self) -> dict:
+        return {
+            "device": self.device,
+            "quantize": str(self.scheme),
+            "residency": self.residency,
+            "fits": self.fits,
+            "budget_bytes": self.budget,
+            "peak_bytes": self.peak_bytes,
+            "size": f"{self.size[1]}x{self.size[0]}",
+            "batch": self.batch,
+            "reason": self.reason,
+            "estimate": self.estimate.to_json(),
+        }
+
+
+def device_budget(device: torch.device | str) -> int | None:
+    """Free bytes on ``device``: CUDA / NPU free memory, the host's available memory for a CPU
+    (psutil), or None when it cannot be read."""
+    device = torch.device(device)
+    if device.type in ("cuda", "npu"):
+        module = getattr(torch, device.type, None)
+        info = getattr(module, "mem_get_info", None)
+        return int(info(device)[0]) if callable(info) else None
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return int(psutil.virtual_memory().available)
+
+
+def plan_memory(
+    root: str | Path,
+    device: torch.device | str,
+    dtype: torch.dtype | None = None,
+    *,
+    quantize: QuantScheme | str | None = None,
+    height: int = 1024,
+    width: int = 1024,
+    batch: int = 1,
+    max_memory: str | int | None = None,
+    images: bool = False,
+) -> MemoryPlan:
+    """The residency (and, for ``quantize="auto"``, the scheme) for generating ``batch`` images of
+    ``height`` x ``width`` from the checkpoint at ``root`` on ``device`` (see the module docstring).
+
+    ``max_memory`` ("16GB", "16GiB" or bytes) caps the device's free memory. On a CPU the stages
+    share host memory with nothing to swap to, so the plan is always ``resident`` (its estimate
+    says whether the host's available memory holds it). Logs ``MemoryPlan.describe()``."""
+    from .device import default_dtype
+
+    device = torch.device(device)
+    dtype = dtype or default_dtype(device)
+    scheme = parse_quantize(quantize)
+    cap = parse_memory(max_memory)
+    free = device_budget(device) if device.type != "meta" else None
+    budget = min(x for x in (cap, free) if x is not None) if (cap or free) else None
+    source = "max_memory" if cap is not None and (free is None or cap <= free) else "free memory"
+
+    residencies = ("resident",) if device.type == "cpu" else RESIDENCIES
+    candidates = (
+        [(s, r) for s, r in _AUTO if r in residencies] if scheme.auto else [(scheme, r) for r in residencies]
+    )
+    estimates: dict[QuantScheme, MemoryEstimate] = {}
+    choice = None
+    for candidate, residency in candidates:
+        if candidate not in estimates:
+            estimates[candidate] = estimate_memory(
+                root, candidate, dtype, height=height, width=width, batch=batch, images=images
+            )
+        peak = estimates[candidate].peak(residency)
+        if budget is None or peak <= budget:
+            choice = (candidate, residency, peak, True)
+            break
+    if choice is None:  # nothing fits: the smallest candidate, said to be too big
+        candidate, residency = candidates[-1]
+        choice = (candidate, residency, estimates[candidate].peak(residency), False)
+    candidate, residency, peak, fits = choice
+
+    if budget is None:
+        reason = "no memory budget known for this device: both stages stay"
+    elif not fits:
+        reason = f"does NOT fit the {source} ({budget / 1e9:.1f} GB) even so; expect out-of-memory errors"
+    elif device.type == "cpu":
+        reason = f"the stages share host memory ({source} {budget / 1e9:.1f} GB)"
+    else:
+        tried = candidates[: candidates.index((candidate, residency))]
+        skipped = ", ".join(
+            f"{s} {r} {estimates[s].peak(r) / 1e9:.1f} GB" for s, r in tried if s in estimates
+        )
+        reason = f"fits the {source}" + (f" (too big: {skipped})" if skipped else "")
+    plan = MemoryPlan(
+        residency,
+        candidate,
+        budget,
+        peak,
+        estimates[candidate],
+        fits,
+        reason,
+        str(device),
+        (height, width),
+        batch,
+    )
+    log.info(plan.describe())
+    return plan

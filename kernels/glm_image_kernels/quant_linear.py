@@ -1,0 +1,173 @@
+"""Weight-only quantized linear layers: the weight formats, their reference twin, and a Triton GEMV.
+
+A quantized weight (``QuantWeight``) is one of
+
+- ``int8``: ``data`` int8 (N, K), ``scale`` float32 (N,): ``w = data * scale[:, None]``;
+- ``int4``: ``data`` uint8 (N, K / 2), two 4-bit codes per byte (the low nibble holds the even
+  input channel), ``scale`` and ``zero`` bfloat16 (N, K / group): ``w = (code - 8) * scale +
+  zero`` over each group of ``group`` input channels of a row (``zero`` is the value of code 8);
+- ``fp8``: ``data`` float8_e4m3fn (N, K), ``scale`` float32 (N,): ``w = float(data) * scale``.
+
+``quant_linear_reference`` is the maths every implementation is held to (the twin, and the
+reference ``Ops.quant_linear`` path): dequantize to the activations' dtype, then ``F.linear``.
+
+Why a kernel: a decode step multiplies one activation row per sequence by every weight, so it is
+bound by the bytes of weights read, and the reference materialises the full-precision weight
+first (more bytes than the unquantized model). ``quant_linear`` reads the int8 or int4 codes
+once, dequantizes them in registers and accumulates in float32:
+
+    out[m, n] = sum_k x[m, k] * w[n, k] (+ bias[n])        rounded once, to x's dtype
+
+Grid (M, cdiv(N, BLOCK_N)): one program per activation row and block of output channels; it
+walks K in blocks (for int4, one group per block, so each block has one scale and zero per row).
+It serves few rows (``MAX_ROWS``): beyond that a GEMM is compute-bound and the caller
+dequantizes into a tensor-core GEMM instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ._triton import cdiv, require_triton, tl, triton
+
+__all__ = [
+    "KINDS",
+    "MAX_ROWS",
+    "QuantWeight",
+    "quant_linear",
+    "quant_linear_reference",
+    "unpack_int4",
+]
+
+KINDS = ("int8", "int4", "fp8")
+MAX_ROWS = 16  # activation rows the GEMV kernel serves; a GEMM beyond
+
+
+@dataclass(frozen=True)
+class QuantWeight:
+    """A quantized (out_features, in_features) weight; see the module docstring for the formats."""
+
+    kind: str
+    data: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None = None
+    group: int = 0
+
+    @property
+    def out_features(self) -> int:
+        return self.data.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.data.shape[1] * (2 if self.kind == "int4" else 1)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.data, self.scale] + ([self.zero] if self.zero is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The full-precision (N, K) weight, computed in float32 and rounded once to ``dtype``."""
+        if self.kind == "int4":
+            codes = unpack_int4(self.data).float()  # (N, K)
+            n, k = codes.shape
+            groups = codes.view(n, k // self.group, self.group)
+            w = (groups - 8) * self.scale.float()[..., None] + self.zero.float()[..., None]
+            return w.view(n, k).to(dtype)
+        return (self.data.float() * self.scale.float()[:, None]).to(dtype)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K / 2) uint8 -> (N, K) uint8 codes 0..15; the low nibble is the even input channel."""
+    low, high = packed & 15, packed >> 4
+    return torch.stack([low, high], dim=-1).view(packed.shape[0], -1)
+
+
+def quant_linear_reference(
+    x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The twin, and the reference ``quant_linear`` op: ``F.linear(x, weight.dequantize(x.dtype),
+    bias)``. x (..., K); returns (..., N) in x's dtype."""
+    return F.linear(x, weight.dequantize(x.dtype), bias)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,
+    w_ptr,
+    scale_ptr,
+    zero_ptr,
+    bias_ptr,
+    out_ptr,
+    n_out,
+    k_in,
+    sx_m,
+    sw_n,
+    ss_n,
+    INT4: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < n_out
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(0, k_in, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < k_in
+        x = tl.load(x_ptr + row * sx_m + ks, mask=k_ok, other=0.0).to(tl.float32)
+        ok = col_ok[:, None] & k_ok[None, :]
+        if INT4:
+            # BLOCK_K is the group: one scale and one zero per row of this block
+            byte = tl.load(w_ptr + cols[:, None] * sw_n + ks[None, :] // 2, mask=ok, other=0).to(tl.int32)
+            code = (byte >> ((ks[None, :] % 2) * 4)) & 15
+            scale = tl.load(scale_ptr + cols * ss_n + k0 // BLOCK_K, mask=col_ok, other=0.0).to(tl.float32)
+            zero = tl.load(zero_ptr + cols * ss_n + k0 // BLOCK_K, mask=col_ok, other=0.0).to(tl.float32)
+            w = (code.to(tl.float32) - 8.0) * scale[:, None] + zero[:, None]
+            acc += tl.sum(tl.where(ok, w, 0.0) * x[None, :], axis=1)
+        else:
+            q = tl.load(w_ptr + cols[:, None] * sw_n + ks[None, :], mask=ok, other=0).to(tl.float32)
+            acc += tl.sum(q * x[None, :], axis=1)
+    if not INT4:  # a per-row scale factors out of the dot product
+        acc = acc * tl.load(scale_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * n_out + cols, acc, mask=col_ok)
+
+
+def quant_linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, K) with a unit last stride, M <= ``MAX_ROWS``; an ``int8`` or ``int4`` weight with
+    contiguous tensors; bias (N,) or None. Returns (M, N) in x's dtype."""
+    require_triton()
+    if weight.kind not in ("int8", "int4"):
+        raise ValueError(f"the GEMV kernel takes int8 or int4 weights, not {weight.kind}")
+    m, k = x.shape
+    n = weight.out_features
+    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if out.numel() == 0:
+        return out
+    int4 = weight.kind == "int4"
+    block_n = 32
+    _gemv_kernel[(m, cdiv(n, block_n))](
+        x,
+        weight.data,
+        weight.scale,
+        weight.zero if int4 else weight.scale,
+        bias if bias is not None else weight.scale,
+        out,
+        n,
+        k,
+        x.stride(0),
+        weight.data.stride(0),
+        weight.scale.stride(0),
+        INT4=int4,
+        HAS_BIAS=bias is not None,
+        BLOCK_N=block_n,
+        BLOCK_K=weight.group if int4 else 128,
+        num_warps=4,
+    )
+    return out
