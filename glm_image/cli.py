@@ -10,6 +10,7 @@ atomically: a file is the whole new image or what it was before.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -35,15 +36,31 @@ __all__ = ["main"]
 
 def _cmd_info(args: argparse.Namespace) -> None:
     from .hub import resolve_checkpoint
-    from .info import describe_checkpoint, format_checkpoint
+    from .info import describe_checkpoint, format_checkpoint, memory_report
     from .synthetic import preset_dir
 
-    if args.preset:
-        config, infos = describe_checkpoint(preset_dir(args.preset), count_on_meta=True)
-    else:
-        config, infos = describe_checkpoint(resolve_checkpoint(args.model))
+    root = preset_dir(args.preset) if args.preset else resolve_checkpoint(args.model)
+    if args.json:
+        report = memory_report(
+            root,
+            args.quantize,
+            dtype=torch_dtype(args.dtype),
+            device=args.device,
+            max_memory=args.max_memory,
+        )
+        print(json.dumps(report, indent=2))
+        return
+    config, infos = describe_checkpoint(root, count_on_meta=bool(args.preset))
     print(format_checkpoint(config, infos))
     print(_runtime())
+    if args.quantize or args.max_memory:
+        from .residency import plan_memory
+
+        device = args.device or "cpu"
+        plan = plan_memory(
+            root, device, torch_dtype(args.dtype), quantize=args.quantize, max_memory=args.max_memory
+        )
+        print(f"Memory           {plan.describe()}")
     if args.check_backend:
         print(_check_backend(args, config))
 
@@ -331,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset",
         choices=("tiny", "wide", "glm-image"),
         help="show a config preset; parameters are counted on the meta device (no memory)",
+    )
+    info.add_argument(
+        "--json",
+        action="store_true",
+        help="print the components' parameters and bytes under --quantize, and the memory plan for "
+        "1024x1024 (--max-memory, --device), as JSON",
     )
     info.add_argument(
         "--check-backend",

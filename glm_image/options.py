@@ -1,5 +1,5 @@
 """The options every command that loads the engine shares: where it runs (device, dtype, ops
-backend) and how it generates (AR decoding).
+backend, weight format, memory) and how it generates (AR decoding, DiT step caching).
 
 One definition for ``glm-image generate``, ``serve`` and ``bench``, so the flags, their help and
 their defaults cannot drift apart.
@@ -26,7 +26,7 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--device``, ``--dtype`` and ``--attention-backend``."""
+    """``--device``, ``--dtype``, ``--attention-backend``, ``--quantize`` and ``--max-memory``."""
     parser.add_argument(
         "--device",
         help="cpu | cuda | npu (default: GLM_IMAGE_DEVICE if set, else CUDA, else an Ascend NPU, else cpu)",
@@ -40,6 +40,18 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="ops backend: auto (triton on CUDA, npu on Ascend, else sdpa), sdpa (torch reference), "
         "triton (our kernels), npu (torch_npu fused ops)",
+    )
+    parser.add_argument(
+        "--quantize",
+        metavar="SCHEME",
+        help="weight format: none (default) | int8 | fp8 (CUDA, compute capability >= 8.9) | "
+        "ar=int4,dit=int8 | per stage, e.g. ar=int8,dit=fp8 | auto (the memory planner picks)",
+    )
+    parser.add_argument(
+        "--max-memory",
+        metavar="SIZE",
+        help="device memory the engine may use, e.g. 16GB or 24GiB (default: the device's free memory); "
+        "the planner keeps both stages resident or swaps them to fit",
     )
 
 
@@ -111,6 +123,8 @@ def runtime_kwargs(args: argparse.Namespace) -> dict:
         "device": args.device,
         "dtype": torch_dtype(args.dtype),
         "attention_backend": args.attention_backend,
+        "quantize": args.quantize,
+        "max_memory": args.max_memory,
     }
 
 

@@ -36,18 +36,6 @@ __all__ = ["GenerationOutput", "GlmImage"]
 log = logging.getLogger(__name__)
 
 
-def _needs_offload(root: Path, device: torch.device, dtype: torch.dtype) -> bool:
-    if device.type != "cuda":
-        return False
-    from .weights import WeightIndex
-
-    folders = ("vision_language_encoder", "transformer", "text_encoder", "vae")
-    params = sum(WeightIndex.from_folder(root / f).num_params for f in folders)
-    needed = params * torch.finfo(dtype).bits // 8
-    free, _ = torch.cuda.mem_get_info(device)
-    return needed > 0.85 * free
-
-
 def _describe(cache: StepCacheOptions | None) -> str:
     if cache is None:
         return "none"
@@ -69,15 +57,18 @@ class GlmImage:
         ar_decoding: str = "sequential",
         jacobi_window: int = DEFAULT_WINDOW,
         dit_cache: StepCacheOptions | None = None,
+        quantize: str = "none",
     ) -> None:
         """``offload_to``: where a stage waits while the other runs (e.g. "cpu"); None keeps both
         stages on their device. ``ar_decoding``, ``jacobi_window``, ``dit_cache``: the defaults
-        of ``generate``."""
+        of ``generate``. ``quantize``: the weight format the engines were loaded with (recorded
+        in every PNG)."""
         check_decoding(ar_decoding, jacobi_window)
         if dit_cache is not None:
             dit_cache.check()
         self.ar, self.dit, self.name = ar, dit, name
         self.ar_decoding, self.jacobi_window, self.dit_cache = ar_decoding, jacobi_window, dit_cache
+        self.quantize = quantize
         self.device = ar.device
         self.offload_to = torch.device(offload_to) if offload_to is not None else None
         self.limits = ar.config.size_limits
@@ -96,6 +87,8 @@ class GlmImage:
         dtype: torch.dtype | None = None,
         offload: bool | None = None,
         attention_backend: str | None = None,
+        quantize: str | None = None,
+        max_memory: str | int | None = None,
         ar_decoding: str = "sequential",
         jacobi_window: int = DEFAULT_WINDOW,
         dit_cache: StepCacheOptions | None = None,
@@ -105,9 +98,12 @@ class GlmImage:
         ``device``: cpu | cuda | npu (default: ``glm_image.device.detect_platform``); ``dtype``:
         float32 on a CPU, bfloat16 elsewhere. ``attention_backend``: auto | sdpa | triton | npu,
         the ops backend of both stages (see ``glm_image.ops``), chosen once for the device.
+        ``quantize``: the weight format, none | int8 | fp8 | ``ar=int4,dit=int8`` | per stage
+        ``ar=int8,dit=fp8`` | auto (see ``glm_image.quant``), applied while the weights load.
         ``offload``: keep only the running stage on the device (the other waits in host memory).
-        None decides: on a GPU whose free memory cannot hold both stages' weights (with 15%
-        headroom for activations), offload; everywhere else, keep both. The choice is logged.
+        None lets the memory planner decide (``glm_image.residency``) from the device's free
+        memory or ``max_memory`` ("16GB", "24GiB"), for a 1024x1024 image; with
+        ``quantize="auto"`` it also picks the format. Its choice and why are logged in one line.
         ``ar_decoding``, ``jacobi_window``, ``dit_cache``: the defaults of ``generate``.
         """
         check_decoding(ar_decoding, jacobi_window)
@@ -116,13 +112,22 @@ class GlmImage:
         from .device import default_dtype, resolve_device
         from .hub import resolve_checkpoint
         from .ops import select_ops
+        from .quant import check_device, parse_quantize
+        from .residency import plan_memory
 
         device = resolve_device(device)
         dtype = dtype or default_dtype(device)
+        scheme = parse_quantize(quantize)  # a bad value fails before anything loads
+        check_device(scheme, device)
         ops = select_ops(attention_backend, device)
         root = resolve_checkpoint(model)
+        plan = plan_memory(root, device, dtype, quantize=scheme, max_memory=max_memory)
+        if plan.residency == "offload":  # layer-by-layer streaming is not built: the closest is swap
+            log.warning(
+                "%s; layer-by-layer offload is not built, so the stages take turns instead", plan.describe()
+            )
         if offload is None:
-            offload = _needs_offload(root, device, dtype)
+            offload = plan.offload
         home = torch.device("cpu") if offload else device
         log.info(
             "loading %s (%s) on %s%s",
@@ -131,8 +136,12 @@ class GlmImage:
             device,
             "; the AR and DiT stages take turns on it" if offload else "",
         )
-        ar = ArEngine.from_pretrained(root, device=home, dtype=dtype, attention_backend=ops)
-        dit = DitEngine.from_pretrained(root, device=home, dtype=dtype, attention_backend=ops)
+        ar = ArEngine.from_pretrained(
+            root, device=home, dtype=dtype, attention_backend=ops, quantize=plan.scheme
+        )
+        dit = DitEngine.from_pretrained(
+            root, device=home, dtype=dtype, attention_backend=ops, quantize=plan.scheme
+        )
         pipe = cls(
             ar,
             dit,
@@ -141,6 +150,7 @@ class GlmImage:
             ar_decoding=ar_decoding,
             jacobi_window=jacobi_window,
             dit_cache=dit_cache,
+            quantize=str(plan.scheme),
         )
         pipe.device = device
         return pipe
@@ -272,6 +282,7 @@ class GlmImage:
             "guidance": str(request.guidance),
             "ar_decoding": decoding,
             "dit_cache": _describe(self.dit_cache),
+            "quantize": self.quantize,
             "model": self.name,
             "engine": f"glm-image {__version__}",
         }

@@ -188,11 +188,14 @@ def add_parser(sub) -> None:
 
 
 def _generation(args: argparse.Namespace) -> dict:
-    """How ours generates (``--ar-decoding``) and the step cache it is also measured with."""
+    """How ours loads and generates (``--quantize``, ``--ar-decoding``) and the step cache it is
+    also measured with."""
     return {
         "ar_decoding": args.ar_decoding,
         "jacobi_window": args.jacobi_window,
         "dit_cache": dit_cache_options(args),
+        "quantize": args.quantize,
+        "max_memory": args.max_memory,
     }
 
 
@@ -295,6 +298,7 @@ def _run_stage(args: argparse.Namespace, options_class, run, format_report, **ex
         device=args.device,
         dtype=args.dtype,
         attention_backend=args.attention_backend,
+        quantize=args.quantize,
         **extra,
     )
     options.check()

@@ -53,6 +53,8 @@ class QualityOptions:
     dit_cache: StepCacheOptions | None = None  # also run ours with this DiT step cache
     ar_decoding: str = "sequential"  # how ours decodes (the reference: always sequential)
     jacobi_window: int = DEFAULT_WINDOW
+    quantize: str | None = None  # ours' weight format (the reference: as stored)
+    max_memory: str | None = None
 
 
 def psnr(image, reference) -> float:
@@ -104,6 +106,8 @@ def run_quality(options: QualityOptions, progress=None) -> dict[str, Any]:
         options.compare_reference,
         ar_decoding=options.ar_decoding,
         jacobi_window=options.jacobi_window,
+        quantize=options.quantize,
+        max_memory=options.max_memory,
     )
     ours, runners, swap = loaded.ours, list(loaded.runners), loaded.swap
     if options.dit_cache is not None:
@@ -194,8 +198,20 @@ def run_quality(options: QualityOptions, progress=None) -> dict[str, Any]:
         "seed": options.seed,
         "compare_reference": options.compare_reference,
         "dit_cache": dataclasses.asdict(options.dit_cache) if options.dit_cache else None,
+        "quantize": options.quantize,
     }
     notes = [f"OCR: {ocr.name}", ocr_info["note"]]
+    extra = {}
+    if options.quantize not in (None, "none"):
+        from .fidelity import fidelity
+
+        prompts = [item.prompt for item in items]
+        extra["quantization"] = fidelity(ours.pipe, root, prompts, height, width, options.steps, options.seed)
+        notes.append(
+            "quantization: ours quantized against the same checkpoint unquantized: AR logits teacher-forced on "
+            "the unquantized tokens (KL, top-1), DiT velocity relative error (the worst prompt) and image PSNR "
+            "given the same prior tokens and seed"
+        )
     if options.dit_cache is not None:
         notes.append(
             "ours_cached: ours with the DiT step cache; psnr_db against ours uncached over 8-bit RGB (null: "
@@ -206,7 +222,7 @@ def run_quality(options: QualityOptions, progress=None) -> dict[str, Any]:
             "an engine that failed on a prompt made no image there: scored as an image showing no text"
         )
     return build_report(
-        "quality", results, config=config, notes=notes, device=device, ocr=ocr_info, samples=samples
+        "quality", results, config=config, notes=notes, device=device, ocr=ocr_info, samples=samples, **extra
     )
 
 

@@ -36,6 +36,7 @@ class StageBench:
     device: str | None = None
     dtype: str | None = None
     attention_backend: str | None = None
+    quantize: str | None = None  # ours' weight format (the reference: as stored)
 
     def check(self) -> None:
         if self.repeats < 1:
@@ -49,7 +50,7 @@ class StageBench:
         device, dtype = resolve_runtime(self.device, self.dtype)
         root = resolve_checkpoint(self.model)
         engine = engine_class.from_pretrained(
-            root, device=device, dtype=dtype, attention_backend=self.attention_backend
+            root, device=device, dtype=dtype, attention_backend=self.attention_backend, quantize=self.quantize
         )
         width, height = self.size
         engine.config.size_limits.check_size(height, width)

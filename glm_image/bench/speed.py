@@ -63,6 +63,8 @@ class SpeedOptions:
     dit_cache: StepCacheOptions | None = None  # also run ours with this DiT step cache
     ar_decoding: str = "sequential"  # how ours decodes (the reference: always sequential)
     jacobi_window: int = DEFAULT_WINDOW
+    quantize: str | None = None  # ours' weight format (the reference: as stored)
+    max_memory: str | None = None
 
     def check(self) -> None:
         if self.dit_cache is not None:
@@ -93,6 +95,8 @@ def run_speed(options: SpeedOptions, progress=None) -> dict[str, Any]:
         options.compare_reference,
         ar_decoding=options.ar_decoding,
         jacobi_window=options.jacobi_window,
+        quantize=options.quantize,
+        max_memory=options.max_memory,
     )
     ours, runners, swap = loaded.ours, list(loaded.runners), loaded.swap
     if options.dit_cache is not None:
@@ -163,6 +167,7 @@ def run_speed(options: SpeedOptions, progress=None) -> dict[str, Any]:
         "seed": options.seed,
         "compare_reference": options.compare_reference,
         "max_ar_tokens": options.max_ar_tokens,
+        "quantize": options.quantize,
         "ar_decoding": options.ar_decoding,
         "jacobi_window": options.jacobi_window if options.ar_decoding == "jacobi" else None,
         "dit_cache": dataclasses.asdict(options.dit_cache) if options.dit_cache else None,

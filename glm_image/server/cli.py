@@ -216,9 +216,10 @@ def _run(args: argparse.Namespace) -> None:
         return
     if stages is not None:
         from .executors import ModelFront
-        from .workers import staged_processes
+        from .workers import stage_quantize, staged_processes
 
-        pipe = ModelFront.from_checkpoint(args.model, **generation_kwargs(args))
+        quantize = stage_quantize(args.quantize)
+        pipe = ModelFront.from_checkpoint(args.model, quantize=quantize or "none", **generation_kwargs(args))
         runtime = runtime_kwargs(args)
         executor = staged_processes(
             pipe,
@@ -226,6 +227,7 @@ def _run(args: argparse.Namespace) -> None:
             device=runtime["device"],
             dtype=args.dtype,
             attention_backend=runtime["attention_backend"],
+            quantize=quantize,
             ar_device=stages.ar_device,
             dit_device=stages.dit_device,
             threads=stages.threads,

@@ -80,12 +80,14 @@ class ModelFront:
         ar_decoding: str = "sequential",
         jacobi_window: int = DEFAULT_WINDOW,
         dit_cache: StepCacheOptions | None = None,
+        quantize: str = "none",
     ) -> None:
         check_decoding(ar_decoding, jacobi_window)
         if dit_cache is not None:
             dit_cache.check()
         self.name, self.limits = name, limits
         self.ar_decoding, self.jacobi_window, self.dit_cache = ar_decoding, jacobi_window, dit_cache
+        self.quantize = quantize
 
     @classmethod
     def from_checkpoint(cls, model: str, **options) -> ModelFront:
@@ -97,7 +99,9 @@ class ModelFront:
 
     @classmethod
     def of(cls, pipe) -> ModelFront:
-        return cls(str(pipe.name), pipe.limits, pipe.ar_decoding, pipe.jacobi_window, pipe.dit_cache)
+        return cls(
+            str(pipe.name), pipe.limits, pipe.ar_decoding, pipe.jacobi_window, pipe.dit_cache, pipe.quantize
+        )
 
 
 class InProcessExecutor:

@@ -209,23 +209,24 @@ def application(
     device: str | None = None,
     dtype: str | None = None,
     attention_backend: str | None = None,
+    quantize: str | None = None,
     api_key_env: str | None = None,
     gpus: tuple[float, float] = (0, 0),
 ):
     """The Serve application: ``Ingress`` bound to the two stage deployments. ``model`` is what
     every stage replica loads (a path each node can read, or a hub id); ``gpus``: per replica."""
     ar = ArStage.options(**_stage_options(options.ar_replicas, options.ar_cpus, gpus[0])).bind(
-        StageSpec("ar", model, device, dtype, attention_backend)
+        StageSpec("ar", model, device, dtype, attention_backend, quantize)
     )
     dit = DitStage.options(**_stage_options(options.dit_replicas, options.dit_cpus, gpus[1])).bind(
-        StageSpec("dit", model, device, dtype, attention_backend)
+        StageSpec("dit", model, device, dtype, attention_backend, quantize)
     )
     config = {
         "settings": dataclasses.replace(settings, api_key=None),
         "api_key_env": api_key_env,
         "name": front.name,
         "limits": front.limits,
-        "decoding": (front.ar_decoding, front.jacobi_window, front.dit_cache),
+        "decoding": (front.ar_decoding, front.jacobi_window, front.dit_cache, front.quantize),
         # a batch enters a stage when one of its replicas can take it (the most, when autoscaled)
         "slots": (options.ar_replicas[1], options.dit_replicas[1]),
     }
@@ -251,13 +252,15 @@ def _from_args(args) -> tuple:
 
     settings = settings_from_args(args)
     options = ray_options_from_args(args) or RayOptions()
-    front = ModelFront.from_checkpoint(args.model, **generation_kwargs(args))
+    quantize = _stage_quantize(args.quantize)
+    front = ModelFront.from_checkpoint(args.model, quantize=quantize or "none", **generation_kwargs(args))
     # a preset is built here once; every replica then reads the same folder (one machine)
     model = str(resolve_checkpoint(args.model)) if args.model in SYNTHETIC_MODELS else str(args.model)
     keywords = {
         "device": args.device,
         "dtype": args.dtype,
         "attention_backend": args.attention_backend,
+        "quantize": quantize,
         "api_key_env": args.api_key_env,
     }
     return front, model, settings, options, keywords
@@ -302,3 +305,9 @@ def serve_with_ray(args) -> None:
             ray.shutdown()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+
+def _stage_quantize(quantize: str | None) -> str | None:
+    from .workers import stage_quantize
+
+    return stage_quantize(quantize)

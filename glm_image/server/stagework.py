@@ -36,6 +36,7 @@ class StageSpec:
     device: str | None = None  # None: the detected platform
     dtype: str | None = None  # a torch dtype name; None: the device's default
     attention_backend: str | None = None
+    quantize: str | None = None  # the stage's weight format (a scheme naming stages works too)
 
 
 def load_stage(spec: StageSpec, device: str | None = None):
@@ -52,7 +53,11 @@ def load_stage(spec: StageSpec, device: str | None = None):
     ops = select_ops(spec.attention_backend, where)
     engine = ArEngine if spec.stage == "ar" else DitEngine
     return engine.from_pretrained(
-        resolve_checkpoint(spec.model), device=where, dtype=dtype, attention_backend=ops
+        resolve_checkpoint(spec.model),
+        device=where,
+        dtype=dtype,
+        attention_backend=ops,
+        quantize=spec.quantize,
     )
 
 

@@ -289,6 +289,7 @@ def staged_processes(
     device: str | None = None,
     dtype: str | None = None,
     attention_backend: str | None = None,
+    quantize: str | None = None,
     ar_device: str | None = None,
     dit_device: str | None = None,
     threads: int | None = None,
@@ -305,9 +306,23 @@ def staged_processes(
         threads = max(1, (os.cpu_count() or 2) // 2)
     runners = [
         ProcessRunner(
-            StageSpec(stage, model, str(resolved[stage]), dtype, attention_backend),
+            StageSpec(stage, model, str(resolved[stage]), dtype, attention_backend, quantize),
             threads if resolved[stage].type == "cpu" else None,
         )
         for stage in ("ar", "dit")
     ]
     return StagedExecutor(front, *runners, name="stages")
+
+
+def stage_quantize(quantize: str | None) -> str | None:
+    """The weight format for stage workers, checked before any starts. ``auto`` needs the whole
+    pipeline's memory planner (both stages on one device), so stages apart take a named scheme."""
+    from ..quant import parse_quantize
+
+    scheme = parse_quantize(quantize)
+    if str(scheme) == "auto":
+        raise GlmImageError(
+            "quantize = 'auto' plans both stages on one device; with the stages apart name the "
+            "format, e.g. int8 or ar=int4,dit=int8"
+        )
+    return quantize
