@@ -9,8 +9,8 @@ error, not a silent result): dtypes, layouts, shapes, contiguity where it is req
 backend does not use (quantisation, page attention, pse_shift, sparse modes, interleaved rotary)
 raises NotImplementedError, so a backend that starts relying on it fails loudly here first.
 
-Sources (Ascend/op-plugin ``docs/context/*.md`` and the Ascend PyTorch API reference, 6.0.0 to
-7.x, hiascend.com "torch_npu.npu_*" pages):
+Sources (the Ascend op-plugin documentation of each operator and the Ascend PyTorch API
+reference, 6.0.0 to 7.x, hiascend.com "torch_npu.npu_*" pages):
 
 - npu_fused_infer_attention_score: query fp16/bf16, no strided tensors; input_layout "BSH" by
   default, also "BSND", "BNSD"; ``scale`` defaults to 1.0 (torch_npu 6.0.x names it
@@ -22,8 +22,8 @@ Sources (Ascend/op-plugin ``docs/context/*.md`` and the Ascend PyTorch API refer
   effective KV length per batch (one value: every batch), slots past it are not read;
   outputs (attention_out in query's layout, softmax_lse).
 - npu_rms_norm(self, gamma, epsilon=1e-06) -> (y, rstd); npu_add_rms_norm(x1, x2, gamma,
-  epsilon=1e-06) -> (y, rstd, x) with x = x1 + x2 (AddRmsNorm proto in cann/ops-math and
-  op-plugin test/test_custom_ops/test_npu_add_rms_norm.py).
+  epsilon=1e-06) -> (y, rstd, x) with x = x1 + x2 (the AddRmsNorm proto in CANN's ops-math, and
+  op-plugin's own test of npu_add_rms_norm).
 - npu_rotary_mul(input, r1, r2, rotary_mode='half'): ``r1 * x + r2 * cat(-x2, x1)``.
 - npu_swiglu(input, dim=-1): ``A * sigmoid(A) * B``, A the first half along ``dim``.
 """

@@ -128,8 +128,8 @@ def _ascend_mask(
 ) -> tuple[torch.Tensor | None, str | None]:
     """Our mask -> Ascend's atten_mask (bool, True = masked out), or the reason it cannot be.
 
-    npu_fused_infer_attention_score's atten_mask (op-plugin docs/context/
-    torch_npu-npu_fused_infer_attention_score.md): bool/int8/uint8, "1 = this position does not
+    npu_fused_infer_attention_score's atten_mask (the Ascend op-plugin documentation of that op):
+    bool/int8/uint8, "1 = this position does not
     take part", shapes (B|1, 1, Q_S, KV_S) among others when Q_S > 1; there is no head axis.
     A float bias whose finite entries are all 0 is a pure mask (-inf = hidden; the DiT's glyph
     padding and condition-cache rows). Any other bias would need ``pse_shift``, whose placement
@@ -225,7 +225,7 @@ class NpuOps(TorchOps):
 
     def _fia_limits(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
         """Why npu_fused_infer_attention_score cannot take these inputs, or None. Limits from
-        op-plugin docs/context/torch_npu-npu_fused_infer_attention_score.md (Atlas A2)."""
+        the Ascend op-plugin documentation of npu_fused_infer_attention_score (Atlas A2)."""
         if missing := self._missing(_FIA):
             return missing
         if self._scale_argument is None:
@@ -257,8 +257,8 @@ class NpuOps(TorchOps):
         scale: float,
         kv_lengths: list[int] | None = None,
     ) -> torch.Tensor:
-        # torch_npu.npu_fused_infer_attention_score (op-plugin docs/context/
-        # torch_npu-npu_fused_infer_attention_score.md): query/key/value must be contiguous;
+        # torch_npu.npu_fused_infer_attention_score (the Ascend op-plugin documentation of the
+        # op): query/key/value must be contiguous;
         # input_layout "BNSD" is our (B, H, S, D) (the default is "BSH"); num_heads and
         # num_key_value_heads must equal the N axes of query and key/value (GQA; the docs do not
         # spell out the grouping: assumed standard, query head h reads KV head h // (H / KV), as
@@ -367,7 +367,7 @@ class NpuOps(TorchOps):
         h = x if pre_weight is None else self._npu.npu_rms_norm(x, pre_weight, eps)[0]
         # torch_npu.npu_add_rms_norm(x1, x2, gamma, epsilon=1e-06) -> (y, rstd, x): x = x1 + x2,
         # y = gamma * x * rsqrt(mean(x^2) + eps); the THIRD output is the sum (AddRmsNorm proto,
-        # cann/ops-math; op-plugin test/test_custom_ops/test_npu_add_rms_norm.py: `y, rstd, x`).
+        # in CANN's ops-math, and op-plugin's own test of npu_add_rms_norm: `y, rstd, x`).
         normed, _, new_residual = self._npu.npu_add_rms_norm(residual, h, weight, eps)
         return normed, new_residual
 
@@ -376,7 +376,7 @@ class NpuOps(TorchOps):
     def _rotary_limits(
         self, shape: tuple[int, ...], dtype: torch.dtype, tables: tuple[torch.Tensor, ...], rot: int
     ) -> str | None:
-        """npu_rotary_mul (op-plugin docs/context/torch_npu-npu_rotary_mul.md, half mode, A2):
+        """npu_rotary_mul (the Ascend op-plugin documentation of the op; half mode, A2):
         4-D input of float16/bfloat16/float32 with r1/r2 of its dtype; D even and < 896; B and N
         below 1000; for BSND input, r1/r2 of shape 1S1D, BS1D or BSND."""
         if missing := self._missing("npu_rotary_mul"):
@@ -404,8 +404,8 @@ class NpuOps(TorchOps):
         key = ("rope", tuple(cos.shape))
         r1, r2 = self._memo.get(key, (cos, signed_sin), lambda: _rope_factors(cos, signed_sin))
         x_rot = x[..., :rot]  # (B, T, heads, rot): BSND with r1/r2 of shape BS1D
-        # torch_npu.npu_rotary_mul(input, r1, r2, rotary_mode='half') (op-plugin docs/context/
-        # torch_npu-npu_rotary_mul.md): out = r1 * x + r2 * cat(-x2, x1), a new tensor of x's
+        # torch_npu.npu_rotary_mul(input, r1, r2, rotary_mode='half') (the Ascend op-plugin
+        # documentation of the op): out = r1 * x + r2 * cat(-x2, x1), a new tensor of x's
         # shape and dtype. Strided input is not documented, so the slice is made contiguous, and
         # the result is copied back because our contract is in place.
         x_rot.copy_(self._npu.npu_rotary_mul(x_rot.contiguous(), r1, r2))
