@@ -24,17 +24,24 @@ def _size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _sizes(text: str) -> tuple[tuple[int, int], ...]:
-    return tuple(_size(part.strip()) for part in text.split(",") if part.strip())
+def _list(convert, example: str):
+    """An argparse type: comma-separated values, each through ``convert``; an error names the list."""
+
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(convert(part.strip()) for part in text.split(",") if part.strip())
+        except (ValueError, argparse.ArgumentTypeError) as e:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: {e}; expected a comma-separated list, e.g. {example}"
+            ) from None
+
+    return parse
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected integers separated by commas, e.g. 1,4"
-        ) from None
+_sizes = _list(_size, "512x512,1024x768")
+_ints = _list(int, "1,4")
+_floats = _list(float, "0.5,0.9")
+_names = _list(str, "last,above")
 
 
 def _model_and_runtime(parser: argparse.ArgumentParser) -> None:
@@ -43,19 +50,6 @@ def _model_and_runtime(parser: argparse.ArgumentParser) -> None:
     )
     add_runtime_arguments(parser)
     parser.add_argument("--out", help="write the JSON report here")
-
-
-def _names(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(part) for part in text.split(",") if part.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r}: expected numbers separated by commas, e.g. 0.5,0.9"
-        ) from None
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

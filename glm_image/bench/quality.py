@@ -98,17 +98,7 @@ def run_quality(options: QualityOptions, progress=None) -> dict[str, Any]:
         options.dit_cache.check()
     items = load_suite(options.suite, options.limit)
     ocr = RapidOcr()  # before any model loads: a missing OCR package fails in a second
-    loaded = load_runners(
-        options.model,
-        options.device,
-        options.dtype,
-        options.attention_backend,
-        options.compare_reference,
-        ar_decoding=options.ar_decoding,
-        jacobi_window=options.jacobi_window,
-        quantize=options.quantize,
-        max_memory=options.max_memory,
-    )
+    loaded = load_runners(options)
     ours, runners, swap = loaded.ours, list(loaded.runners), loaded.swap
     if options.dit_cache is not None:
         runners.insert(1, ours.with_cache(options.dit_cache))

@@ -72,21 +72,23 @@ class Runners:
         return self.runners[0]
 
 
-def load_runners(
-    model: str,
-    device: str | None,
-    dtype: str | None,
-    attention_backend: str | None,
-    compare_reference: bool,
-    **generation,
-) -> Runners:
-    """Ours (``generation``: ``GlmImage.from_pretrained``'s generation defaults), then the reference."""
+def load_runners(options) -> Runners:
+    """Ours, loaded and generating as ``options`` say (a ``SpeedOptions`` or ``QualityOptions``:
+    model, runtime, quantize, max_memory, ar_decoding, jacobi_window), then, with
+    ``options.compare_reference``, diffusers' pipeline on the same weights."""
     from ..hub import resolve_checkpoint
     from .engines import OursRunner, ReferenceRunner
 
-    dev, dt = resolve_runtime(device, dtype)
-    root = resolve_checkpoint(model)
-    ours = OursRunner(root, dev, dt, attention_backend, **generation)
+    dev, dt = resolve_runtime(options.device, options.dtype)
+    root = resolve_checkpoint(options.model)
+    generation = {
+        "ar_decoding": options.ar_decoding,
+        "jacobi_window": options.jacobi_window,
+        "quantize": options.quantize,
+        "max_memory": options.max_memory,
+    }
+    ours = OursRunner(root, dev, dt, options.attention_backend, **generation)
+    compare_reference = options.compare_reference
     swap = dev.type != "cpu" and compare_reference
     runners: list = [ours]
     if compare_reference:

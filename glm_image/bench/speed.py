@@ -87,17 +87,7 @@ class SpeedOptions:
 def run_speed(options: SpeedOptions, progress=None) -> dict[str, Any]:
     """Measure every case; return the report (the shared layout of ``report``)."""
     options.check()
-    loaded = load_runners(
-        options.model,
-        options.device,
-        options.dtype,
-        options.attention_backend,
-        options.compare_reference,
-        ar_decoding=options.ar_decoding,
-        jacobi_window=options.jacobi_window,
-        quantize=options.quantize,
-        max_memory=options.max_memory,
-    )
+    loaded = load_runners(options)
     ours, runners, swap = loaded.ours, list(loaded.runners), loaded.swap
     if options.dit_cache is not None:
         runners.insert(1, ours.with_cache(options.dit_cache))
