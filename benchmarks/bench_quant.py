@@ -98,33 +98,35 @@ def _child_dit(model: str, config: str, steps: int, size: int) -> dict:
     }
 
 
-def _child_memory(model: str, scheme: str, size: int) -> dict:
-    """Each stage's measured growth of the process (Linux peak RSS) beside the planner's estimate.
-    float32 (the checkpoint is bfloat16): every weight is then a copy in the process's own memory,
-    not pages of the memory-mapped file that count only once touched."""
+def _child_memory(model: str, scheme: str, size: int, device: str = "cpu") -> dict:
+    """Each stage's measured peak beside the planner's estimate. On the CPU: the process's growth
+    (Linux peak RSS) in float32 (the checkpoint is bfloat16): every weight is then a copy in the
+    process's own memory, not pages of the memory-mapped file that count only once touched. On a
+    GPU: ``max_memory_allocated`` in bfloat16, the dtype the engine serves in."""
     from glm_image.bench.memory import PeakMemory
     from glm_image.engine import ArEngine, DitEngine
     from glm_image.hub import resolve_checkpoint
     from glm_image.residency import estimate_memory
 
     root = resolve_checkpoint(model)
-    estimate = estimate_memory(root, scheme, torch.float32, height=size, width=size)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    estimate = estimate_memory(root, scheme, dtype, height=size, width=size)
     out = {}
-    with PeakMemory("cpu") as m:
-        ar = ArEngine.from_pretrained(root, dtype=torch.float32, quantize=scheme)
+    with PeakMemory(device) as m:
+        ar = ArEngine.from_pretrained(root, device=device, dtype=dtype, quantize=scheme)
     out["ar_weights"] = (m.increase, estimate.weights["ar_text_decoder"])
-    with PeakMemory("cpu") as m, torch.inference_mode():
+    with PeakMemory(device) as m, torch.inference_mode():
         ar.generate(PROMPTS[0], size, size, seeds=[0], max_new_tokens=32)
     out["ar_activations"] = (m.increase, estimate.ar_activations)
     del ar
-    with PeakMemory("cpu") as m:
-        dit = DitEngine.from_pretrained(root, dtype=torch.float32, quantize=scheme)
+    with PeakMemory(device) as m:
+        dit = DitEngine.from_pretrained(root, device=device, dtype=dtype, quantize=scheme)
     out["dit_glyph_vae_weights"] = (m.increase, estimate.dit_stage)
     prior = torch.randint(0, 16384, (1, (size // 16) ** 2), generator=torch.Generator().manual_seed(0))
-    with PeakMemory("cpu") as m:
+    with PeakMemory(device) as m:
         latents = dit.denoise(prior, PROMPTS[0], size, size, num_inference_steps=1, seeds=0)
     out["dit_activations"] = (m.increase, estimate.dit_activations)
-    with PeakMemory("cpu") as m:
+    with PeakMemory(device) as m:
         dit.decode(latents)
     out["vae_activations"] = (m.increase, estimate.vae_activations)
     return {
@@ -188,9 +190,17 @@ def run_speed(args) -> dict:
 
 
 def run_memory(args) -> dict:
-    results = [{"scheme": s, **_run_child("memory", args.model, s, str(args.size))} for s in args.schemes]
-    notes = ["measured: growth of the process's peak RSS over each step (Linux VmHWM), float32 on the CPU"]
-    return build_report("quant_memory", results, config={"model": args.model, "size": args.size}, notes=notes)
+    results = [
+        {"scheme": s, **_run_child("memory", args.model, s, str(args.size), args.device)}
+        for s in args.schemes
+    ]
+    notes = [
+        "measured: growth of the process's peak RSS over each step (Linux VmHWM), float32"
+        if args.device == "cpu"
+        else f"measured: torch.{args.device}.max_memory_allocated over each step, bfloat16"
+    ]
+    config = {"model": args.model, "size": args.size}
+    return build_report("quant_memory", results, config=config, notes=notes, device=args.device)
 
 
 def _load(engine_cls, root, kind: str):
@@ -324,6 +334,9 @@ def main(argv=None) -> None:
     parser.add_argument("--ar-configs", default=",".join(AR_CONFIGS))
     parser.add_argument("--dit-configs", default=",".join(DIT_CONFIGS))
     parser.add_argument("--schemes", default="none;int8;ar=int4", help="memory mode: schemes, ';'-separated")
+    parser.add_argument(
+        "--device", default="cpu", help="memory mode: cpu (peak RSS) or cuda / npu (allocator peak)"
+    )
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     args.ar_configs = [c for c in args.ar_configs.split(",") if c]

@@ -1,16 +1,38 @@
 #!/usr/bin/env bash
-# Everything that needs a CUDA GPU, in one command: the kernel and GPU tests, then the kernel, AR,
-# DiT and end-to-end benchmarks on the wide preset (released widths, 2 layers per stack).
+# Everything that needs a CUDA GPU, in one command: the kernel and GPU tests, then the AR, DiT,
+# end-to-end, quantization, kernel and memory benchmarks on the wide preset (released widths, 2
+# layers per stack; random weights, so acceptance rates and cache hits are not the released model's).
 #
-#   bash benchmarks/gpu_run.sh [OUT_DIR] [STAGES]     STAGES: any of tests,kernels,ar,dit,speed
+#   bash benchmarks/gpu_run.sh [OUT_DIR] [STAGES]
+#
+# STAGES (default: all, in this order, most wanted first):
+#   tests      the kernel, quantized-kernel, self-check, decode-step and Jacobi tests on the GPU
+#   ar         AR decode: transformers' generate, ours sequential, ours Jacobi with windows 4 and 8
+#   dit        one CFG denoising step: diffusers against ours in bf16, int8 and fp8
+#   speed      end to end against diffusers' pipeline, batch 1 and 4
+#   fast       end to end, ours uncached against ours with every speed-up on (Jacobi, int8,
+#              fbcache): per-stage seconds, DiT forwards computed, PSNR against uncached
+#   arquant    AR decode under int8, fp8 and ar=int4 (tok/s against our bf16 in the same run)
+#   kernels    our Triton kernels against their torch twins, per op
+#   memory     the memory planner's estimate against torch.cuda.max_memory_allocated, per stage
+#
+# The whole run keeps inside GPU_RUN_BUDGET seconds (default 540: one device command may take
+# 600): each stage gets at most its own cap and what is left; a stage past it is stopped and the
+# next begins. Logs and JSON go to OUT_DIR. GPU_RUN_MODEL / _SIZE / _DEVICE / _DTYPE override wide /
+# 1024x1024 / cuda / bfloat16 (a dry run on a CPU: GPU_RUN_MODEL=tiny GPU_RUN_DEVICE=cpu ...).
 #
 # For a machine without internet where the project is not installed: wheels of the missing
 # packages in .whl/ are installed into a private folder first, and the project runs from the
-# checkout (PYTHONPATH), so nothing is built or downloaded. Logs and JSON go to OUT_DIR.
+# checkout (PYTHONPATH), so nothing is built or downloaded.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-results/gpu}
-stages=${2:-tests,kernels,ar,dit,speed}
+stages=${2:-tests,ar,dit,speed,fast,arquant,kernels,memory}
+model=${GPU_RUN_MODEL:-wide}
+size=${GPU_RUN_SIZE:-1024x1024}
+device=${GPU_RUN_DEVICE:-cuda}
+dtype=${GPU_RUN_DTYPE:-bfloat16}
+deadline=$((SECONDS + ${GPU_RUN_BUDGET:-540}))
 mkdir -p "$out"
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -20,38 +42,71 @@ fi
 export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 GLM_IMAGE_CACHE=${GLM_IMAGE_CACHE:-/tmp/glm-image-cache}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_VERBOSITY=error DIFFUSERS_VERBOSITY=error
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/device.txt"
-python3 -c "import torch, triton, transformers, diffusers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__)" | tee -a "$out/device.txt"
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+    python3 -c "import torch, transformers, diffusers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'diffusers', diffusers.__version__)"
+    python3 -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "no triton"
+} | tee "$out/device.txt"
 
-run() {  # name, command...: log to OUT_DIR/name.log, keep going on failure
-    local name=$1
-    shift
-    echo "== $name: $*"
+run() {  # name, cap in seconds, command...: log to OUT_DIR/name.log, keep going on failure
+    local name=$1 cap=$2
+    shift 2
+    local left=$((deadline - SECONDS))
+    if [ "$left" -lt 20 ]; then
+        echo "== $name: skipped (the run's budget is spent)" | tee -a "$out/skipped.txt"
+        return
+    fi
+    [ "$cap" -gt "$left" ] && cap=$left
+    echo "== $name (at most $cap s): $*"
     local start=$SECONDS
-    "$@" >"$out/$name.log" 2>&1
+    timeout -k 10 "$cap" "$@" >"$out/$name.log" 2>&1
     local rc=$?
-    echo "   rc=$rc in $((SECONDS - start)) s"
-    tail -n 12 "$out/$name.log"
+    echo "   rc=$rc in $((SECONDS - start)) s$([ $rc -eq 124 ] && echo ' (stopped at its cap)')"
+    tail -n 14 "$out/$name.log"
 }
 
-case ",$stages," in *,tests,*)
-    run tests python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py tests/test_ops_triton.py \
-        tests/test_decode.py tests/test_device_and_ops.py ;;
-esac
-case ",$stages," in *,kernels,*)
-    run kernels python3 benchmarks/bench_kernels.py --out "$out/bench_kernels.json" ;;
-esac
-case ",$stages," in *,ar,*)
-    run ar-tiny python3 -m glm_image.cli bench ar --model tiny --size 1024x1024 --device cuda \
-        --dtype bfloat16 --out "$out/bench_ar_tiny.json"
-    run ar-wide python3 -m glm_image.cli bench ar --model wide --size 1024x1024 --max-tokens 256 \
-        --device cuda --dtype bfloat16 --out "$out/bench_ar_wide.json" ;;
-esac
-case ",$stages," in *,dit,*)
-    run dit python3 -m glm_image.cli bench dit --model wide --size 1024x1024 --device cuda \
-        --dtype bfloat16 --out "$out/bench_dit.json" ;;
-esac
-case ",$stages," in *,speed,*)
-    run speed python3 -m glm_image.cli bench speed --model wide --sizes 1024x1024 --steps 10 \
-        --batch 1,4 --compare-reference --out "$out/bench_speed.json" ;;
-esac
+common=(--model "$model" --device "$device" --dtype "$dtype")
+want() { case ",$stages," in *,$1,*) return 0 ;; esac; return 1; }
+
+# The preset's random checkpoint is written once (tens of seconds for wide), outside any stage's cap.
+run checkpoint 150 python3 -c "from glm_image.hub import resolve_checkpoint; print(resolve_checkpoint('$model'))"
+if want tests; then
+    run tests 80 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_ops_triton.py \
+        tests/test_quant_kernels.py tests/test_selfcheck.py tests/test_device_and_ops.py
+    run tests-graphs 40 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decode.py tests/test_jacobi.py
+fi
+if want ar; then
+    run ar 100 python3 -m glm_image.cli bench ar "${common[@]}" --size "$size" --max-tokens 256 \
+        --ar-decoding sequential,jacobi --jacobi-window 4,8 --out "$out/bench_ar.json"
+fi
+if want dit; then
+    for q in none int8 fp8; do
+        run "dit-$q" 35 python3 -m glm_image.cli bench dit "${common[@]}" --size "$size" --quantize "$q" \
+            --out "$out/bench_dit_$q.json"
+    done
+fi
+if want speed; then
+    run speed 110 python3 -m glm_image.cli bench speed "${common[@]}" --sizes "$size" --steps 10 \
+        --batch 1,4 --repeats 2 --max-ar-tokens 256 --compare-reference --out "$out/bench_speed.json"
+fi
+if want fast; then
+    run fast 80 python3 -m glm_image.cli bench speed "${common[@]}" --sizes "$size" --steps 20 \
+        --repeats 2 --max-ar-tokens 256 --ar-decoding jacobi --quantize int8 --dit-cache fbcache \
+        --dit-cache-threshold 0.9 --out "$out/bench_fast.json"
+fi
+if want arquant; then
+    run arquant 70 python3 -m glm_image.cli bench ar "${common[@]}" --size "$size" --max-tokens 256 \
+        --no-reference --quantize int8 --out "$out/bench_ar_int8.json"
+    run arquant-fp8 40 python3 -m glm_image.cli bench ar "${common[@]}" --size "$size" --max-tokens 256 \
+        --no-reference --quantize fp8 --out "$out/bench_ar_fp8.json"
+    run arquant-int4 40 python3 -m glm_image.cli bench ar "${common[@]}" --size "$size" --max-tokens 256 \
+        --no-reference --quantize ar=int4 --out "$out/bench_ar_int4.json"
+fi
+if want kernels; then
+    run kernels 40 python3 benchmarks/bench_kernels.py --out "$out/bench_kernels.json"
+fi
+if want memory; then
+    run memory 60 python3 benchmarks/bench_quant.py memory --model "$model" --device "$device" \
+        --size "${size%%x*}" --schemes "none;int8" --out "$out/bench_memory.json"
+fi
+echo "== done in $SECONDS s"
