@@ -15,6 +15,10 @@
 #   arquant    AR decode under int8, fp8 and ar=int4 (tok/s against our bf16 in the same run)
 #   kernels    our Triton kernels against their torch twins, per op
 #   memory     the memory planner's estimate against torch.cuda.max_memory_allocated, per stage
+#   scaling    bench speed on 2, 4 and 8 GPUs where the machine has them (skipped on one): the AR
+#              tensor parallel over all of them with the DiT CFG-parallel x Ulysses over the same
+#              ones, then the stages on separate halves; each JSON has per-stage times and the
+#              all-reduce / all-to-all share (`comm`); compare with `speed` (one GPU)
 #
 # The whole run keeps inside GPU_RUN_BUDGET seconds (default 540: one device command may take
 # 600): each stage gets at most its own cap and what is left; a stage past it is stopped and the
@@ -27,7 +31,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-results/gpu}
-stages=${2:-tests,ar,dit,speed,fast,arquant,kernels,memory}
+stages=${2:-tests,ar,dit,speed,fast,arquant,kernels,memory,scaling}
 model=${GPU_RUN_MODEL:-wide}
 size=${GPU_RUN_SIZE:-1024x1024}
 device=${GPU_RUN_DEVICE:-cuda}
@@ -71,7 +75,7 @@ want() { case ",$stages," in *,$1,*) return 0 ;; esac; return 1; }
 # The preset's random checkpoint is written once (tens of seconds for wide), outside any stage's cap.
 run checkpoint 150 python3 -c "from glm_image.hub import resolve_checkpoint; print(resolve_checkpoint('$model'))"
 if want tests; then
-    run tests 80 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_ops_triton.py \
+    run tests 110 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_ops_triton.py \
         tests/test_quant_kernels.py tests/test_selfcheck.py tests/test_device_and_ops.py
     run tests-graphs 40 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decode.py tests/test_jacobi.py
 fi
@@ -108,5 +112,24 @@ fi
 if want memory; then
     run memory 60 python3 benchmarks/bench_quant.py memory --model "$model" --device "$device" \
         --size "${size%%x*}" --schemes "none;int8" --out "$out/bench_memory.json"
+fi
+if want scaling; then
+    gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
+    for n in 2 4 8; do
+        if [ "$n" -gt "$gpus" ]; then
+            echo "== scaling-$n: skipped (this machine has $gpus GPU(s))"
+            continue
+        fi
+        flags=(--ar-tp "$n" --dit-cfg-parallel)  # DiT: CFG x 2, then Ulysses over the rest
+        [ "$n" -ge 4 ] && flags+=(--dit-sp $((n / 2)))
+        run "scaling-$n" 90 python3 -m glm_image.cli bench speed "${common[@]}" --sizes "$size" --steps 10 \
+            --repeats 2 --max-ar-tokens 256 "${flags[@]}" --out "$out/bench_scaling_$n.json"
+        half=$((n / 2))  # the stages on separate halves of the devices
+        split=(--placement separate)
+        [ "$half" -ge 2 ] && split+=(--ar-tp "$half" --dit-cfg-parallel)
+        [ "$half" -ge 4 ] && split+=(--dit-sp $((half / 2)))
+        run "scaling-$n-separate" 90 python3 -m glm_image.cli bench speed "${common[@]}" --sizes "$size" \
+            --steps 10 --repeats 2 --max-ar-tokens 256 "${split[@]}" --out "$out/bench_scaling_${n}_separate.json"
+    done
 fi
 echo "== done in $SECONDS s"

@@ -23,8 +23,11 @@ from .errors import GlmImageError
 from .options import (
     DTYPE_NAMES,
     add_generation_arguments,
+    add_parallel_arguments,
     add_runtime_arguments,
     generation_kwargs,
+    parallel_config,
+    parallel_kwargs,
     runtime_kwargs,
     torch_dtype,
 )
@@ -265,7 +268,6 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     import warnings
 
     from PIL import Image
-    from tqdm import tqdm
 
     from .config import CheckpointConfig
     from .hub import resolve_checkpoint
@@ -273,21 +275,38 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
     sources = _requests(args)
     paths = iter(_output_paths(args.output, sum(r.num_images for _, r in sources)))
-    limits = CheckpointConfig.from_dir(resolve_checkpoint(args.model)).size_limits
+    config = CheckpointConfig.from_dir(resolve_checkpoint(args.model))
+    parallel = parallel_config(args)
+    parallel.check(config)  # the device count is checked as the engine starts, before any weights
     requests = []
     for where, request in sources:
         try:
             with warnings.catch_warnings():
                 # a picture big enough for Pillow's bomb warning is refused, not decoded
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
-                requests.append(check_request(limits, request))
+                requests.append(check_request(config.size_limits, request))
+            parallel.check_size(request.height, request.width)
         except GlmImageError as e:
             raise GlmImageError(f"{where}: {e}" if where else str(e)) from None
 
     from .pipeline import GlmImage
 
-    pipe = GlmImage.from_pretrained(args.model, **runtime_kwargs(args), **generation_kwargs(args))
+    pipe = GlmImage.from_pretrained(
+        args.model, **runtime_kwargs(args), **generation_kwargs(args), **parallel_kwargs(args)
+    )
+    with pipe:  # a stage on several ranks: its worker processes stop with the command
+        _generate_all(pipe, requests, paths)
+
+
+def _generate_all(pipe, requests: list[GenerationRequest], paths) -> None:
+    """Each request in turn, its images written to the next ``paths`` with a progress bar per
+    stage (under torchrun, by the first rank alone: the others take part and write nothing)."""
+    from tqdm import tqdm
+
     for request in requests:
+        if not pipe.answers:
+            pipe.run(request)
+            continue
         bars: dict[str, tqdm] = {}
 
         def progress(stage: str, done: int, of: int, bars=bars) -> None:
@@ -335,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default="tiny", help="tiny | wide | a checkpoint folder | a Hugging Face id")
     add_runtime_arguments(gen)
     add_generation_arguments(gen)
+    add_parallel_arguments(gen)
     gen.set_defaults(func=_cmd_generate)
 
     info = sub.add_parser("info", help="show a checkpoint's components, sizes and dtypes")
@@ -397,13 +417,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     from .errors import NonFiniteError
+    from .parallel.launch import RankDied
 
     try:
         args.func(args)
     except KeyboardInterrupt:
         print("glm-image: interrupted", file=sys.stderr)
         return 130  # 128 + SIGINT, what a shell reports for Ctrl-C
-    except NonFiniteError as e:  # an engine fault, not the user's input
+    except (NonFiniteError, RankDied) as e:  # an engine fault, not the user's input
         print(f"glm-image: error: {e}", file=sys.stderr)
         return 1
     except GlmImageError as e:

@@ -11,13 +11,17 @@ import argparse
 
 from .engine.choices import DECODINGS, DEFAULT_WINDOW, DIT_CACHES, StepCacheOptions
 from .ops import CHOICES as BACKEND_NAMES
+from .parallel.config import PLACEMENTS, ParallelConfig
 
 __all__ = [
     "DTYPE_NAMES",
     "add_generation_arguments",
+    "add_parallel_arguments",
     "add_runtime_arguments",
     "dit_cache_options",
     "generation_kwargs",
+    "parallel_config",
+    "parallel_kwargs",
     "runtime_kwargs",
     "torch_dtype",
 ]
@@ -106,6 +110,53 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="extrapolate a reused residual to first order (TaylorSeer)",
     )
+
+
+def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--ar-tp``, ``--dit-cfg-parallel``, ``--dit-sp`` and ``--placement`` (``glm_image.parallel``)."""
+    parser.add_argument(
+        "--ar-tp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="tensor-parallel AR ranks, one device each (default 1); the released model splits 1, 2, 4, 8, "
+        "16 or 32 ways (above 2 ranks its 2 KV heads are replicated)",
+    )
+    parser.add_argument(
+        "--dit-cfg-parallel",
+        action="store_true",
+        help="the DiT's conditional and unconditional branches on two ranks (with guidance > 1)",
+    )
+    parser.add_argument(
+        "--dit-sp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="Ulysses sequence-parallel DiT ranks per branch (default 1; a divisor of the 32 heads whose "
+        "split of (height/16)*(width/16) image tokens is even); with --dit-cfg-parallel, 2N DiT ranks",
+    )
+    parser.add_argument(
+        "--placement",
+        choices=PLACEMENTS,
+        default="same",
+        help="same (default): the AR's and the DiT's ranks use the same devices from the first; separate: the "
+        "DiT's ranks on the devices after the AR's (a stage of several ranks runs in worker processes)",
+    )
+
+
+def parallel_kwargs(args: argparse.Namespace) -> dict:
+    """The keyword arguments of ``GlmImage.from_pretrained`` that ``add_parallel_arguments`` gives."""
+    return {
+        "ar_tp": args.ar_tp,
+        "dit_cfg_parallel": args.dit_cfg_parallel,
+        "dit_sp": args.dit_sp,
+        "placement": args.placement,
+    }
+
+
+def parallel_config(args: argparse.Namespace) -> ParallelConfig:
+    """The ``add_parallel_arguments`` flags as a ``ParallelConfig`` (not yet checked)."""
+    return ParallelConfig(**parallel_kwargs(args))
 
 
 def torch_dtype(name: str | None):

@@ -7,6 +7,11 @@ tokenizers as plain text (``validation.plain_text``); latents with NaN or Inf ra
 own seed (``seed`` numbers them ``seed, seed + 1, ...``), used by the AR sampler and the initial
 noise alike, so a seed gives the image diffusers' ``GlmImagePipeline`` gives with
 ``generator=torch.Generator().manual_seed(seed)``.
+
+Several devices (``ar_tp``, ``dit_cfg_parallel``, ``dit_sp``, ``placement``; see
+``glm_image.parallel``): a stage with several ranks is a ``StageGroup`` of worker processes this
+object spawns and owns (``close()``, or at exit); the other runs here. Only the stage values of
+``glm_image.stages`` cross, so every entry point below works the same either way.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from ._version import __version__
 from .engine import ArEngine, DitEngine
 from .engine.choices import DEFAULT_WINDOW, StepCacheOptions, check_decoding
 from .errors import GlmImageError
+from .parallel.config import ParallelConfig
 from .progress import Progress
 from .request import GenerationRequest
 from .stages import ArCall, DitCall, GenerationOutput, ar_stage, dit_stage, output_of, outputs_of, plan_call
@@ -34,6 +40,23 @@ from .validation import (
 __all__ = ["GenerationOutput", "GlmImage"]
 
 log = logging.getLogger(__name__)
+
+
+def _parallel(pipe) -> ParallelConfig:
+    """``pipe.parallel``; the server's ``ModelFront`` borrows ``validate_request`` and ``png_info``
+    and may not have one (one process, then)."""
+    return getattr(pipe, "parallel", None) or ParallelConfig()
+
+
+def _stage(run, engine, call, progress):
+    """``run`` (``ar_stage`` / ``dit_stage``) on ``engine``, or the call on a stage of several
+    ranks (a ``StageGroup``, or this rank's ``SpmdStage`` under torchrun)."""
+    from .parallel.launch import StageGroup
+    from .parallel.spmd import SpmdStage
+
+    if isinstance(engine, StageGroup | SpmdStage):
+        return engine.run(call, progress)
+    return run(engine, call, progress=progress)
 
 
 def _describe(cache: StepCacheOptions | None) -> str:
@@ -58,17 +81,21 @@ class GlmImage:
         jacobi_window: int = DEFAULT_WINDOW,
         dit_cache: StepCacheOptions | None = None,
         quantize: str = "none",
+        parallel: ParallelConfig | None = None,
     ) -> None:
-        """``offload_to``: where a stage waits while the other runs (e.g. "cpu"); None keeps both
-        stages on their device. ``ar_decoding``, ``jacobi_window``, ``dit_cache``: the defaults
-        of ``generate``. ``quantize``: the weight format the engines were loaded with (recorded
-        in every PNG)."""
+        """``ar``, ``dit``: an engine each, or a ``parallel.StageGroup`` running it on several
+        ranks. ``offload_to``: where a stage waits while the other runs (e.g. "cpu"); None keeps
+        both stages on their device. ``ar_decoding``, ``jacobi_window``, ``dit_cache``: the
+        defaults of ``generate``. ``quantize``: the weight format the engines were loaded with
+        (recorded in every PNG). ``parallel``: how the stages are spread (checks sizes)."""
         check_decoding(ar_decoding, jacobi_window)
         if dit_cache is not None:
             dit_cache.check()
         self.ar, self.dit, self.name = ar, dit, name
         self.ar_decoding, self.jacobi_window, self.dit_cache = ar_decoding, jacobi_window, dit_cache
         self.quantize = quantize
+        self.parallel = parallel or ParallelConfig()
+        self.answers = True  # False on the ranks of a torchrun launch but the first (they write nothing)
         self.device = ar.device
         self.offload_to = torch.device(offload_to) if offload_to is not None else None
         self.limits = ar.config.size_limits
@@ -76,7 +103,8 @@ class GlmImage:
     @property
     def attention_backend(self) -> str:
         """The name of the ops backend both stages run on (see ``glm_image.ops``)."""
-        return self.ar.model.ops.name
+        model = getattr(self.ar, "model", None)
+        return model.ops.name if model is not None else self.ar.attention_backend
 
     @classmethod
     def from_pretrained(
@@ -92,6 +120,10 @@ class GlmImage:
         ar_decoding: str = "sequential",
         jacobi_window: int = DEFAULT_WINDOW,
         dit_cache: StepCacheOptions | None = None,
+        ar_tp: int = 1,
+        dit_cfg_parallel: bool = False,
+        dit_sp: int = 1,
+        placement: str = "same",
     ) -> GlmImage:
         """``model``: tiny | wide | a checkpoint folder | a Hugging Face id (see ``hub``).
 
@@ -105,10 +137,20 @@ class GlmImage:
         memory or ``max_memory`` ("16GB", "24GiB"), for a 1024x1024 image; with
         ``quantize="auto"`` it also picks the format. Its choice and why are logged in one line.
         ``ar_decoding``, ``jacobi_window``, ``dit_cache``: the defaults of ``generate``.
+
+        Several devices (``glm_image.parallel``): ``ar_tp`` tensor-parallel AR ranks;
+        ``dit_cfg_parallel`` the DiT's two CFG branches on two ranks; ``dit_sp`` Ulysses
+        sequence-parallel DiT ranks per branch; ``placement`` ``same`` (both stages from the first
+        device) or ``separate`` (the DiT's ranks on the devices after the AR's). Ranks are worker
+        processes, one device each (on a CPU: processes); ``close()`` stops them. Every value, the
+        model's head counts and the number of devices are checked before any weights load.
         """
         check_decoding(ar_decoding, jacobi_window)
         if dit_cache is not None:
             dit_cache.check()
+        parallel = ParallelConfig(ar_tp, dit_cfg_parallel, dit_sp, placement)
+        parallel.check()
+        from .config import CheckpointConfig
         from .device import default_dtype, resolve_device
         from .hub import resolve_checkpoint
         from .ops import select_ops
@@ -121,7 +163,19 @@ class GlmImage:
         check_device(scheme, device)
         ops = select_ops(attention_backend, device)
         root = resolve_checkpoint(model)
+        if parallel.spread:
+            parallel.check(CheckpointConfig.from_dir(root), device)
+            if offload:
+                raise GlmImageError(
+                    f"offload = True: the stages cannot take turns on one device when they run on "
+                    f"several ({parallel.describe()}); allowed: offload False or None"
+                )
         plan = plan_memory(root, device, dtype, quantize=scheme, max_memory=max_memory)
+        defaults = {"ar_decoding": ar_decoding, "jacobi_window": jacobi_window, "dit_cache": dit_cache}
+        if parallel.spread:  # the planner sizes one device: here it only resolves quantize="auto"
+            return cls._spread(
+                root, model, device, dtype, attention_backend, plan.scheme, parallel, **defaults
+            )
         if plan.residency == "offload":  # layer-by-layer streaming is not built: the closest is swap
             log.warning(
                 "%s; layer-by-layer offload is not built, so the stages take turns instead", plan.describe()
@@ -155,6 +209,61 @@ class GlmImage:
         pipe.device = device
         return pipe
 
+    @classmethod
+    def _spread(cls, root, model, device, dtype, attention_backend, scheme, parallel, **defaults) -> GlmImage:
+        """Both stages as ``parallel`` says: a stage of several ranks is a ``StageGroup`` (its
+        ranks load their shards), a stage of one loads here on its device."""
+        from .ops import select_ops
+        from .parallel import spmd
+        from .parallel.launch import StageGroup
+
+        log.info("loading %s (%s): %s", root, dtype, parallel.describe())
+        if spmd.launched():  # torchrun started the ranks: this process is one of them
+            ops = select_ops(attention_backend, device)
+            ar, dit = spmd.load(root, parallel, device, dtype, ops.name, scheme)
+            pipe = cls(ar, dit, str(model), quantize=str(scheme), parallel=parallel, **defaults)
+            pipe.device, pipe.answers = device, ar.control.rank == 0
+            return pipe
+        engines = []
+        try:
+            stages = zip(("ar", "dit"), (ArEngine, DitEngine), parallel.devices(device), strict=True)
+            for stage, engine, devices in stages:
+                ops = select_ops(attention_backend, torch.device(devices[0]))
+                group = StageGroup.of_stage(
+                    stage,
+                    root,
+                    parallel,
+                    device,
+                    dtype=dtype,
+                    attention_backend=ops.name,
+                    quantize=scheme.stage(stage),
+                )
+                if group is None:
+                    group = engine.from_pretrained(
+                        root, device=devices[0], dtype=dtype, attention_backend=ops, quantize=scheme
+                    )
+                engines.append(group)
+        except BaseException:
+            for loaded in engines:
+                if isinstance(loaded, StageGroup):
+                    loaded.close()
+            raise
+        pipe = cls(*engines, str(model), quantize=str(scheme), parallel=parallel, **defaults)
+        pipe.device = device
+        return pipe
+
+    def close(self) -> None:
+        """Stop the worker processes of the stages that run on several ranks (also done at exit)."""
+        for stage in (self.ar, self.dit):
+            if hasattr(stage, "close"):
+                stage.close()
+
+    def __enter__(self) -> GlmImage:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def validate(
         self,
         prompts: Sequence[str],
@@ -168,6 +277,7 @@ class GlmImage:
         check_generation(
             self.limits, prompts, height, width, num_inference_steps, guidance_scale, num_images_per_prompt
         )
+        self.parallel.check_size(height, width)
 
     def generate(
         self,
@@ -223,9 +333,9 @@ class GlmImage:
 
     def _run_stages(self, call: ArCall, steps: int, guidance: float, dit_cache, progress):
         self._resident(self.ar, self.dit)
-        prior = ar_stage(self.ar, call, progress=progress)
+        prior = _stage(ar_stage, self.ar, call, progress)
         self._resident(self.dit, self.ar)
-        made = dit_stage(self.dit, DitCall(prior, steps, guidance, dit_cache), progress=progress)
+        made = _stage(dit_stage, self.dit, DitCall(prior, steps, guidance, dit_cache), progress)
         return prior, made
 
     # ---------------------------------------------------------------- requests
@@ -233,6 +343,7 @@ class GlmImage:
     def validate_request(self, request: GenerationRequest) -> None:
         """Raise ``GlmImageError`` naming the first field of ``request`` that is not allowed."""
         check_request(self.limits, request)
+        _parallel(self).check_size(request.height, request.width)
 
     def run(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationOutput:
         """Carry out one request."""
@@ -286,6 +397,9 @@ class GlmImage:
             "model": self.name,
             "engine": f"glm-image {__version__}",
         }
+        parallel = _parallel(self)
+        if parallel.spread:
+            text["parallel"] = parallel.describe()
         if output.ar_forwards:
             text["ar_forwards"] = str(output.ar_forwards[index])
         if output.dit_forwards:

@@ -38,6 +38,7 @@ from .errors import CheckpointError, CorruptCheckpointError, WeightsMismatchErro
 __all__ = [
     "Fuse",
     "LoadReport",
+    "Part",
     "TensorInfo",
     "WeightIndex",
     "build_on_meta",
@@ -236,10 +237,22 @@ class WeightIndex:
 
 
 @dataclass(frozen=True)
-class Fuse:
-    """A module tensor made by concatenating checkpoint tensors (e.g. q, k, v -> qkv) along ``dim``."""
+class Part:
+    """Rows or columns [start, stop) along ``dim`` of checkpoint tensor ``name``: a tensor-parallel
+    rank's shard (``glm_image.parallel.layout``). Only the slice is read from the file."""
 
-    sources: tuple[str, ...]
+    name: str
+    dim: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class Fuse:
+    """A module tensor made by concatenating checkpoint tensors (e.g. q, k, v -> qkv) along ``dim``;
+    a source may be a ``Part`` of one."""
+
+    sources: tuple[str | Part, ...]
     dim: int = 0
 
 
@@ -324,21 +337,23 @@ def load_weights(
     *,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
-    key_map: Mapping[str, str | Fuse] | None = None,
+    key_map: Mapping[str, str | Part | Fuse] | None = None,
     ignore_prefixes: tuple[str, ...] = (),
     quantize: Converters | None = None,
 ) -> LoadReport:
     """Load a component folder's safetensors into ``module`` (usually built on ``meta``), strictly.
 
-    ``key_map`` maps a module key to the checkpoint name it comes from, or to a ``Fuse`` of several;
-    unmapped keys are read under their own name. Checkpoint tensors under ``ignore_prefixes`` are
-    deliberately unused (e.g. the ViT when only the text decoder is built). ``dtype`` casts
-    floating-point tensors; integer tensors keep theirs.
+    ``key_map`` maps a module key to the checkpoint name it comes from, a ``Part`` of one (a
+    tensor-parallel shard), or a ``Fuse`` of several; unmapped keys are read under their own name.
+    Checkpoint tensors under ``ignore_prefixes`` are deliberately unused (e.g. the ViT when only
+    the text decoder is built). ``dtype`` casts floating-point tensors; integer tensors keep theirs.
 
     ``quantize`` maps the names of linear submodules to converters: each such linear's weight is
     checked as usual, read (on ``device``, in ``dtype``), passed with the linear to its converter,
     and the module returned replaces the linear; its bias, if any, is loaded as usual into the
-    replacement's ``bias``. The full-precision weight is dropped at once (see the module docstring).
+    replacement's ``bias``. A linear whose weight is a ``Part`` of columns (a row-parallel shard)
+    gets the whole weight and ``columns=(start, stop)``, to quantize it whole and keep its shard.
+    The full-precision weight is dropped at once (see the module docstring).
     """
     start = time.perf_counter()
     index = WeightIndex.from_folder(folder)
@@ -347,8 +362,7 @@ def load_weights(
     converted = _converted_keys(module, quantize or {})
 
     def sources(key: str) -> tuple[str, ...]:
-        target = key_map.get(key, key)
-        return target.sources if isinstance(target, Fuse) else (target,)
+        return tuple(_name(e) for e in _entries(key_map.get(key, key)))
 
     plan: dict[str, str] = {}  # module key -> the key of its group that the checkpoint provides
     missing: list[str] = []
@@ -365,17 +379,10 @@ def load_weights(
 
     wrong_shape: list[str] = []
     for key, src in plan.items():
-        infos = [index.tensors[s] for s in sources(src)]
-        target = key_map.get(src)
-        if isinstance(target, Fuse):
-            shape = list(infos[0].shape)
-            if all(len(i.shape) == len(shape) for i in infos) and -len(shape) <= target.dim < len(shape):
-                shape[target.dim] = sum(i.shape[target.dim] for i in infos)
-            shape = tuple(shape)
-        else:
-            shape = infos[0].shape
+        shape = _checkpoint_shape(key_map.get(src, src), index.tensors)
         if shape != tuple(expected[key].shape):
-            wrong_shape.append(f"'{key}': checkpoint {list(shape)} vs module {list(expected[key].shape)}")
+            shown = list(shape) if shape is not None else "a slice out of range"
+            wrong_shape.append(f"'{key}': checkpoint {shown} vs module {list(expected[key].shape)}")
 
     if missing or unexpected or wrong_shape:
         parts = [f"{index.folder}: the checkpoint does not match {type(module).__name__}"]
@@ -401,7 +408,8 @@ def load_weights(
     with contextlib.ExitStack() as stack:
         handles: dict[Path, object] = {}
 
-        def read(name: str) -> torch.Tensor:
+        def read(entry: str | Part) -> torch.Tensor:
+            name = _name(entry)
             info = index.tensors[name]
             if info.file not in handles:
                 try:
@@ -411,21 +419,33 @@ def load_weights(
                 except Exception as e:  # the library's own errors are terse; name the file
                     raise CorruptCheckpointError(f"{info.file}: cannot be opened as safetensors ({e})") from e
             try:
-                tensor = handles[info.file].get_tensor(name)
+                if isinstance(entry, Part):  # only the shard's bytes are read
+                    where = [slice(None)] * len(info.shape)
+                    where[entry.dim] = slice(entry.start, entry.stop)
+                    tensor = handles[info.file].get_slice(name)[tuple(where)]
+                else:
+                    tensor = handles[info.file].get_tensor(name)
             except Exception as e:
                 raise CorruptCheckpointError(f"{info.file}: cannot read tensor '{name}' ({e})") from e
             cast = dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
             return tensor.to(device=device, dtype=cast)
 
         def read_full(src: str) -> torch.Tensor:
-            parts = [read(s) for s in sources(src)]
-            target = key_map.get(src)
+            target = key_map.get(src, src)
+            parts = [read(e) for e in _entries(target)]
             return torch.cat(parts, dim=target.dim) if isinstance(target, Fuse) else parts[0]
 
         for key, src in plan.items():
             if key in converted:  # read, convert, drop: one full-precision tensor at a time
                 name = converted[key]
-                new = quantize[name](module.get_submodule(name), read_full(src))
+                target = key_map.get(src, src)
+                if isinstance(target, Part) and target.dim in (1, -1):
+                    # a row-parallel shard: quantized from the whole weight, then cut, so its
+                    # per-row scales are the unsharded model's (see ``quant.linear``)
+                    columns = (target.start, target.stop)
+                    new = quantize[name](module.get_submodule(name), read(target.name), columns=columns)
+                else:
+                    new = quantize[name](module.get_submodule(name), read_full(src))
                 replacements[name] = new
                 num_bytes += sum(
                     t.numel() * t.element_size() for n, t in new.named_parameters() if n != "bias"
@@ -462,6 +482,35 @@ def load_weights(
         report.seconds,
     )
     return report
+
+
+def _entries(target: str | Part | Fuse) -> tuple[str | Part, ...]:
+    return target.sources if isinstance(target, Fuse) else (target,)
+
+
+def _name(entry: str | Part) -> str:
+    return entry.name if isinstance(entry, Part) else entry
+
+
+def _checkpoint_shape(target: str | Part | Fuse, tensors: Mapping[str, TensorInfo]) -> tuple[int, ...] | None:
+    """The shape ``target`` reads from the checkpoint; None when a ``Part`` lies outside its tensor."""
+    shapes = []
+    for entry in _entries(target):
+        shape = list(tensors[_name(entry)].shape)
+        if isinstance(entry, Part):
+            if (
+                not -len(shape) <= entry.dim < len(shape)
+                or not 0 <= entry.start < entry.stop <= shape[entry.dim]
+            ):
+                return None
+            shape[entry.dim] = entry.stop - entry.start
+        shapes.append(shape)
+    if not isinstance(target, Fuse):
+        return tuple(shapes[0])
+    shape, dim = list(shapes[0]), target.dim
+    if all(len(s) == len(shape) for s in shapes) and -len(shape) <= dim < len(shape):
+        shape[dim] = sum(s[dim] for s in shapes)
+    return tuple(shape)
 
 
 def _converted_keys(module: torch.nn.Module, quantize: Converters) -> dict[str, str]:

@@ -11,7 +11,13 @@ import argparse
 
 from ..engine.choices import DEFAULT_WINDOW
 from ..errors import GlmImageError
-from ..options import add_generation_arguments, add_runtime_arguments, dit_cache_options
+from ..options import (
+    add_generation_arguments,
+    add_parallel_arguments,
+    add_runtime_arguments,
+    dit_cache_options,
+    parallel_kwargs,
+)
 from ..request import parse_size
 
 __all__ = ["add_parser"]
@@ -99,6 +105,7 @@ def add_parser(sub) -> None:
     speed.add_argument(
         "--plot", metavar="PATH.png", help="bar chart of the per-stage seconds (needs matplotlib)"
     )
+    add_parallel_arguments(speed)
     speed.set_defaults(func=_run_speed)
 
     quality = which.add_parser(
@@ -220,6 +227,7 @@ def _run_speed(args: argparse.Namespace) -> None:
         attention_backend=args.attention_backend,
         max_ar_tokens=args.max_ar_tokens,
         **_generation(args),
+        **parallel_kwargs(args),
     )
     options.check()  # bad options, a missing device or matplotlib fail now, not after loading models
     resolve_runtime(options.device, options.dtype)

@@ -17,12 +17,19 @@ each call given a fresh ``StepCache``, reporting the transformer passes each ima
 ``max_ar_tokens`` (benchmarks only) stops both AR models after that many tokens and fills the
 rest of the grid with code 0, so the DiT and the VAE still run on a whole grid: the AR rate is
 then measured over the tokens written, and the image is not a real one.
+
+A stage of ours that runs on several ranks (``--ar-tp``, ``--dit-cfg-parallel``, ``--dit-sp``) is
+timed the same way inside its ranks (``bench_stage`` runs on each rank's engine), and
+``OursRunner.comm_share`` runs one more call with every collective timed (device synchronised
+around each; the AR then decodes eagerly), for the share of each stage's time its all-reduces,
+all-gathers, all-to-alls and broadcasts take on the first rank.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,7 +44,7 @@ from .report import synchronize
 if TYPE_CHECKING:
     from ..engine.step_cache import StepCacheOptions
 
-__all__ = ["OursRunner", "ReferenceRunner", "StageTimes", "on_device"]
+__all__ = ["OursRunner", "ReferenceRunner", "StageTimes", "bench_stage", "on_device"]
 
 
 @dataclass(frozen=True)
@@ -126,19 +133,25 @@ class OursRunner:
 
     @property
     def weight_bytes(self) -> int:
-        dit = self.pipe.dit
-        return _module_bytes(self.pipe.ar.model, dit.model, dit.glyph.encoder, dit.vae)
+        """Every weight of both stages, over all ranks of a stage that runs on several."""
+        return on_engine(self.pipe.ar, _stage_weight_bytes) + on_engine(self.pipe.dit, _stage_weight_bytes)
+
+    @property
+    def _here(self) -> list:
+        """The stages loaded in this process (not a ``StageGroup`` of rank processes)."""
+        return [stage for stage in (self.pipe.ar, self.pipe.dit) if not _is_group(stage)]
 
     def park(self, where: torch.device) -> None:
-        """Move both stages off the device while the other engine runs."""
-        self.pipe.ar.to(where)
-        self.pipe.dit.to(where)
+        """Move the stages of this process off the device while the other engine runs (a stage
+        on several ranks stays on its devices)."""
+        for stage in self._here:
+            stage.to(where)
 
     def unpark(self) -> None:
         """Back on the device; an offloading pipe moves each stage in itself when it runs."""
         if self.pipe.offload_to is None:
-            self.pipe.ar.to(self.device)
-            self.pipe.dit.to(self.device)
+            for stage in self._here:
+                stage.to(self.device)
 
     def run(
         self,
@@ -153,29 +166,7 @@ class OursRunner:
         """One ``GlmImage.generate`` call. Its own stage timings are used; on a GPU the AR and
         the denoising loop are made to wait for their queued work before they return, so each
         stage's time holds its own kernels (one synchronisation each; nothing else changes)."""
-        ar, dit = self.pipe.ar, self.pipe.dit
-        generate = _capped_ours(ar.generate, max_ar_tokens) if max_ar_tokens is not None else ar.generate
-        denoise = dit.denoise
-        if self.device.type != "cpu":
-            generate, denoise = _then_sync(generate, self.device), _then_sync(denoise, self.device)
-        ar.generate, dit.denoise = generate, denoise
-        try:
-            synchronize(self.device)
-            start = time.perf_counter()
-            out = self.pipe.generate(
-                prompt,
-                height,
-                width,
-                num_inference_steps=steps,
-                seed=seed,
-                num_images_per_prompt=batch,
-                dit_cache=self.dit_cache,
-            )
-            synchronize(self.device)
-            total = time.perf_counter() - start
-        finally:  # back to the class's own methods
-            for engine, name in ((ar, "generate"), (dit, "denoise")):
-                engine.__dict__.pop(name, None)
+        out, total = self._call(prompt, height, width, steps, batch, seed, max_ar_tokens)
         t = out.timings
         times = StageTimes(
             t["ar"],
@@ -190,6 +181,134 @@ class OursRunner:
             sum(out.ar_forwards) / batch,
         )
         return out.images, times
+
+    def _call(self, prompt, height, width, steps, batch, seed, max_ar_tokens, profile: dict | None = None):
+        """``GlmImage.generate`` with each stage run through ``bench_stage`` (here, or on every
+        rank of a stage group); ``profile``: time every collective, each stage's counters put in it."""
+        patched = []
+        for stage in (self.pipe.ar, self.pipe.dit):
+            if not _is_group(stage):
+                patched += _instrument(stage, max_ar_tokens)
+                continue
+            run = stage.run
+
+            def grouped(call, progress=None, run=run, name=stage.stage):
+                answer = run(
+                    functools.partial(bench_stage, call=call, cap=max_ar_tokens, profile=profile is not None)
+                )
+                if profile is None:
+                    return answer
+                answer, profile[name] = answer
+                return answer
+
+            stage.run = grouped
+            patched.append((stage, "run"))
+        try:
+            synchronize(self.device)
+            start = time.perf_counter()
+            out = self.pipe.generate(
+                prompt,
+                height,
+                width,
+                num_inference_steps=steps,
+                seed=seed,
+                num_images_per_prompt=batch,
+                dit_cache=self.dit_cache,
+            )
+            synchronize(self.device)
+            return out, time.perf_counter() - start
+        finally:  # back to the class's own methods
+            for engine, name in patched:
+                engine.__dict__.pop(name, None)
+
+    def comm_share(self, prompt, height, width, steps, batch, seed, max_ar_tokens) -> dict | None:
+        """Per stage on several ranks, one call with every collective timed: the stage's seconds
+        on its first rank and the share its collectives took (None: no stage on several ranks)."""
+        if not any(_is_group(stage) for stage in (self.pipe.ar, self.pipe.dit)):
+            return None
+        profile: dict = {}
+        self._call(prompt, height, width, steps, batch, seed, max_ar_tokens, profile)
+        out = {}
+        for name, stats in profile.items():
+            spent = sum(stats["seconds"].values())
+            out[name] = {
+                "ranks": stats["ranks"],
+                "stage_s": round(stats["stage_s"], 6),
+                "collective_s": {k: round(v, 6) for k, v in stats["seconds"].items()},
+                "calls": stats["calls"],
+                "bytes": stats["bytes"],
+                "share": round(spent / stats["stage_s"], 4) if stats["stage_s"] > 0 else None,
+            }
+        return out
+
+
+def _is_group(stage) -> bool:
+    from ..parallel.launch import StageGroup
+
+    return isinstance(stage, StageGroup)
+
+
+def on_engine(stage, fn):
+    """``fn(engine)`` for an engine of this process, or its value on the first rank of a group."""
+    return stage.run(fn) if _is_group(stage) else fn(stage)
+
+
+def _stage_weight_bytes(engine) -> int:
+    """The weights of an ``ArEngine`` or ``DitEngine`` (its glyph encoder and VAE too), summed
+    over the ranks of its groups (each DiT rank holds the whole DiT)."""
+    ar = hasattr(engine, "generate")
+    modules = [engine.model] if ar else [engine.model, engine.glyph.encoder, engine.vae]
+    comms = [engine.model.tp] if ar else [engine.groups.sp, engine.groups.cfg]
+    total = torch.tensor([_module_bytes(*modules)], dtype=torch.long, device=comms[0].device or "cpu")
+    for comm in comms:
+        comm.all_reduce(total)
+    return int(total.item())
+
+
+def _instrument(engine, cap: int | None) -> list:
+    """Time the engine's stage honestly: ``generate`` (capped at ``cap`` tokens) and ``denoise``
+    wait for their queued device work before they return. Returns what was patched."""
+    device = engine.device
+    if hasattr(engine, "generate"):
+        generate = _capped_ours(engine.generate, cap) if cap is not None else engine.generate
+        engine.generate = _then_sync(generate, device) if device.type != "cpu" else generate
+        return [(engine, "generate")]
+    if device.type != "cpu":
+        engine.denoise = _then_sync(engine.denoise, device)
+    return [(engine, "denoise")]
+
+
+def bench_stage(engine, call, cap: int | None = None, profile: bool = False):
+    """One stage call (``ArCall`` or ``DitCall``) as ``OursRunner`` times it, on a rank's engine
+    (``StageGroup.run`` sends it to every rank). ``profile``: every collective timed, the AR
+    decoding eagerly (a synchronising step cannot be captured); returns (answer, counters)."""
+    from ..stages import ar_stage, dit_stage
+
+    run = ar_stage if hasattr(engine, "generate") else dit_stage
+    patched = _instrument(engine, cap)
+    comm = engine.model.tp if hasattr(engine, "generate") else engine.groups.sp
+    stats, decode_step = comm.stats, getattr(engine, "decode_step", None)
+    if profile:
+        stats.reset()
+        stats.timed = True
+        if decode_step is not None:
+            engine.decode_step = "eager"
+    try:
+        synchronize(engine.device)
+        start = time.perf_counter()
+        answer = run(engine, call)
+        synchronize(engine.device)
+        seconds = time.perf_counter() - start
+    finally:
+        for target, name in patched:
+            target.__dict__.pop(name, None)
+        stats.timed = False
+        if decode_step is not None:
+            engine.decode_step = decode_step
+    if not profile:
+        return answer
+    ranks = comm.size if hasattr(engine, "generate") else engine.groups.cfg.size * comm.size
+    return answer, {"ranks": ranks, "stage_s": seconds, **stats.as_dict()}
 
 
 def _then_sync(fn, device: torch.device):

@@ -7,6 +7,7 @@ of every other command (``--device``, ``--dtype``, ``--attention-backend``).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,6 +88,9 @@ def load_runners(options) -> Runners:
         "quantize": options.quantize,
         "max_memory": options.max_memory,
     }
+    parallel = getattr(options, "parallel", None)  # bench speed: ours on several devices
+    if parallel is not None and parallel.spread:
+        generation.update(dataclasses.asdict(parallel))
     ours = OursRunner(root, dev, dt, options.attention_backend, **generation)
     compare_reference = options.compare_reference
     swap = dev.type != "cpu" and compare_reference

@@ -15,11 +15,18 @@ PSNR of its images against ours uncached (same prompt and seed).
 
 On a GPU with ``--compare-reference`` the engine that is not running waits in host memory, so
 each engine's peak memory is its own. On a CPU both stay loaded (see ``memory``).
+
+Several devices (``--ar-tp``, ``--dit-cfg-parallel``, ``--dit-sp``, ``--placement``): ours runs its
+stages on rank processes; the stage times are measured inside them as in one process, and each
+case adds (``comm``) one more call with every collective timed: per stage on several ranks, its
+seconds and the share of them its all-reduces / all-gathers / all-to-alls / broadcasts took.
+Peak memory is this process's (a stage on rank processes is not counted).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,7 +35,8 @@ import torch
 
 from ..engine.choices import DEFAULT_WINDOW
 from ..errors import GlmImageError
-from .engines import StageTimes, on_device
+from ..parallel.config import ParallelConfig
+from .engines import StageTimes, on_device, on_engine
 from .memory import PeakMemory
 from .report import build_report, device_name, markdown_table, median
 from .roofline import ar_weight_bytes_per_token, dit_flops_per_step, floor_fractions, fraction
@@ -65,8 +73,17 @@ class SpeedOptions:
     jacobi_window: int = DEFAULT_WINDOW
     quantize: str | None = None  # ours' weight format (the reference: as stored)
     max_memory: str | None = None
+    ar_tp: int = 1  # ours on several devices (``glm_image.parallel``)
+    dit_cfg_parallel: bool = False
+    dit_sp: int = 1
+    placement: str = "same"
+
+    @property
+    def parallel(self) -> ParallelConfig:
+        return ParallelConfig(self.ar_tp, self.dit_cfg_parallel, self.dit_sp, self.placement)
 
     def check(self) -> None:
+        self.parallel.check()
         if self.dit_cache is not None:
             self.dit_cache.check()
         if not self.sizes or not self.batches:
@@ -97,8 +114,8 @@ def run_speed(options: SpeedOptions, progress=None) -> dict[str, Any]:
 
     checkpoint = ours.pipe.dit.config
     patch = checkpoint.vae.scale_factor * checkpoint.dit.patch_size  # pixels per DiT image token
-    _, lengths = ours.pipe.dit.glyph.encode([options.prompt], return_lengths=True)
-    ar_bytes = ar_weight_bytes_per_token(ours.pipe.ar.model)
+    lengths = on_engine(ours.pipe.dit, functools.partial(_glyph_lengths, prompt=options.prompt))
+    ar_bytes = on_engine(ours.pipe.ar, _ar_bytes)  # a tensor-parallel rank's: what one device reads
     name = device_name(device)
     results, memory_method = [], ""
     for width, height in options.sizes:
@@ -125,6 +142,7 @@ def run_speed(options: SpeedOptions, progress=None) -> dict[str, Any]:
                 width, height, batch, options, samples, runners, ar_bytes, flops, floor, dtype, device
             )
             case["cache"] = _cache_comparison(case, images, options) if options.dit_cache else None
+            case["comm"] = ours.comm_share(*call)
             results.append(case)
 
     notes = [f"peak memory: {memory_method}"]
@@ -136,6 +154,12 @@ def run_speed(options: SpeedOptions, progress=None) -> dict[str, Any]:
         notes.append(
             f"--max-ar-tokens {options.max_ar_tokens}: each AR model stopped after that many tokens and the rest of "
             "its grid was filled with code 0; AR rates are over the tokens written, images are not real ones"
+        )
+    if options.parallel.spread:
+        notes.append(
+            f"ours: {options.parallel.describe()}; comm: one more call per case with every collective timed "
+            "(the device synchronised around each; the AR decoding eagerly), its share of each stage's seconds "
+            "on the first rank; peak memory is the launching process's only"
         )
     if options.compare_reference and max(options.batches) > 1:
         notes.append(
@@ -161,6 +185,7 @@ def run_speed(options: SpeedOptions, progress=None) -> dict[str, Any]:
         "ar_decoding": options.ar_decoding,
         "jacobi_window": options.jacobi_window if options.ar_decoding == "jacobi" else None,
         "dit_cache": dataclasses.asdict(options.dit_cache) if options.dit_cache else None,
+        "parallel": dataclasses.asdict(options.parallel),
     }
     if options.dit_cache is not None:
         notes.append(
@@ -169,6 +194,14 @@ def run_speed(options: SpeedOptions, progress=None) -> dict[str, Any]:
             "1/num_layers"
         )
     return build_report("speed", results, config=config, notes=notes, device=device)
+
+
+def _glyph_lengths(engine, prompt: str) -> list[int]:
+    return engine.glyph.encode([prompt], return_lengths=True)[1]
+
+
+def _ar_bytes(engine) -> int:
+    return ar_weight_bytes_per_token(engine.model)
 
 
 def _measure(runner, call, device: torch.device, swap: bool) -> tuple[list, StageTimes, PeakMemory]:
@@ -345,6 +378,17 @@ def format_speed(report: dict[str, Any]) -> str:
         for c in report["results"]
         if (k := c.get("cache"))
     ]
+    comms = [
+        f"collectives at {c['size']} batch {c['batch']}, {stage} on {k['ranks']} ranks: {_pct(k['share'])} of "
+        f"{_num(k['stage_s'])} s ("
+        + ", ".join(
+            f"{kind} {_num(seconds)} s in {k['calls'][kind]} calls"
+            for kind, seconds in k["collective_s"].items()
+        )
+        + ")"
+        for c in report["results"]
+        for stage, k in (c.get("comm") or {}).items()
+    ]
     lines = [
         f"glm-image bench speed: model {config['model']}, {machine['device']}, {config['dtype']}, "
         f"{config['steps']} steps, median of {config['repeats']} (after {config['warmup']} warm-up)",
@@ -355,6 +399,7 @@ def format_speed(report: dict[str, Any]) -> str:
         + ("; ours/ref < 1 is faster for times, > 1 for tok/s." if config["compare_reference"] else "."),
         f"floor: {'; '.join(sorted(map(str, floors)))}",
         *caches,
+        *comms,
         *report["notes"],
     ]
     return "\n".join(lines)

@@ -13,6 +13,11 @@ so the images have the same distribution in fewer forwards, though not the same 
 greedy decoding gives exactly the sequential tokens. ``sequential`` equals the reference seed for
 seed and stays the default.
 
+Tensor parallel (``tp``, ``glm_image.parallel``): every rank of the group runs this engine on
+its shard of the decoder, with the same call; the prompt ids and every token are decided by the
+group's first rank and sent to the others, so the ranks cannot diverge, and only that rank draws
+sampling noise (seeded sampling gives the tokens of one process).
+
 ``constrain_grid=True`` (default) masks EOS and the special tokens while a grid is incomplete,
 *after* temperature/top-k/top-p, so whenever the reference would have written a valid grid we
 write the same one, and where it would have cut the grid short we cannot. ``False`` reproduces
@@ -35,13 +40,14 @@ from ..errors import GlmImageError
 from ..models.ar import ArModel, KVCache, rotary_tables
 from ..models.vision import VisionEncoder
 from ..ops import Ops
+from ..parallel.comm import SINGLE, Comm
 from ..progress import Progress
 from ..quant import QuantScheme
 from ..sampling import SamplingParams, image_seeds
 from ..weights import load_model
 from . import jacobi
 from .choices import DECODE_STEPS, DEFAULT_WINDOW, check_decoding
-from .decode import DecodeLoop, DecodeStats, NoiseStream, TokenPicker
+from .decode import DecodeLoop, DecodeStats, NoiseStream, TokenPicker, decide
 from .graphs import graph_module
 from .loading import prepare_stage, verify_ops
 from .protocol import GridSpec, decode_positions, prompt_positions, upsample_grid
@@ -131,19 +137,25 @@ class ArEngine:
         decode_step: str = "auto",
         noise_worker: bool = False,
         quantize: str | QuantScheme | None = None,
+        tp: Comm = SINGLE,
     ) -> ArEngine:
         """``attention_backend``: an ops backend name (auto, sdpa, triton, npu; see
         ``glm_image.ops``) chosen for ``device``, or a backend already chosen by the caller (e.g.
         for the device the stage will run on when it is loaded elsewhere first). ``quantize``:
         the decoder's weight format, none | int8 | fp8 | int4, or a scheme naming stages
-        (``ar=int4,dit=int8``; see ``glm_image.quant``), applied layer by layer while loading. The
-        other options: see ``__init__``."""
+        (``ar=int4,dit=int8``; see ``glm_image.quant``), applied layer by layer while loading.
+        ``tp``: the tensor-parallel group this process is a rank of (its shard is all it loads;
+        ``glm_image.parallel.StageGroup`` builds the group). The other options: see ``__init__``."""
         from transformers import GlmImageProcessor
 
         setup = prepare_stage(path, device, attention_backend, "AR", quantize)
         config = setup.config
+        if tp.size > 1:
+            from ..parallel.layout import check_tp
+
+            check_tp(tp.size, config.ar.text)
         model = load_model(
-            lambda: ArModel(config.ar.text, setup.ops),
+            lambda: ArModel(config.ar.text, setup.ops, tp),
             setup.root / "vision_language_encoder",
             device=setup.device,
             dtype=dtype,
@@ -257,6 +269,8 @@ class ArEngine:
             pos[:, i, length - len(x) :] = p
         to = self.device
         batch = _Batch(input_ids.to(to), valid.to(to), pos.to(to), torch.stack(decode, dim=1).to(to))
+        # tensor parallel: the prompt is the first rank's (its condition images' codes included)
+        self.model.tp.broadcast_(batch.input_ids)
         return batch, spec, (conditions if images else None)
 
     # ---------------------------------------------------------------- generation
@@ -419,7 +433,7 @@ class ArEngine:
         how the later steps ran (eager, static or graph)."""
         model, text = self.model, self.config.ar.text
         b, prompt_len = batch.input_ids.shape
-        cache = KVCache(text, b, prompt_len + steps, self.device, self.dtype)
+        cache = KVCache(text, b, prompt_len + steps, self.device, self.dtype, kv_heads=model.shard.kv)
         tokens = torch.empty((b, steps), dtype=torch.long, device=self.device)
         unfinished = torch.ones(b, dtype=torch.bool, device=self.device)
         kept_logits: list[torch.Tensor] | None = [] if return_logits else None
@@ -432,7 +446,7 @@ class ArEngine:
             self.config.generation.pad_token_id,
         )
         noise = None
-        if not greedy:
+        if not greedy and model.tp.leads:  # tensor parallel: only the rank that decides draws
             noise = NoiseStream(
                 generators,
                 steps,
@@ -448,7 +462,7 @@ class ArEngine:
             logits = model.logits(self._prefill(batch, cache)[:, -1])
             if kept_logits is not None:
                 kept_logits.append(logits)
-            tokens[:, 0] = picker(logits, loop.first_noise(), unfinished)
+            tokens[:, 0] = decide(model.tp, picker, logits, loop.first_noise(), unfinished)
             synchronize(self.device)
             prefill_done = time.perf_counter()
             if progress is not None:

@@ -9,6 +9,10 @@ noise), so the same step runs two ways:
 - captured once per call as a device graph (CUDA graphs, Ascend NPUGraph: ``engine.graphs``) and
   replayed per token: one launch instead of the step's few hundred.
 
+Under tensor parallel (``ArModel.tp`` of several ranks) the next token is decided once: the
+group's first rank picks it from the gathered logits and sends it to the others (``decide``), so
+the ranks can never write different tokens; only that rank draws sampling noise.
+
 Sampling noise (the exact draw: ``argmax(softmax / Exp(1))``) is produced in chunks of steps,
 each row from its own generator (``NoiseStream``); on a CPU the chunks are the very numbers the
 reference draws one step at a time, and a worker thread prepares the next chunk while the
@@ -26,11 +30,12 @@ from dataclasses import dataclass
 import torch
 
 from ..models.ar import ArModel, KVCache
+from ..parallel.comm import Comm
 from ..progress import Progress
 from ..sampling import SamplingParams, apply_filters, draw_with_noise, exponential_noise
 from .graphs import capture
 
-__all__ = ["DecodeLoop", "DecodeStats", "NoiseStream", "TokenPicker"]
+__all__ = ["DecodeLoop", "DecodeStats", "NoiseStream", "TokenPicker", "decide"]
 
 
 class NoiseStream:
@@ -116,6 +121,11 @@ class TokenPicker:
             unfinished &= token != self.eos
         return token
 
+    def follow(self, token: torch.Tensor, unfinished: torch.Tensor) -> None:
+        """What ``__call__`` does to ``unfinished`` for a ``token`` picked elsewhere (another rank)."""
+        if not self.constrain_grid and self.pad is not None:
+            unfinished &= token != self.eos
+
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         """(N, V) float32 logits -> the scores a token is drawn from (greedy: the argmax of):
         temperature, top-k, top-p, then the grid constraint. Speculative decoding verifies its
@@ -140,6 +150,28 @@ class TokenPicker:
         fallback = logits.clone()
         fallback[:, codes:] = float("-inf")
         return torch.where(empty, fallback, scores)
+
+
+def decide(
+    tp: Comm,
+    picker: TokenPicker,
+    logits: torch.Tensor,
+    noise: torch.Tensor | None,
+    unfinished: torch.Tensor,
+) -> torch.Tensor:
+    """(B,) next tokens, chosen once: ``picker`` on the tensor-parallel group's first rank, then
+    sent to every other rank (which follows the pick's effect on ``unfinished``). One process:
+    ``picker(logits, noise, unfinished)``."""
+    if tp.size == 1:
+        return picker(logits, noise, unfinished)
+    if tp.leads:
+        token = picker(logits, noise, unfinished)
+    else:
+        token = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    tp.broadcast_(token)
+    if not tp.leads:
+        picker.follow(token, unfinished)
+    return token
 
 
 @dataclass(frozen=True)
@@ -207,7 +239,8 @@ class DecodeLoop:
             logits = self.model.logits(hidden[:, -1])
             if on_logits is not None:
                 on_logits(logits)
-            self.tokens[:, step] = self.picker(logits, self._noise_row(step), self.unfinished)
+            noise = self._noise_row(step)
+            self.tokens[:, step] = decide(self.model.tp, self.picker, logits, noise, self.unfinished)
             if progress is not None:
                 progress("ar", step + 1, steps)
 
@@ -238,7 +271,7 @@ class DecodeLoop:
         if self.noise is not None:
             row = torch.remainder(idx + 1, self.noise.chunk)
             noise = self.noise.buffer.index_select(1, row).squeeze(1)
-        new = self.picker(logits, noise, self.unfinished)
+        new = decide(self.model.tp, self.picker, logits, noise, self.unfinished)
         self.tokens.index_copy_(1, idx + 1, new[:, None])
         self.step.add_(1)
 

@@ -19,6 +19,16 @@ Step caching (``dit_cache``, off by default): a ``StepCache`` decides per step a
 image in one CFG branch) whether blocks 1.. run or their last residual is reused; the rows that
 run go through those blocks together, their key groups sliced from the call's (``row_groups``).
 See ``engine.step_cache``.
+
+Several devices (``groups``, ``glm_image.parallel``), composable: CFG-parallel puts the
+conditional rows on the first rank of the ``cfg`` group and the unconditional rows on the second
+(only the conditional rank writes and reads the condition cache); each step's velocities are
+gathered, and every rank runs the guidance and the scheduler step in float32 on the same numbers,
+so the latents are the same on every rank. Sequence parallel (``sp``, Ulysses) splits the joint
+text + image sequence inside the model; the glyph sequence is left-padded with hidden tokens to a
+multiple of the SP size (no query ever sees them, as the CFG padding), so the keys each row sees
+are the reference's. The step cache's probe is averaged over the SP ranks, so they all decide the
+same. Only the answering rank (``DitGroups.leads``) decodes images.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from ..models.dit import (
 )
 from ..models.glyph import GlyphEncoder
 from ..ops import Ops
+from ..parallel.comm import DitGroups
 from ..progress import Progress
 from ..quant import QuantScheme
 from ..sampling import euler_step, flow_schedule, guidance, image_seeds, image_seq_len
@@ -65,6 +76,7 @@ class _Plan:
     rope: tuple[torch.Tensor, torch.Tensor]  # the image grid's rotary table, built once
     groups: tuple[KeyGroup, ...]  # rows that see the same keys (glyph padding, cache reads)
     cache: ConditionKVCache | None = None  # image-to-image condition K/V
+    split: bool = False  # CFG-parallel: this rank's rows are one branch; the velocities are gathered
 
 
 # one condition image: the picture, its VQ codes (h*w,) and its code grid (h, w)
@@ -82,8 +94,17 @@ def _first_half(rows: int, guidance: float) -> torch.Tensor | None:
 
 class DitEngine:
     def __init__(
-        self, model: DitModel, glyph: GlyphEncoder, vae, config: CheckpointConfig, device: torch.device
+        self,
+        model: DitModel,
+        glyph: GlyphEncoder,
+        vae,
+        config: CheckpointConfig,
+        device: torch.device,
+        groups: DitGroups | None = None,
     ) -> None:
+        """``groups``: this rank's CFG and SP groups (see the module docstring); the model must be
+        built with ``groups.sp``. None: one process."""
+        self.groups = groups or DitGroups()
         self.model = model.eval()
         self.glyph = glyph
         self.vae = vae.eval()
@@ -104,16 +125,23 @@ class DitEngine:
         dtype: torch.dtype | None = None,
         attention_backend: str | Ops | None = None,
         quantize: str | QuantScheme | None = None,
+        groups: DitGroups | None = None,
     ) -> DitEngine:
         """``attention_backend``: as ``ArEngine.from_pretrained``. ``quantize``: the DiT's weight
         format, none | int8 | fp8, or a scheme naming stages (see ``glm_image.quant``); the glyph
-        encoder and the VAE load as stored."""
+        encoder and the VAE load as stored. ``groups``: the CFG and SP groups this process is a
+        rank of (``glm_image.parallel.StageGroup`` builds them); every rank loads the whole DiT."""
         from diffusers import AutoencoderKL
 
         setup = prepare_stage(path, device, attention_backend, "DiT", quantize)
         root, config, device, ops = setup.root, setup.config, setup.device, setup.ops
+        groups = groups or DitGroups()
+        if groups.sp.size > 1:
+            from ..parallel.layout import check_sp
+
+            check_sp(groups.sp.size, config.dit.num_attention_heads)
         model = load_model(
-            lambda: DitModel(config.dit, ops),
+            lambda: DitModel(config.dit, ops, groups.sp),
             root / "transformer",
             device=device,
             dtype=dtype,
@@ -127,7 +155,7 @@ class DitEngine:
         vae = load_model(
             lambda: AutoencoderKL.from_config(vae_config), root / "vae", device=device, dtype=vae_dtype
         )
-        return cls(model, glyph, vae, config, device)
+        return cls(model, glyph, vae, config, device, groups)
 
     def to(self, device: str | torch.device) -> DitEngine:
         """Move the DiT, the glyph encoder and the VAE; used to take turns on a small GPU."""
@@ -148,6 +176,12 @@ class DitEngine:
         if not prompts or prior.shape[0] % len(prompts):
             raise GlmImageError(
                 f"prompts: {len(prompts)} prompts for {prior.shape[0]} images; need a divisor"
+            )
+        sp = self.groups.sp.size
+        if expected % sp:
+            raise GlmImageError(
+                f"size {width}x{height}: its {expected} image tokens do not split over dit_sp = {sp} ranks; "
+                f"allowed: sizes whose (height/16) * (width/16) is a multiple of {sp}"
             )
         return prior.shape[0] // len(prompts)
 
@@ -198,30 +232,53 @@ class DitEngine:
             self._noise(prior.shape[0], height, width, seeds) if latents is None else latents.to(self.device)
         )
 
+        # CFG-parallel: this rank runs one branch (0: conditional, 1: unconditional)
+        cfg = self.groups.cfg
+        branch = cfg.rank if cfg.size > 1 and guidance_scale > 1 else None
         cache = None
         if conditions is not None:
             if len(conditions) != len(prompts):
                 raise GlmImageError(f"conditions: {len(conditions)} lists for {len(prompts)} prompts")
-            cache = self._write_conditions(conditions)
-        plan = self._plan(prior, prompts, per_prompt, height, width, guidance_scale, isolate_prompts, cache)
+            if branch != 1:  # the unconditional branch never reads the condition cache
+                cache = self._write_conditions(conditions)
+        plan = self._plan(
+            prior, prompts, per_prompt, height, width, guidance_scale, isolate_prompts, cache, branch
+        )
         schedule = flow_schedule(num_inference_steps, image_seq_len(height, width), self.config.scheduler)
         sigmas = schedule.sigmas.to(self.device)
         # The latents stay float32 between steps (the scheduler's upcast); the model sees its dtype.
         latents = latents.float()
         if dit_cache is not None:
-            dit_cache.start(prior.shape[0], 2 if plan.guidance > 1 else 1, self.config.dit.num_layers)
+            branches = 2 if plan.guidance > 1 and not plan.split else 1
+            dit_cache.start(prior.shape[0], branches, self.config.dit.num_layers, self.groups.sp)
         for i, t in enumerate(schedule.timesteps.tolist()):
             velocity = self._velocity(plan, latents, t, i, dit_cache)
             latents = euler_step(latents, velocity, sigmas[i], sigmas[i + 1])
             if progress is not None:
                 progress("dit", i + 1, num_inference_steps)
+        if dit_cache is not None and plan.split:
+            dit_cache.join_branches(cfg)  # the other branch's rows ran on the other rank
         return latents
 
     def _plan(
-        self, prior, prompts, per_prompt, height, width, guidance_scale, isolate_prompts=True, cache=None
+        self,
+        prior,
+        prompts,
+        per_prompt,
+        height,
+        width,
+        guidance_scale,
+        isolate_prompts=True,
+        cache=None,
+        branch: int | None = None,
     ) -> _Plan:
         """Everything a step needs besides the latents and t: built once per call. ``cache``: the
-        condition K/V (image-to-image), read by the conditional rows."""
+        condition K/V (image-to-image), read by the conditional rows. ``branch``: CFG-parallel,
+        the rows of this rank are the conditional (0) or the unconditional (1) ones only."""
+        if branch is not None:
+            return self._branch_plan(
+                prior, prompts, per_prompt, height, width, guidance_scale, isolate_prompts, cache, branch
+            )
         b = prior.shape[0]
         patch = self.config.vae.scale_factor * self.config.dit.patch_size
         rope = image_rotary_tables(
@@ -243,11 +300,52 @@ class DitEngine:
             text, keep = _stack_padded(cond, uncond.to(self.dtype), cond_keep)
             drop = torch.cat([drop, torch.ones_like(drop)])
             prior, size, crop = (torch.cat([x, x]) for x in (prior, size, crop))
+        text, keep = self._sp_padded(text, keep)
         mode = CacheMode.READ if cache is not None else None
         groups = attention_groups(
             text.shape[0], keep, cache, mode, _first_half(text.shape[0], guidance_scale)
         )
         return _Plan(text, prior, drop, size, crop, float(guidance_scale), rope, groups, cache)
+
+    def _branch_plan(
+        self, prior, prompts, per_prompt, height, width, guidance_scale, isolate_prompts, cache, branch
+    ) -> _Plan:
+        """``_plan`` for one CFG branch: the conditional rows (reading ``cache``) or the
+        unconditional ones (prior dropped, the glyphs of "", no cache)."""
+        b = prior.shape[0]
+        patch = self.config.vae.scale_factor * self.config.dit.patch_size
+        rope = image_rotary_tables(
+            height // patch, width // patch, self.config.dit.attention_head_dim, self.device
+        )
+        keep = None
+        if branch == 0:
+            text, lengths = self.glyph.encode(prompts, return_lengths=True)
+            if isolate_prompts and len(set(lengths)) > 1:
+                keep = _real_tokens(text.shape[1], lengths).repeat_interleave(per_prompt, dim=0)
+        else:
+            text, cache = self.glyph.encode([""] * len(prompts)), None
+        text = text.repeat_interleave(per_prompt, dim=0).to(self.dtype)
+        text, keep = self._sp_padded(text, keep)
+        size = torch.tensor([[height, width]], dtype=self.dtype, device=self.device).repeat(b, 1)
+        crop = torch.zeros((b, 2), dtype=self.dtype, device=self.device)
+        drop = torch.full_like(prior, branch == 1, dtype=torch.bool)
+        mode = CacheMode.READ if cache is not None else None
+        groups = attention_groups(b, keep, cache, mode)
+        return _Plan(text, prior, drop, size, crop, float(guidance_scale), rope, groups, cache, split=True)
+
+    def _sp_padded(
+        self, text: torch.Tensor, keep: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Sequence parallel: the glyphs (B, T, d) left-padded with hidden tokens to a multiple of
+        the SP size, and their (B, T') real-token mask (on the CPU); one process: unchanged."""
+        sp = self.groups.sp.size
+        pad = -text.shape[1] % sp
+        if pad == 0:
+            return text, keep
+        if keep is None:
+            keep = torch.ones(text.shape[:2], dtype=torch.bool)
+        text = torch.cat([text.new_zeros((text.shape[0], pad, text.shape[2])), text], dim=1)
+        return text, torch.cat([torch.zeros((keep.shape[0], pad), dtype=torch.bool), keep], dim=1)
 
     def _write_conditions(self, conditions: Sequence[Sequence[Condition]]) -> ConditionKVCache:
         """Run each condition image once at t = 0 and keep its per-layer K/V, one sample per prompt."""
@@ -265,6 +363,12 @@ class DitEngine:
                         f"images[{prompt_index}][{image_index}]: {image.width}x{image.height} gives a {cols}x{rows} "
                         f"token grid that does not cover its {width // multiple}x{height // multiple} latent patches; "
                         "allowed: sides that are multiples of 32 within the processor's pixel budget"
+                    )
+                tokens, sp = (height // multiple) * (width // multiple), self.groups.sp.size
+                if tokens % sp:
+                    raise GlmImageError(
+                        f"images[{prompt_index}][{image_index}]: its {tokens} latent patches do not split over "
+                        f"dit_sp = {sp} ranks; allowed: condition images whose token grid is a multiple of {sp}"
                     )
                 pixels = processor.preprocess(image, height=height, width=width).to(self.device)
                 latent = self.vae.encode(pixels.to(next(self.vae.parameters()).dtype)).latent_dist.mode()
@@ -289,7 +393,8 @@ class DitEngine:
     ) -> torch.Tensor:
         """The guided velocity (float32) at timestep ``t``: one forward for both CFG branches."""
         b = latents.shape[0]
-        x = (torch.cat([latents, latents]) if plan.guidance > 1 else latents).to(self.dtype)
+        both = plan.guidance > 1 and not plan.split  # both CFG branches in this batch
+        x = (torch.cat([latents, latents]) if both else latents).to(self.dtype)
         # the DiT sees t - 1
         step_t = torch.full((x.shape[0],), t - 1, dtype=torch.float32, device=self.device)
         inputs = (x, plan.text, plan.prior, plan.drop, step_t, plan.size, plan.crop)
@@ -299,6 +404,8 @@ class DitEngine:
         else:
             velocity = self._cached_forward(plan, inputs, mode, step, dit_cache)
         velocity = velocity.float()
+        if plan.split:  # [conditional; unconditional] from the two ranks of the CFG group
+            velocity = self.groups.cfg.all_gather(velocity, dim=0)
         return guidance(velocity[:b], velocity[b:], plan.guidance) if plan.guidance > 1 else velocity
 
     def _cached_forward(
@@ -336,10 +443,13 @@ class DitEngine:
         """Images from final latents: de-normalise with the VAE's statistics, decode, to 8-bit RGB.
 
         ``tiled`` (default: for images above 1024x1024) decodes in overlapping tiles so a
-        2048x2048 decode needs a fraction of the memory; the seams are blended.
+        2048x2048 decode needs a fraction of the memory; the seams are blended. Several ranks:
+        only the answering one decodes (the latents are the same on all); the others return [].
         """
         from PIL import Image
 
+        if not self.groups.leads:
+            return []
         vae_cfg = self.config.vae
         dtype = next(self.vae.parameters()).dtype
         mean, std = self._latent_stats.to(dtype)

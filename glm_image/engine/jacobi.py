@@ -21,6 +21,10 @@ allocated before the first, so it is a static step that a device graph can captu
 and in eager mode how much of the cache to read). Each row draws its uniforms (2W - 1 per
 iteration) from its own seeded generator (``UniformStream``).
 
+Under tensor parallel every rank runs the forward (its shard), and the group's first rank alone
+verifies and proposes (it alone draws the uniforms), then sends the accepted counts, tokens and
+drafts to the others (``_share``): the ranks cannot disagree on a token.
+
 Sampling is exact but not seed-for-seed equal to sequential decoding (the randomness is used
 differently); greedy decoding gives exactly the sequential tokens.
 """
@@ -108,10 +112,13 @@ class JacobiLoop:
         b, self.prompt_len = valid.shape
         device = self.device = valid.device
         self.vocab = model.config.vision_vocab_size
+        self.tp = model.tp
         self.tokens = torch.zeros((b, steps + window), dtype=torch.long, device=device)
         self.accepted = torch.zeros(b, dtype=torch.long, device=device)
         self.drafts = torch.zeros((b, window - 1), dtype=torch.long, device=device)
-        self.q = None if picker.greedy else torch.zeros((b, window - 1, self.vocab), device=device)
+        # the draft distributions: only the rank that verifies keeps them
+        keeps_q = not picker.greedy and self.tp.leads
+        self.q = torch.zeros((b, window - 1, self.vocab), device=device) if keeps_q else None
         self.forwards = torch.zeros(b, dtype=torch.long, device=device)  # per row, while unfinished
         self.iterations = 1  # forwards of the batch, the prefill's included
         self.iteration = torch.zeros(1, dtype=torch.long, device=device)  # the uniforms' row
@@ -179,11 +186,28 @@ class JacobiLoop:
         row = torch.remainder(self.iteration, self.uniforms.chunk)
         return self.uniforms.buffer.index_select(1, row).squeeze(1)  # (B, 2W - 1)
 
+    def _verify(self, logits: torch.Tensor) -> None:
+        """``_advance`` on the rank that decides; every rank then holds its result."""
+        if self.tp.leads:
+            self._advance(logits, self._uniforms())
+        self._share()
+
+    def _share(self) -> None:
+        """Tensor parallel: the deciding rank's counts, drafts and tokens, sent to every rank."""
+        if self.tp.size == 1:
+            return
+        d = self.drafts.shape[1]
+        state = torch.cat([self.accepted[:, None], self.drafts, self.tokens], dim=1)  # (B, 1 + D + len)
+        self.tp.broadcast_(state)
+        self.accepted.copy_(state[:, 0])
+        self.drafts.copy_(state[:, 1 : 1 + d])
+        self.tokens.copy_(state[:, 1 + d :])
+
     def first(self, logits: torch.Tensor) -> None:
         """Token 0 from the prefill's last logits (B, 1, V), and the first drafts."""
         if self.uniforms is not None:
             self.uniforms.refill(0)
-        self._advance(logits, self._uniforms())
+        self._verify(logits)
         self.iteration.fill_(1)
 
     def step(self, length: int | None = None) -> None:
@@ -196,7 +220,7 @@ class JacobiLoop:
         slots = index + self.prompt_len
         visible = self.open.unsqueeze(1) & (self.slot_ids <= slots.unsqueeze(-1))  # (B, W, C)
         hidden = self.model(ids, rope, self.cache, slots, visible=visible, length=length)
-        self._advance(self.model.logits(hidden), self._uniforms())
+        self._verify(self.model.logits(hidden))
         self.iteration.add_(1)
 
     # ---------------------------------------------------------------- the loop
@@ -281,7 +305,7 @@ def decode(
     check_jacobi(window, drafts)
     model, text, device = engine.model, engine.config.ar.text, engine.device
     b, prompt_len = batch.input_ids.shape
-    cache = KVCache(text, b, prompt_len + steps + window, device, engine.dtype)
+    cache = KVCache(text, b, prompt_len + steps + window, device, engine.dtype, kv_heads=model.shard.kv)
     picker = TokenPicker(
         engine.sampling,
         greedy,
@@ -294,7 +318,8 @@ def decode(
     positions = torch.cat([positions, positions[:, :, -1:].expand(-1, -1, window)], dim=2)
     rope = rotary_tables(positions, text, engine.dtype)  # past the last token: scratch only
     # at most one forward per token: ``steps`` iterations, the prefill's included
-    uniforms = None if greedy else UniformStream(generators, steps, 2 * window - 1, device, 256)
+    draws = not greedy and model.tp.leads  # only the rank that verifies draws
+    uniforms = UniformStream(generators, steps, 2 * window - 1, device, 256) if draws else None
     sources = draft_sources(spec, steps + window, drafts)
     loop = JacobiLoop(model, cache, picker, uniforms, rope, batch.valid, steps, window, sources)
     loop.first(model.logits(engine._prefill(batch, cache)[:, -1:]))

@@ -19,6 +19,11 @@ changes only, so a batch still gives each image what it gives alone (up to round
 condition images' K/V write runs before the step loop and is never cached; a step that caches a
 row still reads the condition cache in block 0.
 
+Several devices: under sequence parallel each rank holds a chunk of every row's image stream, so
+the probe's two means are averaged over the SP ranks (gathered, then reduced in the same order
+everywhere): every rank of the group makes the same decision for a row. Under CFG-parallel each
+rank runs the rows of its branch; ``join_branches`` puts the counts together at the end.
+
 Counting: a row's step computes ``num_layers`` blocks, or 1 when cached. Per image, ``forwards``
 is its blocks over all steps and branches divided by ``num_layers``: transformer passes, a cached
 branch-step counting 1/num_layers (its probe). Uncached with CFG that is 2 per step, the count of
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import torch
 
+from ..parallel.comm import SINGLE, Comm
 from .choices import StepCacheOptions
 
 __all__ = ["StepCache", "StepCacheOptions"]
@@ -49,9 +55,10 @@ class StepCache:
         """False when no step can be cached: the engine then runs the blocks as without a cache."""
         return self.options.threshold > 0 and self.options.max_consecutive > 0
 
-    def start(self, images: int, branches: int, layers: int) -> None:
-        """Forget everything: a call over ``images`` images, ``branches`` rows each, a DiT of ``layers``."""
-        self._images, self._layers = images, layers
+    def start(self, images: int, branches: int, layers: int, sp: Comm = SINGLE) -> None:
+        """Forget everything: a call over ``images`` images, ``branches`` rows each, a DiT of
+        ``layers``; ``sp``: the sequence-parallel group that shares each row's image stream."""
+        self._images, self._layers, self._sp = images, layers, sp
         rows = images * branches
         self._blocks = [0] * rows  # blocks computed per row, for ``forwards``
         self._run = [0] * rows  # cached steps in a row
@@ -83,9 +90,12 @@ class StepCache:
         if probe is not None and eligible:
             index = torch.tensor(eligible, device=after.device)
             now, last = probe[index], self._probe[index]
-            change = torch.mean((now - last).abs(), dim=(1, 2), dtype=torch.float32) / torch.mean(
-                last.abs(), dim=(1, 2), dtype=torch.float32
-            )
+            if self._sp.size == 1:
+                change = torch.mean((now - last).abs(), dim=(1, 2), dtype=torch.float32) / torch.mean(
+                    last.abs(), dim=(1, 2), dtype=torch.float32
+                )
+            else:
+                change = self._shared_change(now, last)
             # one read back to the host per step: which rows run is a host decision
             cached = {r for r, c in zip(eligible, change.tolist(), strict=True) if c < options.threshold}
         compute = [r for r in range(rows) if r not in cached]
@@ -98,6 +108,24 @@ class StepCache:
             index = torch.tensor(compute, device=after.device)
             self._probe[index] = probe[index]
         return compute
+
+    def _shared_change(self, now: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """The relative change over the whole image when each SP rank holds an equal chunk of it:
+        every rank's two means, gathered, averaged in rank order (the same numbers everywhere)."""
+        means = torch.stack(
+            [
+                torch.mean((now - last).abs(), dim=(1, 2), dtype=torch.float32),
+                torch.mean(last.abs(), dim=(1, 2), dtype=torch.float32),
+            ]
+        )  # (2, rows)
+        numerator, denominator = self._sp.all_gather(means[None], dim=0).mean(dim=0)
+        return numerator / denominator
+
+    def join_branches(self, cfg: Comm) -> None:
+        """CFG-parallel: this rank ran one branch's rows; after the call, take every rank's counts
+        (in branch order), so ``forwards`` counts both branches as one process does."""
+        blocks = torch.tensor(self._blocks, dtype=torch.long, device=cfg.device)
+        self._blocks = cfg.all_gather(blocks, dim=0).tolist()
 
     def record(self, step: int, rows: list[int], before: torch.Tensor, after: torch.Tensor) -> None:
         """The computed ``rows`` ran blocks 1..: keep their residual. ``before``, ``after``: those

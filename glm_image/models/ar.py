@@ -11,6 +11,12 @@ each head (frequency sections [8, 12, 12] over the (t, h, w) position axes, rota
 convention) and a SwiGLU MLP. q/k/v are fused into one matrix at load time (one GEMM instead
 of three); the checkpoint is read unchanged through ``key_map``.
 
+Tensor parallel (``glm_image.parallel``): built with a ``tp`` group of several ranks, the model
+holds its rank's shard (``parallel.layout.ArShard``: its query and KV heads, its slice of the
+MLP and of the image vocabulary), reads only that from the checkpoint, all-reduces the attention
+and MLP outputs (one each per layer) and gathers the logits over the vocabulary. With the
+default one-process group every collective is the identity.
+
 The model is stateless apart from its weights: the caller owns the static KV cache and says
 where each step's keys and values go (``slots``) and which cache slots each query may see. The
 maths runs through an ops backend (``self.ops``, see ``glm_image.ops``): the reference ``sdpa``
@@ -25,7 +31,9 @@ from torch import nn
 
 from ..config import ArTextConfig
 from ..ops import Ops, TorchOps
-from ..weights import Fuse
+from ..parallel.comm import SINGLE, Comm
+from ..parallel.layout import ArShard
+from ..weights import Fuse, Part
 
 __all__ = ["ArModel", "KVCache", "rotary_tables"]
 
@@ -64,25 +72,33 @@ def rotary_tables(
 
 
 class KVCache:
-    """Static keys and values for every layer: (B, KV heads, capacity, head_dim), allocated once."""
+    """Static keys and values for every layer: (B, KV heads, capacity, head_dim), allocated once.
+    ``kv_heads``: the heads this process holds (a tensor-parallel rank's, ``ArModel.shard.kv``);
+    default all of them."""
 
     def __init__(
-        self, config: ArTextConfig, batch: int, capacity: int, device: torch.device, dtype: torch.dtype
+        self,
+        config: ArTextConfig,
+        batch: int,
+        capacity: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        kv_heads: int | None = None,
     ) -> None:
-        shape = (config.num_hidden_layers, batch, config.num_key_value_heads, capacity, config.head_dim)
+        kv = config.num_key_value_heads if kv_heads is None else kv_heads
+        shape = (config.num_hidden_layers, batch, kv, capacity, config.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
         self.capacity = capacity
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ArTextConfig) -> None:
+    """This process's heads (all of them, or a tensor-parallel rank's ``shard``); ``o_proj``'s
+    output is then a partial sum that the model all-reduces."""
+
+    def __init__(self, config: ArTextConfig, shard: ArShard) -> None:
         super().__init__()
-        self.heads, self.kv_heads, self.head_dim = (
-            config.num_attention_heads,
-            config.num_key_value_heads,
-            config.head_dim,
-        )
+        self.heads, self.kv_heads, self.head_dim = shard.heads, shard.kv, config.head_dim
         self.qkv_proj = nn.Linear(
             config.hidden_size, (self.heads + 2 * self.kv_heads) * self.head_dim, bias=config.attention_bias
         )
@@ -128,10 +144,12 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    def __init__(self, config: ArTextConfig) -> None:
+    """[gate; up] of this process's slice of the intermediate size (``shard.mlp``)."""
+
+    def __init__(self, config: ArTextConfig, shard: ArShard) -> None:
         super().__init__()
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * shard.intermediate, bias=False)
+        self.down_proj = nn.Linear(shard.intermediate, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, ops: Ops) -> torch.Tensor:
         return self.down_proj(ops.swiglu(self.gate_up_proj(x)))
@@ -143,14 +161,14 @@ class Block(nn.Module):
     (``ArModel.forward`` runs the norms and residual adds through ``ops.add_rms_norm``.)
     """
 
-    def __init__(self, config: ArTextConfig) -> None:
+    def __init__(self, config: ArTextConfig, shard: ArShard) -> None:
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps)
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, shard)
         self.post_self_attn_layernorm = RMSNorm(config.hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps)
-        self.mlp = Mlp(config)
+        self.mlp = Mlp(config, shard)
         self.post_mlp_layernorm = RMSNorm(config.hidden_size, eps)
 
 
@@ -161,26 +179,47 @@ class ArModel(nn.Module):
     # in models/vision.py, so the text decoder deliberately leaves them unread.
     UNUSED_CHECKPOINT_PREFIXES = ("model.visual.", "model.vqmodel.")
 
-    def __init__(self, config: ArTextConfig, ops: Ops | None = None) -> None:
+    def __init__(self, config: ArTextConfig, ops: Ops | None = None, tp: Comm = SINGLE) -> None:
+        """``tp``: the tensor-parallel group this process is a rank of (default: one process)."""
         super().__init__()
         self.config = config
         self.ops: Ops = ops or TorchOps()
+        self.tp = tp
+        self.shard = shard = ArShard.of(config, tp.rank, tp.size)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(config, shard) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = nn.Linear(config.hidden_size, config.vision_vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, shard.vocab_size, bias=False)
 
-    def checkpoint_key_map(self) -> dict[str, str | Fuse]:
-        """Our parameter names -> the checkpoint's (``vision_language_encoder/``), q/k/v fused."""
-        key_map: dict[str, str | Fuse] = {}
+    def checkpoint_key_map(self) -> dict[str, str | Part | Fuse]:
+        """Our parameter names -> the checkpoint's (``vision_language_encoder/``), q/k/v fused;
+        a tensor-parallel rank reads ``Part``s: its rows of qkv, gate_up and the head, its
+        columns of o_proj and down_proj."""
+        shard, d, inter = self.shard, self.config.head_dim, self.config.intermediate_size
+        split = shard.size > 1
+
+        def part(name: str, dim: int, start: int, stop: int) -> str | Part:
+            return Part(name, dim, start, stop) if split else name
+
+        (q0, q1), (k0, k1), (m0, m1) = shard.q_heads, shard.kv_heads, shard.mlp
+        key_map: dict[str, str | Part | Fuse] = {}
         for name in self.state_dict():
+            full = f"model.language_model.{name}"
             if name.startswith("lm_head."):
-                key_map[name] = name
+                key_map[name] = part(name, 0, *shard.vocab)
             elif name.endswith(("qkv_proj.weight", "qkv_proj.bias")):
                 prefix, kind = name.rsplit(".qkv_proj.", 1)
-                key_map[name] = Fuse(tuple(f"model.language_model.{prefix}.{p}_proj.{kind}" for p in "qkv"))
+                q, k, v = (f"model.language_model.{prefix}.{p}_proj.{kind}" for p in "qkv")
+                rows = ((q, q0, q1), (k, k0, k1), (v, k0, k1))
+                key_map[name] = Fuse(tuple(part(n, 0, a * d, b * d) for n, a, b in rows))
+            elif name.endswith("o_proj.weight"):
+                key_map[name] = part(full, 1, q0 * d, q1 * d)
+            elif name.endswith("gate_up_proj.weight") and split:
+                key_map[name] = Fuse((part(full, 0, m0, m1), part(full, 0, inter + m0, inter + m1)))
+            elif name.endswith("down_proj.weight"):
+                key_map[name] = part(full, 1, m0, m1)
             else:
-                key_map[name] = f"model.language_model.{name}"
+                key_map[name] = full
         return key_map
 
     def forward(
@@ -202,16 +241,16 @@ class ArModel(nn.Module):
         decoding, where rows have accepted different numbers of tokens). An int ``length`` lets
         decode and window attention skip the cache's tail.
         """
-        ops, eps, layers = self.ops, self.config.rms_norm_eps, self.layers
+        ops, eps, layers, tp = self.ops, self.config.rms_norm_eps, self.layers, self.tp
         if slots.dim() == 2:  # the scatter index of every layer's K/V write: (B, KV, T, D)
             b, t = slots.shape
-            kv, d = self.config.num_key_value_heads, self.config.head_dim
+            kv, d = self.shard.kv, self.config.head_dim
             slots = slots.view(b, 1, t, 1).expand(b, kv, t, d)
         attend = {"mask": mask, "visible": visible, "length": length}
         residual = self.embed_tokens(input_ids)
         h = ops.rms_norm(residual, layers[0].input_layernorm.weight, eps)
         for i, block in enumerate(layers):
-            out = block.self_attn(h, ops, rope, cache, i, slots, **attend)
+            out = tp.all_reduce(block.self_attn(h, ops, rope, cache, i, slots, **attend))
             h, residual = ops.add_rms_norm(
                 out,
                 residual,
@@ -219,7 +258,7 @@ class ArModel(nn.Module):
                 eps,
                 pre_weight=block.post_self_attn_layernorm.weight,
             )
-            out = block.mlp(h, ops)
+            out = tp.all_reduce(block.mlp(h, ops))
             following = layers[i + 1].input_layernorm if i + 1 < len(layers) else self.norm
             h, residual = ops.add_rms_norm(
                 out, residual, following.weight, eps, pre_weight=block.post_mlp_layernorm.weight
@@ -227,5 +266,6 @@ class ArModel(nn.Module):
         return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Image-vocabulary logits in float32 (the sampler's precision)."""
-        return self.lm_head(hidden).float()
+        """Image-vocabulary logits in float32 (the sampler's precision); under tensor parallel
+        every rank's slice of the vocabulary, gathered (every rank gets them all)."""
+        return self.tp.all_gather(self.lm_head(hidden), dim=-1).float()

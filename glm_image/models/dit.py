@@ -21,6 +21,12 @@ the conditional rows read the cache. The batch is planned once per call into key
 (``attention_groups``), runs of consecutive rows that see as many keys, and each group attends
 over exactly its keys without a mask, so a GPU's SDPA keeps its FlashAttention kernel.
 
+Sequence parallel (Ulysses, ``glm_image.parallel.ulysses``): built with an ``sp`` group of
+several ranks, each rank keeps an equal chunk of the text and of the image stream from ``embed``
+on; around attention one all-to-all gives each rank its heads over the whole sequence (so key
+groups, glyph padding and the condition cache work as in one process, per head), another takes
+them back; ``head`` gathers the velocity. The weights are the whole model on every rank.
+
 Module names follow the checkpoint's ``transformer/`` tensors; only q/k/v are fused (one GEMM).
 AdaLN modulation, QK-norm + RoPE and attention run through the ops backend (``self.ops``).
 """
@@ -38,6 +44,8 @@ from torch import nn
 
 from ..config import DitConfig
 from ..ops import Ops, TorchOps
+from ..parallel import ulysses
+from ..parallel.comm import SINGLE, Comm
 from ..weights import Fuse
 
 __all__ = [
@@ -270,8 +278,9 @@ class _AdaNorm(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: DitConfig) -> None:
+    def __init__(self, config: DitConfig, sp: Comm = SINGLE) -> None:
         super().__init__()
+        self.sp = sp
         dim = config.hidden_size
         self.norm1 = _AdaNorm(config.time_embed_dim, dim)
         self.attn1 = _Attention(dim, config.num_attention_heads)
@@ -315,9 +324,12 @@ class Block(nn.Module):
         q, k, v = self.attn1.qkv(x).view(b, s, 3, heads, head_dim).unbind(2)  # (B, S, heads, D)
         q, k = ops.qk_norm_rope(q, k, *rope, t_len, _EPS)  # (B, heads, S, D)
         v = v.transpose(1, 2)
+        # sequence parallel: this rank's heads over the whole sequence, (B, heads / sp, S * sp, D)
+        q, k, v = ulysses.to_heads(self.sp, (q, k, v), t_len)
         if cache is not None and mode is CacheMode.WRITE:
             cache.store(layer, k, v)
         out = _grouped_attention(ops, q, k, v, groups, cache, layer, head_dim**-0.5)  # (B, S, heads, D)
+        out = ulysses.to_sequence(self.sp, out, t_len)  # back to this rank's tokens, every head
         out = self.attn1.to_out[0](out.flatten(2))
         out_txt, out_img = out.split([t_len, s - t_len], dim=1)
 
@@ -354,10 +366,12 @@ def _grouped_attention(
 
 
 class DitModel(nn.Module):
-    def __init__(self, config: DitConfig, ops: Ops | None = None) -> None:
+    def __init__(self, config: DitConfig, ops: Ops | None = None, sp: Comm = SINGLE) -> None:
+        """``sp``: the sequence-parallel group this process is a rank of (default: one process)."""
         super().__init__()
         self.config = config
         self.ops: Ops = ops or TorchOps()
+        self.sp = sp
         dim, p = config.hidden_size, config.patch_size
         self.image_projector = nn.Module()
         self.image_projector.proj = nn.Linear(config.in_channels * p * p, dim)
@@ -365,7 +379,7 @@ class DitModel(nn.Module):
         self.prior_token_embedding = nn.Embedding(config.prior_vq_quantizer_codebook_size, dim)
         self.prior_projector = FeedForward(dim, dim, dim, F.silu)
         self.time_condition_embed = _Conditioning(config)
-        self.transformer_blocks = nn.ModuleList(Block(config) for _ in range(config.num_layers))
+        self.transformer_blocks = nn.ModuleList(Block(config, sp) for _ in range(config.num_layers))
         self.norm_out = nn.Module()
         self.norm_out.linear = nn.Linear(config.time_embed_dim, 2 * dim)
         self.proj_out = nn.Linear(dim, p * p * config.out_channels)
@@ -429,7 +443,8 @@ class DitModel(nn.Module):
         target_size: torch.Tensor,  # (B, 2)
         crop_coords: torch.Tensor,  # (B, 2)
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The image stream (B, N, dim), the text stream (B, T, dim) and the conditioning (B, time_dim)."""
+        """The image stream (B, N, dim), the text stream (B, T, dim) and the conditioning (B, time_dim);
+        under sequence parallel this rank's chunk of each stream (N / sp and T / sp tokens)."""
         b, c, h, w = latents.shape
         p = self.config.patch_size
         rows, cols = h // p, w // p
@@ -441,7 +456,7 @@ class DitModel(nn.Module):
         prior = self.prior_token_embedding(prior_ids) * (~prior_drop).unsqueeze(-1).to(image.dtype)
         image = image + self.prior_projector(prior)
         temb = self.time_condition_embed(timestep, target_size, crop_coords, image.dtype)
-        return image, text, temb
+        return ulysses.chunk(self.sp, image, 1), ulysses.chunk(self.sp, text, 1), temb
 
     def blocks(
         self,
@@ -454,7 +469,9 @@ class DitModel(nn.Module):
         mode: CacheMode | None,
         layers: range,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Both streams after the blocks ``layers`` (consecutive); ``groups`` cover these B rows."""
+        """Both streams after the blocks ``layers`` (consecutive); ``groups`` cover these B rows.
+        ``rope``: the whole image grid's table (a rank takes its chunk)."""
+        rope = tuple(ulysses.chunk(self.sp, r, 0) for r in rope)
         for i in layers:
             image, text = self.transformer_blocks[i](
                 self.ops, image, text, temb, rope, groups, cache, mode, i
@@ -467,7 +484,8 @@ class DitModel(nn.Module):
         b, p = image.shape[0], self.config.patch_size
         scale, shift = self.norm_out.linear(temb.to(image.dtype)).chunk(2, dim=1)
         image = F.layer_norm(image, (image.shape[-1],), eps=_EPS) * (1 + scale)[:, None] + shift[:, None]
-        out = self.proj_out(image).reshape(b, height // p, width // p, -1, p, p)
+        out = ulysses.gather(self.sp, self.proj_out(image), dim=1)  # every rank's tokens
+        out = out.reshape(b, height // p, width // p, -1, p, p)
         return out.permute(0, 3, 1, 4, 2, 5).flatten(4, 5).flatten(2, 3)
 
 

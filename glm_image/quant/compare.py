@@ -48,7 +48,8 @@ def teacher_forced_logits(engine, prompt: str, height: int, width: int, tokens: 
         valid=torch.cat([batch.valid, torch.ones_like(fed, dtype=torch.bool)], dim=1),
         positions=torch.cat([batch.positions, batch.decode_positions[:, :, : steps - 1]], dim=2),
     )
-    cache = KVCache(engine.config.ar.text, 1, prompt_len + steps - 1, engine.device, engine.dtype)
+    text, kv = engine.config.ar.text, engine.model.shard.kv
+    cache = KVCache(text, 1, prompt_len + steps - 1, engine.device, engine.dtype, kv_heads=kv)
     hidden = engine._prefill(batch, cache)  # (1, P + steps - 1, hidden)
     return engine.model.logits(hidden[0, prompt_len - 1 :])
 

@@ -36,6 +36,7 @@ __all__ = [
     "quantize_fp8",
     "quantize_int4",
     "quantize_int8",
+    "shard_columns",
 ]
 
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
@@ -120,3 +121,26 @@ _QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4, "fp8": quantize_fp8
 def quantize(w: torch.Tensor, kind: str) -> QuantWeight:
     """``w`` (out, in) in the format ``kind`` (int8, int4, fp8)."""
     return _QUANTIZERS[kind](w)
+
+
+def shard_columns(w: torch.Tensor, kind: str, start: int, stop: int) -> QuantWeight:
+    """Input columns [start, stop) of ``w`` (out, in) in the format ``kind``, as the shard of the
+    whole weight's quantization: a row-parallel rank's part of a tensor-parallel linear.
+
+    int8 and fp8 keep the whole row's scale, so the shard's codes and scales are exactly those of
+    the unsharded weight. int4 keeps its groups where the shard's edges fall on the whole row's
+    group edges; elsewhere the shard is quantized on its own (its own groups, its own bound)."""
+    if kind == "int4":
+        group = default_group(w.shape[1])
+        if start % group or stop % group:
+            return quantize_int4(w[:, start:stop])
+        whole = quantize_int4(w)
+        return QuantWeight(
+            "int4",
+            whole.data[:, start // 2 : stop // 2].contiguous(),
+            whole.scale[:, start // group : stop // group].contiguous(),
+            whole.zero[:, start // group : stop // group].contiguous(),
+            group,
+        )
+    whole = quantize(w, kind)
+    return QuantWeight(kind, whole.data[:, start:stop].contiguous(), whole.scale)

@@ -34,7 +34,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from .formats import QuantWeight, quantize
+from .formats import QuantWeight, quantize, shard_columns
 
 __all__ = ["QuantLinear", "kept_linears", "linear_quantizers", "quantized_linears"]
 
@@ -92,15 +92,20 @@ def linear_quantizers(
     kind: str,
 ) -> Callable[[nn.Module], dict[str, Callable[[nn.Linear, torch.Tensor], nn.Module]]] | None:
     """For ``load_model(quantize=...)``: given the model built on ``meta``, each quantized
-    linear's name -> what turns its loaded weight into a ``QuantLinear``. None for "none"."""
+    linear's name -> what turns its loaded weight into a ``QuantLinear``. None for "none".
+
+    A tensor-parallel rank's row-parallel linear gets the whole weight and the ``columns`` it
+    holds: it is quantized whole and cut (``formats.shard_columns``), so each rank's codes and
+    scales are the unsharded model's."""
     if kind == "none":
         return None
 
     def plan(model: nn.Module) -> dict[str, Callable[[nn.Linear, torch.Tensor], nn.Module]]:
         ops = model.ops
 
-        def convert(linear: nn.Linear, weight: torch.Tensor) -> nn.Module:
-            return QuantLinear(quantize(weight, kind), linear.bias, ops)
+        def convert(linear: nn.Linear, weight: torch.Tensor, columns: tuple[int, int] | None = None):
+            q = quantize(weight, kind) if columns is None else shard_columns(weight, kind, *columns)
+            return QuantLinear(q, linear.bias, ops)
 
         return dict.fromkeys(quantized_linears(model), convert)
 

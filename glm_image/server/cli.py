@@ -9,7 +9,15 @@ from pathlib import Path
 
 from ..errors import GlmImageError
 from ..hub import resolve_checkpoint
-from ..options import add_generation_arguments, add_runtime_arguments, generation_kwargs, runtime_kwargs
+from ..options import (
+    add_generation_arguments,
+    add_parallel_arguments,
+    add_runtime_arguments,
+    generation_kwargs,
+    parallel_config,
+    parallel_kwargs,
+    runtime_kwargs,
+)
 
 __all__ = ["add_parser", "ray_options_from_args", "settings_from_args", "stage_options_from_args"]
 
@@ -29,6 +37,7 @@ def add_parser(sub) -> None:
     )
     add_runtime_arguments(serve)
     add_generation_arguments(serve)
+    add_parallel_arguments(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument(
@@ -162,11 +171,24 @@ def stage_options_from_args(args: argparse.Namespace):
         if given:
             raise GlmImageError(f"--{given[0].replace('_', '-')} needs --stages separate")
         return None
+    _single_device_stages(args, "--stages separate")
     if args.ray:
         raise GlmImageError(
             "--stages separate and --ray: Ray always runs the stages as separate deployments; pick one"
         )
     return StageOptions(args.ar_device, args.dit_device, args.stage_threads)
+
+
+def _single_device_stages(args: argparse.Namespace, mode: str) -> None:
+    """Worker processes of one device per stage (``--stages separate``, ``--ray``) do not take
+    the several-device flags: those run in the one-process server, whose stages spawn their ranks."""
+    parallel = parallel_config(args)
+    if parallel.spread:
+        raise GlmImageError(
+            f"{mode} runs each stage in one worker on one device, so it cannot take {parallel.describe()}; "
+            "allowed: drop the flag, or serve without it (the server's stages then run on their ranks, "
+            "--placement separate puts the DiT's on devices of its own)"
+        )
 
 
 def ray_options_from_args(args: argparse.Namespace):
@@ -180,6 +202,7 @@ def ray_options_from_args(args: argparse.Namespace):
         if given:
             raise GlmImageError(f"--{given[0].replace('_', '-')} needs --ray")
         return None
+    _single_device_stages(args, "--ray")
     return RayOptions(
         address=args.ray_address,
         ar_replicas=parse_replicas(args.ar_replicas, "--ar-replicas"),
@@ -202,6 +225,7 @@ def _run(args: argparse.Namespace) -> None:
 
     settings = settings_from_args(args)
     stages, ray = stage_options_from_args(args), ray_options_from_args(args)
+    parallel_config(args).check()  # the heads and the device count are checked as the model loads
     FileStore(settings.output_dir)  # a bad --output-dir fails now, not after the model loads
     for name in ("glm_image.server", "uvicorn.error"):
         logging.getLogger(name).setLevel(logging.INFO)
@@ -236,8 +260,14 @@ def _run(args: argparse.Namespace) -> None:
     else:
         from ..pipeline import GlmImage
 
-        pipe = GlmImage.from_pretrained(args.model, **runtime_kwargs(args), **generation_kwargs(args))
+        pipe = GlmImage.from_pretrained(
+            args.model, **runtime_kwargs(args), **generation_kwargs(args), **parallel_kwargs(args)
+        )
         app = create_app(pipe, settings)
     if settings.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s with no API key: anyone who can reach it can generate", args.host)
-    uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_config=None, access_log=False)
+    finally:  # a stage on several ranks: its worker processes stop with the server
+        if hasattr(pipe, "close"):
+            pipe.close()

@@ -1,0 +1,396 @@
+"""A stage run by a group of rank processes that this process spawns and owns.
+
+``StageGroup`` starts one process per rank (``python -m glm_image.parallel.worker``, talking to
+this process over a socket pair), hosts their rendezvous (a ``TCPStore`` on localhost), waits
+until every rank has loaded its shard, then runs calls: each call (an ``ArCall`` or a
+``DitCall``, see ``glm_image.stages``) goes to every rank, every rank runs the same stage
+function on its shard (the collectives keep them in step), and the first rank's answer comes
+back. This process holds no weights and never joins a collective, so it can always see a rank
+die and stop the others.
+
+Lifetime and failures:
+
+- ``close()`` (also at exit, and when the object is collected) asks the ranks to stop, then
+  terminates and kills what is left; a rank also exits on its own when this process dies (it
+  watches its parent);
+- Ctrl-C reaches this process (the ranks ignore SIGINT): the call is abandoned and the group is
+  closed, nothing left behind;
+- a rank that dies (killed, out of memory, a crash) makes the running call, and every later one,
+  raise ``RankDied`` naming the rank and its exit code; the other ranks are stopped at once (they
+  may be waiting in a collective for the dead one). ``broken`` says why;
+- an error in a call (a ``GlmImageError``, a ``NonFiniteError``, anything else) is raised here
+  with the rank's message once every rank has answered; ranks that do not answer within
+  ``grace`` seconds after one failed are waiting for it in a collective: the group is closed and
+  ``RankDied`` raised;
+- a ``progress`` callback gets the first rank's progress; when it raises (a server abandoning a
+  call, Ctrl-C) every rank is told, the ranks agree to stop at the same step (a small collective
+  every few steps), and the exception is raised here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+
+from ..errors import GlmImageError, NonFiniteError
+
+__all__ = ["RankDied", "RankError", "RankSpec", "StageGroup", "receive", "send"]
+
+log = logging.getLogger(__name__)
+
+POLL_SECONDS = 0.05
+GRACE_SECONDS = 10.0  # how long the other ranks may take to fail too, once one rank failed
+
+
+def send(conn: Connection, message) -> None:
+    """Plain pickle: torch's multiprocessing pickler would share tensors through file
+    descriptors only a ``multiprocessing`` child may fetch; these are copied."""
+    conn.send_bytes(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def receive(conn: Connection):
+    return pickle.loads(conn.recv_bytes())
+
+
+class RankDied(RuntimeError):
+    """A rank process of a stage group stopped (or hung in a collective after another failed);
+    the group is closed and cannot run calls any more."""
+
+
+class RankError(RuntimeError):
+    """An unexpected error inside a rank: its type and traceback."""
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """What every rank of a group loads: its stage's engine and its part in the group."""
+
+    stage: str  # "ar" or "dit"
+    model: str  # a checkpoint folder (resolved by the caller)
+    dtype: str | None = None  # a torch dtype name; None: the device's default
+    attention_backend: str | None = None
+    quantize: str = "none"  # this stage's weight format
+    tp: int = 1  # AR: tensor-parallel ranks
+    cfg: int = 1  # DiT: CFG ranks (1 or 2)
+    sp: int = 1  # DiT: Ulysses ranks per CFG branch
+    decode_step: str = "auto"  # AR: see ``engine.choices.DECODE_STEPS``
+    timed: bool = False  # time every collective (``bench speed``; the AR then decodes eagerly)
+
+    @property
+    def size(self) -> int:
+        return self.tp if self.stage == "ar" else self.cfg * self.sp
+
+
+def _stop_all(processes: list[subprocess.Popen]) -> None:
+    """SIGTERM every process still running, then SIGKILL what is left after a few seconds."""
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+    deadline = time.monotonic() + 5
+    for process in processes:
+        try:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class StageGroup:
+    """One stage on ``len(devices)`` rank processes (see the module docstring).
+
+    ``devices``: one per rank (``cpu`` for every rank on a CPU); ``threads``: torch threads per
+    rank on a CPU (default: the cores split between the ranks)."""
+
+    def __init__(self, spec: RankSpec, devices: Sequence[str], *, threads: int | None = None) -> None:
+        from ..config import CheckpointConfig
+
+        if len(devices) != spec.size:
+            raise GlmImageError(
+                f"{spec.stage} stage: {spec.size} ranks need {spec.size} devices, got {devices}"
+            )
+        self.spec, self.devices = spec, list(devices)
+        self.stage, self.size = spec.stage, spec.size
+        self.config = CheckpointConfig.from_dir(Path(spec.model))
+        self.broken: str | None = None
+        if threads is None and self.devices[0] == "cpu":
+            threads = max(1, (os.cpu_count() or 1) // self.size)
+        self.threads = threads
+        self._lock = threading.Lock()
+        self._calls = 0
+        self._processes: list[subprocess.Popen] = []
+        self._conns: list[Connection] = []
+        self._finalizer = weakref.finalize(self, _stop_all, self._processes)
+        self._start()
+
+    @classmethod
+    def of_stage(
+        cls,
+        stage: str,
+        model: str | Path,
+        parallel,
+        device,
+        *,
+        dtype=None,
+        attention_backend: str | None = None,
+        quantize: str = "none",
+    ) -> StageGroup | None:
+        """The group that runs ``stage`` ("ar" or "dit") of the checkpoint folder ``model`` as the
+        ``ParallelConfig`` ``parallel`` says, its ranks on the devices ``parallel.devices(device)``
+        gives that stage; None when the stage has one rank (load its engine as usual, on
+        ``parallel.devices(device)``'s one device). ``dtype``: a torch dtype or its name;
+        ``attention_backend``: an ops backend name; ``quantize``: this stage's weight format."""
+        ar_devices, dit_devices = parallel.devices(device)
+        devices = ar_devices if stage == "ar" else dit_devices
+        if len(devices) == 1:
+            return None
+        spec = RankSpec(
+            stage,
+            str(model),
+            dtype=None if dtype is None else str(dtype).removeprefix("torch."),
+            attention_backend=attention_backend,
+            quantize=quantize,
+            tp=parallel.ar_tp,
+            cfg=parallel.dit_cfg,
+            sp=parallel.dit_sp,
+        )
+        return cls(spec, devices)
+
+    @property
+    def attention_backend(self) -> str | None:
+        return self.spec.attention_backend
+
+    @property
+    def device(self):
+        """The first rank's device (where the answering rank runs)."""
+        import torch
+
+        return torch.device(self.devices[0])
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._processes]
+
+    def describe(self) -> dict:
+        return {
+            "stage": self.stage,
+            "ranks": self.size,
+            "devices": self.devices,
+            "pids": self.pids,
+            "tp": self.spec.tp,
+            "cfg": self.spec.cfg,
+            "sp": self.spec.sp,
+            "broken": self.broken,
+        }
+
+    # ---------------------------------------------------------------- start and stop
+
+    def _start(self) -> None:
+        import torch.distributed as dist
+
+        # the rendezvous: this process serves it and never joins the group
+        self._store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
+        env = dict(os.environ)
+        path = [p for p in sys.path if p]
+        env["PYTHONPATH"] = os.pathsep.join(path + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+        if self.threads is not None:
+            env["OMP_NUM_THREADS"] = str(self.threads)
+        try:
+            for rank, device in enumerate(self.devices):
+                ours, theirs = socket.socketpair()
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "glm_image.parallel.worker", str(theirs.fileno())],
+                    pass_fds=(theirs.fileno(),),
+                    env=env,
+                )
+                theirs.close()
+                self._processes.append(process)
+                conn = Connection(ours.detach())
+                self._conns.append(conn)
+                send(
+                    conn,
+                    {
+                        "spec": self.spec,
+                        "rank": rank,
+                        "device": device,
+                        "store": ("127.0.0.1", self._store.port),
+                        "threads": self.threads,
+                        "parent": os.getpid(),
+                    },
+                )
+            self._wait_ready()
+        except BaseException:
+            self.close(ask=False)  # a rank still loading reads no message
+            raise
+        log.info(
+            "%s stage: %d ranks ready on %s (pids %s)",
+            self.stage,
+            self.size,
+            ", ".join(self.devices),
+            self.pids,
+        )
+
+    def _wait_ready(self) -> None:
+        ready: set[int] = set()
+        while len(ready) < self.size:
+            for rank, message in self._receive():
+                if message[0] == "failed":
+                    raise GlmImageError(
+                        f"the {self.stage} stage's rank {rank} ({self.devices[rank]}) could not load "
+                        f"{self.spec.model}: {message[1]}"
+                    )
+                if message[0] == "ready":
+                    ready.add(rank)
+            self._check_alive("while loading")
+
+    def close(self, ask: bool = True) -> None:
+        """Stop every rank: asked first (``ask``; not when they may be stuck in a collective),
+        then terminated and killed if they do not go."""
+        if ask:
+            self._send_all(("stop",))
+            deadline = time.monotonic() + 5
+            for process in self._processes:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    process.wait(max(0.0, deadline - time.monotonic()))
+        self._finalizer()  # terminate / kill what is left; runs once
+        for conn in self._conns:
+            conn.close()
+        self._conns.clear()
+        if self.broken is None:
+            self.broken = f"the {self.stage} stage group was closed"
+
+    def __enter__(self) -> StageGroup:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _fail(self, reason: str, quiet: bool = False) -> RankDied:
+        """Close the group for good; the error to raise (logged unless ``quiet``)."""
+        if not quiet:
+            log.error("%s", reason)
+        self.close(ask=False)
+        self.broken = reason
+        return RankDied(reason)
+
+    def _check_alive(self, when: str) -> None:
+        for rank, process in enumerate(self._processes):
+            code = process.poll()
+            if code is not None:
+                how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+                raise self._fail(
+                    f"the {self.stage} stage's rank {rank} of {self.size} (pid {process.pid}, "
+                    f"{self.devices[rank]}) stopped with {how} {when}; the group was stopped"
+                )
+
+    def _receive(self) -> list[tuple[int, tuple]]:
+        """The messages ready now (waiting up to ``POLL_SECONDS``), as (rank, message)."""
+        out = []
+        for conn in wait(self._conns, timeout=POLL_SECONDS):
+            rank = self._conns.index(conn)
+            try:
+                out.append((rank, receive(conn)))
+            except (EOFError, OSError):  # the rank is ending: let ``_check_alive`` see its exit code
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._processes[rank].wait(5)
+        return out
+
+    # ---------------------------------------------------------------- calls
+
+    def run(self, payload, progress: Callable[[str, int, int], None] | None = None):
+        """The stage's answer to ``payload`` (from the first rank), every rank having run it:
+        ``stages.ar_stage`` / ``dit_stage`` of an ``ArCall`` / ``DitCall``, or, for a picklable
+        function of one argument (a module-level function, a ``functools.partial`` of one),
+        its value on each rank's engine (benchmarks and tests look inside the engines so)."""
+        with self._lock:
+            if self.broken is not None:
+                raise RankDied(self.broken)
+            self._calls += 1
+            call_id = self._calls
+            try:
+                answer, raised = self._run(call_id, payload, progress)
+            except (RankDied, GlmImageError, RankError, _Stopped):
+                raise
+            except BaseException:  # Ctrl-C or a fault here: the ranks are left mid-call
+                self._fail(
+                    f"the {self.stage} stage's call was interrupted; the group was stopped", quiet=True
+                )
+                raise
+        if raised is not None:  # the caller's progress stopped the call; every rank is ready again
+            raise raised
+        return answer
+
+    def _run(self, call_id: int, payload, progress) -> tuple:
+        """(rank 0's answer, the exception the caller's ``progress`` raised or None)."""
+        for conn in self._conns:
+            send(conn, ("call", call_id, payload, progress is not None))
+        replies: dict[int, tuple] = {}
+        raised: BaseException | None = None
+        failed_at: float | None = None
+        while len(replies) < self.size:
+            for rank, message in self._receive():
+                if message[0] == "progress" and message[1] == call_id:
+                    if raised is None and progress is not None:
+                        try:
+                            progress(*message[2:])
+                        except Exception as e:  # the caller wants the call stopped
+                            raised = e
+                            self._send_all(("cancel", call_id))
+                elif message[0] == "reply" and message[1] == call_id:
+                    replies[rank] = message
+                    if message[2] not in ("ok", "cancelled") and failed_at is None:
+                        failed_at = time.monotonic()
+            self._check_alive("while it ran a call")
+            if failed_at is not None and time.monotonic() - failed_at > GRACE_SECONDS:
+                waiting = sorted(set(range(self.size)) - set(replies))
+                first = min(r for r, m in replies.items() if m[2] not in ("ok", "cancelled"))
+                raise self._fail(
+                    f"the {self.stage} stage's rank {first} failed ({replies[first][3].splitlines()[0]}) "
+                    f"and ranks {waiting} did not finish; the group was stopped"
+                )
+        for rank in range(self.size):
+            _, _, kind, value = replies[rank]
+            if kind == "invalid":
+                raise GlmImageError(value)
+            if kind == "nonfinite":
+                raise NonFiniteError(value)
+            if kind == "error":
+                raise RankError(f"rank {rank} of the {self.stage} stage: {value}")
+        if raised is None and any(replies[r][2] == "cancelled" for r in replies):
+            raise _Stopped(f"the {self.stage} stage's call was stopped")
+        return replies[0][3], raised
+
+    def _send_all(self, message: tuple) -> None:
+        for conn in self._conns:
+            with contextlib.suppress(OSError):  # a dead rank: ``_check_alive`` reports it
+                send(conn, message)
+
+    def comm_stats(self, reset: bool = True) -> list[dict]:
+        """Every rank's collective counters (calls, bytes, seconds per kind; ``parallel.comm``)."""
+        with self._lock:
+            if self.broken is not None:
+                raise RankDied(self.broken)
+            self._send_all(("stats", reset))
+            stats: dict[int, dict] = {}
+            while len(stats) < self.size:
+                for rank, message in self._receive():
+                    if message[0] == "stats":
+                        stats[rank] = message[1]
+                self._check_alive("while it reported its counters")
+            return [stats[r] for r in range(self.size)]
+
+
+class _Stopped(Exception):
+    """A call the ranks stopped on request with no exception of the caller's to raise."""
