@@ -1,8 +1,9 @@
 """Quantized weights: speed, memory and quality against the unquantized engine, in one run.
 
     python benchmarks/bench_quant.py gemv                     # one 13696x4096 GEMV per path, 1 and 2 threads
+    python benchmarks/bench_quant.py gemv --device cuda       # the AR's linears at one row: every GPU path, 48 GEMV launches
     python benchmarks/bench_quant.py speed --model wide       # AR decode tok/s and DiT s/step per dtype / scheme
-    python benchmarks/bench_quant.py memory --model wide      # measured peaks against the planner's estimate
+    python benchmarks/bench_quant.py memory --model wide      # measured peaks against the planner's estimate (--device cuda)
     python benchmarks/bench_quant.py quality --model tiny     # logits KL / top-1, velocity error, image PSNR
     ... --out results/quant_<mode>.json                      # the shared JSON layout (benchmarks/README.md)
 
@@ -312,6 +313,81 @@ def run_gemv(args) -> dict:
     )
 
 
+# The AR's quantized linears at the released sizes (out, in): q/k/v fused, o_proj, gate/up fused, down_proj.
+AR_LINEARS = {"qkv": (4608, 4096), "o": (4096, 4096), "gate_up": (27392, 4096), "down": (4096, 13696)}
+GEMV_LAUNCHES = [
+    (bn, bk, w, st) for bn in (16, 32, 64, 128) for bk in (128, 256, 512) for w in (4, 8) for st in (2, 4)
+]
+
+
+def run_gemv_gpu(args) -> dict:
+    """One decode row through each AR linear on a GPU: dense bf16, torch's int8 path where it
+    has one, fp8 ``_scaled_mm``, and our Triton int8 / int4 GEMV at every launch of
+    ``GEMV_LAUNCHES`` (the fastest per shape is what the kernel's defaults should be). Times:
+    ``triton.testing.do_bench`` medians (L2 flushed); GB/s = bytes of weights read / time."""
+    device = torch.device(args.device)
+    results = [r for name, (n, k) in AR_LINEARS.items() for r in _gemv_shape(name, n, k, device)]
+    best = {}
+    for r in results:
+        if "us" in r and r["path"].startswith("triton"):
+            key = (r["linear"], r["format"])
+            best[key] = min(best.get(key, r), r, key=lambda x: x["us"])
+    notes = [f"fastest {kind} launch for {linear}: {r['path']} {r['us']} us, {r['gb_per_s']} GB/s"
+             for (linear, kind), r in best.items()]  # fmt: skip
+    config = {"linears": AR_LINEARS, "launches": len(GEMV_LAUNCHES), "batch_rows": 1}
+    return build_report("quant_gemv_gpu", results, config=config, notes=notes, device=device)
+
+
+def _gemv_shape(name: str, n: int, k: int, device: torch.device) -> list[dict]:
+    import triton.testing
+    from glm_image_kernels import quant_linear
+
+    from glm_image.ops.quant import TORCH_PATHS
+    from glm_image.quant.formats import quantize
+
+    scaled_mm = next(p for p in TORCH_PATHS if p.name == "scaled-mm")
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(n, k, generator=g) / 64).to(device)
+    x = torch.randn(1, k, generator=g).to(device, torch.bfloat16)
+    w16 = w.to(torch.bfloat16)
+    int8, int4, fp8 = (quantize(w, kind) for kind in ("int8", "int4", "fp8"))
+    cases = {
+        ("bf16", "dense"): (lambda: torch.nn.functional.linear(x, w16), w16.numel() * 2),
+        ("fp8", "scaled-mm"): (lambda: scaled_mm.run(x, fp8, None), n * k),
+    }
+    scale16 = int8.scale.to(torch.bfloat16)
+    try:  # torch's own int8 weight-only matmul, where this build has it for the device
+        torch._weight_int8pack_mm(x, int8.data, scale16)
+        cases[("int8", "torch _weight_int8pack_mm")] = (
+            lambda: torch._weight_int8pack_mm(x, int8.data, scale16),
+            n * k,
+        )
+    except (RuntimeError, NotImplementedError) as e:
+        print(f"{name}: torch._weight_int8pack_mm unavailable: {str(e).splitlines()[0]}")
+    for kind, weight in (("int8", int8), ("int4", int4)):
+        for bn, bk, warps, stages in GEMV_LAUNCHES:
+            if kind == "int4" and bk != 128:
+                continue  # int4 walks one group (128) per block
+            launch = {"block_n": bn, "block_k": bk, "num_warps": warps, "num_stages": stages}
+            cases[(kind, f"triton bn{bn} bk{bk} w{warps} s{stages}")] = (
+                lambda wt=weight, lk=launch: quant_linear(x, wt, **lk),
+                weight.nbytes,
+            )
+    expected = torch.nn.functional.linear(x.float(), w).float()
+    results = []
+    for (kind, path), (fn, nbytes) in cases.items():
+        row = {"linear": name, "shape": [n, k], "format": kind, "path": path}
+        try:
+            error = ((fn().float() - expected).abs().max() / expected.abs().max()).item()
+            ms = triton.testing.do_bench(fn, warmup=10, rep=40)
+        except Exception as e:  # a launch this GPU cannot take: recorded, not fatal
+            results.append({**row, "error": str(e)[:200]})
+            continue
+        results.append({**row, "us": round(ms * 1e3, 2), "gb_per_s": round(nbytes / ms / 1e6, 1),
+                        "max_rel_error": round(error, 5)})  # fmt: skip
+    return results
+
+
 def main(argv=None) -> None:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "_child":
         kind, *rest = sys.argv[2:]
@@ -335,16 +411,19 @@ def main(argv=None) -> None:
     parser.add_argument("--dit-configs", default=",".join(DIT_CONFIGS))
     parser.add_argument("--schemes", default="none;int8;ar=int4", help="memory mode: schemes, ';'-separated")
     parser.add_argument(
-        "--device", default="cpu", help="memory mode: cpu (peak RSS) or cuda / npu (allocator peak)"
+        "--device",
+        default="cpu",
+        help="memory: cpu (peak RSS) or cuda / npu (allocator peak); gemv: cuda sweeps the GPU paths",
     )
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     args.ar_configs = [c for c in args.ar_configs.split(",") if c]
     args.dit_configs = [c for c in args.dit_configs.split(",") if c]
     args.schemes = [s for s in args.schemes.split(";") if s]
-    report = {"gemv": run_gemv, "speed": run_speed, "memory": run_memory, "quality": run_quality}[args.mode](
-        args
-    )
+    modes = {"gemv": run_gemv, "speed": run_speed, "memory": run_memory, "quality": run_quality}
+    if args.mode == "gemv" and args.device != "cpu":
+        modes["gemv"] = run_gemv_gpu
+    report = modes[args.mode](args)
     if args.out:
         save_report(report, args.out)
     rows = report["results"]

@@ -44,6 +44,11 @@ __all__ = [
 
 KINDS = ("int8", "int4", "fp8")
 MAX_ROWS = 16  # activation rows the GEMV kernel serves; a GEMM beyond
+# The launch per format (BLOCK_N, BLOCK_K, warps, stages): the fastest over the AR's four linears
+# (4608x4096, 4096x4096, 27392x4096, 4096x13696, one row) of 48 launches on an H200
+# (`benchmarks/bench_quant.py gemv --device cuda`): int8 123.5 us per layer's linears against
+# 252.0 us for the first guess (32, 128, 4) and 148.1 us for dense bf16; int4 610.7 us against 995.1.
+LAUNCH = {"int8": (16, 512, 8, 2), "int4": (16, 128, 4, 2)}
 
 
 @dataclass(frozen=True)
@@ -139,9 +144,20 @@ def _gemv_kernel(
     tl.store(out_ptr + row * n_out + cols, acc, mask=col_ok)
 
 
-def quant_linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+def quant_linear(
+    x: torch.Tensor,
+    weight: QuantWeight,
+    bias: torch.Tensor | None = None,
+    *,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
     """x (M, K) with a unit last stride, M <= ``MAX_ROWS``; an ``int8`` or ``int4`` weight with
-    contiguous tensors; bias (N,) or None. Returns (M, N) in x's dtype."""
+    contiguous tensors; bias (N,) or None. Returns (M, N) in x's dtype. ``block_n``, ``block_k``
+    (int8 only: int4 walks one group per block), ``num_warps``, ``num_stages``: the launch
+    (default: ``LAUNCH`` for the format; set for tuning, ``bench_quant.py gemv --device cuda``)."""
     require_triton()
     if weight.kind not in ("int8", "int4"):
         raise ValueError(f"the GEMV kernel takes int8 or int4 weights, not {weight.kind}")
@@ -151,7 +167,9 @@ def quant_linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None
     if out.numel() == 0:
         return out
     int4 = weight.kind == "int4"
-    block_n = 32
+    default_n, default_k, default_warps, default_stages = LAUNCH[weight.kind]
+    block_n, block_k = block_n or default_n, block_k or default_k
+    launch = {"num_warps": num_warps or default_warps, "num_stages": num_stages or default_stages}
     _gemv_kernel[(m, cdiv(n, block_n))](
         x,
         weight.data,
@@ -167,7 +185,7 @@ def quant_linear(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None
         INT4=int4,
         HAS_BIAS=bias is not None,
         BLOCK_N=block_n,
-        BLOCK_K=weight.group if int4 else 128,
-        num_warps=4,
+        BLOCK_K=weight.group if int4 else block_k,
+        **launch,
     )
     return out
