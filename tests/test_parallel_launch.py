@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -285,23 +284,3 @@ def test_serve_on_ranks_answers_concurrent_requests_and_stops_its_ranks(glm, tin
     while time.monotonic() < deadline and not _gone(ranks):
         time.sleep(0.2)
     assert _gone(ranks)
-
-
-@pytest.mark.parametrize(
-    ("flags", "message"),
-    [
-        (
-            ["--stages", "separate", "--ar-tp", "2"],
-            "--stages separate runs each stage in one worker on one device",
-        ),
-        (["--ray", "--dit-sp", "2"], "--ray runs each stage in one worker on one device"),
-    ],
-)
-def test_serve_workers_of_one_device_refuse_the_parallel_flags(flags, message):
-    from glm_image.cli import build_parser
-    from glm_image.server.cli import ray_options_from_args, stage_options_from_args
-
-    args = build_parser().parse_args(["serve", *flags])
-    with pytest.raises(GlmImageError, match=re.escape(message)):
-        stage_options_from_args(args)
-        ray_options_from_args(args)

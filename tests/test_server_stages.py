@@ -358,6 +358,11 @@ def test_a_killed_worker_fails_its_request_and_nothing_outlives_the_server(tiny_
         (["--dit-replicas", "3"], "--dit-replicas needs --ray"),
         (["--ray", "--dit-replicas", "4-2"], "--dit-replicas '4-2'; allowed: N"),
         (["--ray", "--ar-gpus", "-1"], "--ar-gpus -1.0; allowed: a number >= 0"),
+        (
+            ["--stages", "separate", "--ar-tp", "2"],
+            "--stages separate runs each stage in one worker on one device",
+        ),
+        (["--ray", "--dit-sp", "2"], "--ray runs each stage in one worker on one device"),
     ],
 )
 def test_stage_and_ray_flags_are_checked(flags, message):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
+from parallel_helpers import SIZE, conditions, prior
 
 from glm_image.bench.quality import psnr
 from glm_image.engine import DitEngine
@@ -22,7 +22,6 @@ from glm_image.models.dit import (
     row_groups,
 )
 
-SIZE = 64  # pixels: a 4x4 grid of DiT image tokens
 TWO = ["'BLUE'", "a sign that says 'a much longer text'"]
 
 
@@ -42,21 +41,6 @@ def strong_prior(tiny_checkpoint):
     return engine
 
 
-def _prior(images, size=SIZE, seed=1):
-    n = (size // 16) ** 2
-    return torch.randint(0, 16384, (images, n), generator=torch.Generator().manual_seed(seed))
-
-
-def _conditions(count):
-    """One 64x64 condition image per prompt, with its 2x2 grid of VQ codes."""
-    out = []
-    for i in range(count):
-        g = torch.Generator().manual_seed(10 + i)
-        image = Image.fromarray((torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy())
-        out.append([(image, torch.randint(0, 16384, (4,), generator=g), (2, 2))])
-    return out
-
-
 CASES = {  # prompts, images per prompt, condition images, guidance
     "text to image": (["a sign that says 'OPEN'"], 1, False, 1.5),
     "two glyph lengths, two images each": (TWO, 2, False, 1.5),
@@ -69,14 +53,14 @@ def _call(case, steps, **kwargs):
     prompts, per_prompt, images, guidance = CASES[case]
     count = len(prompts) * per_prompt
     return {
-        "prior_token_ids": _prior(len(prompts)).repeat_interleave(per_prompt, dim=0),
+        "prior_token_ids": prior(len(prompts)).repeat_interleave(per_prompt, dim=0),
         "prompts": prompts,
         "height": SIZE,
         "width": SIZE,
         "num_inference_steps": steps,
         "guidance_scale": guidance,
         "seeds": list(range(count)),
-        "conditions": _conditions(len(prompts)) if images else None,
+        "conditions": conditions(len(prompts)) if images else None,
         **kwargs,
     }
 
@@ -201,13 +185,13 @@ def _spy_blocks(engine, monkeypatch, policy):
 def _mixed_call(case):
     prompts, with_images = MIXED[case]
     return {
-        "prior_token_ids": _prior(2, seed=2),
+        "prior_token_ids": prior(2, seed=2),
         "prompts": prompts,
         "height": SIZE,
         "width": SIZE,
         "num_inference_steps": 4,
         "seeds": [5, 6],
-        "conditions": _conditions(2) if with_images else None,
+        "conditions": conditions(2) if with_images else None,
     }
 
 
@@ -304,7 +288,7 @@ PSNR_BOUND = 43.0
 def test_the_cached_image_stays_within_the_psnr_bound_and_a_broken_cache_does_not(strong_prior, seed):
     options = StepCacheOptions(threshold=10, warmup=2, max_consecutive=2)
     call = {
-        "prior_token_ids": _prior(1, 128, seed),
+        "prior_token_ids": prior(1, 128, seed),
         "prompts": "a sign that says 'OPEN'",
         "height": 128,
         "width": 128,
