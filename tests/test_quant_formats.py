@@ -8,6 +8,7 @@ import glm_image_kernels as gk
 import pytest
 import torch
 import torch.nn.functional as F
+from glm_image_kernels.quant_linear import DEQUANTIZE_ELEMENTS
 
 from glm_image.errors import GlmImageError
 from glm_image.ops import TorchOps
@@ -223,3 +224,25 @@ def test_a_path_that_disagrees_is_switched_off_and_the_reference_serves(monkeypa
     assert torch.equal(got, gk.quant_linear_reference(x, weight, bias))
     assert any("quant_linear[int8] broken failed its self-check" in r.getMessage() for r in caplog.records)
     assert ops.fallbacks and "switched off by the self-check" in ops.fallbacks[0][1]
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_dequantizing_a_wide_weight_holds_little_beside_the_result(kind):
+    """A prefill GEMM on a GPU dequantizes a whole weight; a float32 copy of all of it and its
+    product (4 bytes an element, twice) would be 4x the bf16 result (0.9 GB for the AR's gate/up,
+    measured on an H200). Row blocks keep the temporaries to a few MiB: the process's peak grows
+    by the result and little more, and the values are those of the one-shot formula."""
+    from glm_image.bench.memory import PeakMemory
+
+    w = torch.randn(8192, 4096, generator=torch.Generator().manual_seed(0)) / 64
+    q = quantize(w, kind)
+    del w
+    with PeakMemory("cpu") as memory:
+        got = q.dequantize(torch.bfloat16)
+    if "VmHWM" not in memory.method:
+        pytest.skip("needs Linux's peak RSS")
+    result = got.numel() * got.element_size()  # 64 MiB; one float32 copy: 128 MiB, and the old
+    block = DEQUANTIZE_ELEMENTS * 4  # formula held two to four at once
+    assert memory.increase < result + 4 * block, memory.increase
+    rows = slice(100, 200)
+    assert torch.equal(got[rows], q._rows(rows).to(torch.bfloat16))

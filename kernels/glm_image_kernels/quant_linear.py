@@ -44,6 +44,7 @@ __all__ = [
 
 KINDS = ("int8", "int4", "fp8")
 MAX_ROWS = 16  # activation rows the GEMV kernel serves; a GEMM beyond
+DEQUANTIZE_ELEMENTS = 1 << 22  # weight elements dequantized at a time (16 MiB of float32)
 # The launch per format (BLOCK_N, BLOCK_K, warps, stages): the fastest over the AR's four linears
 # (4608x4096, 4096x4096, 27392x4096, 4096x13696, one row) of 48 launches on an H200
 # (`benchmarks/bench_quant.py gemv --device cuda`): int8 123.5 us per layer's linears against
@@ -75,14 +76,26 @@ class QuantWeight:
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """The full-precision (N, K) weight, computed in float32 and rounded once to ``dtype``."""
+        """The full-precision (N, K) weight, computed in float32 and rounded once to ``dtype``.
+        Rows go ``DEQUANTIZE_ELEMENTS`` at a time, so the float32 temporaries stay small beside
+        the result: a prefill GEMM on a GPU dequantizes the AR's widest weight (27392 x 4096), of
+        which one whole float32 copy and its product would be 0.9 GB (measured on an H200)."""
+        n, k = self.out_features, self.in_features
+        out = torch.empty((n, k), dtype=dtype, device=self.data.device)
+        step = max(1, DEQUANTIZE_ELEMENTS // k)
+        for start in range(0, n, step):
+            out[start : start + step] = self._rows(slice(start, start + step)).to(dtype)
+        return out
+
+    def _rows(self, rows: slice) -> torch.Tensor:
+        """Rows ``rows`` of the weight in float32."""
         if self.kind == "int4":
-            codes = unpack_int4(self.data).float()  # (N, K)
+            codes = unpack_int4(self.data[rows]).float()  # (n, K)
             n, k = codes.shape
             groups = codes.view(n, k // self.group, self.group)
-            w = (groups - 8) * self.scale.float()[..., None] + self.zero.float()[..., None]
-            return w.view(n, k).to(dtype)
-        return (self.data.float() * self.scale.float()[:, None]).to(dtype)
+            w = (groups - 8) * self.scale[rows].float()[..., None] + self.zero[rows].float()[..., None]
+            return w.view(n, k)
+        return self.data[rows].float() * self.scale[rows].float()[:, None]
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
