@@ -182,6 +182,7 @@ class DecodeStats:
     forwards: int  # forwards of the batch (as many as its slowest image needed)
     image_forwards: tuple[int, ...]  # per image: forwards until its last token
     tokens: int  # tokens per image
+    host_reads: int | None = None  # jacobi: device values the host waited for (stop checks)
 
     @property
     def tokens_per_forward(self) -> float:

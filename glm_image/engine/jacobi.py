@@ -17,8 +17,9 @@ Data layout (B rows, capacity C = P + steps + W, generated index i lives in cach
 Every row advances by its own count; a finished row (n_b = steps) still runs (static shapes)
 but writes only scratch slots and counts nothing. One iteration reads and writes only buffers
 allocated before the first, so it is a static step that a device graph can capture like
-``DecodeLoop``'s; the host reads one small tensor per iteration (the row counts: when to stop,
-and in eager mode how much of the cache to read). Each row draws its uniforms (2W - 1 per
+``DecodeLoop``'s. The host reads one small tensor (the row counts) before every eager iteration,
+to know how much of the cache to read; the static step reads it only when the slowest row could
+be done, so a device queues graph replays without draining between them. Each row draws its uniforms (2W - 1 per
 iteration) from its own seeded generator (``UniformStream``).
 
 Under tensor parallel every rank runs the forward (its shard), and the group's first rank alone
@@ -45,6 +46,8 @@ from .graphs import capture
 from .protocol import GridSpec
 
 __all__ = ["JacobiLoop", "UniformStream", "decode", "draft_sources"]
+
+MAX_UNREAD = 64  # static-step iterations the host queues without reading (sequential: 64 too)
 
 
 def draft_sources(spec: GridSpec, length: int, init: str) -> torch.Tensor:
@@ -256,25 +259,34 @@ class JacobiLoop:
         return None
 
     def _run(self, progress: Progress | None, step) -> None:
-        """Iterations until every row is done; ``step`` None: eager, bounded by the host read."""
-        iteration = 1
+        """Iterations until every row is done. ``step`` None: eager, each iteration bounded by a
+        host read of the furthest row. A static step needs no bound, so the host reads only when
+        the slowest row could be done: an iteration accepts at most ``window`` tokens of a row,
+        so a row ``r`` tokens short needs at least ceil(r / window) more, which run without a
+        read (at most ``MAX_UNREAD``, so progress and an abandoning caller are heard). The
+        iterations and tokens are the same either way; the device is never drained to wait."""
+        iteration, self.reads = 1, 0
         while True:
-            low, high = torch.stack(torch.aminmax(self.accepted)).tolist()  # the one host read
+            low, high = torch.stack(torch.aminmax(self.accepted)).tolist()  # the host read
+            self.reads += 1
             if progress is not None:
                 progress("ar", low, self.steps)
             if low >= self.steps:
                 self.iterations = iteration
                 return
-            if self.uniforms is not None and iteration % self.uniforms.chunk == 0:
-                self.uniforms.refill(iteration)
-            if step is None:
-                self.step(self.prompt_len + high - 1 + self.window)
-            else:
-                step()
-            iteration += 1
+            ahead = 1 if step is None else min(MAX_UNREAD, -(-(self.steps - low) // self.window))
+            for _ in range(ahead):
+                if self.uniforms is not None and iteration % self.uniforms.chunk == 0:
+                    self.uniforms.refill(iteration)
+                if step is None:
+                    self.step(self.prompt_len + high - 1 + self.window)
+                else:
+                    step()
+                iteration += 1
 
     def stats(self) -> DecodeStats:
-        return DecodeStats("jacobi", self.iterations, tuple(self.forwards.tolist()), self.steps)
+        forwards = tuple(self.forwards.tolist())
+        return DecodeStats("jacobi", self.iterations, forwards, self.steps, host_reads=self.reads)
 
     def result(self) -> torch.Tensor:
         """(B, steps) tokens; with the grid unconstrained, padding after EOS (as sequential)."""
