@@ -13,10 +13,10 @@
 #   fast       end to end, ours uncached against ours with every speed-up on (Jacobi, int8,
 #              fbcache): per-stage seconds, DiT forwards computed, PSNR against uncached
 #   arquant    AR decode under int8, fp8 and ar=int4 (tok/s against our bf16 in the same run)
-#   kernels    our Triton kernels against their torch twins, per op
 #   memory     the memory planner's estimate against torch.cuda.max_memory_allocated, per stage
 #   gemv       one decode row through the AR's linears: dense, torch's int8 / fp8 paths and our
 #              int8 / int4 GEMV at 48 launches (the kernel's LAUNCH defaults come from this)
+#   kernels    our Triton kernels against their torch twins, per op
 #   scaling    bench speed on 2, 4 and 8 GPUs where the machine has them (skipped on one): the AR
 #              tensor parallel over all of them with the DiT CFG-parallel x Ulysses over the same
 #              ones, then the stages on separate halves; each JSON has per-stage times and the
@@ -33,7 +33,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-results/gpu}
-stages=${2:-tests,ar,dit,speed,fast,arquant,kernels,memory,gemv,scaling}
+stages=${2:-tests,ar,dit,speed,fast,arquant,memory,gemv,kernels,scaling}
 model=${GPU_RUN_MODEL:-wide}
 size=${GPU_RUN_SIZE:-1024x1024}
 device=${GPU_RUN_DEVICE:-cuda}
@@ -108,15 +108,15 @@ if want arquant; then
     run arquant-int4 40 python3 -m glm_image.cli bench ar "${common[@]}" --size "$size" --max-tokens 256 \
         --no-reference --quantize ar=int4 --out "$out/bench_ar_int4.json"
 fi
-if want kernels; then
-    run kernels 40 python3 benchmarks/bench_kernels.py --out "$out/bench_kernels.json"
-fi
 if want memory; then
     run memory 60 python3 benchmarks/bench_quant.py memory --model "$model" --device "$device" \
         --size "${size%%x*}" --schemes "none;int8" --out "$out/bench_memory.json"
 fi
 if want gemv; then
     run gemv 120 python3 benchmarks/bench_quant.py gemv --device "$device" --out "$out/bench_gemv.json"
+fi
+if want kernels; then
+    run kernels 40 python3 benchmarks/bench_kernels.py --out "$out/bench_kernels.json"
 fi
 if want scaling; then
     gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")
