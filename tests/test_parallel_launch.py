@@ -232,10 +232,12 @@ def test_ctrl_c_stops_generate_and_its_ranks(tiny_checkpoint, tmp_path):
 @pytest.mark.parallel
 def test_serve_on_ranks_answers_concurrent_requests_and_stops_its_ranks(glm, tiny_checkpoint, tmp_path):
     """`serve --ar-tp 2 --dit-sp 2`: concurrent requests each get their own image, the image one
-    process gives; SIGTERM stops the server and every rank process it spawned."""
+    process gives; a killed rank fails the request with its pid and leaves the server up but
+    unavailable (503, /health says why); SIGTERM stops the server and every rank it spawned."""
     pytest.importorskip("fastapi", reason="needs the serve extra")
     from concurrent.futures import ThreadPoolExecutor
 
+    import requests
     from test_server import OPENAI, b64_image, post, same_pixels
     from test_server_stages import free_port, serve_command
 
@@ -278,6 +280,15 @@ def test_serve_on_ranks_answers_concurrent_requests_and_stops_its_ranks(glm, tin
             ]
             assert same_pixels(images[-1], expected)
         assert len({image.tobytes() for image in images}) == 3
+
+        # a rank that dies: the request fails naming it, and the server stays up, unavailable
+        os.kill(ranks[-1], signal.SIGKILL)
+        failed = post(url, OPENAI, {"prompt": "after", "size": "64x64", "steps": 2})
+        assert failed.status_code in (500, 503), failed.text  # 503 once the group saw it first
+        assert f"pid {ranks[-1]}" in failed.json()["error"]["message"], failed.text
+        health = requests.get(url + "/health", timeout=10)
+        assert health.status_code == 503 and f"pid {ranks[-1]}" in health.json()["reason"]
+        assert post(url, OPENAI, {"prompt": "again", "size": "64x64"}).status_code == 503
         process.send_signal(signal.SIGTERM)
         process.wait(timeout=60)
     deadline = time.monotonic() + 30

@@ -334,8 +334,18 @@ class StageGroup:
 
     def _run(self, call_id: int, payload, progress) -> tuple:
         """(rank 0's answer, the exception the caller's ``progress`` raised or None)."""
-        for conn in self._conns:
-            send(conn, ("call", call_id, payload, progress is not None))
+        self._check_alive("between calls")
+        for rank, conn in enumerate(self._conns):
+            try:
+                send(conn, ("call", call_id, payload, progress is not None))
+            except OSError:  # the rank is ending: its exit code says how
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self._processes[rank].wait(5)
+                self._check_alive("as a call was sent")
+                raise self._fail(
+                    f"the {self.stage} stage's rank {rank} of {self.size} (pid {self._processes[rank].pid}) "
+                    "stopped reading its calls; the group was stopped"
+                ) from None
         replies: dict[int, tuple] = {}
         raised: BaseException | None = None
         failed_at: float | None = None

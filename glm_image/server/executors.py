@@ -110,12 +110,21 @@ class InProcessExecutor:
     ``pipe.run`` for one image-to-image request."""
 
     name = "in-process"
-    broken = None
 
     def __init__(self, pipe) -> None:
         self.pipe = pipe
         self.stages = (Stage("engine", self._run),)
         self._thread: ThreadPoolExecutor | None = None
+
+    @property
+    def broken(self) -> str | None:
+        """Why no call can run any more: a stage on rank processes (``parallel.StageGroup``)
+        whose group stopped because a rank died; None while both stages can run."""
+        for stage in (getattr(self.pipe, "ar", None), getattr(self.pipe, "dit", None)):
+            reason = getattr(stage, "broken", None)
+            if isinstance(reason, str):
+                return reason
+        return None
 
     async def start(self) -> None:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm-image-engine")

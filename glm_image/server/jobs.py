@@ -34,6 +34,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
 from ..errors import GlmImageError, NonFiniteError
+from ..parallel.launch import RankDied
 from ..request import GenerationRequest
 from .errors import ApiError
 from .executors import Executor, StageDied
@@ -252,7 +253,7 @@ class EngineQueue:
             log.error("engine failure, error id %s", error_id, exc_info=error)
             if isinstance(error, NonFiniteError):
                 what = "the engine produced NaN or Inf for this request, so no image was made"
-            elif isinstance(error, StageDied):
+            elif isinstance(error, StageDied | RankDied):  # a worker or a rank: which, and how it ended
                 what = str(error)
             else:
                 what = "the engine failed on this request"
