@@ -29,7 +29,7 @@ from .errors import GlmImageError
 from .parallel.config import ParallelConfig
 from .progress import Progress
 from .request import GenerationRequest
-from .stages import ArCall, DitCall, GenerationOutput, ar_stage, dit_stage, output_of, outputs_of, plan_call
+from .stages import ArCall, DitCall, GenerationOutput, output_of, outputs_of, plan_call, run_stage
 from .validation import (
     check_generation,
     check_request,
@@ -46,17 +46,6 @@ def _parallel(pipe) -> ParallelConfig:
     """``pipe.parallel``; the server's ``ModelFront`` borrows ``validate_request`` and ``png_info``
     and may not have one (one process, then)."""
     return getattr(pipe, "parallel", None) or ParallelConfig()
-
-
-def _stage(run, engine, call, progress):
-    """``run`` (``ar_stage`` / ``dit_stage``) on ``engine``, or the call on a stage of several
-    ranks (a ``StageGroup``, or this rank's ``SpmdStage`` under torchrun)."""
-    from .parallel.launch import StageGroup
-    from .parallel.spmd import SpmdStage
-
-    if isinstance(engine, StageGroup | SpmdStage):
-        return engine.run(call, progress)
-    return run(engine, call, progress=progress)
 
 
 def _describe(cache: StepCacheOptions | None) -> str:
@@ -333,9 +322,9 @@ class GlmImage:
 
     def _run_stages(self, call: ArCall, steps: int, guidance: float, dit_cache, progress):
         self._resident(self.ar, self.dit)
-        prior = _stage(ar_stage, self.ar, call, progress)
+        prior = run_stage("ar", self.ar, call, progress)
         self._resident(self.dit, self.ar)
-        made = _stage(dit_stage, self.dit, DitCall(prior, steps, guidance, dit_cache), progress)
+        made = run_stage("dit", self.dit, DitCall(prior, steps, guidance, dit_cache), progress)
         return prior, made
 
     # ---------------------------------------------------------------- requests

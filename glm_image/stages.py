@@ -38,6 +38,7 @@ __all__ = [
     "output_of",
     "outputs_of",
     "plan_call",
+    "run_stage",
 ]
 
 
@@ -240,3 +241,15 @@ def dit_stage(dit, call: DitCall, *, progress: Progress | None = None) -> Images
     else:  # one pass per branch and step
         forwards = (float((2 if call.guidance > 1 else 1) * call.steps),) * len(images)
     return Images(images, timings, forwards)
+
+
+def run_stage(stage: str, engine, call, progress: Progress | None = None):
+    """One stage call: ``ar``: ``ArCall`` -> ``PriorTokens``; ``dit``: ``DitCall`` -> ``Images``,
+    on a loaded engine, or on a stage of several ranks (a ``parallel.StageGroup``, or this rank's
+    ``SpmdStage`` under torchrun), whose ranks run the same function on their shards."""
+    from .parallel.launch import StageGroup
+    from .parallel.spmd import SpmdStage
+
+    if isinstance(engine, StageGroup | SpmdStage):
+        return engine.run(call, progress)
+    return (ar_stage if stage == "ar" else dit_stage)(engine, call, progress=progress)

@@ -231,14 +231,14 @@ def test_ctrl_c_stops_generate_and_its_ranks(tiny_checkpoint, tmp_path):
 
 @pytest.mark.parallel
 def test_serve_on_ranks_answers_concurrent_requests_and_stops_its_ranks(glm, tiny_checkpoint, tmp_path):
-    """`serve --ar-tp 2 --dit-sp 2`: concurrent requests each get their own image, the image one
-    process gives; a killed rank fails the request with its pid and leaves the server up but
+    """`serve --ar-tp 2 --dit-sp 2 --placement separate`: concurrent requests each get their own
+    image, the image one process gives, the stages overlapping; a killed rank fails the request with its pid and leaves the server up but
     unavailable (503, /health says why); SIGTERM stops the server and every rank it spawned."""
     pytest.importorskip("fastapi", reason="needs the serve extra")
     from concurrent.futures import ThreadPoolExecutor
 
     import requests
-    from test_server import OPENAI, b64_image, post, same_pixels
+    from test_server import OPENAI, b64_image, metrics, post, same_pixels
     from test_server_stages import free_port, serve_command
 
     port = free_port()
@@ -253,6 +253,7 @@ def test_serve_on_ranks_answers_concurrent_requests_and_stops_its_ranks(glm, tin
         str(port),
     ]
     argv += ["--device", "cpu", "--output-dir", str(tmp_path), "--ar-tp", "2", "--dit-sp", "2"]
+    argv += ["--placement", "separate", "--max-batch", "1"]  # one request per call: calls can overlap
     with serve_command(argv, port) as (process, url):
         ranks = [
             p for p in _children(process.pid) if b"parallel.worker" in Path(f"/proc/{p}/cmdline").read_bytes()
@@ -263,7 +264,7 @@ def test_serve_on_ranks_answers_concurrent_requests_and_stops_its_ranks(glm, tin
                 "prompt": f"a sign that says '{i}'",
                 "size": "64x64",
                 "seed": i,
-                "steps": 2,
+                "steps": 8,
                 "response_format": "b64_json",
             }
             for i in range(3)
@@ -275,11 +276,12 @@ def test_serve_on_ranks_answers_concurrent_requests_and_stops_its_ranks(glm, tin
             assert r.status_code == 200, r.text
             (item,) = r.json()["data"]
             images.append(b64_image(item))
-            expected = glm.generate(body["prompt"], 64, 64, num_inference_steps=2, seed=body["seed"]).images[
-                0
-            ]
-            assert same_pixels(images[-1], expected)
+            expected = glm.generate(body["prompt"], 64, 64, num_inference_steps=8, seed=body["seed"])
+            assert same_pixels(images[-1], expected.images[0])
         assert len({image.tobytes() for image in images}) == 3
+        # the stages on devices of their own: one request's AR ran while another's DiT ran
+        assert requests.get(url + "/health", timeout=10).json()["executor"]["mode"] == "threads"
+        assert metrics(url)["glm_image_stage_overlap_seconds_total"] > 0
 
         # a rank that dies: the request fails naming it, and the server stays up, unavailable
         os.kill(ranks[-1], signal.SIGKILL)
@@ -295,3 +297,18 @@ def test_serve_on_ranks_answers_concurrent_requests_and_stops_its_ranks(glm, tin
     while time.monotonic() < deadline and not _gone(ranks):
         time.sleep(0.2)
     assert _gone(ranks)
+
+
+def test_a_server_over_a_stopped_stage_group_says_it_cannot_serve():
+    """Both executors read a stage group's ``broken`` (a rank died), so /health says 503 and why;
+    an engine in this process has none."""
+    from types import SimpleNamespace
+
+    from glm_image.server.executors import InProcessExecutor, ThreadRunner
+
+    stopped = SimpleNamespace(broken="the dit stage's rank 1 of 2 (pid 7) stopped with signal SIGKILL")
+    engine = SimpleNamespace(device="cpu")
+    assert InProcessExecutor(SimpleNamespace(ar=engine, dit=stopped)).broken == stopped.broken
+    assert InProcessExecutor(SimpleNamespace(ar=engine, dit=engine)).broken is None
+    assert ThreadRunner("dit", stopped).broken == stopped.broken
+    assert ThreadRunner("ar", engine).broken is None

@@ -263,7 +263,12 @@ def _run(args: argparse.Namespace) -> None:
         pipe = GlmImage.from_pretrained(
             args.model, **runtime_kwargs(args), **generation_kwargs(args), **parallel_kwargs(args)
         )
-        app = create_app(pipe, settings)
+        executor = None
+        if pipe.parallel.placement == "separate":  # each stage on devices of its own: overlap them
+            from .executors import StagedExecutor
+
+            executor = StagedExecutor.in_threads(pipe)
+        app = create_app(pipe, settings, executor)
     if settings.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s with no API key: anyone who can reach it can generate", args.host)
     try:

@@ -26,8 +26,8 @@ from typing import Any, Protocol
 from ..config.checkpoint import SizeLimits
 from ..engine.choices import DEFAULT_WINDOW, StepCacheOptions, check_decoding
 from ..pipeline import GlmImage
-from ..stages import DitCall, outputs_of, plan_call
-from .stagework import Abandoned, run_stage
+from ..stages import DitCall, outputs_of, plan_call, run_stage
+from .stagework import Abandoned
 
 __all__ = [
     "Executor",
@@ -118,13 +118,7 @@ class InProcessExecutor:
 
     @property
     def broken(self) -> str | None:
-        """Why no call can run any more: a stage on rank processes (``parallel.StageGroup``)
-        whose group stopped because a rank died; None while both stages can run."""
-        for stage in (getattr(self.pipe, "ar", None), getattr(self.pipe, "dit", None)):
-            reason = getattr(stage, "broken", None)
-            if isinstance(reason, str):
-                return reason
-        return None
+        return _stopped(getattr(self.pipe, "ar", None)) or _stopped(getattr(self.pipe, "dit", None))
 
     async def start(self) -> None:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm-image-engine")
@@ -168,15 +162,26 @@ class Runner(Protocol):
     def describe(self) -> dict: ...
 
 
+def _stopped(engine) -> str | None:
+    """Why ``engine`` can run no call any more: a stage on rank processes
+    (``parallel.StageGroup``) whose group stopped because a rank died; None for an engine."""
+    reason = getattr(engine, "broken", None)
+    return reason if isinstance(reason, str) else None
+
+
 class ThreadRunner:
-    """A stage on an engine already loaded in this process, on its own thread."""
+    """A stage on its own thread: an engine loaded in this process, or a stage on rank
+    processes (``parallel.StageGroup``) this process drives."""
 
     slots = 1
-    broken = None
 
     def __init__(self, stage: str, engine) -> None:
         self.stage, self.engine = stage, engine
         self._thread: ThreadPoolExecutor | None = None
+
+    @property
+    def broken(self) -> str | None:
+        return _stopped(self.engine)
 
     async def start(self) -> None:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"glm-image-{self.stage}")
@@ -207,7 +212,8 @@ class StagedExecutor:
 
     @classmethod
     def in_threads(cls, pipe) -> StagedExecutor:
-        """The two engines of a loaded ``GlmImage``, each stage on its own thread."""
+        """The two stages of a loaded ``GlmImage``, each on its own thread (``serve
+        --placement separate``: stages on devices of their own, their ranks driven from here)."""
         return cls(ModelFront.of(pipe), ThreadRunner("ar", pipe.ar), ThreadRunner("dit", pipe.dit), "threads")
 
     @property

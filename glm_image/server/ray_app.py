@@ -36,9 +36,10 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import RequestCancelledError
 
 from ..errors import GlmImageError
+from ..stages import run_stage
 from .executors import Abandon, ModelFront, StagedExecutor, StageDied
 from .settings import RayOptions, ServerSettings
-from .stagework import Abandoned, StageSpec, load_stage, run_stage
+from .stagework import Abandoned, StageSpec, load_stage
 
 __all__ = ["APP_NAME", "RayRunner", "application", "build", "serve_with_ray"]
 

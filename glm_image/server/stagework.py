@@ -9,14 +9,12 @@ same images) and splits the images back per request with ``stages.outputs_of``, 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 __all__ = [
     "Abandoned",
     "StageSpec",
     "load_stage",
-    "run_stage",
 ]
 
 STAGES = ("ar", "dit")
@@ -59,12 +57,3 @@ def load_stage(spec: StageSpec, device: str | None = None):
         attention_backend=ops,
         quantize=spec.quantize,
     )
-
-
-def run_stage(stage: str, engine, payload, progress: Callable[[str, int, int], None] | None = None):
-    """One stage call on a loaded engine: ``ar``: ``ArCall`` -> ``PriorTokens``; ``dit``:
-    ``DitCall`` -> ``Images``."""
-    from ..stages import ar_stage, dit_stage
-
-    run = ar_stage if stage == "ar" else dit_stage
-    return run(engine, payload, progress=progress)

@@ -28,9 +28,10 @@ import traceback
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import GlmImageError, NonFiniteError
+from ..stages import run_stage
 from .errors import ApiError
 from .executors import Abandon, StageDied
-from .stagework import Abandoned, StageSpec, load_stage, run_stage
+from .stagework import Abandoned, StageSpec, load_stage
 
 __all__ = ["ProcessRunner", "staged_processes"]
 
