@@ -72,11 +72,10 @@ def _check_backend(args: argparse.Namespace, config) -> str:
     """Run the ops backend's self-check visibly: every kernel against its torch twin, at this
     checkpoint's sizes, on the device and dtype the flags name (the engines run the same check
     before their first forward)."""
-    from .device import default_dtype, resolve_device
+    from .bench.runtime import resolve_runtime
     from .ops import CheckSizes, check_backend, format_check
 
-    device = resolve_device(args.device)
-    dtype = torch_dtype(args.dtype) or default_dtype(device)
+    device, dtype = resolve_runtime(args.device, args.dtype)
     rows = check_backend(args.attention_backend, device, dtype, CheckSizes.from_config(config))
     return format_check(rows)
 
@@ -140,8 +139,6 @@ def _requests(args: argparse.Namespace) -> list[tuple[str, GenerationRequest]]:
         return [("", GenerationRequest(args.prompt, **defaults))]
     if args.prompt is not None:
         raise GlmImageError("prompt: give a prompt or --prompts FILE.jsonl, not both")
-    import json
-
     requests = []
     for number, line in _prompt_lines(args.prompts):
         if not line.strip():

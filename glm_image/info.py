@@ -171,16 +171,14 @@ def memory_report(
     """
     import torch
 
-    from .quant import parse_quantize
     from .residency import plan_memory, weight_bytes
 
     dtype = dtype or torch.bfloat16
-    scheme = parse_quantize(quantize)
     plan = plan_memory(
         root,
         device or "meta",
         dtype,
-        quantize=scheme,
+        quantize=quantize,
         height=height,
         width=width,
         batch=batch,

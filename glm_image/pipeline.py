@@ -42,12 +42,6 @@ __all__ = ["GenerationOutput", "GlmImage"]
 log = logging.getLogger(__name__)
 
 
-def _parallel(pipe) -> ParallelConfig:
-    """``pipe.parallel``; the server's ``ModelFront`` borrows ``validate_request`` and ``png_info``
-    and may not have one (one process, then)."""
-    return getattr(pipe, "parallel", None) or ParallelConfig()
-
-
 def _describe(cache: StepCacheOptions | None) -> str:
     if cache is None:
         return "none"
@@ -331,8 +325,13 @@ class GlmImage:
 
     def validate_request(self, request: GenerationRequest) -> None:
         """Raise ``GlmImageError`` naming the first field of ``request`` that is not allowed."""
-        check_request(self.limits, request)
-        _parallel(self).check_size(request.height, request.width)
+        self._checked(request)
+
+    def _checked(self, request: GenerationRequest) -> GenerationRequest:
+        """``request`` checked, its condition images opened (once: the call then uses them)."""
+        request = check_request(self.limits, request)
+        self.parallel.check_size(request.height, request.width)
+        return request
 
     def run(self, request: GenerationRequest, progress: Progress | None = None) -> GenerationOutput:
         """Carry out one request."""
@@ -355,8 +354,7 @@ class GlmImage:
                 "run_batch: requests differ in size, steps, guidance or condition images; "
                 "group them by GenerationRequest.batch_key"
             )
-        for request in requests:
-            self.validate_request(request)
+        requests = [self._checked(request) for request in requests]
         call = plan_call(requests, self.limits, self.ar_decoding, self.jacobi_window)
         first = requests[0]
         prior, made = self._run_stages(call, first.steps, first.guidance, self.dit_cache, progress)
@@ -386,7 +384,7 @@ class GlmImage:
             "model": self.name,
             "engine": f"glm-image {__version__}",
         }
-        parallel = _parallel(self)
+        parallel = self.parallel
         if parallel.spread:
             text["parallel"] = parallel.describe()
         if output.ar_forwards:

@@ -15,7 +15,7 @@ from ..options import (
     add_generation_arguments,
     add_parallel_arguments,
     add_runtime_arguments,
-    dit_cache_options,
+    generation_kwargs,
     parallel_kwargs,
 )
 from ..request import parse_size
@@ -191,13 +191,7 @@ def add_parser(sub) -> None:
 def _generation(args: argparse.Namespace) -> dict:
     """How ours loads and generates (``--quantize``, ``--ar-decoding``) and the step cache it is
     also measured with."""
-    return {
-        "ar_decoding": args.ar_decoding,
-        "jacobi_window": args.jacobi_window,
-        "dit_cache": dit_cache_options(args),
-        "quantize": args.quantize,
-        "max_memory": args.max_memory,
-    }
+    return {**generation_kwargs(args), "quantize": args.quantize, "max_memory": args.max_memory}
 
 
 def _bar(total: int | None, what: str):

@@ -29,11 +29,9 @@ def fidelity(
     width: int,
     steps: int,
     seed: int,
-    *,
-    ar_tokens: int | None = None,
 ) -> dict[str, Any]:
     """``quantized``: a ``GlmImage`` loaded with a scheme; the same checkpoint unquantized is the
-    reference. ``ar_tokens`` caps the teacher-forced steps per prompt (the whole protocol if None)."""
+    reference (teacher-forced over its whole protocol per prompt)."""
     from ..engine import ArEngine, DitEngine
     from ..quant.compare import dit_velocity, logit_metrics, relative_error, teacher_forced_logits
     from .quality import psnr
@@ -42,7 +40,7 @@ def fidelity(
     full_ar = ArEngine.from_pretrained(root, device=device, dtype=dtype)
     paths = []
     for prompt in prompts:
-        result = full_ar.generate(prompt, height, width, seeds=[seed], max_new_tokens=ar_tokens)
+        result = full_ar.generate(prompt, height, width, seeds=[seed])
         reference = teacher_forced_logits(full_ar, prompt, height, width, result.tokens[0])
         paths.append((prompt, result, reference))
     del full_ar

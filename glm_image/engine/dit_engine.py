@@ -279,25 +279,13 @@ class DitEngine:
             return self._branch_plan(
                 prior, prompts, per_prompt, height, width, guidance_scale, isolate_prompts, cache, branch
             )
-        b = prior.shape[0]
-        patch = self.config.vae.scale_factor * self.config.dit.patch_size
-        rope = image_rotary_tables(
-            height // patch, width // patch, self.config.dit.attention_head_dim, self.device
-        )
-        cond, lengths = self.glyph.encode(prompts, return_lengths=True)
-        cond = cond.repeat_interleave(per_prompt, dim=0).to(self.dtype)
-        # Without isolation a prompt's padding stays visible to its rows, as in the reference's
-        # batch: all conditional rows then see the same keys.
-        cond_keep = None
-        if isolate_prompts and len(set(lengths)) > 1:
-            cond_keep = _real_tokens(cond.shape[1], lengths).repeat_interleave(per_prompt, dim=0)
-        size = torch.tensor([[height, width]], dtype=self.dtype, device=self.device).repeat(b, 1)
-        crop = torch.zeros((b, 2), dtype=self.dtype, device=self.device)
+        rope, size, crop = self._grid(prior.shape[0], height, width)
+        cond, cond_keep = self._glyphs(prompts, per_prompt, isolate_prompts)
         drop = torch.zeros_like(prior, dtype=torch.bool)
         text, keep = cond, cond_keep
         if guidance_scale > 1:
-            uncond = self.glyph.encode([""] * len(prompts)).repeat_interleave(per_prompt, dim=0)
-            text, keep = _stack_padded(cond, uncond.to(self.dtype), cond_keep)
+            uncond, _ = self._glyphs([""] * len(prompts), per_prompt, False)
+            text, keep = _stack_padded(cond, uncond, cond_keep)
             drop = torch.cat([drop, torch.ones_like(drop)])
             prior, size, crop = (torch.cat([x, x]) for x in (prior, size, crop))
         text, keep = self._sp_padded(text, keep)
@@ -313,25 +301,37 @@ class DitEngine:
         """``_plan`` for one CFG branch: the conditional rows (reading ``cache``) or the
         unconditional ones (prior dropped, the glyphs of "", no cache)."""
         b = prior.shape[0]
-        patch = self.config.vae.scale_factor * self.config.dit.patch_size
-        rope = image_rotary_tables(
-            height // patch, width // patch, self.config.dit.attention_head_dim, self.device
-        )
-        keep = None
+        rope, size, crop = self._grid(b, height, width)
         if branch == 0:
-            text, lengths = self.glyph.encode(prompts, return_lengths=True)
-            if isolate_prompts and len(set(lengths)) > 1:
-                keep = _real_tokens(text.shape[1], lengths).repeat_interleave(per_prompt, dim=0)
-        else:
-            text, cache = self.glyph.encode([""] * len(prompts)), None
-        text = text.repeat_interleave(per_prompt, dim=0).to(self.dtype)
+            text, keep = self._glyphs(prompts, per_prompt, isolate_prompts)
+        else:  # ``denoise`` wrote no condition cache on this rank
+            text, keep = self._glyphs([""] * len(prompts), per_prompt, False)
         text, keep = self._sp_padded(text, keep)
-        size = torch.tensor([[height, width]], dtype=self.dtype, device=self.device).repeat(b, 1)
-        crop = torch.zeros((b, 2), dtype=self.dtype, device=self.device)
         drop = torch.full_like(prior, branch == 1, dtype=torch.bool)
         mode = CacheMode.READ if cache is not None else None
         groups = attention_groups(b, keep, cache, mode)
         return _Plan(text, prior, drop, size, crop, float(guidance_scale), rope, groups, cache, split=True)
+
+    def _grid(self, rows: int, height: int, width: int):
+        """The image grid's rotary table, and each row's size and crop conditioning."""
+        patch = self.config.vae.scale_factor * self.config.dit.patch_size
+        rope = image_rotary_tables(
+            height // patch, width // patch, self.config.dit.attention_head_dim, self.device
+        )
+        size = torch.tensor([[height, width]], dtype=self.dtype, device=self.device).repeat(rows, 1)
+        crop = torch.zeros((rows, 2), dtype=self.dtype, device=self.device)
+        return rope, size, crop
+
+    def _glyphs(self, prompts, per_prompt: int, isolate: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T, d) glyph embeddings of the prompts, ``per_prompt`` rows each, and which tokens
+        are real ((B, T), or None when all are). Without isolation a prompt's padding stays
+        visible to its rows, as in the reference's batch: all rows then see the same keys."""
+        text, lengths = self.glyph.encode(prompts, return_lengths=True)
+        text = text.repeat_interleave(per_prompt, dim=0).to(self.dtype)
+        keep = None
+        if isolate and len(set(lengths)) > 1:
+            keep = _real_tokens(text.shape[1], lengths).repeat_interleave(per_prompt, dim=0)
+        return text, keep
 
     def _sp_padded(
         self, text: torch.Tensor, keep: torch.Tensor | None

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..device import synchronize
+
 __all__ = ["SINGLE", "Comm", "CommStats", "DitGroups"]
 
 
@@ -76,8 +78,6 @@ class Comm:
 
     def _timed(self, kind: str, x: torch.Tensor, run) -> None:
         """Run the collective ``run()``, counting it (and timing it when asked)."""
-        from ..device import synchronize
-
         if self.stats.timed:
             synchronize(x.device)
             start = time.perf_counter()

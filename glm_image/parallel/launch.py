@@ -86,8 +86,6 @@ class RankSpec:
     tp: int = 1  # AR: tensor-parallel ranks
     cfg: int = 1  # DiT: CFG ranks (1 or 2)
     sp: int = 1  # DiT: Ulysses ranks per CFG branch
-    decode_step: str = "auto"  # AR: see ``engine.choices.DECODE_STEPS``
-    timed: bool = False  # time every collective (``bench speed``; the AR then decodes eagerly)
 
     @property
     def size(self) -> int:
@@ -386,20 +384,6 @@ class StageGroup:
         for conn in self._conns:
             with contextlib.suppress(OSError):  # a dead rank: ``_check_alive`` reports it
                 send(conn, message)
-
-    def comm_stats(self, reset: bool = True) -> list[dict]:
-        """Every rank's collective counters (calls, bytes, seconds per kind; ``parallel.comm``)."""
-        with self._lock:
-            if self.broken is not None:
-                raise RankDied(self.broken)
-            self._send_all(("stats", reset))
-            stats: dict[int, dict] = {}
-            while len(stats) < self.size:
-                for rank, message in self._receive():
-                    if message[0] == "stats":
-                        stats[rank] = message[1]
-                self._check_alive("while it reported its counters")
-            return [stats[r] for r in range(self.size)]
 
 
 class _Stopped(Exception):

@@ -40,14 +40,13 @@ class SpmdStage:
         """The stage's answer to the world's first rank's ``call``, on every rank."""
         import torch.distributed as dist
 
-        from ..stages import ar_stage, dit_stage
+        from ..stages import run_stage
 
         sent = [call]
         dist.broadcast_object_list(sent, src=0, group=self.control.group)
         answer = None
         if self.engine is not None:
-            run = ar_stage if self.stage == "ar" else dit_stage
-            answer = run(self.engine, sent[0], progress=progress if self.control.rank == 0 else None)
+            answer = run_stage(self.stage, self.engine, sent[0], progress if self.control.rank == 0 else None)
         got = [answer]
         dist.broadcast_object_list(got, src=self.first, group=self.control.group)
         return got[0]

@@ -108,7 +108,6 @@ def load_rank(spec, device, groups):
             dtype=dtype,
             attention_backend=ops,
             quantize=f"ar={spec.quantize}",
-            decode_step="eager" if spec.timed else spec.decode_step,
             tp=groups,
         )
     return DitEngine.from_pretrained(
@@ -149,10 +148,8 @@ class _Progress:
 
 def _serve(conn, spec, engine, control, leads: bool) -> None:
     from ..errors import GlmImageError, NonFiniteError
-    from ..stages import ar_stage, dit_stage
+    from ..stages import run_stage
 
-    stage = ar_stage if spec.stage == "ar" else dit_stage
-    stats = engine.model.tp.stats if spec.stage == "ar" else engine.groups.sp.stats
     while True:
         try:
             message = receive(conn)
@@ -160,18 +157,15 @@ def _serve(conn, spec, engine, control, leads: bool) -> None:
             return
         if message[0] == "stop":
             return
-        if message[0] == "stats":
-            send(conn, ("stats", stats.as_dict()))
-            if message[1]:
-                stats.reset()
-            continue
         if message[0] != "call":
             continue  # a cancel order for a call already over
         _, call_id, payload, wants_progress = message
         progress = _Progress(conn, call_id, control, leads) if wants_progress else None
         try:
             # a call of the stage (``ArCall``, ``DitCall``), or a function of the engine itself
-            result = payload(engine) if callable(payload) else stage(engine, payload, progress=progress)
+            result = (
+                payload(engine) if callable(payload) else run_stage(spec.stage, engine, payload, progress)
+            )
             reply = ("ok", result if leads else None)
         except _Cancelled:
             reply = ("cancelled", "")
@@ -214,7 +208,7 @@ def main(fd: int) -> None:
         store = dist.TCPStore(host, port, spec.size, False, timeout=timedelta(minutes=10))
         dist.init_process_group(backend(device), store=store, rank=rank, world_size=spec.size)
         control = control_group(device, spec.size, rank)
-        groups = stage_groups(spec, 0, spec.size, rank, device, CommStats(timed=spec.timed))
+        groups = stage_groups(spec, 0, spec.size, rank, device, CommStats())
         engine = load_rank(spec, device, groups)
     except BaseException as e:  # every load failure is reported, then we exit
         send(conn, ("failed", f"{type(e).__name__}: {e}"))

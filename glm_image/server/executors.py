@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from ..config.checkpoint import SizeLimits
 from ..engine.choices import DEFAULT_WINDOW, StepCacheOptions, check_decoding
+from ..parallel.config import ParallelConfig
 from ..pipeline import GlmImage
 from ..stages import DitCall, outputs_of, plan_call, run_stage
 from .stagework import Abandoned
@@ -71,7 +72,9 @@ class ModelFront:
 
     # GlmImage's own methods, on the same attributes: one copy of the request checks and PNG text.
     validate_request = GlmImage.validate_request
+    _checked = GlmImage._checked
     png_info = GlmImage.png_info
+    parallel = ParallelConfig()  # one process: a worker per stage, or Ray replicas
 
     def __init__(
         self,
