@@ -418,6 +418,23 @@ class ArEngine:
         slots = torch.arange(prompt_len, device=self.device)
         return self.model(batch.input_ids, rope, cache, slots, mask=mask[:, None])
 
+    def _cache(self, batch: int, capacity: int) -> KVCache:
+        """A static KV cache of ``capacity`` slots per row for this process's KV heads."""
+        text = self.config.ar.text
+        return KVCache(text, batch, capacity, self.device, self.dtype, kv_heads=self.model.shard.kv)
+
+    def _picker(self, greedy: bool, constrain_grid: bool) -> TokenPicker:
+        """How the next token is chosen from the logits, for sequential and Jacobi decoding."""
+        text = self.config.ar.text
+        return TokenPicker(
+            self.sampling,
+            greedy,
+            constrain_grid,
+            self.num_codes,
+            text.eos_token_id,
+            self.config.generation.pad_token_id,
+        )
+
     def _decode(
         self,
         batch: _Batch,
@@ -433,18 +450,11 @@ class ArEngine:
         how the later steps ran (eager, static or graph)."""
         model, text = self.model, self.config.ar.text
         b, prompt_len = batch.input_ids.shape
-        cache = KVCache(text, b, prompt_len + steps, self.device, self.dtype, kv_heads=model.shard.kv)
+        cache = self._cache(b, prompt_len + steps)
         tokens = torch.empty((b, steps), dtype=torch.long, device=self.device)
         unfinished = torch.ones(b, dtype=torch.bool, device=self.device)
         kept_logits: list[torch.Tensor] | None = [] if return_logits else None
-        picker = TokenPicker(
-            self.sampling,
-            greedy,
-            constrain_grid,
-            self.num_codes,
-            text.eos_token_id,
-            self.config.generation.pad_token_id,
-        )
+        picker = self._picker(greedy, constrain_grid)
         noise = None
         if not greedy and model.tp.leads:  # tensor parallel: only the rank that decides draws
             noise = NoiseStream(

@@ -118,11 +118,11 @@ class TokenPicker:
         if not self.constrain_grid and self.pad is not None:
             # As transformers' generate: a finished sequence continues with padding.
             token = torch.where(unfinished, token, torch.full_like(token, self.pad))
-            unfinished &= token != self.eos
+        self.follow(token, unfinished)
         return token
 
     def follow(self, token: torch.Tensor, unfinished: torch.Tensor) -> None:
-        """What ``__call__`` does to ``unfinished`` for a ``token`` picked elsewhere (another rank)."""
+        """``unfinished`` after ``token`` (picked here, or by another rank): EOS ends a row."""
         if not self.constrain_grid and self.pad is not None:
             unfinished &= token != self.eos
 

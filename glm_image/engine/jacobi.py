@@ -40,7 +40,7 @@ from ..device import synchronize
 from ..models.ar import ArModel, KVCache, rotary_tables
 from ..progress import Progress
 from ..sampling.speculative import greedy_drafts, greedy_verify, jacobi_drafts, verify
-from .choices import DEFAULT_WINDOW, check_jacobi
+from .choices import DEFAULT_WINDOW
 from .decode import DecodeStats, TokenPicker
 from .graphs import capture
 from .protocol import GridSpec
@@ -314,18 +314,10 @@ def decode(
     """``ArEngine._decode`` by Jacobi windows: tokens (B, steps), the counters, when the prefill
     was done (``time.perf_counter``, device synchronised) and how the iterations ran (the
     engine's ``decode_step``, as for sequential decoding)."""
-    check_jacobi(window, drafts)
     model, text, device = engine.model, engine.config.ar.text, engine.device
     b, prompt_len = batch.input_ids.shape
-    cache = KVCache(text, b, prompt_len + steps + window, device, engine.dtype, kv_heads=model.shard.kv)
-    picker = TokenPicker(
-        engine.sampling,
-        greedy,
-        constrain_grid,
-        engine.num_codes,
-        text.eos_token_id,
-        engine.config.generation.pad_token_id,
-    )
+    cache = engine._cache(b, prompt_len + steps + window)
+    picker = engine._picker(greedy, constrain_grid)
     positions = batch.decode_positions[:, :, :steps]
     positions = torch.cat([positions, positions[:, :, -1:].expand(-1, -1, window)], dim=2)
     rope = rotary_tables(positions, text, engine.dtype)  # past the last token: scratch only

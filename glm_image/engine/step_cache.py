@@ -102,7 +102,9 @@ class StepCache:
         for r in range(rows):
             self._blocks[r] += 1 if r in cached else self._layers
             self._run[r] = self._run[r] + 1 if r in cached else 0
-        if probe is not None and compute:
+        if probe is not None and len(compute) == rows:  # every row: keep the tensor, no scatter
+            self._probe = probe
+        elif probe is not None and compute:
             if self._probe is None:
                 self._probe = torch.zeros_like(probe)
             index = torch.tensor(compute, device=after.device)
@@ -132,13 +134,19 @@ class StepCache:
         rows' image streams (len(rows), N, dim) after block 0 and after the last block."""
         if not self.active or not rows:
             return
-        index = torch.tensor(rows, device=after.device)
-        if self._residual is None:
-            self._residual = after.new_zeros((len(self._blocks), *after.shape[1:]))
-            self._prev_residual = torch.zeros_like(self._residual) if self.options.taylor else None
-        if self._prev_residual is not None:
-            self._prev_residual[index] = self._residual[index]
-        self._residual[index] = after - before
+        if len(rows) == len(self._blocks):  # every row: keep the tensors, no gather or scatter
+            if self.options.taylor:
+                last = self._residual
+                self._prev_residual = last if last is not None else torch.zeros_like(after)
+            self._residual = after - before
+        else:
+            index = torch.tensor(rows, device=after.device)
+            if self._residual is None:
+                self._residual = after.new_zeros((len(self._blocks), *after.shape[1:]))
+                self._prev_residual = torch.zeros_like(self._residual) if self.options.taylor else None
+            if self._prev_residual is not None:
+                self._prev_residual[index] = self._residual[index]
+            self._residual[index] = after - before
         for r in rows:
             self._prev[r], self._last[r] = self._last[r], step
 
