@@ -50,7 +50,7 @@ import torch.nn.functional as F
 
 from ..device import npu_module
 from ..errors import GlmImageError
-from .quant import TORCH_PATHS, QuantPath
+from .quant import TORCH_PATHS, QuantPath, _add_bias, _common_unfit
 from .torch_ops import TorchOps, capturing
 
 __all__ = ["NpuOps"]
@@ -182,18 +182,13 @@ def _wqbmm_unfit(x: torch.Tensor, weight) -> str | None:
         return f"this torch_npu has no {_WQBMM}"
     if x.dtype not in _HALF:
         return f"{_WQBMM} takes float16/bfloat16 activations, not {x.dtype}"
-    if x.shape[1] != weight.in_features:
-        return f"x of {x.shape[1]} features for a weight of {weight.in_features}"
-    if torch.is_grad_enabled() and x.requires_grad:
-        return "inputs that need gradients (inference only)"
-    return None
+    return _common_unfit(x, weight)
 
 
 def _wqbmm(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
     # bias is added here: its documented dtypes changed between releases (float16/float32 only
     # in 6.0.x, whatever x is), and the addition costs nothing next to the matmul
-    y = getattr(npu_module(), _WQBMM)(x, weight.data.t(), weight.scale.to(x.dtype))
-    return y if bias is None else y + bias
+    return _add_bias(getattr(npu_module(), _WQBMM)(x, weight.data.t(), weight.scale.to(x.dtype)), bias)
 
 
 WQBMM_PATH = QuantPath("npu-wqbmm", ("int8",), _wqbmm_unfit, _wqbmm)

@@ -44,10 +44,11 @@ from dataclasses import dataclass
 import torch
 from glm_image_kernels import MAX_QUANT_ROWS, QuantWeight
 
+from ..quant.formats import FP8_MAX
+
 __all__ = ["FP8_TOLERANCE", "TORCH_PATHS", "QuantPath"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-_FP8_MAX = 448.0
 _SPLIT_ROWS = 1024  # activation rows per _int_mm call of int8-split
 # (atol, rtol) of the fp8 path against the reference: its activations keep e4m3's 3 mantissa
 # bits (2**-4 relative per element), so its outputs differ by ~1% of their scale; a wrong scale
@@ -138,7 +139,7 @@ def _scaled_mm_unfit(x: torch.Tensor, weight: QuantWeight) -> str | None:
 def _scaled_mm(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor:
     m = x.shape[0]
     xf = x.float()
-    scale = (xf.abs().amax(dim=1, keepdim=True) / _FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    scale = (xf.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
     xq = (xf / scale).to(torch.float8_e4m3fn)  # (M, K) per-token e4m3
     if x.device.type == "cuda" and m % 16:
         pad = 16 - m % 16

@@ -40,10 +40,6 @@ class QuantScheme:
         """The format of stage ``name`` ("AR" or "DiT", any case)."""
         return self.ar if name.lower() == "ar" else self.dit
 
-    @property
-    def kinds(self) -> tuple[str, ...]:
-        return tuple(k for k in dict.fromkeys((self.ar, self.dit)) if k != "none")
-
     def __str__(self) -> str:
         if self.auto:
             return "auto"

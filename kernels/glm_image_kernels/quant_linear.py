@@ -34,7 +34,6 @@ import torch.nn.functional as F
 from ._triton import cdiv, require_triton, tl, triton
 
 __all__ = [
-    "KINDS",
     "MAX_ROWS",
     "QuantWeight",
     "quant_linear",
@@ -42,7 +41,6 @@ __all__ = [
     "unpack_int4",
 ]
 
-KINDS = ("int8", "int4", "fp8")
 MAX_ROWS = 16  # activation rows the GEMV kernel serves; a GEMM beyond
 DEQUANTIZE_ELEMENTS = 1 << 22  # weight elements dequantized at a time (16 MiB of float32)
 # The launch per format (BLOCK_N, BLOCK_K, warps, stages): the fastest over the AR's four linears
