@@ -43,6 +43,16 @@ __all__ = [
 Abandon = Callable[[], bool]  # True once every request of the call is abandoned
 
 
+def _stop_when(abandoned: Abandon) -> Callable[[str, int, int], None]:
+    """A progress callback that stops the engine call (``Abandoned``) once ``abandoned()``."""
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if abandoned():
+            raise Abandoned
+
+    return progress
+
+
 class StageDied(Exception):
     """A stage's worker (process, replica) stopped while it ran a call; the message says which
     and what happens next. Shown to the client: it holds nothing but our own words."""
@@ -140,11 +150,7 @@ class InProcessExecutor:
 
     def _call(self, requests: list, abandoned: Abandon) -> list:
         """Runs on the engine thread."""
-
-        def progress(stage: str, done: int, total: int) -> None:
-            if abandoned():
-                raise Abandoned
-
+        progress = _stop_when(abandoned)
         if requests[0].images:
             return [self.pipe.run(requests[0], progress)]
         return self.pipe.run_batch(requests, progress)
@@ -197,10 +203,7 @@ class ThreadRunner:
         return {"runner": "thread", "device": str(getattr(self.engine, "device", ""))}
 
     async def run(self, payload, abandoned: Abandon):
-        def progress(stage: str, done: int, total: int) -> None:
-            if abandoned():
-                raise Abandoned
-
+        progress = _stop_when(abandoned)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._thread, run_stage, self.stage, self.engine, payload, progress)
 
