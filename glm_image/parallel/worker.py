@@ -94,30 +94,12 @@ def stage_groups(spec, first: int, world: int, rank: int, device, stats):
 
 def load_rank(spec, device, groups):
     """The engine of ``spec``'s stage on this rank: its shard, in its groups."""
-    from ..device import default_dtype
-    from ..engine import ArEngine, DitEngine
-    from ..ops import select_ops
-    from ..options import torch_dtype
+    import dataclasses
 
-    dtype = torch_dtype(spec.dtype) or default_dtype(device)
-    ops = select_ops(spec.attention_backend, device)
-    if spec.stage == "ar":
-        return ArEngine.from_pretrained(
-            spec.model,
-            device=device,
-            dtype=dtype,
-            attention_backend=ops,
-            quantize=f"ar={spec.quantize}",
-            tp=groups,
-        )
-    return DitEngine.from_pretrained(
-        spec.model,
-        device=device,
-        dtype=dtype,
-        attention_backend=ops,
-        quantize=f"dit={spec.quantize}",
-        groups=groups,
-    )
+    from ..server.stagework import load_stage
+
+    stage = dataclasses.replace(spec, quantize=f"{spec.stage}={spec.quantize}")  # "int4": the AR's only
+    return load_stage(stage, device, **({"tp": groups} if spec.stage == "ar" else {"groups": groups}))
 
 
 class _Progress:

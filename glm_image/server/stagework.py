@@ -37,9 +37,10 @@ class StageSpec:
     quantize: str | None = None  # the stage's weight format (a scheme naming stages works too)
 
 
-def load_stage(spec: StageSpec, device: str | None = None):
+def load_stage(spec: StageSpec, device: str | None = None, **engine_options):
     """The engine of ``spec`` (``ArEngine`` or ``DitEngine``), chosen as ``GlmImage.from_pretrained``
-    chooses for both stages; ``device`` overrides ``spec.device`` (a Ray replica's own GPU)."""
+    chooses for both stages; ``device`` overrides ``spec.device`` (a rank's own device);
+    ``engine_options`` go to the engine's ``from_pretrained`` (a rank's process groups)."""
     from ..device import default_dtype, resolve_device
     from ..engine import ArEngine, DitEngine
     from ..hub import resolve_checkpoint
@@ -56,4 +57,5 @@ def load_stage(spec: StageSpec, device: str | None = None):
         dtype=dtype,
         attention_backend=ops,
         quantize=spec.quantize,
+        **engine_options,
     )
