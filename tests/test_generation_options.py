@@ -51,7 +51,7 @@ def test_the_pipeline_default_and_its_override(glm, monkeypatch):
     ("kwargs", "message"),
     [
         ({"ar_decoding": "medusa"}, "ar_decoding = 'medusa'; allowed: sequential, jacobi"),
-        ({"ar_decoding": "jacobi", "jacobi_window": 0}, "jacobi_window = 0 must be an integer >= 1"),
+        ({"ar_decoding": "jacobi", "jacobi_window": 0}, "jacobi_window = 0; allowed: an integer from 1 to 64"),
     ],
 )
 def test_bad_decoding_fails_before_any_work(glm, monkeypatch, kwargs, message):

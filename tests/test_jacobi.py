@@ -204,8 +204,8 @@ def test_sequential_decoding_counts_one_forward_per_token(engine):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"jacobi_window": 0}, "jacobi_window = 0 must be an integer >= 1"),
-        ({"jacobi_window": 2.5}, "jacobi_window = 2.5 must be an integer >= 1"),
+        ({"jacobi_window": 0}, "jacobi_window = 0; allowed: an integer from 1 to 64"),
+        ({"jacobi_window": 2.5}, "jacobi_window = 2.5; allowed: an integer from 1 to 64"),
         ({"jacobi_drafts": "random"}, "jacobi_drafts = 'random'; allowed: last, above, preview"),
         ({"decoding": "fast"}, "decoding = 'fast'; allowed: sequential, jacobi"),
         ({"return_logits": True}, "return_logits: .* decoding='sequential' only"),

@@ -7,6 +7,19 @@ prefill and a fixed-length decode loop run with a static KV cache and no host sy
 per token: the sampled token stays on the device and feeds the next step. Each sample has its
 own seeded generator, so a batch gives the same images as its samples run one by one.
 
+Batch invariance (``batch_invariant``): a row's tokens must not depend on the rows decoded with
+it. The maths guarantees that, but a device's kernels round a row differently with the batch's
+shape: on a CPU, MKL's GEMM gives a row other bits for 1-3, 5-7 or 9-11 rows than for 12 or more,
+and ATen's attention kernel other bits when masked keys trail a row's last one (8 or more) or its
+prompt is left-padded by other than a multiple of 8 slots (measured with torch 2.13 on an AMD EPYC,
+AVX2 and AVX-512). Sampling turns such a last-bit difference into another token now and then (a
+uniform near a threshold), and once one token differs the rest of the image does. So a batch can
+run its rows apart, each as a batch of one with its own unpadded prompt: every kernel then sees the
+shapes of the row alone, and the tokens equal the solo run's by construction. That is the default
+on a CPU, where batching gains little; on an accelerator batching is the throughput, and its
+kernels (cuBLAS picks GEMM kernels by row count) give a row the same distribution but not always the
+same bits, so rows run together unless ``batch_invariant=True``.
+
 ``decoding="jacobi"`` decodes by speculative Jacobi windows instead (``engine.jacobi``): each
 forward checks a window of draft tokens and keeps those sequential sampling could have written,
 so the images have the same distribution in fewer forwards, though not the same image per seed;
@@ -80,6 +93,16 @@ class _Batch:
     positions: torch.Tensor  # (3, B, P)
     decode_positions: torch.Tensor  # (3, B, num_tokens + 1)
 
+    def row(self, i: int) -> _Batch:
+        """Row ``i`` alone, its left padding removed: the batch its prompt makes by itself."""
+        start = int(self.valid[i].int().argmax())  # the first real slot
+        return _Batch(
+            self.input_ids[i : i + 1, start:],
+            self.valid[i : i + 1, start:],
+            self.positions[:, i : i + 1, start:],
+            self.decode_positions[:, i : i + 1],
+        )
+
     def repeat_rows(self, n: int) -> _Batch:
         """Each row ``n`` times in a row (n images per prompt)."""
         return _Batch(
@@ -88,6 +111,42 @@ class _Batch:
             self.positions.repeat_interleave(n, dim=1),
             self.decode_positions.repeat_interleave(n, dim=1),
         )
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    """What decoding a batch gave (``ArEngine.generate``'s inner call)."""
+
+    tokens: torch.Tensor  # (B, steps)
+    logits: list[torch.Tensor] | None  # per step (B, V), when asked for
+    prefill_done: float  # time.perf_counter() when the prefill's token was there
+    how: str  # eager | static | graph
+    stats: DecodeStats
+
+
+def _apart(batch: _Batch, generators: list[torch.Generator], run, progress: Progress | None) -> _Decoded:
+    """``run`` once per row, each row a batch of one (``ArEngine.batch_invariant``), put back
+    together as one batch's result. The prefill time is the rows' prefills added up; progress
+    counts the rows' tokens one after the other."""
+    b, start, prefill = len(generators), time.perf_counter(), 0.0
+    parts = []
+    for i in range(b):
+        report = None
+        if progress is not None:
+            report = lambda stage, done, total, i=i: progress(stage, i * total + done, b * total)  # noqa: E731
+        began = time.perf_counter()
+        parts.append(run(batch.row(i), generators[i : i + 1], report))
+        prefill += parts[-1].prefill_done - began
+    logits = None
+    if parts[0].logits is not None:
+        logits = [torch.cat(step) for step in zip(*(p.logits for p in parts), strict=True)]
+    return _Decoded(
+        torch.cat([p.tokens for p in parts]),
+        logits,
+        start + prefill,
+        parts[0].how,
+        DecodeStats.together([p.stats for p in parts]),
+    )
 
 
 class ArEngine:
@@ -103,16 +162,22 @@ class ArEngine:
         *,
         decode_step: str = "auto",
         noise_worker: bool = False,
+        batch_invariant: bool | None = None,
     ) -> None:
-        """``decode_step``: see ``DECODE_STEPS``. ``noise_worker``: draw the sampling noise on a
+        """``batch_invariant``: decode a batch's rows apart, so that each row's tokens equal its
+        solo run's bit for bit (see the module docstring); None: on a CPU only.
+        ``decode_step``: see ``DECODE_STEPS``. ``noise_worker``: draw the sampling noise on a
         worker thread (CPU; it overlaps the draw with the step). The engine never changes torch's
         thread count: for a small decoder on a CPU, give the worker its core yourself with
         ``torch.set_num_threads(cores - 1)`` (measured on 2 cores, tiny preset: 1.31 -> 1.21 ms
         per token); at the released widths the draw is 0.3% of a step and the option is moot."""
         if decode_step not in DECODE_STEPS:
             raise GlmImageError(f"decode_step = {decode_step!r}; allowed: {', '.join(DECODE_STEPS)}")
+        if batch_invariant is not None and not isinstance(batch_invariant, bool):
+            raise GlmImageError(f"batch_invariant = {batch_invariant!r}; allowed: true, false or none (auto)")
         self.decode_step = decode_step
         self.noise_worker = noise_worker
+        self.batch_invariant = batch_invariant
         self.model = model.eval()
         self.root = root
         self._vision: VisionEncoder | None = None
@@ -138,6 +203,7 @@ class ArEngine:
         noise_worker: bool = False,
         quantize: str | QuantScheme | None = None,
         tp: Comm = SINGLE,
+        batch_invariant: bool | None = None,
     ) -> ArEngine:
         """``attention_backend``: an ops backend name (auto, sdpa, triton, npu; see
         ``glm_image.ops``) chosen for ``device``, or a backend already chosen by the caller (e.g.
@@ -177,7 +243,15 @@ class ArEngine:
             setup.root,
             decode_step=decode_step,
             noise_worker=noise_worker,
+            batch_invariant=batch_invariant,
         )
+
+    @property
+    def rows_apart(self) -> bool:
+        """Whether a batch's rows are decoded apart (``batch_invariant``, resolved for the device)."""
+        if self.batch_invariant is None:
+            return self.device.type == "cpu"
+        return self.batch_invariant
 
     def to(self, device: str | torch.device) -> ArEngine:
         """Move the stage's weights (the ViT too, once loaded); used to take turns on a small GPU."""
@@ -342,25 +416,28 @@ class ArEngine:
             steps = min(steps, max_new_tokens)
 
         greedy = self.greedy_default if greedy is None else greedy
-        if decoding == "jacobi":
-            logits = None
-            tokens, stats, prefill_done, how = jacobi.decode(
-                self,
-                batch,
-                spec,
-                steps,
-                generators,
-                greedy,
-                constrain_grid,
-                window=jacobi_window,
-                drafts=jacobi_drafts,
-                progress=progress,
+        window = min(jacobi_window, steps)  # a row never accepts more than the tokens left
+
+        def run(rows: _Batch, gens: list[torch.Generator], report: Progress | None) -> _Decoded:
+            if decoding == "jacobi":
+                tokens, stats, done, how = jacobi.decode(
+                    self, rows, spec, steps, gens, greedy, constrain_grid,
+                    window=window, drafts=jacobi_drafts, progress=report,
+                )  # fmt: skip
+                return _Decoded(tokens, None, done, how, stats)
+            tokens, logits, done, how = self._decode(
+                rows, steps, gens, greedy, constrain_grid, return_logits, report
             )
+            return _Decoded(
+                tokens, logits, done, how, DecodeStats("sequential", steps, (steps,) * len(gens), steps)
+            )
+
+        if self.rows_apart and len(generators) > 1:
+            decoded = _apart(batch, generators, run, progress)
         else:
-            tokens, logits, prefill_done, how = self._decode(
-                batch, steps, generators, greedy, constrain_grid, return_logits, progress
-            )
-            stats = DecodeStats("sequential", steps, (steps,) * len(seeds), steps)
+            decoded = run(batch, generators, progress)
+        tokens, logits, how, stats = decoded.tokens, decoded.logits, decoded.how, decoded.stats
+        prefill_done = decoded.prefill_done
         end = spec.target_offset + spec.target[0] * spec.target[1]
         target = tokens[:, spec.target_offset : end]
         whole = steps >= end and bool((target < self.num_codes).all())

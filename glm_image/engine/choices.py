@@ -14,6 +14,7 @@ __all__ = [
     "DEFAULT_WINDOW",
     "DIT_CACHES",
     "DRAFT_INITS",
+    "MAX_WINDOW",
     "StepCacheOptions",
     "check_decoding",
     "check_jacobi",
@@ -32,6 +33,11 @@ DECODINGS = ("sequential", "jacobi")
 
 # Tokens per Jacobi forward: measured (random weights, sharp synthetic model) to flatten at 8
 DEFAULT_WINDOW = 8
+# The most a user may ask for: each forward carries the window's tokens and, per row, W draft
+# distributions over the image vocabulary (64 x 16512 floats = 4 MB a row), and acceptance
+# flattens long before (published SJD variants use 16 to 32). A window longer than the tokens
+# left is cut to them (``ArEngine.generate``).
+MAX_WINDOW = 64
 
 # Where a draft comes from when no forward has computed its position yet:
 #   last    - drawn from the window's last distribution (exact and structure-free)
@@ -43,8 +49,8 @@ DRAFT_INITS = ("last", "above", "preview")
 
 def check_jacobi(window: int, drafts: str) -> None:
     """The Jacobi options a user gives, checked before any work."""
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise GlmImageError(f"jacobi_window = {window!r} must be an integer >= 1")
+    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= MAX_WINDOW:
+        raise GlmImageError(f"jacobi_window = {window!r}; allowed: an integer from 1 to {MAX_WINDOW}")
     if drafts not in DRAFT_INITS:
         raise GlmImageError(f"jacobi_drafts = {drafts!r}; allowed: {', '.join(DRAFT_INITS)}")
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -183,6 +183,20 @@ class DecodeStats:
     image_forwards: tuple[int, ...]  # per image: forwards until its last token
     tokens: int  # tokens per image
     host_reads: int | None = None  # jacobi: device values the host waited for (stop checks)
+
+    @classmethod
+    def together(cls, parts: Sequence[DecodeStats]) -> DecodeStats:
+        """The stats of rows decoded apart, as one batch's: ``forwards`` and ``host_reads`` are the
+        slowest row's (what the rows would have run together), so the stats do not depend on how
+        the rows were scheduled either."""
+        reads = [p.host_reads for p in parts]
+        return cls(
+            parts[0].decoding,
+            max(p.forwards for p in parts),
+            tuple(f for p in parts for f in p.image_forwards),
+            parts[0].tokens,
+            None if None in reads else max(reads),
+        )
 
     @property
     def tokens_per_forward(self) -> float:
