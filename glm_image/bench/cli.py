@@ -194,6 +194,19 @@ def _generation(args: argparse.Namespace) -> dict:
     return {**generation_kwargs(args), "quantize": args.quantize, "max_memory": args.max_memory}
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """``--out`` (and ``--plot``) checked before any work: a path found unwritable only when the
+    report is written would lose the whole run."""
+    from .report import check_output_path
+
+    if getattr(args, "out", None) is not None:
+        check_output_path(args.out, "--out")
+    if getattr(args, "plot", None) is not None:
+        from .plot import check_plot_path
+
+        check_plot_path(args.plot)
+
+
 def _bar(total: int | None, what: str):
     from tqdm import tqdm
 
@@ -224,11 +237,8 @@ def _run_speed(args: argparse.Namespace) -> None:
         **parallel_kwargs(args),
     )
     options.check()  # bad options, a missing device or matplotlib fail now, not after loading models
+    _check_outputs(args)
     resolve_runtime(options.device, options.dtype)
-    if args.plot:
-        from .plot import require_matplotlib
-
-        require_matplotlib()
     engines = 1 + bool(args.compare_reference) + (options.dit_cache is not None)
     runs = (
         len(options.sizes)
@@ -257,6 +267,7 @@ def _run_quality(args: argparse.Namespace) -> None:
 
     if args.steps < 1:
         raise GlmImageError(f"--steps = {args.steps}; allowed: an integer >= 1")
+    _check_outputs(args)
     options = QualityOptions(
         suite=args.suite,
         limit=args.limit,
@@ -298,6 +309,7 @@ def _run_stage(args: argparse.Namespace, options_class, run, format_report, **ex
         **extra,
     )
     options.check()
+    _check_outputs(args)
     bar, progress = _bar(None, f"bench {args.bench_command}")
     try:
         report = run(options, progress)
@@ -332,6 +344,7 @@ def _run_plan(args: argparse.Namespace) -> None:
     from .plan import format_plan, load_speed_report, plan_from_speed
     from .report import save_report
 
+    _check_outputs(args)
     plan = plan_from_speed(load_speed_report(args.speed_report), args.gpus, args.ar_gpus, args.dit_gpus)
     if args.out:
         save_report(plan, args.out)

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,10 @@ def stage_rates(ours: dict[str, Any], batch: int) -> dict[str, float]:
         raise GlmImageError(
             "bench plan: the speed report has a stage time of 0 s; measure with --repeats >= 1"
         )
-    return {"ar": batch / ar, "dit": batch / dit, "monolithic": 1 / ours["seconds_per_image"]}
+    rates = {"ar": batch / ar, "dit": batch / dit, "monolithic": 1 / ours["seconds_per_image"]}
+    if not all(math.isfinite(rate) for rate in rates.values()):  # times of 1e-320 s: not a measurement
+        raise GlmImageError("bench plan: the speed report's stage times are too small to be measurements")
+    return rates
 
 
 def best_split(
@@ -109,13 +114,88 @@ def plan_from_speed(report: dict[str, Any], gpus: int, ar_gpus: int = 1, dit_gpu
     return build_report("plan", results, config=config, notes=notes, device="cpu")
 
 
+MAX_REPORT_BYTES = 16 * 2**20  # a speed report is a few KB; more is not one
+MAX_BATCH, MAX_SECONDS = 10**6, 1e9  # beyond these a report is not a measurement; the maths would overflow
+STAGE_FIELDS = ("ar_prefill_s", "ar_decode_s", "dit_s", "vae_s", "seconds_per_image")
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
 def load_speed_report(path: str | Path) -> dict[str, Any]:
+    """A ``bench speed --out`` report, checked field by field: every flaw is one line naming the
+    file and the field, never a traceback. Reads regular files only (a FIFO or ``/dev/zero`` would
+    block or never end) and at most ``MAX_REPORT_BYTES``."""
+    where = f"bench plan: {path}"
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer forever
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise GlmImageError(f"{where}: not a regular file; allowed: a JSON report file")
+        with open(fd, "rb") as f:
+            data = f.read(MAX_REPORT_BYTES + 1)
     except OSError as e:
-        raise GlmImageError(f"bench plan: {path}: cannot read ({e.strerror})") from None
+        raise GlmImageError(f"{where}: cannot read ({e.strerror or e})") from None
+    if len(data) > MAX_REPORT_BYTES:
+        raise GlmImageError(f"{where}: larger than {MAX_REPORT_BYTES // 2**20} MiB; not a speed report")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise GlmImageError(
+            f"{where}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start})"
+        ) from None
+    try:
+        report = json.loads(text, parse_constant=_refuse_constant)
     except json.JSONDecodeError as e:
-        raise GlmImageError(f"bench plan: {path}: not JSON ({e.msg} at line {e.lineno})") from None
+        raise GlmImageError(f"{where}: not JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise GlmImageError(f"{where}: JSON nested too deeply; not a speed report") from None
+    except ValueError as e:  # NaN/Infinity, or an integer of thousands of digits
+        raise GlmImageError(f"{where}: not valid JSON ({e})") from None
+    problem = _report_problem(report)
+    if problem is not None:
+        raise GlmImageError(f"{where}: {problem}; expected a `glm-image bench speed --out` report")
+    return report
+
+
+def _shown(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, str | int | float | bool | None) else type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _report_problem(report: Any) -> str | None:
+    """What makes ``report`` unusable for a plan, naming the field; None when it is usable."""
+    if not isinstance(report, dict):
+        return f"the top level is {_shown(report)}, not an object"
+    if report.get("benchmark") != "speed":
+        return f'benchmark = {_shown(report.get("benchmark"))}, not "speed"'
+    results = report.get("results")
+    if not isinstance(results, list) or not results:
+        return f"results = {_shown(results)}; expected a non-empty list of cases"
+    for i, case in enumerate(results):
+        at = f"results[{i}]"
+        if not isinstance(case, dict):
+            return f"{at} = {_shown(case)}; expected an object"
+        if not isinstance(case.get("size"), str):
+            return f'{at}.size = {_shown(case.get("size"))}; expected a string such as "1024x1024"'
+        batch = case.get("batch")
+        if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= MAX_BATCH:
+            return f"{at}.batch = {_shown(batch)}; expected an integer in 1..{MAX_BATCH}"
+        steps = case.get("steps")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            return f"{at}.steps = {_shown(steps)}; expected an integer >= 1"
+        ours = case.get("ours")
+        if not isinstance(ours, dict):
+            return f"{at}.ours = {_shown(ours)}; expected an object of our engine's medians"
+        for name in STAGE_FIELDS:
+            value = ours.get(name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                return f"{at}.ours.{name} = {_shown(value)}; expected a number of seconds"
+            if not 0 <= value <= MAX_SECONDS:
+                return f"{at}.ours.{name} = {_shown(value)}; expected seconds in 0..{MAX_SECONDS:g}"
+    return None
 
 
 def format_plan(plan: dict[str, Any]) -> str:

@@ -11,7 +11,7 @@ from typing import Any
 
 from ..errors import GlmImageError
 
-__all__ = ["plot_speed", "require_matplotlib"]
+__all__ = ["check_plot_path", "plot_speed", "require_matplotlib"]
 
 STAGES = (("ar_prefill_s", "AR prefill"), ("ar_decode_s", "AR decode"), ("dit_s", "DiT"), ("vae_s", "VAE"))
 
@@ -28,6 +28,27 @@ def require_matplotlib():
     import matplotlib.pyplot as plt
 
     return plt
+
+
+def check_plot_path(path: str | Path) -> Path:
+    """``--plot``: matplotlib present, a writable file path, and a format it writes (from the
+    suffix), all checked before the benchmark runs rather than after."""
+    from .report import check_output_path
+
+    plt = require_matplotlib()
+    path = check_output_path(path, "--plot")
+    suffix = path.suffix.lower().lstrip(".")
+    if suffix:
+        figure = plt.figure()
+        try:
+            formats = figure.canvas.get_supported_filetypes()
+        finally:
+            plt.close(figure)
+        if suffix not in formats:
+            raise GlmImageError(
+                f"--plot {path}: matplotlib cannot write .{suffix} files; allowed: {', '.join(sorted(formats))}"
+            )
+    return path
 
 
 def plot_speed(report: dict[str, Any], path: str | Path) -> Path:

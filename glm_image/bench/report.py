@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from ..request import parse_size as _parse_size
 __all__ = [
     "SCHEMA",
     "build_report",
+    "check_output_path",
     "device_name",
     "machine",
     "markdown_table",
@@ -142,10 +144,62 @@ def build_report(
     }
 
 
+NAME_MAX, PATH_MAX = 255, 4096  # Linux's limits, in bytes; other systems' are not smaller in practice
+
+
+def check_output_path(path: str | Path, flag: str) -> Path:
+    """Refuse, before any work, an output path the run could not write at its end: a benchmark
+    takes minutes to hours, and an error found only when the report is written loses it all.
+
+    Checks what a write would hit: an empty name, a folder or a device in the way, a name or a path
+    over the system's limits, a parent that is a file, a folder that cannot be written in. The
+    parent folders are created, as the write would (``save_report`` makes them too).
+    """
+    text = os.fspath(path)
+    if not text.strip():
+        raise GlmImageError(f"{flag}: empty; allowed: a file path")
+    path = Path(text)
+    try:
+        raw = os.fsencode(text)
+    except UnicodeError:
+        raise GlmImageError(f"{flag} {text!r}: not a valid file name on this system") from None
+    if len(raw) > PATH_MAX:
+        raise GlmImageError(f"{flag}: the path is {len(raw)} bytes; allowed: at most {PATH_MAX}")
+    if len(os.fsencode(path.name)) > NAME_MAX:
+        raise GlmImageError(f"{flag}: the file name is longer than {NAME_MAX} bytes")
+    if text.endswith(("/", os.sep)) or path.is_dir():
+        raise GlmImageError(f"{flag} {text}: is a folder; allowed: a file path")
+    if path.exists() and not path.is_file():
+        raise GlmImageError(f"{flag} {text}: exists and is not a regular file")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GlmImageError(f"{flag} {text}: cannot create its folder {folder} ({e.strerror})") from None
+    if not folder.is_dir():  # mkdir(exist_ok) accepts an existing file on some systems
+        raise GlmImageError(f"{flag} {text}: {folder} is not a folder")
+    try:  # a real write, not os.access: it also catches read-only mounts and full disks
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".probe-", delete=True)  # noqa: SIM115
+        probe.close()
+    except OSError as e:
+        raise GlmImageError(f"{flag} {text}: cannot write in {folder} ({e.strerror})") from None
+    return path
+
+
 def save_report(report: dict[str, Any], out: str | Path) -> Path:
+    """Write the JSON report atomically: a temporary file in the same folder, then a rename, so an
+    interrupted write never leaves half a report under the name."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    text = json.dumps(report, indent=2, ensure_ascii=False) + "\n"
+    fd, temp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name[:200]}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(temp, out)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
     return out
 
 

@@ -25,6 +25,7 @@ Peak memory is this process's (a stage on rank processes is not counted).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -315,6 +316,28 @@ def _pct(x: float | None) -> str | None:
     return None if x is None else f"{100 * x:.1f}%"
 
 
+def _options_line(config: dict[str, Any]) -> str:
+    """The options ours ran with, so a table says what it measured (the reference: always stored
+    weights, sequential decoding, no step cache)."""
+    decoding = config.get("ar_decoding") or "sequential"
+    if decoding == "jacobi" and config.get("jacobi_window") is not None:
+        decoding += f" (window {config['jacobi_window']})"
+    cache = config.get("dit_cache")
+    if cache:
+        shown = ", ".join(f"{k} {v}" for k, v in cache.items())
+        cache_text = f"DiT cache on ({shown}; row ours_cached)"
+    else:
+        cache_text = "DiT cache off"
+    parts = [f"quantize {config.get('quantize') or 'none'}", f"decoding {decoding}", cache_text]
+    if config.get("max_ar_tokens") is not None:
+        parts.append(f"AR stopped after {config['max_ar_tokens']} tokens")
+    parallel = config.get("parallel")
+    if parallel:
+        with contextlib.suppress(TypeError, ValueError):  # a report from another version: say nothing
+            parts.append(ParallelConfig(**parallel).describe())
+    return ", ".join(parts)
+
+
 def format_speed(report: dict[str, Any]) -> str:
     """The Markdown table of a speed report (what the command prints)."""
     config, machine = report["config"], report["machine"]
@@ -392,6 +415,7 @@ def format_speed(report: dict[str, Any]) -> str:
     lines = [
         f"glm-image bench speed: model {config['model']}, {machine['device']}, {config['dtype']}, "
         f"{config['steps']} steps, median of {config['repeats']} (after {config['warmup']} warm-up)",
+        f"ours: {_options_line(config)}",
         "",
         markdown_table(headers, rows),
         "",

@@ -12,8 +12,10 @@ and metrics are the same, whatever runs the engine.
 from __future__ import annotations
 
 import base64
+import errno
 import hmac
 import io
+import json
 import logging
 import secrets
 import time
@@ -22,6 +24,7 @@ from contextlib import asynccontextmanager
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -61,6 +64,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
 OPEN_PATHS = frozenset({"/health"})
 JSON_PATHS = frozenset({BIGMODEL_PATH, OPENAI_PATH})
 MAX_IMAGES = 16  # condition images per edit
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})  # no room left for a file (quota included)
 CLIENT_GONE = 499  # nginx's "client closed request": only the log and the metrics see it
 # The pipeline's own names in its messages -> the API field a client sent.
 FIELD_OF = {
@@ -161,8 +165,43 @@ def _validation_error(errors: list, path: str, content_type: str = "") -> ApiErr
     return ApiError("invalid_value", f"{field} = {value}: {first.get('msg')}{more}", param=field)
 
 
+class _NotUtf8(ValueError):
+    """A JSON body in another encoding that happens to decode as UTF-8 (UTF-16 or UTF-32 of ASCII
+    text: NUL bytes, which JSON text never holds)."""
+
+
+class _Utf8Request(Request):
+    """JSON bodies are UTF-8 only (RFC 8259 §8.1; README). Starlette's ``json.loads(bytes)`` also
+    detects UTF-16 and UTF-32, so such a body was answered 200; here it is the 400 the README
+    promises. A UTF-8 byte-order mark is skipped, as before."""
+
+    async def json(self):
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            nul = body.find(b"\x00")
+            if nul >= 0:
+                raise _NotUtf8(f"body: not UTF-8 JSON (byte 0x00 at offset {nul}: UTF-16 or UTF-32?)")
+            self._json = json.loads(body.decode("utf-8").removeprefix("\ufeff"))
+        return self._json
+
+
+class _Utf8JsonRoute(APIRoute):
+    """The app's routes, their requests read as ``_Utf8Request`` (FastAPI's documented way to
+    change how a body is read)."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            return await handler(_Utf8Request(request.scope, request.receive))
+
+        return route
+
+
 def _unreadable_body(cause: BaseException | None) -> str | None:
     """Why a JSON body could not be parsed, when FastAPI's message would not say."""
+    if isinstance(cause, _NotUtf8):
+        return str(cause)
     if isinstance(cause, UnicodeDecodeError):
         return f"body: not UTF-8 text (byte 0x{cause.object[cause.start]:02x} at offset {cause.start})"
     if isinstance(cause, RecursionError):
@@ -211,6 +250,7 @@ def create_app(pipe, settings: ServerSettings | None = None, executor: Executor 
             await queue.stop()
 
     app = FastAPI(title="glm-image", version=__version__, lifespan=lifespan)
+    app.router.route_class = _Utf8JsonRoute  # before the routes below are added
     app.state.pipe, app.state.settings, app.state.queue = pipe, settings, queue
     app.state.executor = executor
     app.state.metrics, app.state.files = metrics, files
@@ -307,14 +347,31 @@ def create_app(pipe, settings: ServerSettings | None = None, executor: Executor 
         return request
 
     def materialize(output, request: GenerationRequest, response_format: str, base: str) -> list[dict]:
-        """PNG bytes with the parameters embedded -> files (URLs) or base64. Runs in a thread."""
-        items = []
-        for index, (image, seed) in enumerate(zip(output.images, output.seeds, strict=True)):
-            data = encode_png(image, pipe.png_info(request, output, index))
-            if response_format == "b64_json":
-                items.append({"b64_json": base64.b64encode(data).decode("ascii"), "seed": seed})
-            else:
-                items.append({"url": f"{base}/files/{files.write(data)}", "seed": seed})
+        """PNG bytes with the parameters embedded -> files (URLs) or base64. Runs in a thread.
+
+        All or nothing: when one file cannot be written, the ones already written for this
+        request are removed (no answer will refer to them); a full disk is a 507 that says so.
+        """
+        items, written = [], []
+        try:
+            for index, (image, seed) in enumerate(zip(output.images, output.seeds, strict=True)):
+                data = encode_png(image, pipe.png_info(request, output, index))
+                if response_format == "b64_json":
+                    items.append({"b64_json": base64.b64encode(data).decode("ascii"), "seed": seed})
+                else:
+                    written.append(files.write(data))
+                    items.append({"url": f"{base}/files/{written[-1]}", "seed": seed})
+        except BaseException as e:
+            files.remove(written)
+            if isinstance(e, OSError) and e.errno in DISK_FULL:
+                log.error("cannot write a generated PNG to %s: %s", files.root, e.strerror)
+                raise ApiError(
+                    "storage_full",
+                    f"the server's disk is full ({e.strerror}): the {len(output.images)} image(s) were made "
+                    "but could not be stored, and none was kept; retry later, or ask for "
+                    '"response_format": "b64_json"',
+                ) from None
+            raise
         return items
 
     async def generate(http: Request, request: GenerationRequest, response_format: str | None) -> Response:

@@ -26,9 +26,10 @@ _KINDS = {
     "too_large": (413, "1214", "invalid_request_error", "request_too_large"),
     "queue_full": (429, "1302", "requests", "rate_limit_exceeded"),
     "internal": (500, "500", "server_error", "internal_error"),
-    # The bigmodel service documents no code for these two; the HTTP status is used as the code.
+    # The bigmodel service documents no code for these; the HTTP status is used as the code.
     "unavailable": (503, "503", "server_error", "service_unavailable"),
     "timeout": (504, "504", "server_error", "timeout"),
+    "storage_full": (507, "507", "server_error", "insufficient_storage"),
 }
 
 

@@ -71,6 +71,18 @@ class FileStore:
             self._index[file_id] = final
         return final.name
 
+    def remove(self, names) -> None:
+        """Delete files this store wrote (``write``'s names): the images of a request that failed
+        part way, so no file stays that no answer refers to."""
+        for name in names:
+            match = FILE_NAME.fullmatch(name)
+            if match is None:
+                continue
+            with self._lock:
+                path = self._index.pop(match.group(1), None)
+            if path is not None:
+                path.unlink(missing_ok=True)
+
     def lookup(self, name: str) -> Path | None:
         """The path of a stored file, or None: for any name not ``<32 hex>.png`` or not stored here."""
         match = FILE_NAME.fullmatch(name)

@@ -8,9 +8,11 @@ take but that mean nothing to a local engine are accepted and have no effect; th
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 __all__ = ["BigmodelImageRequest", "EditForm", "OpenAIImageRequest"]
 
@@ -53,20 +55,52 @@ class OpenAIImageRequest(_Common):
     user: str | None = Field(None, description="accepted, no effect")
 
 
+# A form's numbers are read with JSON's number grammar, so a value means on /v1/images/edits what
+# it means on the JSON endpoints: ASCII digits only (no "1_0", no " 2 ", no "+2", no "٣"), no
+# leading zeros, no NaN or Infinity. Python's int() and float() (pydantic's lax mode) take all of those.
+_JSON_INT = re.compile(r"-?(?:0|[1-9][0-9]*)")
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?")
+_MAX_DIGITS = 40  # more is no seed or step count; int() of thousands of digits is slow, then refused
+
+
+def _form_int(value):
+    if not isinstance(value, str):
+        return value
+    if len(value) > _MAX_DIGITS or not _JSON_INT.fullmatch(value):
+        raise PydanticCustomError(
+            "form_int", "expected an integer as in JSON: ASCII digits, no spaces, '_' or '+'"
+        )
+    return int(value)
+
+
+def _form_number(value):
+    if not isinstance(value, str):
+        return value
+    if len(value) > _MAX_DIGITS or not _JSON_NUMBER.fullmatch(value):
+        raise PydanticCustomError(
+            "form_number", "expected a number as in JSON: ASCII digits, no spaces, '_', '+', NaN or Infinity"
+        )
+    return float(value)
+
+
+FormInt = Annotated[int, BeforeValidator(_form_int), Field(strict=True)]
+FormNumber = Annotated[float, BeforeValidator(_form_number), Field(strict=True, allow_inf_nan=False)]
+
+
 class EditForm(BaseModel):
     """``POST /v1/images/edits``: the text fields of the multipart form (the files are ``image``
-    or ``image[]``). Form values arrive as text, so numbers are parsed from it here."""
+    or ``image[]``). Form values arrive as text; numbers are parsed from it by JSON's rules."""
 
     model_config = ConfigDict(extra="forbid")
 
     prompt: str
     model: str | None = None
     size: str | None = None  # default: the first image's size
-    n: int = Field(1, ge=1, le=10)
+    n: Annotated[FormInt, Field(ge=1, le=10)] = 1
     response_format: Format | None = None
-    seed: int | None = None
-    steps: int | None = None
-    guidance: float | None = Field(None, allow_inf_nan=False)
+    seed: FormInt | None = None
+    steps: FormInt | None = None
+    guidance: FormNumber | None = None
     quality: Literal["auto", "standard", "hd", "low", "medium", "high"] | None = None  # no effect
     output_format: Literal["png"] | None = None
     user: str | None = None  # no effect
