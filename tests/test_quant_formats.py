@@ -154,8 +154,8 @@ def test_the_reference_is_dequantize_then_linear():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize(("kind", "rows", "path"), [("int8", 1, "int8pack"), ("int8", 8, "int8pack"),
-                                                    ("int8", 9, "int8-split"), ("int8", 600, "int8-split"),
+@pytest.mark.parametrize(("kind", "rows", "path"), [("int8", 1, "int8-float"), ("int8", 8, "int8-float"),
+                                                    ("int8", 9, "int8-float"), ("int8", 600, "int8-float"),
                                                     ("fp8", 1, "scaled-mm"), ("fp8", 9, "scaled-mm"),
                                                     ("int4", 1, None)])  # fmt: skip
 def test_torchs_quantized_matmuls_equal_the_reference(kind, rows, path, dtype):
@@ -198,6 +198,7 @@ def test_every_torch_path_passes_its_self_check():
         for row in verify_quant(ops, "cpu", torch.float32, kind)
     }
     assert set(rows) == {
+        "quant_linear[int8] int8-float",
         "quant_linear[int8] int8pack",
         "quant_linear[int8] int8-split",
         "quant_linear[fp8] scaled-mm",

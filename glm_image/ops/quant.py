@@ -15,10 +15,25 @@ so it is not used.
 
 torch's own quantized matmuls (every backend; the ``sdpa`` backend has only these):
 
-- ``int8pack`` (CPU, int8, up to 16 rows: decode): ``torch._weight_int8pack_mm``, which takes
-  bfloat16 activations (float32 ones take a path 20x slower), so activations are rounded to
-  bfloat16 on the way in: W8A16.
-- ``int8-split`` (CPU, int8, more rows: prefill, DiT): ``torch._int_mm`` (VNNI int8 dot products)
+- ``int8pack`` (CPU, int8; no longer chosen, kept for the benchmarks): ``torch._weight_int8pack_mm``,
+  which takes bfloat16 activations (float32 ones take a path 20x slower) and rounds its output
+  to bfloat16: W8A16. Faster than ``int8-float`` for decode (1-16 rows), but a row's bits then
+  depend on whether its batch has more than 16 rows, and its bfloat16 partial sums break
+  tensor parallelism (below).
+- ``int8-float`` (CPU, int8, every row count and activation dtype):
+  the codes converted to float32 a block of output channels at a time, one float32 GEMM, the
+  per-channel scale applied to the product (``(x @ q^T) * scale``). Issue 30: float32 maths end
+  to end, so a tensor-parallel row shard's partial sums add up like the unsharded product's (the
+  bfloat16 output of ``int8pack`` rounds each partial: ``--ar-tp 2`` greedy int8 wrote other
+  tokens than one process, 82% of them on tiny, though the shards hold the whole weight's
+  codes and scales), and at float32 GEMM speed for prefill and the DiT (``int8-split``'s
+  ``torch._int_mm`` takes 56 s for 512x4096 @ 4096x4096 on an AVX2 CPU, 240x float32).
+  Rows go at least ``MIN_GEMM_ROWS`` at once (zero rows pad a smaller call): torch's float32
+  GEMM rounds a row of 1-7 rows otherwise than the same row among more, so a decode step would
+  depend on the batch; from 16 rows on a row's result does not depend on the row count (checked
+  at first use, ``rows_invariant``; where it does, every call goes in blocks of exactly 16).
+- ``int8-split`` (CPU, int8; no longer chosen, ``int8-float`` serves its rows; kept for the
+  benchmarks): ``torch._int_mm`` (VNNI int8 dot products)
   on the activations split into two int8 terms per row, ``x ~ s * (hi + lo / 254)`` with ``s =
   max|row| / 127``, so the activations keep ~16 bits (relative error <= 2**-16 of the row's max)
   and the products are exact int32: weight-only int8 maths at int8 speed (0.63x the time of
@@ -50,6 +65,9 @@ __all__ = ["FP8_TOLERANCE", "TORCH_PATHS", "QuantPath"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _SPLIT_ROWS = 1024  # activation rows per _int_mm call of int8-split
+MIN_GEMM_ROWS = 16  # int8-float: fewer rows take another GEMM kernel, which rounds otherwise
+_FLOAT_ELEMENTS = 1 << 22  # int8-float: weight elements converted to float32 at once (16 MiB)
+_INVARIANT: list[bool] = []  # rows_invariant's verdict, once per process
 # (atol, rtol) of the fp8 path against the reference: its activations keep e4m3's 3 mantissa
 # bits (2**-4 relative per element), so its outputs differ by ~1% of their scale; a wrong scale
 # or layout is off by the order of the values.
@@ -90,7 +108,7 @@ def _int8pack_unfit(x: torch.Tensor, weight: QuantWeight) -> str | None:
     if x.device.type != "cpu":
         return f"{x.device.type} tensors (a CPU kernel)"
     if x.shape[0] > MAX_QUANT_ROWS:
-        return f"more than {MAX_QUANT_ROWS} rows (int8-split serves those)"
+        return f"more than {MAX_QUANT_ROWS} rows (int8-float serves those)"
     return _common_unfit(x, weight)
 
 
@@ -100,6 +118,43 @@ def _int8pack(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None) -
         x.to(torch.bfloat16).contiguous(), weight.data, weight.scale.to(torch.bfloat16)
     )
     return _add_bias(y.to(x.dtype), bias)
+
+
+def rows_invariant() -> bool:
+    """Whether this CPU's float32 GEMM gives a row the same bits among 16, 17, 33 or 100 rows
+    (measured once: it depends on the kernels torch picks for this CPU)."""
+    if not _INVARIANT:
+        g = torch.Generator().manual_seed(0)
+        x, w = torch.randn(100, 256, generator=g), torch.randn(320, 256, generator=g)
+        whole = x @ w.T
+        _INVARIANT.append(all(torch.equal(x[:m] @ w.T, whole[:m]) for m in (16, 17, 33)))
+    return _INVARIANT[0]
+
+
+def _float_unfit(x: torch.Tensor, weight: QuantWeight) -> str | None:
+    if x.device.type != "cpu":
+        return f"{x.device.type} tensors (a CPU path)"
+    return _common_unfit(x, weight)
+
+
+def _float(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    m, n = x.shape[0], weight.out_features
+    xf = x.float()
+    if m < MIN_GEMM_ROWS:
+        xf = torch.cat([xf, xf.new_zeros(MIN_GEMM_ROWS - m, xf.shape[1])])
+    blocks = [xf] if rows_invariant() else list(xf.split(MIN_GEMM_ROWS))
+    if not rows_invariant() and blocks[-1].shape[0] < MIN_GEMM_ROWS:
+        blocks[-1] = torch.cat([blocks[-1], xf.new_zeros(MIN_GEMM_ROWS - blocks[-1].shape[0], xf.shape[1])])
+    out = torch.empty((sum(b.shape[0] for b in blocks), n), dtype=torch.float32, device=x.device)
+    step = max(1, _FLOAT_ELEMENTS // weight.in_features)
+    for start in range(0, n, step):
+        w = weight.data[start : start + step].float().T  # (K, n) exact: the codes are small integers
+        row = 0
+        for block in blocks:
+            torch.mm(block, w, out=out[row : row + block.shape[0], start : start + step])
+            row += block.shape[0]
+    y = (out[:m] * weight.scale).to(x.dtype)
+    return _add_bias(y, bias)
 
 
 def _split_unfit(x: torch.Tensor, weight: QuantWeight) -> str | None:
@@ -153,6 +208,8 @@ def _scaled_mm(x: torch.Tensor, weight: QuantWeight, bias: torch.Tensor | None) 
 
 
 TORCH_PATHS = (
+    # int8-float first, for every row count: one path, so a row's bits never depend on its batch
+    QuantPath("int8-float", ("int8",), _float_unfit, _float),
     QuantPath("int8pack", ("int8",), _int8pack_unfit, _int8pack, torch.bfloat16),
     QuantPath("int8-split", ("int8",), _split_unfit, _split, torch.float16),
     QuantPath("scaled-mm", ("fp8",), _scaled_mm_unfit, _scaled_mm, torch.float8_e4m3fn),

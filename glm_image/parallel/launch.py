@@ -18,6 +18,13 @@ Lifetime and failures:
 - a rank that dies (killed, out of memory, a crash) makes the running call, and every later one,
   raise ``RankDied`` naming the rank and its exit code; the other ranks are stopped at once (they
   may be waiting in a collective for the dead one). ``broken`` says why;
+- a rank that stops answering (SIGSTOP, a hang that holds its interpreter) is a dead rank: while
+  a rank loads or runs a call, a thread of its own says "alive" every ``answer_seconds / 4``
+  seconds, whatever its main thread does (a long step sends nothing else, yet keeps answering);
+  a rank not heard from for ``answer_seconds`` (``GLM_IMAGE_RANK_TIMEOUT``, default 60) fails
+  the call with ``RankDied`` naming it, and the group is stopped (a stopped process is killed at
+  once: SIGKILL needs no SIGCONT). Between calls ``broken`` also reports a rank that exited or
+  is stopped, so ``/health`` says so before the next call;
 - an error in a call (a ``GlmImageError``, a ``NonFiniteError``, anything else) is raised here
   with the rank's message once every rank has answered; ranks that do not answer within
   ``grace`` seconds after one failed are waiting for it in a collective: the group is closed and
@@ -53,6 +60,38 @@ log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.05
 GRACE_SECONDS = 10.0  # how long the other ranks may take to fail too, once one rank failed
+ANSWER_SECONDS = 60.0  # a busy rank not heard from for this long is hung (GLM_IMAGE_RANK_TIMEOUT)
+LOAD_ANSWER_SECONDS = 120.0  # at least this while loading: C-level imports hold the GIL for a while
+STOP_SECONDS = 5.0  # how long ranks may take to exit when asked or terminated, before SIGKILL
+
+
+def answer_seconds(value: float | None = None) -> float:
+    """How long a busy rank may stay silent: ``value``, else ``GLM_IMAGE_RANK_TIMEOUT``, else
+    ``ANSWER_SECONDS``."""
+    if value is None:
+        text = os.environ.get("GLM_IMAGE_RANK_TIMEOUT", "").strip()
+        try:
+            value = float(text) if text else ANSWER_SECONDS
+        except ValueError:
+            raise GlmImageError(
+                f"GLM_IMAGE_RANK_TIMEOUT = {text!r}; allowed: seconds, a number > 0"
+            ) from None
+    if not value > 0 or value == float("inf"):  # also NaN
+        raise GlmImageError(f"the rank answer timeout is {value!r} seconds; allowed: a number > 0")
+    return float(value)
+
+
+def process_state(pid: int) -> str | None:
+    """The kernel's one-letter state of ``pid`` (R, S, D, T for stopped, t traced, Z zombie);
+    None where ``/proc`` cannot say."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def _is_stopped(pid: int) -> bool:
+    return process_state(pid) in ("T", "t")
 
 
 def send(conn: Connection, message) -> None:
@@ -93,11 +132,15 @@ class RankSpec:
 
 
 def _stop_all(processes: list[subprocess.Popen]) -> None:
-    """SIGTERM every process still running, then SIGKILL what is left after a few seconds."""
+    """SIGTERM every process still running, then SIGKILL what is left after a few seconds; a
+    stopped process (SIGSTOP) cannot act on SIGTERM, so it gets SIGKILL at once."""
     for process in processes:
         if process.poll() is None:
-            process.terminate()
-    deadline = time.monotonic() + 5
+            if _is_stopped(process.pid):
+                process.kill()
+            else:
+                process.terminate()
+    deadline = time.monotonic() + STOP_SECONDS
     for process in processes:
         try:
             process.wait(max(0.0, deadline - time.monotonic()))
@@ -110,9 +153,17 @@ class StageGroup:
     """One stage on ``len(devices)`` rank processes (see the module docstring).
 
     ``devices``: one per rank (``cpu`` for every rank on a CPU); ``threads``: torch threads per
-    rank on a CPU (default: the cores split between the ranks)."""
+    rank on a CPU (default: the cores split between the ranks); ``answer_seconds``: how long a
+    busy rank may stay silent before it counts as hung (default: ``answer_seconds()``)."""
 
-    def __init__(self, spec: RankSpec, devices: Sequence[str], *, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        spec: RankSpec,
+        devices: Sequence[str],
+        *,
+        threads: int | None = None,
+        answer_seconds: float | None = None,
+    ) -> None:
         from ..config import CheckpointConfig
 
         if len(devices) != spec.size:
@@ -122,7 +173,9 @@ class StageGroup:
         self.spec, self.devices = spec, list(devices)
         self.stage, self.size = spec.stage, spec.size
         self.config = CheckpointConfig.from_dir(Path(spec.model))
-        self.broken: str | None = None
+        self.answer_seconds = globals()["answer_seconds"](answer_seconds)
+        self._broken: str | None = None
+        self._heard: list[float] = []  # per rank: when it last said anything (monotonic seconds)
         if threads is None and self.devices[0] == "cpu":
             threads = max(1, (os.cpu_count() or 1) // self.size)
         self.threads = threads
@@ -181,6 +234,28 @@ class StageGroup:
     def pids(self) -> list[int]:
         return [p.pid for p in self._processes]
 
+    @property
+    def broken(self) -> str | None:
+        """Why no call can run any more; None while every rank can. Between calls this also
+        looks at the processes, so a rank that exited or is stopped shows at once (``/health``)."""
+        if self._broken is not None:
+            return self._broken
+        for rank, process in enumerate(self._processes):
+            code = process.poll()
+            if code is not None:
+                return f"{self._who(rank)} stopped with {_how(code)}"
+            if _is_stopped(process.pid):
+                return f"{self._who(rank)} is stopped (SIGSTOP) and cannot answer"
+        return None
+
+    @broken.setter
+    def broken(self, reason: str | None) -> None:
+        self._broken = reason
+
+    def _who(self, rank: int) -> str:
+        pid = self._processes[rank].pid if rank < len(self._processes) else "?"
+        return f"the {self.stage} stage's rank {rank} of {self.size} (pid {pid}, {self.devices[rank]})"
+
     def describe(self) -> dict:
         return {
             "stage": self.stage,
@@ -226,8 +301,13 @@ class StageGroup:
                         "store": ("127.0.0.1", self._store.port),
                         "threads": self.threads,
                         "parent": os.getpid(),
+                        "beat": self.answer_seconds / 4,
+                        # the kernel kills a rank whose spawning *thread* ends: only the main
+                        # thread lives as long as this process
+                        "die_with_parent": threading.current_thread() is threading.main_thread(),
                     },
                 )
+                self._heard.append(time.monotonic())
             self._wait_ready()
         except BaseException:
             self.close(ask=False)  # a rank still loading reads no message
@@ -252,22 +332,25 @@ class StageGroup:
                 if message[0] == "ready":
                     ready.add(rank)
             self._check_alive("while loading")
+            self._check_answering(max(self.answer_seconds, LOAD_ANSWER_SECONDS), "while loading")
 
     def close(self, ask: bool = True) -> None:
         """Stop every rank: asked first (``ask``; not when they may be stuck in a collective),
         then terminated and killed if they do not go."""
         if ask:
             self._send_all(("stop",))
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + STOP_SECONDS
             for process in self._processes:
+                if _is_stopped(process.pid):
+                    continue  # it cannot read the order; ``_stop_all`` kills it
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(max(0.0, deadline - time.monotonic()))
         self._finalizer()  # terminate / kill what is left; runs once
         for conn in self._conns:
             conn.close()
         self._conns.clear()
-        if self.broken is None:
-            self.broken = f"the {self.stage} stage group was closed"
+        if self._broken is None:
+            self._broken = f"the {self.stage} stage group was closed"
 
     def __enter__(self) -> StageGroup:
         return self
@@ -287,10 +370,19 @@ class StageGroup:
         for rank, process in enumerate(self._processes):
             code = process.poll()
             if code is not None:
-                how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+                raise self._fail(f"{self._who(rank)} stopped with {_how(code)} {when}; the group was stopped")
+
+    def _check_answering(self, seconds: float, when: str) -> None:
+        """A rank silent for ``seconds`` while it should be saying "alive" is hung: a dead rank."""
+        now = time.monotonic()
+        for rank, heard in enumerate(self._heard):
+            if now - heard > seconds:
+                stopped = (
+                    " (its process is stopped: SIGSTOP)" if _is_stopped(self._processes[rank].pid) else ""
+                )
                 raise self._fail(
-                    f"the {self.stage} stage's rank {rank} of {self.size} (pid {process.pid}, "
-                    f"{self.devices[rank]}) stopped with {how} {when}; the group was stopped"
+                    f"{self._who(rank)} stopped answering{stopped}: nothing from it within {seconds:g} s "
+                    f"{when}; it counts as dead, and the group was stopped"
                 )
 
     def _receive(self) -> list[tuple[int, tuple]]:
@@ -299,7 +391,10 @@ class StageGroup:
         for conn in wait(self._conns, timeout=POLL_SECONDS):
             rank = self._conns.index(conn)
             try:
-                out.append((rank, receive(conn)))
+                message = receive(conn)
+                self._heard[rank] = time.monotonic()
+                if message[0] != "alive":  # a heartbeat says only that
+                    out.append((rank, message))
             except (EOFError, OSError):  # the rank is ending: let ``_check_alive`` see its exit code
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self._processes[rank].wait(5)
@@ -313,8 +408,8 @@ class StageGroup:
         function of one argument (a module-level function, a ``functools.partial`` of one),
         its value on each rank's engine (benchmarks and tests look inside the engines so)."""
         with self._lock:
-            if self.broken is not None:
-                raise RankDied(self.broken)
+            if self._broken is not None:  # a rank that died since is found by ``_run``
+                raise RankDied(self._broken)
             self._calls += 1
             call_id = self._calls
             try:
@@ -333,6 +428,12 @@ class StageGroup:
     def _run(self, call_id: int, payload, progress) -> tuple:
         """(rank 0's answer, the exception the caller's ``progress`` raised or None)."""
         self._check_alive("between calls")
+        for rank, process in enumerate(self._processes):
+            if _is_stopped(process.pid):  # it would only time out: fail now
+                raise self._fail(
+                    f"{self._who(rank)} is stopped (SIGSTOP) between calls; the group was stopped"
+                )
+        self._heard = [time.monotonic()] * self.size  # idle ranks say nothing: the clocks start now
         for rank, conn in enumerate(self._conns):
             try:
                 send(conn, ("call", call_id, payload, progress is not None))
@@ -361,6 +462,7 @@ class StageGroup:
                     if message[2] not in ("ok", "cancelled") and failed_at is None:
                         failed_at = time.monotonic()
             self._check_alive("while it ran a call")
+            self._check_answering(self.answer_seconds, "while it ran a call")
             if failed_at is not None and time.monotonic() - failed_at > GRACE_SECONDS:
                 waiting = sorted(set(range(self.size)) - set(replies))
                 first = min(r for r, m in replies.items() if m[2] not in ("ok", "cancelled"))
@@ -384,6 +486,16 @@ class StageGroup:
         for conn in self._conns:
             with contextlib.suppress(OSError):  # a dead rank: ``_check_alive`` reports it
                 send(conn, message)
+
+
+def _how(code: int) -> str:
+    """A process's exit status in words."""
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
 
 
 class _Stopped(Exception):

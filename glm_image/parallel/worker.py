@@ -7,7 +7,10 @@ the device's backend (NCCL on CUDA, HCCL on Ascend, gloo on the CPU), builds its
 tensor-parallel group; the DiT's CFG and SP groups, rank = cfg_index * sp + sp_index), loads its
 engine and runs each call with the stage function of ``glm_image.stages``.
 
-It ignores Ctrl-C (its parent stops it) and exits by itself when its parent dies.
+It ignores Ctrl-C (its parent stops it) and exits by itself when its parent dies (on Linux the
+kernel also kills it then, even while it is stopped). While it loads or runs a call a thread of its
+own says "alive" to the parent every few seconds (``launch.StageGroup`` counts a silent rank as
+hung); every message goes through one lock, so the heartbeat never splits another message.
 """
 
 from __future__ import annotations
@@ -26,9 +29,45 @@ __all__ = ["backend", "control_group", "load_rank", "main", "stage_groups"]
 
 CANCEL_EVERY = 16  # AR steps between the ranks' checks that a call is still wanted (DiT: every step)
 
+_SENDING = threading.Lock()  # the main thread and the heartbeat share the connection
+_BUSY = threading.Event()  # loading or in a call: the parent waits for us and listens
+
 
 class _Cancelled(Exception):
     pass
+
+
+def _say(conn, message) -> None:
+    with _SENDING:
+        send(conn, message)
+
+
+def _heartbeat(conn, seconds: float) -> None:
+    """Say "alive" every ``seconds`` while busy, from a thread: a long step of the main thread
+    (which releases the GIL in torch's kernels and collectives) does not silence it, a stopped
+    or wedged process does. Idle, we say nothing: the parent does not read between calls."""
+
+    def beat() -> None:
+        while True:
+            time.sleep(seconds)
+            if _BUSY.is_set():
+                try:
+                    _say(conn, ("alive",))
+                except OSError:
+                    return  # the parent is gone; the parent watch ends us
+
+    threading.Thread(target=beat, name="glm-image-heartbeat", daemon=True).start()
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel sends SIGKILL when the parent dies, even if we are stopped then (the
+    parent watch thread cannot run in a stopped process)."""
+    if sys.platform.startswith("linux"):
+        import contextlib
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _watch_parent(parent: int) -> None:
@@ -114,7 +153,7 @@ class _Progress:
         import torch
 
         if self.leads:
-            send(self.conn, ("progress", self.call_id, stage, done, total))
+            _say(self.conn, ("progress", self.call_id, stage, done, total))
         while self.conn.poll(0):
             message = receive(self.conn)
             if message[0] == "cancel" and message[1] == self.call_id:
@@ -142,6 +181,7 @@ def _serve(conn, spec, engine, control, leads: bool) -> None:
         if message[0] != "call":
             continue  # a cancel order for a call already over
         _, call_id, payload, wants_progress = message
+        _BUSY.set()
         progress = _Progress(conn, call_id, control, leads) if wants_progress else None
         try:
             # a call of the stage (``ArCall``, ``DitCall``), or a function of the engine itself
@@ -157,7 +197,8 @@ def _serve(conn, spec, engine, control, leads: bool) -> None:
             reply = ("invalid", str(e))
         except Exception as e:
             reply = ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
-        send(conn, ("reply", call_id, *reply))
+        _say(conn, ("reply", call_id, *reply))
+        _BUSY.clear()
         if progress is not None and progress.stop:
             return
 
@@ -168,7 +209,11 @@ def main(fd: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the parent, which stops us
     conn = Connection(fd)
     init = receive(conn)
-    _watch_parent(init["parent"])
+    if init.get("die_with_parent"):
+        _die_with_parent()
+    _watch_parent(init["parent"])  # also catches a parent that died before the line above
+    _BUSY.set()  # loading
+    _heartbeat(conn, init.get("beat", 15.0))
     spec, rank = init["spec"], init["rank"]
     try:
         import torch
@@ -193,9 +238,10 @@ def main(fd: int) -> None:
         groups = stage_groups(spec, 0, spec.size, rank, device, CommStats())
         engine = load_rank(spec, device, groups)
     except BaseException as e:  # every load failure is reported, then we exit
-        send(conn, ("failed", f"{type(e).__name__}: {e}"))
+        _say(conn, ("failed", f"{type(e).__name__}: {e}"))
         return
-    send(conn, ("ready", os.getpid()))
+    _say(conn, ("ready", os.getpid()))
+    _BUSY.clear()
     leads = rank == 0
     try:
         _serve(conn, spec, engine, control, leads)

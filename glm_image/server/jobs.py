@@ -67,6 +67,7 @@ class EngineQueue:
         self._task: asyncio.Task | None = None
         self._calls: set[asyncio.Task] = set()
         self._active: set[Job] = set()  # jobs of the engine calls in flight
+        self._closing: str | None = None  # why no request is taken any more (a forced shutdown)
         self._slots = [asyncio.Semaphore(stage.slots) for stage in executor.stages]
         self._in_flight = asyncio.Semaphore(sum(stage.slots for stage in executor.stages))
         metrics.declare_stages(stage.name for stage in executor.stages)
@@ -96,8 +97,26 @@ class EngineQueue:
         self._waiting.clear()
         await self.executor.stop()
 
+    def abort(self, reason: str) -> int:
+        """A forced shutdown (a second Ctrl-C): every request not yet answered gets a 503 now,
+        queued or running, and every running engine call stops at its next step. Returns how many
+        requests were answered so. Later submissions get the same 503."""
+        self._closing = reason
+        closing = ApiError("unavailable", reason)
+        jobs = [*self._waiting, *self._active]
+        self._waiting.clear()
+        answered = 0
+        for job in jobs:
+            job.abandoned = True  # read by the stage threads: the engine stops at its next step
+            if not job.future.done():
+                job.future.set_exception(closing)
+                answered += 1
+        return answered
+
     def submit(self, request: GenerationRequest) -> Job:
         """Queue a validated request, or raise 429 when ``max_queue`` jobs already wait."""
+        if self._closing is not None:
+            raise ApiError("unavailable", self._closing)
         if self.executor.broken is not None:
             raise ApiError("unavailable", f"the server cannot generate: {self.executor.broken}")
         if len(self._waiting) >= self.settings.max_queue:
@@ -257,9 +276,10 @@ class EngineQueue:
                 what = str(error)
             else:
                 what = "the engine failed on this request"
-            failure = ApiError(
-                "internal", f"{what} (error id {error_id}); the server keeps serving", error_id=error_id
-            )
+            # issue 30: say what is true next; a stage whose ranks died cannot run again (503s follow)
+            broken = self.executor.broken
+            after = "the server keeps serving" if broken is None else "the server cannot generate any more"
+            failure = ApiError("internal", f"{what} (error id {error_id}); {after}", error_id=error_id)
         for job in batch:
             if not job.future.done():
                 job.future.set_exception(failure)
