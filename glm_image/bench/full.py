@@ -333,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..hub import cache_root
+    from ..hub import synthetic_cache
     from ..synthetic.random import cached_random_checkpoint
 
     args = build_parser().parse_args(argv)
@@ -345,9 +345,7 @@ def main(argv: list[str] | None = None) -> int:
         report = merge(Path(args.parts_dir), Path(args.out), args)
         print(json.dumps({k: report.get(k) for k in ("ours", "reference", "missing")}, indent=2))
         return 0
-    root = cached_random_checkpoint(
-        cache_root() / "synthetic", seed=args.seed, layers=args.layers, preset=args.preset
-    )
+    root = cached_random_checkpoint(synthetic_cache(), seed=args.seed, layers=args.layers, preset=args.preset)
     with torch.inference_mode():
         result = _RUN[args.part](args, root)
     for key, value in result.items():  # a non-finite time is a failed run (ours checks its pixels)
