@@ -4,11 +4,13 @@ on the same weights, in the same run.
 Per sampling temperature (the checkpoint's unless ``--temperatures``), every decoder runs the
 same prompt, size and seeds: transformers' ``generate`` (the reference), our sequential decoder,
 and with ``--ar-decoding ...,jacobi`` speculative Jacobi decoding at each ``--jacobi-window`` and
-``--jacobi-drafts``. After one warm-up call each, ``--repeats`` timed calls; reported per decoder:
+``--jacobi-drafts`` and ``--jacobi-options`` (how drafts are renewed: ``JACOBI_OPTIONS``). After
+one warm-up call each, ``--repeats`` timed calls; reported per decoder:
 model forwards per image (the prefill included: the reference and sequential decoding make one
 per token), tokens per forward, the median tokens/s (new tokens x images / wall time of the whole
 call), the weight bandwidth that implies (decoder weight bytes per forward x forwards / s), and
-the ratios to sequential and to the reference.
+the ratios to sequential and to the reference; for Jacobi decoding also the histogram of the
+tokens each forward accepted (the images' forwards together, index 0..W).
 
 ``--max-tokens`` caps the tokens (a wide-preset forward reads ~2 GB on a CPU); without it the
 whole protocol at the size is generated. ``--sharpen`` measures a copy of the model whose AR
@@ -19,6 +21,7 @@ draft, and neither is the released model.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +29,7 @@ from typing import Any
 
 import torch
 
-from ..engine.choices import DEFAULT_WINDOW, check_decoding
+from ..engine.choices import DEFAULT_CONTINUED, DEFAULT_COUPLED, DEFAULT_WINDOW, check_decoding
 from ..errors import GlmImageError
 from .report import build_report, markdown_table, median, timed
 from .roofline import ar_weight_bytes_per_token
@@ -35,6 +38,15 @@ from .runtime import StageBench
 __all__ = ["ArBenchOptions", "format_ar", "run_ar"]
 
 PROMPT = "A vintage poster with the title 'SUMMER SALE' in bold red letters"
+
+# ``--jacobi-options``: name -> (jacobi_coupled, jacobi_continued)
+JACOBI_OPTIONS = {
+    "default": (DEFAULT_COUPLED, DEFAULT_CONTINUED),
+    "plain": (False, False),
+    "coupled": (True, False),
+    "continued": (False, True),
+    "coupled+continued": (True, True),
+}
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,7 @@ class ArBenchOptions(StageBench):
     decodings: tuple[str, ...] = ("sequential",)
     windows: tuple[int, ...] = (DEFAULT_WINDOW,)
     drafts: tuple[str, ...] = ("last",)
+    jacobi_options: tuple[str, ...] = ("default",)  # JACOBI_OPTIONS names
     temperatures: tuple[float, ...] = ()  # () = the checkpoint's
     sharpen: bool = False
     compare_reference: bool = True
@@ -55,6 +68,11 @@ class ArBenchOptions(StageBench):
             raise GlmImageError(f"--max-tokens = {self.max_tokens}; allowed: an integer >= 1")
         if self.images < 1:
             raise GlmImageError(f"--images = {self.images}; allowed: an integer >= 1")
+        unknown = [o for o in self.jacobi_options if o not in JACOBI_OPTIONS]
+        if unknown or not self.jacobi_options:
+            raise GlmImageError(
+                f"--jacobi-options = {','.join(self.jacobi_options)}; allowed: {', '.join(JACOBI_OPTIONS)}"
+            )
         for decoding in self.decodings:
             for window in self.windows:
                 for drafts in self.drafts:
@@ -67,12 +85,19 @@ def _decoders(engine, options: ArBenchOptions, call: dict) -> dict[str, Any]:
     """decoder name -> a function running one call (returning its ArResult)."""
     runners = {"sequential": lambda: engine.generate(**call)}
     if "jacobi" in options.decodings:
-        for window in options.windows:
-            for drafts in options.drafts:
-                name = f"jacobi W={window}" + (f" {drafts}" if len(options.drafts) > 1 else "")
-                runners[name] = lambda w=window, d=drafts: engine.generate(
-                    **call, decoding="jacobi", jacobi_window=w, jacobi_drafts=d
-                )
+        cases = itertools.product(options.windows, options.drafts, options.jacobi_options)
+        for window, drafts, how in cases:
+            name = f"jacobi W={window}" + (f" {drafts}" if len(options.drafts) > 1 else "")
+            name += f" {how}" if len(options.jacobi_options) > 1 else ""
+            coupled, continued = JACOBI_OPTIONS[how]
+            runners[name] = lambda w=window, d=drafts, c=coupled, k=continued: engine.generate(
+                **call,
+                decoding="jacobi",
+                jacobi_window=w,
+                jacobi_drafts=d,
+                jacobi_coupled=c,
+                jacobi_continued=k,
+            )
     return runners
 
 
@@ -128,6 +153,10 @@ def run_ar(options: ArBenchOptions, progress=None) -> dict[str, Any]:
         "decodings": list(options.decodings),
         "jacobi_windows": list(options.windows),
         "jacobi_drafts": list(options.drafts),
+        "jacobi_options": {
+            o: dict(zip(("coupled", "continued"), JACOBI_OPTIONS[o], strict=True))
+            for o in options.jacobi_options
+        },
         "top_p": g.top_p,
         "sharpened": options.sharpen,
     }
@@ -182,7 +211,16 @@ def _measure(name: str, run, options: ArBenchOptions, tokens: int, device, progr
         "seconds": seconds,
         "tokens_per_s": round(tps, 2),
         "decode_step": None if out is None else out.decode_step,
+        "accepted_histogram": _histogram(None if out is None else out.stats.accepted),
     }
+
+
+def _histogram(accepted) -> list[int] | None:
+    """Forwards by the tokens each accepted (index 0..W), every image's together; None where
+    a decoder accepts one token per forward by construction."""
+    if accepted is None:
+        return None
+    return [sum(column) for column in zip(*accepted, strict=True)]
 
 
 def _with_ratios(rows, ours, name, greedy, temperature, width, height) -> list[dict[str, Any]]:
@@ -229,4 +267,17 @@ def format_ar(report: dict[str, Any]) -> str:
         ]
         for r in report["results"]
     ]
-    return "\n".join([markdown_table(headers, rows), "", *report["notes"]])
+    histograms = [
+        f"- {r['decoder']} (T={r['temperature']}): forwards by tokens accepted 1..W: "
+        + ", ".join(f"{k}: {n}" for k, n in enumerate(r["accepted_histogram"]) if k > 0)
+        for r in report["results"]
+        if r.get("accepted_histogram")
+    ]
+    lines = [markdown_table(headers, rows), ""]
+    if histograms:
+        lines += [
+            "Accepted tokens per forward (all images' forwards, the prefill's included):",
+            *histograms,
+            "",
+        ]
+    return "\n".join([*lines, *report["notes"]])

@@ -155,6 +155,12 @@ def add_parser(sub) -> None:
     )
     ar.add_argument("--jacobi-drafts", type=_names, default=("last",), help="draft sources, e.g. last,above")
     ar.add_argument(
+        "--jacobi-options",
+        type=_names,
+        default=("default",),
+        help="draft renewals to compare: default, plain, coupled, continued, coupled+continued",
+    )
+    ar.add_argument(
         "--temperatures", type=_floats, default=(), help="sampling temperatures (default: the checkpoint's)"
     )
     ar.add_argument(
@@ -336,6 +342,7 @@ def _run_ar(args: argparse.Namespace) -> None:
         decodings=args.ar_decoding,
         windows=args.jacobi_window,
         drafts=args.jacobi_drafts,
+        jacobi_options=args.jacobi_options,
         temperatures=args.temperatures,
         sharpen=args.sharpen,
         compare_reference=not args.no_reference,

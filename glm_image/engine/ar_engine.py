@@ -54,12 +54,19 @@ from ..models.ar import ArModel, KVCache, rotary_tables
 from ..models.vision import VisionEncoder
 from ..ops import Ops
 from ..parallel.comm import SINGLE, Comm
-from ..progress import Progress
+from ..progress import Progress, one_of
 from ..quant import QuantScheme
 from ..sampling import SamplingParams, image_seeds
 from ..weights import load_model
 from . import jacobi
-from .choices import DECODE_STEPS, DEFAULT_WINDOW, check_decoding
+from .choices import (
+    DECODE_STEPS,
+    DEFAULT_CONTINUED,
+    DEFAULT_COUPLED,
+    DEFAULT_DRAFTS,
+    DEFAULT_WINDOW,
+    check_decoding,
+)
 from .decode import DecodeLoop, DecodeStats, NoiseStream, TokenPicker, decide
 from .graphs import graph_module
 from .loading import prepare_stage, verify_ops
@@ -127,15 +134,12 @@ class _Decoded:
 def _apart(batch: _Batch, generators: list[torch.Generator], run, progress: Progress | None) -> _Decoded:
     """``run`` once per row, each row a batch of one (``ArEngine.batch_invariant``), put back
     together as one batch's result. The prefill time is the rows' prefills added up; progress
-    counts the rows' tokens one after the other."""
+    is the rows' mean (``progress.one_of``)."""
     b, start, prefill = len(generators), time.perf_counter(), 0.0
     parts = []
     for i in range(b):
-        report = None
-        if progress is not None:
-            report = lambda stage, done, total, i=i: progress(stage, i * total + done, b * total)  # noqa: E731
         began = time.perf_counter()
-        parts.append(run(batch.row(i), generators[i : i + 1], report))
+        parts.append(run(batch.row(i), generators[i : i + 1], one_of(progress, i, b)))
         prefill += parts[-1].prefill_done - began
     logits = None
     if parts[0].logits is not None:
@@ -367,7 +371,9 @@ class ArEngine:
         images: Sequence[Sequence] | None = None,
         decoding: str = "sequential",
         jacobi_window: int = DEFAULT_WINDOW,
-        jacobi_drafts: str = "last",
+        jacobi_drafts: str = DEFAULT_DRAFTS,
+        jacobi_coupled: bool = DEFAULT_COUPLED,
+        jacobi_continued: bool = DEFAULT_CONTINUED,
     ) -> ArResult:
         """Generate the grids for every (prompt, image) pair; see ``generate_prior_tokens``.
 
@@ -382,8 +388,9 @@ class ArEngine:
 
         ``decoding``: ``sequential`` or ``jacobi`` (see the module docstring); ``jacobi_window``
         tokens go through each Jacobi forward (the most it can accept), ``jacobi_drafts`` says
-        where a position's first draft comes from (``engine.choices.DRAFT_INITS``). The result's
-        ``stats`` count the forwards either way.
+        where a position's first draft comes from (``engine.choices.DRAFT_INITS``),
+        ``jacobi_coupled`` and ``jacobi_continued`` how a draft is renewed (``engine.jacobi``). The
+        result's ``stats`` count the forwards either way.
         """
         start = time.perf_counter()
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -391,7 +398,7 @@ class ArEngine:
             raise GlmImageError("prompts: need at least one prompt")
         if num_images_per_prompt < 1:
             raise GlmImageError(f"num_images_per_prompt = {num_images_per_prompt} must be >= 1")
-        check_decoding(decoding, jacobi_window, jacobi_drafts)
+        check_decoding(decoding, jacobi_window, jacobi_drafts, jacobi_coupled, jacobi_continued)
         if decoding == "jacobi" and return_logits:
             raise GlmImageError(
                 "return_logits: the logits of every step exist with decoding='sequential' only"
@@ -417,12 +424,13 @@ class ArEngine:
 
         greedy = self.greedy_default if greedy is None else greedy
         window = min(jacobi_window, steps)  # a row never accepts more than the tokens left
+        options = jacobi.JacobiOptions(window, jacobi_drafts, jacobi_coupled, jacobi_continued)
 
         def run(rows: _Batch, gens: list[torch.Generator], report: Progress | None) -> _Decoded:
             if decoding == "jacobi":
                 tokens, stats, done, how = jacobi.decode(
                     self, rows, spec, steps, gens, greedy, constrain_grid,
-                    window=window, drafts=jacobi_drafts, progress=report,
+                    options=options, progress=report,
                 )  # fmt: skip
                 return _Decoded(tokens, None, done, how, stats)
             tokens, logits, done, how = self._decode(

@@ -183,6 +183,8 @@ class DecodeStats:
     image_forwards: tuple[int, ...]  # per image: forwards until its last token
     tokens: int  # tokens per image
     host_reads: int | None = None  # jacobi: device values the host waited for (stop checks)
+    # jacobi: per image, its forwards counted by the tokens each accepted (index 0..W)
+    accepted: tuple[tuple[int, ...], ...] | None = None
 
     @classmethod
     def together(cls, parts: Sequence[DecodeStats]) -> DecodeStats:
@@ -190,12 +192,14 @@ class DecodeStats:
         slowest row's (what the rows would have run together), so the stats do not depend on how
         the rows were scheduled either."""
         reads = [p.host_reads for p in parts]
+        accepted = None if any(p.accepted is None for p in parts) else sum((p.accepted for p in parts), ())
         return cls(
             parts[0].decoding,
             max(p.forwards for p in parts),
             tuple(f for p in parts for f in p.image_forwards),
             parts[0].tokens,
             None if None in reads else max(reads),
+            accepted,
         )
 
     @property

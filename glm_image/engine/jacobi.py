@@ -28,11 +28,31 @@ drafts to the others (``_share``): the ranks cannot disagree on a token.
 
 Sampling is exact but not seed-for-seed equal to sequential decoding (the randomness is used
 differently); greedy decoding gives exactly the sequential tokens.
+
+Three options change where drafts come from, never what is accepted (``sampling.speculative``
+has each one's exactness argument; every one keeps "a draft is distributed as its q given all
+that was decided before its position"):
+
+- ``drafts`` (``draft_sources``): a position's first draft copies the token above it in the
+  grid, or for the target grid the preview's token at its place (the preview upsampled);
+- ``coupled``: each row draws one uniform per generated index before the first iteration
+  (``noise``, (B, steps + W)) and every draft of that index, its first and each Jacobi redraw,
+  is the inverse CDF at it, so a draft changes only when its distribution moved across it.
+  Verification keeps its fresh uniforms: reusing a position's uniform there would not be exact;
+- ``continued``: past the first rejection a draft is not redrawn but renewed by the maximal
+  coupling to its new distribution (kept with probability ``min(1, p/q_old)``), with fresh
+  uniforms (another ``2(W - 1)`` per iteration).
+
+They compose: a point-mass first draft (``above``) is renewed like any other, and with both
+``coupled`` and ``continued`` the noise draws a position's first draft and ``continued`` its
+renewals (whose residual draw must be fresh: it follows a test that read the draft).
+``histogram`` (B, W + 1) counts each row's forwards by the tokens they accepted.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -40,14 +60,29 @@ from ..device import synchronize
 from ..models.ar import ArModel, KVCache, rotary_tables
 from ..progress import Progress
 from ..sampling.speculative import greedy_drafts, greedy_verify, jacobi_drafts, verify
-from .choices import DEFAULT_WINDOW
+from .choices import DEFAULT_CONTINUED, DEFAULT_COUPLED, DEFAULT_DRAFTS, DEFAULT_WINDOW
 from .decode import DecodeStats, TokenPicker
 from .graphs import capture
 from .protocol import GridSpec
 
-__all__ = ["JacobiLoop", "UniformStream", "decode", "draft_sources"]
+__all__ = ["JacobiLoop", "JacobiOptions", "UniformStream", "decode", "draft_sources"]
 
 MAX_UNREAD = 64  # static-step iterations the host queues without reading (sequential: 64 too)
+
+
+@dataclass(frozen=True)
+class JacobiOptions:
+    """How drafts are made (see the module docstring); ``engine.choices`` has the defaults."""
+
+    window: int = DEFAULT_WINDOW
+    drafts: str = DEFAULT_DRAFTS
+    coupled: bool = DEFAULT_COUPLED
+    continued: bool = DEFAULT_CONTINUED
+
+    def uniforms(self) -> int:
+        """Fresh uniforms per iteration and row: accept W - 1, draw 1, first drafts W - 1, and
+        with continuation its keep tests and residual draws."""
+        return 2 * self.window - 1 + (2 * (self.window - 1) if self.continued else 0)
 
 
 def draft_sources(spec: GridSpec, length: int, init: str) -> torch.Tensor:
@@ -108,10 +143,15 @@ class JacobiLoop:
         steps: int,
         window: int,
         sources: torch.Tensor,
+        *,
+        noise: torch.Tensor | None = None,
+        continued: bool = False,
     ) -> None:
         self.model, self.cache, self.picker, self.uniforms = model, cache, picker, uniforms
         self.cos, self.sin = rope
         self.steps, self.window = steps, window
+        # coupled: (B, >= steps + W) one uniform per generated index; None: fresh ones
+        self.noise, self.continued = noise, continued
         b, self.prompt_len = valid.shape
         device = self.device = valid.device
         self.vocab = model.config.vision_vocab_size
@@ -123,6 +163,7 @@ class JacobiLoop:
         keeps_q = not picker.greedy and self.tp.leads
         self.q = torch.zeros((b, window - 1, self.vocab), device=device) if keeps_q else None
         self.forwards = torch.zeros(b, dtype=torch.long, device=device)  # per row, while unfinished
+        self.histogram = torch.zeros((b, window + 1), dtype=torch.long, device=device)
         self.iterations = 1  # forwards of the batch, the prefill's included
         self.iteration = torch.zeros(1, dtype=torch.long, device=device)  # the uniforms' row
         self.offsets = torch.arange(window, device=device)
@@ -172,13 +213,22 @@ class JacobiLoop:
             count, tokens = verify(target, self.q[:, : t - 1], drafts, u[:, : t - 1], u[:, t - 1])
         count = torch.minimum(count, (self.steps - n).clamp_min(0))  # finished rows: 0
         self.tokens.scatter_(1, n.unsqueeze(1) + self.offsets[:t], tokens)
-        self.forwards += n < self.steps
+        running = n < self.steps
+        self.forwards += running
+        self.histogram.scatter_add_(1, count.unsqueeze(1), running.long().unsqueeze(1))
         n = n + count
         init = self._init(n, target)
         if self.q is None:
             self.drafts.copy_(greedy_drafts(target, count, init))
         else:
-            drafts, q = jacobi_drafts(target, count, init, u[:, t : t + d])
+            draw = u[:, t : t + d]
+            if self.noise is not None:  # the positions' own uniforms (module docstring)
+                draw = self.noise.gather(1, n.unsqueeze(1) + self.offsets[:d])
+            carry = {}
+            if self.continued:  # the drafts past the first rejection, renewed with fresh uniforms
+                carry = {"old": drafts, "q_old": self.q[:, : t - 1]}
+                carry |= {"keep_u": u[:, t + d : t + 2 * d], "draw_u": u[:, t + 2 * d : t + 3 * d]}
+            drafts, q = jacobi_drafts(target, count, init, draw, **carry)
             self.drafts.copy_(drafts)
             self.q.copy_(q)
         self.accepted.copy_(n)
@@ -187,7 +237,7 @@ class JacobiLoop:
         if self.uniforms is None:
             return None
         row = torch.remainder(self.iteration, self.uniforms.chunk)
-        return self.uniforms.buffer.index_select(1, row).squeeze(1)  # (B, 2W - 1)
+        return self.uniforms.buffer.index_select(1, row).squeeze(1)  # (B, JacobiOptions.uniforms())
 
     def _verify(self, logits: torch.Tensor) -> None:
         """``_advance`` on the rank that decides; every rank then holds its result."""
@@ -229,7 +279,7 @@ class JacobiLoop:
     # ---------------------------------------------------------------- the loop
 
     def _snapshot(self) -> list[torch.Tensor]:
-        state = [self.accepted, self.drafts, self.forwards, self.iteration]
+        state = [self.accepted, self.drafts, self.forwards, self.histogram, self.iteration]
         return state + ([self.q] if self.q is not None else [])
 
     def run_eager(self, steps: int, on_logits: None, progress: Progress | None) -> None:
@@ -286,7 +336,10 @@ class JacobiLoop:
 
     def stats(self) -> DecodeStats:
         forwards = tuple(self.forwards.tolist())
-        return DecodeStats("jacobi", self.iterations, forwards, self.steps, host_reads=self.reads)
+        accepted = tuple(tuple(row) for row in self.histogram.tolist())
+        return DecodeStats(
+            "jacobi", self.iterations, forwards, self.steps, host_reads=self.reads, accepted=accepted
+        )
 
     def result(self) -> torch.Tensor:
         """(B, steps) tokens; with the grid unconstrained, padding after EOS (as sequential)."""
@@ -307,13 +360,13 @@ def decode(
     greedy: bool,
     constrain_grid: bool,
     *,
-    window: int = DEFAULT_WINDOW,
-    drafts: str = "last",
+    options: JacobiOptions = JacobiOptions(),
     progress: Progress | None = None,
 ) -> tuple[torch.Tensor, DecodeStats, float, str]:
     """``ArEngine._decode`` by Jacobi windows: tokens (B, steps), the counters, when the prefill
     was done (``time.perf_counter``, device synchronised) and how the iterations ran (the
     engine's ``decode_step``, as for sequential decoding)."""
+    window = options.window
     model, text, device = engine.model, engine.config.ar.text, engine.device
     b, prompt_len = batch.input_ids.shape
     cache = engine._cache(b, prompt_len + steps + window)
@@ -323,9 +376,17 @@ def decode(
     rope = rotary_tables(positions, text, engine.dtype)  # past the last token: scratch only
     # at most one forward per token: ``steps`` iterations, the prefill's included
     draws = not greedy and model.tp.leads  # only the rank that verifies draws
-    uniforms = UniformStream(generators, steps, 2 * window - 1, device, 256) if draws else None
-    sources = draft_sources(spec, steps + window, drafts)
-    loop = JacobiLoop(model, cache, picker, uniforms, rope, batch.valid, steps, window, sources)
+    uniforms = UniformStream(generators, steps, options.uniforms(), device, 256) if draws else None
+    noise = None
+    if draws and options.coupled:  # drawn before the iterations' uniforms, from each row's generator
+        noise = torch.empty((b, steps + window), dtype=torch.float64, device=device)
+        for row, generator in enumerate(generators):
+            noise[row].uniform_(generator=generator)
+    sources = draft_sources(spec, steps + window, options.drafts)
+    loop = JacobiLoop(
+        model, cache, picker, uniforms, rope, batch.valid, steps, window, sources,
+        noise=noise, continued=options.continued and draws,
+    )  # fmt: skip
     loop.first(model.logits(engine._prefill(batch, cache)[:, -1:]))
     synchronize(device)
     prefill_done = time.perf_counter()
