@@ -6,6 +6,14 @@
 #   bash benchmarks/gpu_run.sh [OUT_DIR] [STAGES]
 #
 # STAGES (default: all, in this order, most wanted first):
+#   full       the released size (glm-image-random: released configs, weights drawn on the device
+#              from a seed): ours exact against diffusers, ours fast, batch 4, the large size and
+#              the planner against measured peaks, one process per part, merged into OUT/full.json
+#              (glm_image/bench/full.py). GPU_RUN_STEPS (default 10) steps are timed and 50
+#              projected; GPU_RUN_LAYERS caps every stack's depth (dry runs); GPU_RUN_LARGE_SIZE
+#              (default 2048x2048); GPU_RUN_FULL_PARTS (default exact,fast,batch,large,memory).
+#              A CPU dry run at released widths:
+#              GPU_RUN_DEVICE=cpu GPU_RUN_LAYERS=2 GPU_RUN_SIZE=256x256 GPU_RUN_STEPS=2 bash benchmarks/gpu_run.sh OUT full
 #   tests      the kernel, quantized-kernel, self-check, decode-step and Jacobi tests on the GPU
 #   ar         AR decode: transformers' generate, ours sequential, ours Jacobi with windows 4 and 8
 #   dit        one CFG denoising step: diffusers against ours in bf16, int8 and fp8
@@ -33,12 +41,16 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-results/gpu}
-stages=${2:-tests,ar,dit,speed,fast,arquant,memory,gemv,kernels,scaling}
+stages=${2:-full,tests,ar,dit,speed,fast,arquant,memory,gemv,kernels,scaling}
 model=${GPU_RUN_MODEL:-wide}
 size=${GPU_RUN_SIZE:-1024x1024}
 device=${GPU_RUN_DEVICE:-cuda}
 dtype=${GPU_RUN_DTYPE:-bfloat16}
-deadline=$((SECONDS + ${GPU_RUN_BUDGET:-540}))
+# A CPU dry run (it checks the script, not the speed) gets each stage's cap times 6 and 40 minutes
+# in all: drawing the released widths' weights alone takes a CPU about a minute a part.
+capscale=1
+[ "$device" = cpu ] && capscale=6
+deadline=$((SECONDS + ${GPU_RUN_BUDGET:-$([ "$device" = cpu ] && echo 2400 || echo 540)}))
 mkdir -p "$out"
 if [ -d .whl ]; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -62,6 +74,7 @@ run() {  # name, cap in seconds, command...: log to OUT_DIR/name.log, keep going
         echo "== $name: skipped (the run's budget is spent)" | tee -a "$out/skipped.txt"
         return
     fi
+    cap=$((cap * capscale))
     [ "$cap" -gt "$left" ] && cap=$left
     echo "== $name (at most $cap s): $*"
     local start=$SECONDS
@@ -74,8 +87,31 @@ run() {  # name, cap in seconds, command...: log to OUT_DIR/name.log, keep going
 common=(--model "$model" --device "$device" --dtype "$dtype")
 want() { case ",$stages," in *,$1,*) return 0 ;; esac; return 1; }
 
+if want full; then
+    # float32 on a CPU unless asked (its bfloat16 matmuls are slow); the GPU serves bfloat16
+    fdtype=$dtype
+    [ "$device" = cpu ] && [ -z "${GPU_RUN_DTYPE:-}" ] && fdtype=float32
+    # the large case: 2048x2048 on an accelerator; on a CPU (a dry run) twice the size per side
+    large=${GPU_RUN_LARGE_SIZE:-2048x2048}
+    if [ "$device" = cpu ] && [ -z "${GPU_RUN_LARGE_SIZE:-}" ]; then
+        large="$((2 * ${size%x*}))x$((2 * ${size#*x}))"
+    fi
+    full=(--device "$device" --dtype "$fdtype" --size "$size" --steps "${GPU_RUN_STEPS:-10}"
+        --large-size "$large")
+    [ -n "${GPU_RUN_LAYERS:-}" ] && full+=(--layers "$GPU_RUN_LAYERS")
+    [ -n "${GPU_RUN_PRESET:-}" ] && full+=(--preset "$GPU_RUN_PRESET")  # tests: small widths
+    mkdir -p "$out/full"
+    declare -A fullcap=([exact]=300 [fast]=90 [batch]=90 [large]=120 [memory]=90)
+    parts=${GPU_RUN_FULL_PARTS:-exact,fast,batch,large,memory}
+    for part in ${parts//,/ }; do
+        run "full-$part" "${fullcap[$part]:-90}" python3 benchmarks/bench_full.py "$part" "${full[@]}" \
+            --out "$out/full/$part.json"
+    done
+    python3 benchmarks/bench_full.py merge --parts-dir "$out/full" --out "$out/full.json" --device "$device" \
+        >"$out/full-merge.log" 2>&1 && echo "== full: $out/full.json" || tail -n 14 "$out/full-merge.log"
+fi
 # The preset's random checkpoint is written once (tens of seconds for wide), outside any stage's cap.
-run checkpoint 150 python3 -c "from glm_image.hub import resolve_checkpoint; print(resolve_checkpoint('$model'))"
+[ "$stages" = full ] || run checkpoint 150 python3 -c "from glm_image.hub import resolve_checkpoint; print(resolve_checkpoint('$model'))"
 if want tests; then
     run tests 110 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_ops_triton.py \
         tests/test_quant_kernels.py tests/test_selfcheck.py tests/test_device_and_ops.py

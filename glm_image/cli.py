@@ -2,7 +2,9 @@
 
 A mistake a user can make (bad model name, missing or corrupt file, a bad value on any line of
 --prompts, an output path that cannot be written) prints one line naming what is wrong and exits
-with status 2, before the model loads; it never shows a stack trace. An engine fault (NaN or Inf
+with status 2, before the model loads; it never shows a stack trace. The line names the flag the
+user typed (``--steps``), or the key of a --prompts line (``steps``), not the Python parameter the
+library checks (``num_inference_steps``): ``options.as_flags`` translates, in one place. An engine fault (NaN or Inf
 in a result) is one line and status 1; Ctrl-C is one line and status 130. PNGs are written
 atomically: a file is the whole new image or what it was before.
 """
@@ -10,6 +12,7 @@ atomically: a file is the whole new image or what it was before.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -22,48 +25,57 @@ from .bench.cli import add_parser as add_bench_parser
 from .errors import GlmImageError
 from .options import (
     DTYPE_NAMES,
+    RUNTIME_FLAGS,
+    VERBOSE_HELP,
+    HelpWithDefaults,
     add_generation_arguments,
     add_parallel_arguments,
     add_runtime_arguments,
+    as_flags,
     generation_kwargs,
+    in_every_command,
     parallel_config,
     parallel_kwargs,
     runtime_kwargs,
     torch_dtype,
 )
-from .request import GenerationRequest, parse_size
+from .request import MAX_IMAGES_PER_PROMPT, GenerationRequest, parse_size
 from .server.cli import add_parser as add_serve_parser
 
 __all__ = ["main"]
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
+    """The checkpoint, and with --quantize, --max-memory or --json the memory plan for the device
+    and dtype `generate` would use with the same flags (``info.memory_report``): the text renders
+    the same plan as the JSON."""
+    from .device import resolve_device
     from .hub import resolve_checkpoint
-    from .info import describe_checkpoint, format_checkpoint, memory_report
+    from .info import describe_checkpoint, format_checkpoint, format_memory_report, memory_report
+    from .residency import parse_memory
     from .synthetic import preset_dir
 
+    device = resolve_device(args.device)  # a bad --device or --max-memory: one line, before any work
+    parse_memory(args.max_memory)
     root = preset_dir(args.preset) if args.preset else resolve_checkpoint(args.model)
-    if args.json:
+    report = None
+    if args.json or args.quantize or args.max_memory:
         report = memory_report(
             root,
             args.quantize,
             dtype=torch_dtype(args.dtype),
-            device=args.device,
+            device=device,
+            detected=args.device is None,
             max_memory=args.max_memory,
         )
+    if args.json:
         print(json.dumps(report, indent=2))
         return
     config, infos = describe_checkpoint(root, count_on_meta=bool(args.preset))
     print(format_checkpoint(config, infos))
-    print(_runtime())
-    if args.quantize or args.max_memory:
-        from .residency import plan_memory
-
-        device = args.device or "cpu"
-        plan = plan_memory(
-            root, device, torch_dtype(args.dtype), quantize=args.quantize, max_memory=args.max_memory
-        )
-        print(f"Memory           {plan.describe()}")
+    print(_runtime(device))
+    if report is not None:
+        print(format_memory_report(report))
     if args.check_backend:
         print(_check_backend(args, config))
 
@@ -80,14 +92,14 @@ def _check_backend(args: argparse.Namespace, config) -> str:
     return format_check(rows)
 
 
-def _runtime() -> str:
-    """Where `generate` would run by default, and which ops backend it would choose."""
+def _runtime(device) -> str:
+    """Where `generate` would run (``device``: --device, else the detected one), and which ops
+    backend it would choose."""
     import torch
 
-    from .device import default_dtype, detect_platform
+    from .device import default_dtype
     from .ops import BACKENDS, available_backends, select_ops
 
-    device = torch.device(detect_platform().value)
     name = select_ops(None, device).name
     where = f"cuda ({torch.cuda.get_device_name(0)})" if device.type == "cuda" else device.type
     usable = [n for n, why in available_backends(device).items() if why is None]
@@ -117,13 +129,47 @@ def _size(text: str) -> tuple[int, int]:
 _JSONL_KEYS = ("prompt", "size", "seed", "steps", "guidance")
 MAX_PROMPTS_BYTES = 16 * 2**20  # a --prompts file larger than this is not a prompt list
 
+# What the library calls a request's fields (its messages start with one) -> the flag that sets it
+# on the command line, and the key of a --prompts line (None: only a flag sets it)
+_REQUEST_FIELDS = {
+    "num_inference_steps": ("--steps", "steps"),
+    "guidance_scale": ("--guidance", "guidance"),
+    "seed": ("--seed", "seed"),
+    "num_images_per_prompt": ("--num-images", None),
+}
 
-def _requests(args: argparse.Namespace) -> list[tuple[str, GenerationRequest]]:
-    """(where, request) per generation: the positional prompt, or one per line of --prompts.
 
-    ``where`` names the source in error messages ("" for the positional prompt).
-    """
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """One generation asked for: where it was asked (for messages: "" for the positional prompt, or
+    the --prompts line), the request, and how its messages name its fields (``as_flags``)."""
+
+    where: str
+    request: GenerationRequest
+    names: dict[str, str]
+
+    def error(self, error: GlmImageError) -> GlmImageError:
+        text = as_flags(str(error), self.names)
+        return GlmImageError(f"{self.where}: {text}" if self.where else text)
+
+
+def _names(item: dict, size: str) -> dict[str, str]:
+    """How a request's fields are named in its messages: a key of its --prompts line ``item``
+    where the line sets it, else the flag (whose value it then took)."""
+    names = dict(RUNTIME_FLAGS)
+    for field, (flag, key) in _REQUEST_FIELDS.items():
+        names[field] = key if key in item else flag
+    in_line = "size" in item
+    for side in ("height", "width"):  # both come from one WIDTHxHEIGHT value: name it and the side
+        names[side] = f"size {item['size']}: {side}" if in_line else f"--size {size}: {side}"
+    names["size"] = "size" if in_line else "--size"
+    return names
+
+
+def _requests(args: argparse.Namespace) -> list[_Source]:
+    """One ``_Source`` per generation: the positional prompt, or one per line of --prompts."""
     width, height = args.size
+    size = f"{width}x{height}"
     defaults = {
         "width": width,
         "height": height,
@@ -132,22 +178,20 @@ def _requests(args: argparse.Namespace) -> list[tuple[str, GenerationRequest]]:
         "seed": args.seed,
         "num_images": args.num_images,
         "images": tuple(args.image or ()),
+        "fit_images": args.fit_image,
     }
     if args.prompts is None:
         if args.prompt is None:
             raise GlmImageError("prompt: give a prompt, or --prompts FILE.jsonl")
-        return [("", GenerationRequest(args.prompt, **defaults))]
+        return [_Source("", GenerationRequest(args.prompt, **defaults), _names({}, size))]
     if args.prompt is not None:
         raise GlmImageError("prompt: give a prompt or --prompts FILE.jsonl, not both")
-    requests = []
+    sources = []
     for number, line in _prompt_lines(args.prompts):
         if not line.strip():
             continue
         where = f"--prompts {args.prompts}, line {number}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise GlmImageError(f"{where}: not JSON ({e.msg})") from None
+        item = _json_line(line, where)
         if not isinstance(item, dict) or not isinstance(item.get("prompt"), str):
             raise GlmImageError(f'{where}: expected an object with a "prompt" string')
         unknown = set(item) - set(_JSONL_KEYS)
@@ -157,10 +201,24 @@ def _requests(args: argparse.Namespace) -> list[tuple[str, GenerationRequest]]:
         if "size" in item:
             fields["width"], fields["height"] = parse_size(item["size"], f"{where}: size")
         fields.update({k: item[k] for k in ("seed", "steps", "guidance") if k in item})
-        requests.append((where, GenerationRequest(item["prompt"], **fields)))
-    if not requests:
+        sources.append(_Source(where, GenerationRequest(item["prompt"], **fields), _names(item, size)))
+    if not sources:
         raise GlmImageError(f"--prompts {args.prompts}: no prompts in it (every line is empty)")
-    return requests
+    return sources
+
+
+def _json_line(line: str, where: str):
+    """One --prompts line as JSON; whatever it holds, a mistake in it is one line naming it."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise GlmImageError(f"{where}: not JSON ({e.msg})") from None
+    except RecursionError:  # "[[[[..." deeper than Python's recursion limit
+        raise GlmImageError(f"{where}: nested too deeply; allowed: one flat JSON object") from None
+    except ValueError:  # an integer past Python's digit limit for int() (4300 digits)
+        raise GlmImageError(
+            f"{where}: a number with too many digits; allowed: seeds up to 2**63 - 1"
+        ) from None
 
 
 def _prompt_lines(path: str) -> list[tuple[int, str]]:
@@ -187,7 +245,12 @@ def _output_paths(output: str, count: int) -> list[Path]:
     if not output.strip():
         raise GlmImageError("-o/--output: empty; allowed: a file path such as out.png")
     out = Path(output)
-    if out.name in ("", "..") or out.is_dir():
+    _check_length(out)
+    try:
+        folder = out.name in ("", "..") or out.is_dir()
+    except OSError as e:  # ELOOP, EACCES, ...: what stat says is what the write would meet
+        raise GlmImageError(f"-o {_display(out)}: cannot write there ({e.strerror})") from None
+    if folder:
         raise GlmImageError(
             f"-o {_display(out)}: is a folder; allowed: a file path such as {out / 'out.png'}"
         )
@@ -200,17 +263,40 @@ def _output_paths(output: str, count: int) -> list[Path]:
     return paths
 
 
+NAME_MAX = 255  # bytes in one file name, on every file system the engine writes to
+_TEMP_NAME_BYTES = 40  # the longest name written beside an output: ".<16 hex>.glm-image.tmp", the probe
+
+
+def _check_length(path: Path) -> None:
+    """A name or path the system cannot take is an error naming the limit, before any stat()
+    (which would fail with ENAMETOOLONG: a traceback, not an answer)."""
+    where = f"-o {_display(path)}"
+    for part in path.parts:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise GlmImageError(
+                f"{where}: a name of {len(os.fsencode(part))} bytes; allowed: at most {NAME_MAX} bytes a name"
+            )
+    try:
+        limit = os.pathconf(".", "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no answer: Linux's
+        limit = 4096
+    # the path as the system calls get it; the temporary file beside it may have a longer name
+    size, name = len(os.fsencode(path)), len(os.fsencode(path.name))
+    allowed = limit - 1 - max(0, _TEMP_NAME_BYTES - name)  # PATH_MAX counts the final NUL
+    if size > allowed:
+        raise GlmImageError(f"{where}: a path of {size} bytes; allowed: at most {allowed} bytes here")
+
+
 def _check_writable(path: Path) -> None:
     import tempfile
 
     where = f"-o {_display(path)}"
+    _check_length(path)  # a numbered name is a few bytes longer than -o
     try:
         if path.is_dir():
             raise GlmImageError(f"{where}: is a folder; allowed: a file path")
         if path.exists() and not path.is_file():
             raise GlmImageError(f"{where}: exists and is not a regular file")
-        if len(os.fsencode(path.name)) > 255:
-            raise GlmImageError(f"{where}: the file name is longer than 255 bytes")
         folder = path.parent
         while not folder.exists() and folder != folder.parent:
             folder = folder.parent  # created when the image is written
@@ -268,55 +354,69 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
     from .config import CheckpointConfig
     from .hub import resolve_checkpoint
-    from .validation import check_request
+    from .validation import IdleCacheWarning, check_request, idle_step_cache
 
     sources = _requests(args)
-    paths = iter(_output_paths(args.output, sum(r.num_images for _, r in sources)))
+    paths = iter(_output_paths(args.output, sum(s.request.num_images for s in sources)))
     config = CheckpointConfig.from_dir(resolve_checkpoint(args.model))
     parallel = parallel_config(args)
     parallel.check(config)  # the device count is checked as the engine starts, before any weights
-    requests = []
-    for where, request in sources:
-        try:
-            with warnings.catch_warnings():
-                # a picture big enough for Pillow's bomb warning is refused, not decoded
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+    cache = generation_kwargs(args)["dit_cache"]
+    with warnings.catch_warnings():
+        # a picture big enough for Pillow's bomb warning is refused, not decoded
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        images = _condition_images(args, config.size_limits)
+        requests = []
+        for source in sources:
+            request = dataclasses.replace(source.request, images=images)
+            try:
                 requests.append(check_request(config.size_limits, request))
-            parallel.check_size(request.height, request.width)
-        except GlmImageError as e:
-            raise GlmImageError(f"{where}: {e}" if where else str(e)) from None
+                parallel.check_size(request.height, request.width)
+            except GlmImageError as e:
+                raise source.error(e) from None
+    for idle in dict.fromkeys(idle_step_cache(cache, r.steps) for r in requests):  # once each
+        if idle is not None:
+            print(
+                f"glm-image: warning: --dit-cache fbcache: {as_flags(idle, RUNTIME_FLAGS)}", file=sys.stderr
+            )
 
     from .pipeline import GlmImage
 
     pipe = GlmImage.from_pretrained(
         args.model, **runtime_kwargs(args), **generation_kwargs(args), **parallel_kwargs(args)
     )
-    with pipe:  # a stage on several ranks: its worker processes stop with the command
+    with pipe, warnings.catch_warnings():  # a stage on several ranks: its workers stop with the command
+        warnings.simplefilter("ignore", IdleCacheWarning)  # the pipeline's own: said above, in flags
         _generate_all(pipe, requests, paths)
+
+
+def _condition_images(args: argparse.Namespace, limits) -> tuple:
+    """The --image files, each opened and checked once (every request uses them), named as typed;
+    with --fit-image, one of a size the model does not take is fitted to the nearest it does."""
+    from .validation import open_condition_image
+
+    return tuple(
+        open_condition_image(
+            path, f"--image {_display(path)}", limits, fit=args.fit_image, fit_option="--fit-image"
+        )
+        for path in args.image or ()
+    )
 
 
 def _generate_all(pipe, requests: list[GenerationRequest], paths) -> None:
     """Each request in turn, its images written to the next ``paths`` with a progress bar per
     stage (under torchrun, by the first rank alone: the others take part and write nothing)."""
-    from tqdm import tqdm
+    from .progress import StageBars
 
     for request in requests:
         if not pipe.answers:
             pipe.run(request)
             continue
-        bars: dict[str, tqdm] = {}
-
-        def progress(stage: str, done: int, of: int, bars=bars) -> None:
-            if stage not in bars:
-                label = {"ar": "AR tokens", "dit": "DiT steps"}[stage]
-                bars[stage] = tqdm(total=of, desc=label, unit="tok" if stage == "ar" else "step", leave=False)
-            bars[stage].update(done - bars[stage].n)
-
+        bars = StageBars()
         try:
-            result = pipe.run(request, progress=progress)
+            result = pipe.run(request, progress=bars)
         finally:
-            for bar in bars.values():
-                bar.close()
+            bars.close()
         timing = ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items())
         for index, image in enumerate(result.images):
             path = next(paths)
@@ -329,26 +429,76 @@ def _generate_all(pipe, requests: list[GenerationRequest], paths) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="glm-image", description="Local inference engine for GLM-Image.")
+    parser = argparse.ArgumentParser(
+        prog="glm-image",
+        description="Local inference engine for GLM-Image.",
+        formatter_class=HelpWithDefaults,
+    )
     parser.add_argument("--version", action="version", version=f"glm-image {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress and timings")
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    gen = sub.add_parser("generate", help="text to image: write PNG files with the parameters embedded")
-    gen.add_argument("prompt", nargs="?", help="the prompt (quote the text to render: 'OPEN')")
-    gen.add_argument("--prompts", help='a JSONL file, one {"prompt", "size", "seed", ...} per line')
-    gen.add_argument("--size", type=_size, default=(1024, 1024), help="WIDTHxHEIGHT (default 1024x1024)")
+    gen = sub.add_parser(
+        "generate",
+        help="text to image: write PNG files with the parameters embedded",
+        description="Write PNG files with the prompt, seed and parameters embedded as text. Every input "
+        "is checked before the model loads.",
+        epilog="Example: glm-image generate \"A storefront sign that says 'OPEN'\" --size 1280x1280 --seed 42 "
+        "-o open.png --model /path/to/GLM-Image",
+    )
+    gen.add_argument(
+        "prompt", nargs="?", help="the prompt (quote the text to render: 'OPEN'); at most 1000 characters"
+    )
+    gen.add_argument(
+        "--prompts", help='a JSONL file, one {"prompt", "size", "seed", "steps", "guidance"} per line'
+    )
+    gen.add_argument(
+        "--size",
+        type=_size,
+        default=(1024, 1024),
+        metavar="WIDTHxHEIGHT",
+        help="output size; each side in the checkpoint's range in multiples of 32: 512..2048 for the released "
+        "model, 64..1024 for tiny (default 1024x1024)",
+    )
     gen.add_argument("--steps", type=int, default=50, help="denoising steps (default 50)")
-    gen.add_argument("--guidance", type=float, default=1.5, help="classifier-free guidance (default 1.5)")
+    gen.add_argument(
+        "--guidance", type=float, default=1.5, help="classifier-free guidance, 1 (off) to 20 (default 1.5)"
+    )
     gen.add_argument(
         "--seed", type=int, help="seed of the first image; the next ones count up (default: random)"
     )
-    gen.add_argument("--num-images", type=int, default=1, help="images per prompt")
     gen.add_argument(
-        "--image", action="extend", nargs="+", metavar="PATH", help="condition image(s) for image-to-image"
+        "--num-images",
+        type=int,
+        default=1,
+        metavar="N",
+        help=f"images per prompt, made as one batch (default 1, at most {MAX_IMAGES_PER_PROMPT})",
     )
-    gen.add_argument("-o", "--output", default="glm-image.png", help="output PNG (numbered when several)")
-    gen.add_argument("--model", default="tiny", help="tiny | wide | a checkpoint folder | a Hugging Face id")
+    gen.add_argument(
+        "--image",
+        action="extend",
+        nargs="+",
+        metavar="PATH",
+        help="condition image(s) for image-to-image; each follows the output size rule (its own size, "
+        "not necessarily the output's)",
+    )
+    gen.add_argument(
+        "--fit-image",
+        action="store_true",
+        help="resize and centre-crop a condition image of a size the model does not take to the nearest "
+        "size it does (said on stderr), instead of an error",
+    )
+    gen.add_argument(
+        "-o",
+        "--output",
+        default="glm-image.png",
+        help="output PNG, numbered when several (default: glm-image.png)",
+    )
+    gen.add_argument(
+        "--model",
+        default="tiny",
+        help="tiny | wide | glm-image-random | a checkpoint folder | a Hugging Face id (default: tiny, random weights: noise)",
+    )
     add_runtime_arguments(gen)
     add_generation_arguments(gen)
     add_parallel_arguments(gen)
@@ -359,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument(
         "--model",
         default="tiny",
-        help="tiny | wide | a local checkpoint folder | a Hugging Face id (default: tiny)",
+        help="tiny | wide | glm-image-random | a local checkpoint folder | a Hugging Face id (default: tiny)",
     )
     which.add_argument(
         "--preset",
@@ -396,6 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
     add_bench_parser(sub)
+    in_every_command(parser)
     return parser
 
 
@@ -423,8 +574,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (NonFiniteError, StageDied) as e:  # an engine fault, not the user's input
         print(f"glm-image: error: {e}", file=sys.stderr)
         return 1
-    except GlmImageError as e:
-        print(f"glm-image: error: {e}", file=sys.stderr)
+    except GlmImageError as e:  # the shared options' checks name their Python parameter: say the flag
+        print(f"glm-image: error: {as_flags(str(e), RUNTIME_FLAGS)}", file=sys.stderr)
         return 2
     return 0
 

@@ -88,18 +88,54 @@ def detect_platform() -> Platform:
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """A ``torch.device`` the engine can run on; None: the detected platform.
 
-    An unknown device type or one that is not available is an error naming the allowed values.
+    An unknown device type, a malformed index, or a device that is not here is a ``GlmImageError``
+    starting with "device = " that says why and names the allowed values (the CLI says ``--device``).
     """
     if device is None:
         return torch.device(detect_platform().value)
     text = str(device)
+    kind, _, index = text.partition(":")
     try:
-        platform = Platform(text.split(":", 1)[0])
+        platform = Platform(kind)
     except ValueError:
         raise GlmImageError(f"device = {text!r} is not supported; allowed: {ALLOWED}") from None
     if not _available(platform):
-        raise GlmImageError(f"device = {text!r}: no {platform.value} device is available here")
-    return torch.device(text)
+        raise GlmImageError(
+            f"device = {text!r}: no {platform.value} device is available here ({_why_not(platform)}); "
+            f"allowed here: {', '.join(p.value for p in Platform if _available(p))}"
+        )
+    try:
+        resolved = torch.device(text)
+    except RuntimeError:  # "cuda:x", "cuda:-1", "cpu:0:1": torch's own message lists its device types
+        raise GlmImageError(
+            f"device = {text!r} is not a device; allowed: {ALLOWED}, with an index such as {platform.value}:0"
+        ) from None
+    count = _count(platform)
+    if index and resolved.index is not None and count is not None and resolved.index >= count:
+        raise GlmImageError(
+            f"device = {text!r}: there are {count} {platform.value} devices here; "
+            f"allowed: {platform.value}:0 .. {platform.value}:{count - 1}"
+        )
+    return resolved
+
+
+def _why_not(platform: Platform) -> str:
+    """Why ``platform`` is not available, in words a user can act on."""
+    if platform is Platform.CUDA:
+        if torch.version.cuda is None:
+            return f"this torch build, {torch.__version__}, has no CUDA support"
+        return "no CUDA GPU is visible: check the driver and CUDA_VISIBLE_DEVICES"
+    if npu_module() is None:
+        return "torch_npu is not installed, or does not import without the Ascend CANN toolkit"
+    return "torch_npu imports but sees no NPU: check the driver and ASCEND_RT_VISIBLE_DEVICES"
+
+
+def _count(platform: Platform) -> int | None:
+    """Devices of ``platform`` here; None where an index is not counted (the CPU)."""
+    if platform is Platform.CUDA:
+        return torch.cuda.device_count()
+    count = getattr(getattr(torch, "npu", None), "device_count", None)
+    return int(count()) if platform is Platform.NPU and callable(count) else None
 
 
 def default_dtype(device: torch.device) -> torch.dtype:

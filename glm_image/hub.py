@@ -13,20 +13,50 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 from ._version import __version__
 from .errors import CheckpointError
 
-__all__ = ["SYNTHETIC_MODELS", "cache_root", "resolve_checkpoint"]
+__all__ = ["SYNTHETIC_MODELS", "cache_root", "resolve_checkpoint", "synthetic_cache"]
 
 log = logging.getLogger(__name__)
 
-SYNTHETIC_MODELS = ("tiny", "wide")
+# glm-image-random: the released architecture, weights drawn on the device (glm_image.synthetic.random)
+SYNTHETIC_MODELS = ("tiny", "wide", "glm-image-random")
 
 
 def cache_root() -> Path:
     return Path(os.environ.get("GLM_IMAGE_CACHE") or Path.home() / ".cache" / "glm-image")
+
+
+def _cache_error(root: Path, error: OSError) -> CheckpointError:
+    """One line naming GLM_IMAGE_CACHE (set or not) and what to do about a cache we cannot write."""
+    if os.environ.get("GLM_IMAGE_CACHE"):
+        what = f"GLM_IMAGE_CACHE = {root}"
+    else:
+        what = f"the cache folder {root} (GLM_IMAGE_CACHE is not set)"
+    return CheckpointError(
+        f"{what}: cannot write the synthetic checkpoint there ({error.strerror or error}); set "
+        "GLM_IMAGE_CACHE to a writable folder, or write one with `glm-image make-checkpoint DIR` "
+        "and pass --model DIR"
+    )
+
+
+def synthetic_cache() -> Path:
+    """``$GLM_IMAGE_CACHE/synthetic``, created and checked writable now: a read-only folder, or a
+    file where the folder should be, is a ``CheckpointError`` naming GLM_IMAGE_CACHE before any
+    work, not a traceback from deep in the checkpoint writer."""
+    folder = cache_root() / "synthetic"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".glm-image-probe-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise _cache_error(cache_root(), e) from None
+    return folder
 
 
 def _synthetic_key(preset: str, seed: int) -> str:
@@ -44,17 +74,21 @@ def _synthetic_key(preset: str, seed: int) -> str:
 def _synthetic(preset: str, seed: int) -> Path:
     from .synthetic import make_checkpoint
 
-    path = cache_root() / "synthetic" / _synthetic_key(preset, seed)
-    if (path / "model_index.json").is_file():
+    key = _synthetic_key(preset, seed)
+    path = cache_root() / "synthetic" / key
+    if (path / "model_index.json").is_file():  # built before: a read-only cache serves it as it is
         return path
+    path = synthetic_cache() / key
     log.info("building the %s checkpoint (random weights) in %s", preset, path)
     try:
         return make_checkpoint(path, preset, seed=seed)
-    except OSError:
+    except CheckpointError:  # an OSError too, but already a message of its own
+        raise
+    except OSError as e:
         # Another process finished the same build first; its folder is as good as ours.
         if (path / "model_index.json").is_file():
             return path
-        raise
+        raise _cache_error(cache_root(), e) from None  # e.g. the disk filled up during the build
 
 
 def _from_hub(repo_id: str) -> Path:
@@ -82,6 +116,10 @@ def _from_hub(repo_id: str) -> Path:
 def resolve_checkpoint(model: str | os.PathLike, *, seed: int = 0) -> Path:
     """The folder of ``model``: a synthetic preset name, a local folder, or a hub id."""
     name = str(model)
+    if name == "glm-image-random":
+        from .synthetic.random import cached_random_checkpoint
+
+        return cached_random_checkpoint(synthetic_cache(), seed=seed or None)
     if name in SYNTHETIC_MODELS:
         return _synthetic(name, seed)
     path = Path(name).expanduser()

@@ -1,9 +1,10 @@
 """What a checkpoint holds: components, sizes, dtypes, files. Read from headers, no weights loaded.
 
-``memory_report`` is ``glm-image info --quantize ... --json``: each component's parameters and
-bytes as the loader would build them under a quantization scheme, and the memory planner's choice
-for a size (``glm_image.residency``); everything is counted on the ``meta`` device, so the released
-preset's figures need no weights and no memory.
+``memory_report`` is ``glm-image info --json``: each component's parameters and bytes as the
+loader would build them under a quantization scheme, and the memory planner's choice for a size
+(``glm_image.residency``) on the device and dtype ``generate`` would use; everything is counted on
+the ``meta`` device, so the released preset's figures need no weights and no memory. The text
+output's plan is ``format_memory_report`` of the same object: one plan, two renderings.
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from .errors import CheckpointError
 from .synthetic.reference import REFERENCE_FACTORIES, build_reference, count_parameters
 from .weights import WeightIndex
 
-__all__ = ["ComponentInfo", "describe_checkpoint", "format_checkpoint", "memory_report"]
+__all__ = [
+    "ComponentInfo",
+    "describe_checkpoint",
+    "format_checkpoint",
+    "format_memory_report",
+    "memory_report",
+]
 
 # Named parts of the vision-language encoder, by key prefix (the AR text model is the hot path).
 _VLE_PARTS = {
@@ -151,43 +158,84 @@ def memory_report(
     quantize: str | None = None,
     *,
     dtype=None,
-    device: str | None = None,
+    device=None,
+    detected: bool = False,
     max_memory: str | int | None = None,
     height: int = 1024,
     width: int = 1024,
     batch: int = 1,
 ) -> dict:
-    """The JSON object of ``glm-image info --quantize SCHEME --json``::
+    """The JSON object of ``glm-image info --json`` (the text output renders it with
+    ``format_memory_report``, so the two cannot disagree)::
 
-        {"model", "dtype", "quantize",
+        {"model", "device", "dtype", "plan_for", "quantize",
          "components": {name: {"params": int, "bytes": int}},   # as loaded under the scheme
-         "plan": {"residency", "quantize", "fits", "budget_bytes", "peak_bytes", "reason", ...}}
+         "plan": {"device", "residency", "quantize", "fits", "budget_bytes", "peak_bytes", "reason",
+                  "runs_on_device", "device_error", "estimate", ...}}
 
     Components: ar_text_decoder, ar_vision (ViT + VQ tokenizer, loaded for image-to-image only),
-    dit, glyph_encoder, vae. ``dtype``: the full-precision dtype (default bfloat16, the
-    release's). The plan is for ``height`` x ``width`` at ``batch`` under ``max_memory`` and, with a
-    ``device``, that device's free memory; with neither there is no budget and the plan is
-    ``resident``. With ``quantize="auto"`` the plan picks the scheme and the components follow it.
+    dit, glyph_encoder, vae. The plan is for ``height`` x ``width`` at ``batch`` on ``device`` (a
+    resolved device: its free memory is the budget, capped by ``max_memory``; ``detected``: it was
+    detected, not named) in ``dtype`` (default: the device's, as ``generate`` would load). With no
+    ``device`` the plan is for ``meta``: an accelerator with no free memory known (bfloat16),
+    whose budget is ``max_memory`` alone. ``plan_for`` says which in words. With
+    ``quantize="auto"`` the plan picks the scheme and the components follow it. A scheme the
+    device cannot run is planned all the same: ``plan.runs_on_device`` is false and
+    ``plan.device_error`` is the error ``generate`` would give.
     """
     import torch
 
+    from .device import default_dtype
     from .residency import plan_memory, weight_bytes
 
-    dtype = dtype or torch.bfloat16
+    where = torch.device(device if device is not None else "meta")
+    chosen = dtype or default_dtype(where)
     plan = plan_memory(
         root,
-        device or "meta",
-        dtype,
+        where,
+        chosen,
         quantize=quantize,
         height=height,
         width=width,
         batch=batch,
         max_memory=max_memory,
     )
+    dtype_name = str(chosen).removeprefix("torch.")
+    if where.type == "meta":
+        device_words = "no device (meta): an accelerator whose free memory is not known"
+    else:
+        device_words = f"{where} ({'detected: no --device given' if detected else 'as given'})"
+    dtype_words = f"{dtype_name} ({'as given' if dtype else 'the default on ' + where.type})"
     return {
         "model": str(root),
-        "dtype": str(dtype).removeprefix("torch."),
+        "device": str(where),
+        "dtype": dtype_name,
+        "plan_for": f"{device_words}, {dtype_words}",
         "quantize": str(plan.scheme),
-        "components": weight_bytes(root, plan.scheme, dtype),
+        "components": weight_bytes(root, plan.scheme, chosen),
         "plan": plan.to_json(),
     }
+
+
+def format_memory_report(report: dict) -> str:
+    """``memory_report``'s plan as text: the same device, dtype and numbers as the JSON, in GB."""
+
+    def gb(n: int) -> str:
+        return f"{n / 1e9:.2f} GB"
+
+    plan, estimate = report["plan"], report["plan"]["estimate"]
+    weights = estimate["weights_bytes"]
+    ar = weights["ar_text_decoder"] + weights.get("ar_vision", 0)
+    rest = weights["dit"] + weights["glyph_encoder"] + weights["vae"]
+    budget = gb(plan["budget_bytes"]) if plan["budget_bytes"] is not None else "no known budget"
+    peaks = ", ".join(f"{r} {gb(n)}" for r, n in estimate["peak_bytes"].items())
+    pad = " " * 17
+    lines = [
+        f"Memory plan      for {report['plan_for']}; {plan['size']}, batch {plan['batch']}",
+        f"{pad}quantize {plan['quantize']}, {plan['residency']}: estimated peak {gb(plan['peak_bytes'])} "
+        f"of {budget}: {plan['reason']}",
+        f"{pad}weights AR {gb(ar)} + DiT/glyph/VAE {gb(rest)}; peak by residency: {peaks}",
+    ]
+    if plan["device_error"]:
+        lines.append(f"{pad}CANNOT RUN on {plan['device']}: {plan['device_error']}")
+    return "\n".join(lines)

@@ -2,7 +2,8 @@
 backend, weight format, memory) and how it generates (AR decoding, DiT step caching).
 
 One definition for ``glm-image generate``, ``serve`` and ``bench``, so the flags, their help and
-their defaults cannot drift apart.
+their defaults cannot drift apart; and what every command shares on the way out: ``-v`` after the
+subcommand, the defaults in --help, messages that name these flags (``as_flags``).
 """
 
 from __future__ import annotations
@@ -15,11 +16,16 @@ from .parallel.config import PLACEMENTS, ParallelConfig
 
 __all__ = [
     "DTYPE_NAMES",
+    "RUNTIME_FLAGS",
+    "VERBOSE_HELP",
+    "HelpWithDefaults",
     "add_generation_arguments",
     "add_parallel_arguments",
     "add_runtime_arguments",
+    "as_flags",
     "dit_cache_options",
     "generation_kwargs",
+    "in_every_command",
     "parallel_config",
     "parallel_kwargs",
     "runtime_kwargs",
@@ -27,6 +33,80 @@ __all__ = [
 ]
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+# The library's name of each option these flags set (its error messages start with it) -> the
+# flag: what ``as_flags`` says instead, so a command's user reads what they typed.
+RUNTIME_FLAGS = {
+    "device": "--device",
+    "dtype": "--dtype",
+    "attention_backend": "--attention-backend",
+    "quantize": "--quantize",
+    "max_memory": "--max-memory",
+    "ar_decoding": "--ar-decoding",
+    "jacobi_window": "--jacobi-window",
+    "dit_cache threshold": "--dit-cache-threshold",
+    "dit_cache warmup": "--dit-cache-warmup",
+    "dit_cache max_consecutive": "--dit-cache-max-consecutive",
+    "dit_cache taylor": "--dit-cache-taylor",
+    "ar_tp": "--ar-tp",
+    "dit_sp": "--dit-sp",
+    "dit_cfg_parallel": "--dit-cfg-parallel",
+    "placement": "--placement",
+}
+
+
+def as_flags(message: str, names: dict[str, str]) -> str:
+    """``message`` with the field it starts with named as ``names`` says (``names[field]``).
+
+    The library's messages start with the field they are about ("num_inference_steps = 0; allowed:
+    ..."); a command line's user typed a flag. A flag reads as it is typed ("--steps 0; allowed:
+    ..."), any other name keeps its " = " ("steps = 0; ..." on a --prompts line). A message that
+    starts with no field of ``names`` is returned unchanged.
+    """
+    for field in sorted(names, key=len, reverse=True):  # "dit_cache warmup" before "dit_cache"
+        rest = message[len(field) :]
+        if message.startswith(field) and (not rest or rest[0] in " :;"):
+            name = names[field]
+            if name.startswith("--") and rest.startswith(" = "):
+                rest = " " + rest[3:]
+            return name + rest
+    return message
+
+
+VERBOSE_HELP = "log progress and timings (before or after the subcommand)"
+
+
+class HelpWithDefaults(argparse.HelpFormatter):
+    """Every option's default in --help, where its help does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            not action.option_strings
+            or action.default in (None, False, argparse.SUPPRESS)
+            or "default" in text
+            or text == argparse.SUPPRESS
+        ):
+            return text
+        default = action.default
+        if isinstance(default, (list, tuple)):  # a list flag's default as it is typed: 4,8
+            default = ",".join(str(item) for item in default)
+        return f"{text} (default: {str(default).replace('%', '%%')})"
+
+
+def in_every_command(parser: argparse.ArgumentParser) -> None:
+    """``-v`` after any subcommand too (``glm-image generate ... -v``), and the defaults in every
+    command's --help. The subcommands' own parsers (serve, bench and theirs) get it here, once."""
+    for action in parser._actions:  # argparse keeps its subcommands' parsers only here
+        if not isinstance(action, argparse._SubParsersAction):
+            continue
+        for sub in {id(p): p for p in action.choices.values()}.values():  # aliases: one parser
+            sub.formatter_class = HelpWithDefaults
+            # SUPPRESS: unset unless given, so it never hides a -v given before the subcommand
+            sub.add_argument(
+                "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP
+            )
+            in_every_command(sub)
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
@@ -169,7 +249,11 @@ def torch_dtype(name: str | None):
 
 
 def runtime_kwargs(args: argparse.Namespace) -> dict:
-    """The keyword arguments of ``GlmImage.from_pretrained`` these flags give."""
+    """The keyword arguments of ``GlmImage.from_pretrained`` these flags give; a --max-memory
+    that is not a size fails here, on every path that reads it, before anything loads."""
+    from .residency import parse_memory
+
+    parse_memory(args.max_memory)  # its message starts "max_memory": the CLI says --max-memory
     return {
         "device": args.device,
         "dtype": torch_dtype(args.dtype),

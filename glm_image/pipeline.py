@@ -17,6 +17,7 @@ object spawns and owns (``close()``, or at exit); the other runs here. Only the 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,8 +32,10 @@ from .progress import Progress
 from .request import GenerationRequest
 from .stages import ArCall, DitCall, GenerationOutput, as_handle, output_of, outputs_of, plan_call
 from .validation import (
+    IdleCacheWarning,
     check_generation,
     check_request,
+    idle_step_cache,
     load_condition_images,
     request_seeds,
 )
@@ -277,6 +280,7 @@ class GlmImage:
         ar_decoding: str | None = None,
         jacobi_window: int | None = None,
         dit_cache: StepCacheOptions | None = None,
+        fit_images: bool = False,
     ) -> GenerationOutput:
         """Images for every (prompt, image) pair, prompt-major.
 
@@ -287,7 +291,9 @@ class GlmImage:
         None takes the pipeline's default (``from_pretrained``). ``dit_cache``: DiT step caching
         (``engine.step_cache``: skip blocks on steps that change little; ``GenerationOutput.
         dit_forwards`` says what each image computed); None takes the pipeline's default (off
-        unless set there).
+        unless set there). ``fit_images``: a condition image of a size the model does not take
+        (see ``SizeLimits``) is resized and centre-cropped to the nearest allowed size, with a
+        logged warning, instead of being an error.
         """
         dit_cache = self.dit_cache if dit_cache is None else dit_cache
         if dit_cache is not None:
@@ -297,7 +303,7 @@ class GlmImage:
         check_decoding(ar_decoding, jacobi_window)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         self.validate(prompts, height, width, num_inference_steps, guidance_scale, num_images_per_prompt)
-        condition_images = load_condition_images(images, len(prompts), self.limits)
+        condition_images = load_condition_images(images, len(prompts), self.limits, fit=fit_images)
         count = len(prompts) * num_images_per_prompt
         seeds = request_seeds(seed, count)
 
@@ -316,6 +322,9 @@ class GlmImage:
         return output_of(prior, made)
 
     def _run_stages(self, call: ArCall, steps: int, guidance: float, dit_cache, progress):
+        idle = idle_step_cache(dit_cache, steps)
+        if idle is not None:  # every entry point meets here before any work: one place to say so
+            warnings.warn(idle, IdleCacheWarning, stacklevel=3)
         ar, dit = self.handles
         self._resident(ar, dit)
         prior = ar.run(call, progress)

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from .errors import GlmImageError
-from .quant import QuantScheme, parse_quantize
+from .quant import QuantScheme, check_device, parse_quantize
 
 __all__ = [
     "RESIDENCIES",
@@ -64,20 +64,36 @@ _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
 
 
+MAX_MEMORY = 10**18  # 1 EB: above any device; a larger value is a typo, not a budget
+_MEMORY_ALLOWED = (
+    "allowed: a positive size up to 1000000TB with a unit of B, KB, MB, GB, TB (powers of 1000) or "
+    "KiB, MiB, GiB, TiB (powers of 1024), e.g. 16GB"
+)
+
+
 def parse_memory(value: str | int | None, field: str = "max_memory") -> int | None:
-    """ "16GB" (10**9), "16GiB" (2**30), "512MB", or a number of bytes -> bytes; None stays None."""
-    if value is None or isinstance(value, int):
-        if isinstance(value, int) and value <= 0:
-            raise GlmImageError(f"{field} = {value}; allowed: a positive size such as 16GB or 16GiB")
+    """ "16GB" (10**9), "16GiB" (2**30), "512MB", or a number of bytes -> bytes; None stays None.
+
+    At least one byte and at most ``MAX_MEMORY``; anything else (garbage, a sign, an exponent,
+    inf, nan, a number past the float range) is a ``GlmImageError`` starting with ``field``."""
+    from decimal import Decimal
+
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not 0 < value <= MAX_MEMORY:  # (str() of a 5000-digit integer raises: not written out)
+            shown = value if abs(value) < 10**40 else f"an integer of {value.bit_length()} bits"
+            raise GlmImageError(f"{field} = {shown}; {_MEMORY_ALLOWED}")
         return value
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    text = str(value)
+    shown = repr(text) if len(text) <= 40 else repr(text[:37] + "...")
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text) if len(text) <= 100 else None
     unit = match.group(2).lower() if match else None
-    if match is None or unit not in _UNITS or float(match.group(1)) <= 0:
-        raise GlmImageError(
-            f"{field} = {value!r}; allowed: a positive size with a unit of B, KB, MB, GB, TB "
-            "(powers of 1000) or KiB, MiB, GiB, TiB (powers of 1024), e.g. 16GB"
-        )
-    return int(float(match.group(1)) * _UNITS[unit])
+    # Decimal, not float: a string of 400 digits is exact here, where float() would give inf
+    size = int(Decimal(match.group(1)) * _UNITS[unit]) if match and unit in _UNITS else 0
+    if not 0 < size <= MAX_MEMORY:
+        raise GlmImageError(f"{field} = {shown}; {_MEMORY_ALLOWED}")
+    return size
 
 
 # ---------------------------------------------------------------------- weights
@@ -295,6 +311,9 @@ class MemoryPlan:
     device: str
     size: tuple[int, int]  # (height, width)
     batch: int
+    # Why the device cannot run the scheme: the error loading would raise (quant.check_device),
+    # None when it can or when no device is named (meta)
+    device_error: str | None = None
 
     @property
     def offload(self) -> bool:
@@ -310,7 +329,7 @@ class MemoryPlan:
             f"memory plan on {self.device}: quantize {self.scheme}, {self.residency}; estimated peak "
             f"{self.peak_bytes / gb:.1f} GB of {budget} for {width}x{height} batch {self.batch} "
             f"(weights AR {self.estimate.ar_stage / gb:.1f} GB + DiT/glyph/VAE {self.estimate.dit_stage / gb:.1f} GB): "
-            f"{self.reason}"
+            f"{self.reason}" + (f"; CANNOT RUN here: {self.device_error}" if self.device_error else "")
         )
 
     def to_json(self) -> dict:
@@ -324,6 +343,8 @@ class MemoryPlan:
             "size": f"{self.size[1]}x{self.size[0]}",
             "batch": self.batch,
             "reason": self.reason,
+            "runs_on_device": None if self.device == "meta" else self.device_error is None,
+            "device_error": self.device_error,
             "estimate": self.estimate.to_json(),
         }
 
@@ -360,7 +381,9 @@ def plan_memory(
 
     ``max_memory`` ("16GB", "16GiB" or bytes) caps the device's free memory. On a CPU the stages
     share host memory with nothing to swap to, so the plan is always ``resident`` (its estimate
-    says whether the host's available memory holds it). Logs ``MemoryPlan.describe()``."""
+    says whether the host's available memory holds it). A scheme the device cannot run (fp8 off a
+    recent CUDA GPU) is planned all the same, its ``device_error`` saying why, in the words loading
+    would raise. Logs ``MemoryPlan.describe()``."""
     from .device import default_dtype
 
     device = torch.device(device)
@@ -403,6 +426,12 @@ def plan_memory(
             f"{s} {r} {estimates[s].peak(r) / 1e9:.1f} GB" for s, r in tried if s in estimates
         )
         reason = f"fits the {source}" + (f" (too big: {skipped})" if skipped else "")
+    device_error = None
+    if device.type != "meta":  # meta is no device: what it can run is not known
+        try:
+            check_device(candidate, device)
+        except GlmImageError as e:
+            device_error = str(e)
     plan = MemoryPlan(
         residency,
         candidate,
@@ -414,6 +443,7 @@ def plan_memory(
         str(device),
         (height, width),
         batch,
+        device_error,
     )
     log.info(plan.describe())
     return plan

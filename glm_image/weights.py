@@ -167,6 +167,10 @@ class WeightIndex:
         folder = Path(folder)
         if not folder.is_dir():
             raise CheckpointError(f"checkpoint component folder not found: {folder}")
+        if (folder / "drawn_weights.json").is_file():  # glm-image-random: drawn from a seed, not stored
+            from .synthetic.random import drawn_index
+
+            return cls(folder, drawn_index(folder), None)
         indexes = sorted(folder.glob("*.safetensors.index.json"))
         if len(indexes) > 1:
             raise CheckpointError(
@@ -411,6 +415,14 @@ def load_weights(
         def read(entry: str | Part) -> torch.Tensor:
             name = _name(entry)
             info = index.tensors[name]
+            if info.file.name == "drawn_weights.json":  # drawn on the device (glm_image.synthetic.random)
+                from .synthetic.random import draw_tensor
+
+                tensor = draw_tensor(info, device)
+                if isinstance(entry, Part):
+                    tensor = tensor.narrow(entry.dim, entry.start, entry.stop - entry.start)
+                cast = dtype if dtype is not None else tensor.dtype
+                return tensor.to(dtype=cast)
             if info.file not in handles:
                 try:
                     handles[info.file] = stack.enter_context(

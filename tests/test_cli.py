@@ -76,7 +76,10 @@ def test_tiny_is_built_once_and_cached(capsys):
 @pytest.mark.parametrize(
     ("model", "message"),
     [
-        ("/nonexistent/glm-image", "not found; allowed: tiny, wide, a local checkpoint folder"),
+        (
+            "/nonexistent/glm-image",
+            "not found; allowed: tiny, wide, glm-image-random, a local checkpoint folder",
+        ),
         ("zai-org/GLM-Image", "HF_HUB_OFFLINE is set and it is not in the Hugging Face cache"),
         ("./not/a/hub/id", "not found"),
     ],

@@ -111,4 +111,4 @@ def test_cli_image_to_image(tiny_checkpoint, tmp_path, cli):
     assert run.returncode == 0, run.stderr
     assert Image.open(out).size == (96, 128)
     bad = cli("generate", PROMPT, "--image", str(tmp_path / "missing.png"), *common)
-    assert bad.returncode == 2 and "images[0]: not a readable image" in bad.stderr
+    assert bad.returncode == 2 and "missing.png: not a readable image" in bad.stderr

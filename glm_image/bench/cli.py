@@ -52,7 +52,9 @@ _names = _list(str, "last,above")
 
 def _model_and_runtime(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", default="tiny", help="tiny | wide | a checkpoint folder | a Hugging Face id"
+        "--model",
+        default="tiny",
+        help="tiny | wide | glm-image-random | a checkpoint folder | a Hugging Face id",
     )
     add_runtime_arguments(parser)
     parser.add_argument("--out", help="write the JSON report here")

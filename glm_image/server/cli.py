@@ -68,7 +68,9 @@ def add_parser(sub) -> None:
         "/files/<id>.png. The model loads once, before the server listens.",
     )
     serve.add_argument(
-        "--model", default="tiny", help="tiny | wide | a checkpoint folder | a Hugging Face id"
+        "--model",
+        default="tiny",
+        help="tiny | wide | glm-image-random | a checkpoint folder | a Hugging Face id",
     )
     add_runtime_arguments(serve)
     add_generation_arguments(serve)
