@@ -5,11 +5,25 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-__all__ = ["Progress", "StageBars"]
+__all__ = ["Progress", "StageBars", "one_of"]
 
 # progress(stage, done, total), called as work advances: stage "ar" counts the tokens the AR
 # model has written, "dit" the denoising steps taken. Called on the thread doing the work.
 Progress = Callable[[str, int, int], None]
+
+
+def one_of(progress: Progress | None, index: int, count: int) -> Progress | None:
+    """The progress of item ``index`` of ``count`` that run one after the other (a batch's rows
+    decoded apart), reported as the whole batch's: the mean over the items, the total unchanged,
+    so a caller sees what a batch run together would have shown."""
+    if progress is None or count == 1:
+        return progress
+
+    def report(stage: str, done: int, total: int) -> None:
+        progress(stage, (index * total + done) // count, total)
+
+    return report
+
 
 _LABELS = {"ar": ("AR tokens", "tok"), "dit": ("DiT steps", "step")}  # a bar's label and unit
 

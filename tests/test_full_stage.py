@@ -141,3 +141,33 @@ def test_cpu_dry_run_writes_full_json(tmp_path: Path) -> None:
     assert report["reference"]["dit_forwards"] == 2 * 2  # two CFG branches x two steps
     assert report["missing"] == ["fast", "batch", "large", "memory"]
     assert any("projected, not measured" in note for note in report["notes"])
+
+
+@pytest.mark.slow
+def test_cpu_dry_run_runs_every_other_part(tmp_path: Path) -> None:
+    """fast, batch, large and memory as gpu_run.sh runs them (tiny widths, 64x64, one step), so
+    a typo in any part fails here rather than on a lent GPU; each writes its part of full.json."""
+    env = {
+        **os.environ,
+        "GPU_RUN_DEVICE": "cpu",
+        "GPU_RUN_PRESET": "tiny",
+        "GPU_RUN_LAYERS": "1",
+        "GPU_RUN_SIZE": "64x64",
+        "GPU_RUN_STEPS": "1",
+        "GPU_RUN_FULL_PARTS": "fast,batch,large,memory",
+    }
+    out = tmp_path / "out"
+    done = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), str(out), "full"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "rc=124" not in done.stdout and "skipped" not in done.stdout, done.stdout[-3000:]
+    for part in ("fast", "batch", "large", "memory"):
+        assert (out / "full" / f"{part}.json").is_file(), (part, done.stdout[-3000:])
+    report = json.loads((out / "full.json").read_text())
+    assert report["missing"] == ["exact"]

@@ -9,6 +9,14 @@ mask. Timesteps, sigmas and the Euler step are the pipeline's, bit for bit
 (``sampling.flow``); the DiT sees ``t - 1``. Initial noise is drawn per image from its own
 seed, so a batch equals its images generated one by one.
 
+Batch invariance (``batch_invariant``, as the AR engine's): the maths never mixes images, but a
+CPU's kernels round an image's numbers by the batch's shape (GEMM row counts, the glyph padding's
+alignment in attention, the VAE's batched convolutions): a batch's latents differed from each
+image's solo run by about 1e-6 and 2 pixels by 1/255 (tiny, 3 prompts). So on a CPU the images of
+a call are denoised and decoded apart, each as a call of one (its CFG pair still together), and
+an image equals its solo run bit for bit. Accelerators batch (that is their throughput) unless
+``batch_invariant=True``.
+
 Several prompts in one call: the reference left-pads their glyph sequences with zeros that every
 query still sees, so a prompt's image depends on the other prompts of its batch. By default we
 hide that padding (``isolate_prompts=True``): each image equals the one its prompt gives alone,
@@ -33,6 +41,7 @@ same. Only the answering rank (``DitGroups.leads``) decodes images.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,7 +63,7 @@ from ..models.dit import (
 from ..models.glyph import GlyphEncoder
 from ..ops import Ops
 from ..parallel.comm import DitGroups
-from ..progress import Progress
+from ..progress import Progress, one_of
 from ..quant import QuantScheme
 from ..sampling import euler_step, flow_schedule, guidance, image_seeds, image_seq_len
 from ..weights import load_model
@@ -101,9 +110,14 @@ class DitEngine:
         config: CheckpointConfig,
         device: torch.device,
         groups: DitGroups | None = None,
+        batch_invariant: bool | None = None,
     ) -> None:
         """``groups``: this rank's CFG and SP groups (see the module docstring); the model must be
-        built with ``groups.sp``. None: one process."""
+        built with ``groups.sp``. None: one process. ``batch_invariant``: denoise and decode a
+        call's images apart (see the module docstring); None: on a CPU only."""
+        if batch_invariant is not None and not isinstance(batch_invariant, bool):
+            raise GlmImageError(f"batch_invariant = {batch_invariant!r}; allowed: true, false or none (auto)")
+        self.batch_invariant = batch_invariant
         self.groups = groups or DitGroups()
         self.model = model.eval()
         self.glyph = glyph
@@ -116,6 +130,13 @@ class DitEngine:
         statistics = [config.vae.latents_mean, config.vae.latents_std]
         self._latent_stats = torch.tensor(statistics, dtype=torch.float32, device=device).view(2, 1, -1, 1, 1)
 
+    @property
+    def rows_apart(self) -> bool:
+        """Whether a call's images run apart (``batch_invariant``, resolved for the device)."""
+        if self.batch_invariant is None:
+            return self.device.type == "cpu"
+        return self.batch_invariant
+
     @classmethod
     def from_pretrained(
         cls,
@@ -126,6 +147,7 @@ class DitEngine:
         attention_backend: str | Ops | None = None,
         quantize: str | QuantScheme | None = None,
         groups: DitGroups | None = None,
+        batch_invariant: bool | None = None,
     ) -> DitEngine:
         """``attention_backend``: as ``ArEngine.from_pretrained``. ``quantize``: the DiT's weight
         format, none | int8 | fp8, or a scheme naming stages (see ``glm_image.quant``); the glyph
@@ -155,7 +177,7 @@ class DitEngine:
         vae = load_model(
             lambda: AutoencoderKL.from_config(vae_config), root / "vae", device=device, dtype=vae_dtype
         )
-        return cls(model, glyph, vae, config, device, groups)
+        return cls(model, glyph, vae, config, device, groups, batch_invariant)
 
     def to(self, device: str | torch.device) -> DitEngine:
         """Move the DiT, the glyph encoder and the VAE; used to take turns on a small GPU."""
@@ -226,6 +248,11 @@ class DitEngine:
             raise GlmImageError(f"guidance_scale = {guidance_scale} must be >= 1")
         if dit_cache is not None and not isinstance(dit_cache, StepCache):
             raise GlmImageError(f"dit_cache: got {type(dit_cache).__name__}; allowed: a StepCache or None")
+        if self.rows_apart and isolate_prompts and prior_token_ids.shape[0] > 1:
+            return self._denoise_apart(
+                prior_token_ids, prompts, per_prompt, (height, width, num_inference_steps, guidance_scale),
+                seeds, latents, progress, conditions, dit_cache,
+            )  # fmt: skip
         prior = prior_token_ids.to(self.device)
         # Given latents keep their dtype until the first step upcasts them, as in the reference.
         latents = (
@@ -259,6 +286,33 @@ class DitEngine:
         if dit_cache is not None and plan.split:
             dit_cache.join_branches(cfg)  # the other branch's rows ran on the other rank
         return latents
+
+    def _denoise_apart(
+        self, prior, prompts, per_prompt, call, seeds, latents, progress, conditions, dit_cache
+    ) -> torch.Tensor:
+        """``denoise`` one image at a time (``rows_apart``): image i with its prompt, seed,
+        latents and condition images, and a step cache of its own, gathered into ``dit_cache``."""
+        images = prior.shape[0]
+        seeds = image_seeds(seeds, images)
+        parts, caches = [], []
+        for i in range(images):
+            prompt = i // per_prompt
+            cache = None if dit_cache is None else copy.copy(dit_cache)  # its policy; ``start`` resets it
+            one = self.denoise(
+                prior[i : i + 1],
+                prompts[prompt],
+                *call,
+                seeds=[seeds[i]],
+                latents=None if latents is None else latents[i : i + 1],
+                progress=one_of(progress, i, images),
+                conditions=None if conditions is None else [conditions[prompt]],
+                dit_cache=cache,
+            )
+            parts.append(one)
+            caches.append(cache)
+        if dit_cache is not None:
+            dit_cache.gather(caches)
+        return torch.cat(parts)
 
     def _plan(
         self,
@@ -459,7 +513,10 @@ class DitEngine:
             self.vae.enable_tiling()
         else:
             self.vae.disable_tiling()
-        images = self.vae.decode(latents, return_dict=False)[0]
+        if self.rows_apart:  # each image decoded alone: the same pixels in any batch
+            images = torch.cat([self.vae.decode(x[None], return_dict=False)[0] for x in latents])
+        else:
+            images = self.vae.decode(latents, return_dict=False)[0]
         check_finite(images, "pixels")  # a VAE or kernel fault is an error, never a black image
         images = (images / 2 + 0.5).clamp(0, 1).float().permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray((image * 255).round().astype(np.uint8)) for image in images]

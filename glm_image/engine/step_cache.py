@@ -76,6 +76,15 @@ class StepCache:
             per_image[row % self._images] += blocks
         return [blocks / self._layers for blocks in per_image]
 
+    def gather(self, parts: list[StepCache]) -> None:
+        """Hold the counts of ``parts``, the caches of one call's images run one by one (image i in
+        ``parts[i]``), as if the images had run together: ``forwards`` lists them in order."""
+        branches = len(parts[0]._blocks) // max(parts[0]._images, 1)
+        self.start(len(parts), branches, parts[0]._layers, parts[0]._sp)
+        for i, part in enumerate(parts):
+            for branch in range(branches):
+                self._blocks[branch * len(parts) + i] = part._blocks[branch]
+
     def decide(self, step: int, before: torch.Tensor, after: torch.Tensor) -> list[int]:
         """The rows that run blocks 1.. at ``step`` (ascending); the others take ``predict``.
         ``before``, ``after``: the image stream (rows, N, dim) around block 0."""
