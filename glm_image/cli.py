@@ -564,15 +564,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    from .errors import NonFiniteError
-    from .parallel.launch import RankDied
+    from .errors import NonFiniteError, StageDied
 
     try:
         args.func(args)
     except KeyboardInterrupt:
         print("glm-image: interrupted", file=sys.stderr)
         return 130  # 128 + SIGINT, what a shell reports for Ctrl-C
-    except (NonFiniteError, RankDied) as e:  # an engine fault, not the user's input
+    except (NonFiniteError, StageDied) as e:  # an engine fault, not the user's input
         print(f"glm-image: error: {e}", file=sys.stderr)
         return 1
     except GlmImageError as e:  # the shared options' checks name their Python parameter: say the flag

@@ -44,3 +44,18 @@ def check_finite(values, stage: str, seeds: Sequence[int] | None = None) -> None
         f"{stage}: NaN or Inf in {len(rows)} of {values.shape[0]} images ({which}); nothing was "
         "written. The request's values were valid: this is an engine or kernel fault"
     )
+
+
+class StageDied(RuntimeError):
+    """A stage's process (a rank, a worker, a replica) stopped, or stopped answering, while the
+    stage was needed; the message says which and how. Not the user's input: the CLI exits 1, the
+    server answers 500 naming it. Shown to clients: it holds nothing but our own words."""
+
+
+class Cancelled(Exception):
+    """Raised inside a running stage call (from its progress callback) to stop it early: every
+    request of a server's call was abandoned, or the ranks agreed to stop."""
+
+
+class StageError(RuntimeError):
+    """An unexpected error inside a stage's process (a rank, a worker): its type and traceback."""

@@ -9,7 +9,7 @@ noise alike, so a seed gives the image diffusers' ``GlmImagePipeline`` gives wit
 ``generator=torch.Generator().manual_seed(seed)``.
 
 Several devices (``ar_tp``, ``dit_cfg_parallel``, ``dit_sp``, ``placement``; see
-``glm_image.parallel``): a stage with several ranks is a ``StageGroup`` of worker processes this
+``glm_image.parallel``): a stage with several ranks is a ``stages.ProcessStage`` of rank processes this
 object spawns and owns (``close()``, or at exit); the other runs here. Only the stage values of
 ``glm_image.stages`` cross, so every entry point below works the same either way.
 """
@@ -30,7 +30,7 @@ from .errors import GlmImageError
 from .parallel.config import ParallelConfig
 from .progress import Progress
 from .request import GenerationRequest
-from .stages import ArCall, DitCall, GenerationOutput, output_of, outputs_of, plan_call, run_stage
+from .stages import ArCall, DitCall, GenerationOutput, as_handle, output_of, outputs_of, plan_call
 from .validation import (
     IdleCacheWarning,
     check_generation,
@@ -69,8 +69,8 @@ class GlmImage:
         quantize: str = "none",
         parallel: ParallelConfig | None = None,
     ) -> None:
-        """``ar``, ``dit``: an engine each, or a ``parallel.StageGroup`` running it on several
-        ranks. ``offload_to``: where a stage waits while the other runs (e.g. "cpu"); None keeps
+        """``ar``, ``dit``: an engine each, or a stage handle (``stages.StageHandle``: rank
+        processes, a torchrun rank's part). ``offload_to``: where a stage waits while the other runs (e.g. "cpu"); None keeps
         both stages on their device. ``ar_decoding``, ``jacobi_window``, ``dit_cache``: the
         defaults of ``generate``. ``quantize``: the weight format the engines were loaded with
         (recorded in every PNG). ``parallel``: how the stages are spread (checks sizes)."""
@@ -78,6 +78,7 @@ class GlmImage:
         if dit_cache is not None:
             dit_cache.check()
         self.ar, self.dit, self.name = ar, dit, name
+        self.handles = (as_handle("ar", ar), as_handle("dit", dit))  # how the stages are called
         self.ar_decoding, self.jacobi_window, self.dit_cache = ar_decoding, jacobi_window, dit_cache
         self.quantize = quantize
         self.parallel = parallel or ParallelConfig()
@@ -197,11 +198,10 @@ class GlmImage:
 
     @classmethod
     def _spread(cls, root, model, device, dtype, attention_backend, scheme, parallel, **defaults) -> GlmImage:
-        """Both stages as ``parallel`` says: a stage of several ranks is a ``StageGroup`` (its
+        """Both stages as ``parallel`` says: a stage of several ranks is a ``ProcessStage`` (its
         ranks load their shards), a stage of one loads here on its device."""
         from .ops import select_ops
-        from .parallel import spmd
-        from .parallel.launch import StageGroup
+        from .stages import StageSpec, open_stage, spmd
 
         log.info("loading %s (%s): %s", root, dtype, parallel.describe())
         if spmd.launched():  # torchrun started the ranks: this process is one of them
@@ -215,24 +215,26 @@ class GlmImage:
             stages = zip(("ar", "dit"), (ArEngine, DitEngine), parallel.devices(device), strict=True)
             for stage, engine, devices in stages:
                 ops = select_ops(attention_backend, torch.device(devices[0]))
-                group = StageGroup.of_stage(
-                    stage,
-                    root,
-                    parallel,
-                    device,
-                    dtype=dtype,
-                    attention_backend=ops.name,
-                    quantize=scheme.stage(stage),
-                )
-                if group is None:
-                    group = engine.from_pretrained(
+                if len(devices) == 1:
+                    loaded = engine.from_pretrained(
                         root, device=devices[0], dtype=dtype, attention_backend=ops, quantize=scheme
                     )
-                engines.append(group)
+                else:
+                    spec = StageSpec(
+                        stage,
+                        str(root),
+                        dtype=str(dtype).removeprefix("torch."),
+                        attention_backend=ops.name,
+                        quantize=f"{stage}={scheme.stage(stage)}",  # "int4" alone is the AR's only
+                        tp=parallel.ar_tp,
+                        cfg=parallel.dit_cfg,
+                        sp=parallel.dit_sp,
+                    )
+                    loaded = open_stage(spec, devices)
+                engines.append(loaded)
         except BaseException:
-            for loaded in engines:
-                if isinstance(loaded, StageGroup):
-                    loaded.close()
+            for index, loaded in enumerate(engines):
+                as_handle(("ar", "dit")[index], loaded).close()
             raise
         pipe = cls(*engines, str(model), quantize=str(scheme), parallel=parallel, **defaults)
         pipe.device = device
@@ -240,9 +242,8 @@ class GlmImage:
 
     def close(self) -> None:
         """Stop the worker processes of the stages that run on several ranks (also done at exit)."""
-        for stage in (self.ar, self.dit):
-            if hasattr(stage, "close"):
-                stage.close()
+        for handle in self.handles:
+            handle.close()
 
     def __enter__(self) -> GlmImage:
         return self
@@ -324,10 +325,11 @@ class GlmImage:
         idle = idle_step_cache(dit_cache, steps)
         if idle is not None:  # every entry point meets here before any work: one place to say so
             warnings.warn(idle, IdleCacheWarning, stacklevel=3)
-        self._resident(self.ar, self.dit)
-        prior = run_stage("ar", self.ar, call, progress)
-        self._resident(self.dit, self.ar)
-        made = run_stage("dit", self.dit, DitCall(prior, steps, guidance, dit_cache), progress)
+        ar, dit = self.handles
+        self._resident(ar, dit)
+        prior = ar.run(call, progress)
+        self._resident(dit, ar)
+        made = dit.run(DitCall(prior, steps, guidance, dit_cache), progress)
         return prior, made
 
     # ---------------------------------------------------------------- requests

@@ -1,4 +1,4 @@
-"""Functions the parallel tests run on every rank of a ``StageGroup`` (``StageGroup.run`` takes a
+"""Functions the parallel tests run on every rank of a ``ProcessStage`` (``ProcessStage.run`` takes a
 picklable function of the rank's engine; these are imported by name in the rank processes).
 
 Each gathers what every rank saw, so a test can check the ranks agree, not only rank 0's answer.

@@ -19,9 +19,9 @@ from glm_image.config import CheckpointConfig
 from glm_image.engine import ArEngine
 from glm_image.models.ar import ArModel
 from glm_image.parallel.comm import Comm
-from glm_image.parallel.launch import RankSpec, StageGroup
 from glm_image.parallel.layout import ArShard, check_tp, tp_sizes
 from glm_image.quant.formats import quantize, shard_columns
+from glm_image.stages import ProcessStage, StageSpec
 from glm_image.weights import load_model
 
 PROMPTS = ["a sign that says 'OPEN'", "a cat"]  # two lengths: left padding in the batch
@@ -34,7 +34,7 @@ def single(tiny_checkpoint):
 
 @pytest.fixture(scope="module")
 def group(tiny_checkpoint):
-    with StageGroup(RankSpec("ar", str(tiny_checkpoint), tp=2), ["cpu", "cpu"]) as g:
+    with ProcessStage(StageSpec("ar", str(tiny_checkpoint), tp=2), ["cpu", "cpu"]) as g:
         yield g
 
 
@@ -190,7 +190,7 @@ def test_tp2_int8_equals_int8_in_one_process_within_its_precision(tiny_checkpoin
     one = ArEngine.from_pretrained(tiny_checkpoint, quantize="int8")
     tokens = one.generate(PROMPTS[0], 256, 256, seeds=3).tokens[0]
     forced = functools.partial(teacher_forced_logits, prompt=PROMPTS[0], height=256, width=256, tokens=tokens)
-    with StageGroup(RankSpec("ar", str(tiny_checkpoint), tp=2, quantize="int8"), ["cpu", "cpu"]) as g:
+    with ProcessStage(StageSpec("ar", str(tiny_checkpoint), tp=2, quantize="int8"), ["cpu", "cpu"]) as g:
         logits = g.run(forced)
         _, sampled = g.run(functools.partial(ar_generate, prompts=PROMPTS, greedy=False, logits=False))
     int8, floats = forced(one), forced(single)
@@ -208,6 +208,6 @@ def test_tp2_int8_greedy_writes_the_tokens_of_one_process(tiny_checkpoint):
     differed. int8 on a CPU now computes in float32 (``ops.quant``'s ``int8-float``)."""
     one = ArEngine.from_pretrained(tiny_checkpoint, quantize="int8")
     _, alone = ar_generate(one, PROMPTS, logits=False, greedy=True)
-    with StageGroup(RankSpec("ar", str(tiny_checkpoint), tp=2, quantize="int8"), ["cpu", "cpu"]) as g:
+    with ProcessStage(StageSpec("ar", str(tiny_checkpoint), tp=2, quantize="int8"), ["cpu", "cpu"]) as g:
         _, ranks = g.run(functools.partial(ar_generate, prompts=PROMPTS, logits=False, greedy=True))
     assert torch.equal(ranks[0], alone[0]) and torch.equal(ranks[1], alone[0])

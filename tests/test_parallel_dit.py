@@ -17,7 +17,7 @@ from parallel_helpers import denoise_call, dit_denoise
 from glm_image.engine import DitEngine
 from glm_image.engine.choices import StepCacheOptions
 from glm_image.parallel import ulysses
-from glm_image.parallel.launch import RankSpec, StageGroup
+from glm_image.stages import ProcessStage, StageSpec
 
 CASES = {  # prompts, condition images
     "quoted text": (["a sign that says 'OPEN'"], False),
@@ -36,7 +36,7 @@ def single(tiny_checkpoint):
 @pytest.fixture(scope="module", params=list(LAYOUTS))
 def group(request, tiny_checkpoint):
     cfg, sp = LAYOUTS[request.param]
-    with StageGroup(RankSpec("dit", str(tiny_checkpoint), cfg=cfg, sp=sp), ["cpu"] * (cfg * sp)) as g:
+    with ProcessStage(StageSpec("dit", str(tiny_checkpoint), cfg=cfg, sp=sp), ["cpu"] * (cfg * sp)) as g:
         yield g
 
 
@@ -83,7 +83,7 @@ def test_the_step_cache_decides_as_one_process(group, single):
 @pytest.mark.parallel
 @pytest.mark.slow
 def test_cfg_and_sp_together_on_four_ranks(tiny_checkpoint, single):
-    with StageGroup(RankSpec("dit", str(tiny_checkpoint), cfg=2, sp=2), ["cpu"] * 4) as g:
+    with ProcessStage(StageSpec("dit", str(tiny_checkpoint), cfg=2, sp=2), ["cpu"] * 4) as g:
         for case in ("quoted text", "image to image"):
             prompts, images = CASES[case]
             _check(g, single, denoise_call(prompts, images))

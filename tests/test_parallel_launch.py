@@ -20,9 +20,9 @@ from parallel_helpers import busy, fail_on
 from PIL import Image
 
 from glm_image import GlmImage
-from glm_image.errors import GlmImageError
+from glm_image.errors import GlmImageError, StageDied, StageError
 from glm_image.parallel.config import ParallelConfig
-from glm_image.parallel.launch import RankDied, RankError, RankSpec, StageGroup
+from glm_image.stages import ProcessStage, StageSpec
 
 
 def _gone(pids) -> bool:
@@ -63,7 +63,7 @@ def test_a_configuration_that_cannot_run_fails_before_any_weights_load(
 
     monkeypatch.setattr("glm_image.engine.ar_engine.load_model", no_loading)
     monkeypatch.setattr("glm_image.engine.dit_engine.load_model", no_loading)
-    monkeypatch.setattr(StageGroup, "_start", no_loading)
+    monkeypatch.setattr(ProcessStage, "_start", no_loading)
     with pytest.raises(GlmImageError, match=message):
         GlmImage.from_pretrained(tiny_checkpoint, device="cpu", **options)
 
@@ -83,13 +83,13 @@ def test_more_ranks_than_devices_and_sizes_that_do_not_split_are_errors():
 @pytest.fixture(scope="module")
 def pair(tiny_checkpoint):
     """A two-rank DiT group for the failure tests that leave it usable."""
-    with StageGroup(RankSpec("dit", str(tiny_checkpoint), sp=2), ["cpu", "cpu"]) as g:
+    with ProcessStage(StageSpec("dit", str(tiny_checkpoint), sp=2), ["cpu", "cpu"]) as g:
         yield g
 
 
 @pytest.mark.parallel
 def test_an_error_on_one_rank_is_raised_and_the_group_serves_on(pair):
-    with pytest.raises(RankError, match="rank 1 fails on purpose"):
+    with pytest.raises(StageError, match="rank 1 fails on purpose"):
         pair.run(functools.partial(fail_on, rank=1))
     assert pair.run(functools.partial(busy, seconds=0)) == 0 and pair.broken is None
 
@@ -121,7 +121,7 @@ def test_an_abandoned_call_stops_on_every_rank_at_the_same_step(pair, tiny_check
 
 @pytest.mark.parallel
 def test_a_killed_rank_fails_the_call_clearly_and_leaves_no_process(tiny_checkpoint):
-    group = StageGroup(RankSpec("dit", str(tiny_checkpoint), sp=2), ["cpu", "cpu"])
+    group = ProcessStage(StageSpec("dit", str(tiny_checkpoint), sp=2), ["cpu", "cpu"])
     pids = group.pids
     outcome = {}
 
@@ -138,10 +138,10 @@ def test_a_killed_rank_fails_the_call_clearly_and_leaves_no_process(tiny_checkpo
     thread.join(30)
     assert not thread.is_alive()
     error = outcome["error"]
-    assert isinstance(error, RankDied)
+    assert isinstance(error, StageDied)
     assert f"rank 1 of 2 (pid {pids[1]}" in str(error) and "SIGKILL" in str(error)
     assert _gone(pids)
-    with pytest.raises(RankDied, match="rank 1 of 2"):
+    with pytest.raises(StageDied, match="rank 1 of 2"):
         group.run(functools.partial(busy, seconds=0))
     group.close()
 
@@ -218,7 +218,7 @@ def test_ctrl_c_stops_generate_and_its_ranks(tiny_checkpoint, tmp_path):
     while time.monotonic() < deadline and len(ranks) < 2:
         time.sleep(0.5)
         ranks = [
-            p for p in _children(process.pid) if b"parallel.worker" in Path(f"/proc/{p}/cmdline").read_bytes()
+            p for p in _children(process.pid) if b"stages.worker" in Path(f"/proc/{p}/cmdline").read_bytes()
         ]
     assert len(ranks) == 2, "the ranks did not start"
     time.sleep(8)  # loaded, and (likely) generating
@@ -256,7 +256,7 @@ def test_serve_on_ranks_answers_concurrent_requests_and_stops_its_ranks(glm, tin
     argv += ["--placement", "separate", "--max-batch", "1"]  # one request per call: calls can overlap
     with serve_command(argv, port) as (process, url):
         ranks = [
-            p for p in _children(process.pid) if b"parallel.worker" in Path(f"/proc/{p}/cmdline").read_bytes()
+            p for p in _children(process.pid) if b"stages.worker" in Path(f"/proc/{p}/cmdline").read_bytes()
         ]
         assert len(ranks) == 4, "an AR group and a DiT group of two ranks each"
         bodies = [
@@ -300,15 +300,16 @@ def test_serve_on_ranks_answers_concurrent_requests_and_stops_its_ranks(glm, tin
 
 
 def test_a_server_over_a_stopped_stage_group_says_it_cannot_serve():
-    """Both executors read a stage group's ``broken`` (a rank died), so /health says 503 and why;
+    """Both executors read a stage handle's ``broken`` (a rank died), so /health says 503 and why;
     an engine in this process has none."""
     from types import SimpleNamespace
 
-    from glm_image.server.executors import InProcessExecutor, ThreadRunner
+    from glm_image.server.executors import HandleRunner, InProcessExecutor
+    from glm_image.stages import LocalStage
 
     stopped = SimpleNamespace(broken="the dit stage's rank 1 of 2 (pid 7) stopped with signal SIGKILL")
-    engine = SimpleNamespace(device="cpu")
-    assert InProcessExecutor(SimpleNamespace(ar=engine, dit=stopped)).broken == stopped.broken
-    assert InProcessExecutor(SimpleNamespace(ar=engine, dit=engine)).broken is None
-    assert ThreadRunner("dit", stopped).broken == stopped.broken
-    assert ThreadRunner("ar", engine).broken is None
+    local = LocalStage("ar", SimpleNamespace(device="cpu"))
+    assert InProcessExecutor(SimpleNamespace(handles=(local, stopped))).broken == stopped.broken
+    assert InProcessExecutor(SimpleNamespace(handles=(local, local))).broken is None
+    assert HandleRunner("dit", stopped).broken == stopped.broken
+    assert HandleRunner("ar", local).broken is None

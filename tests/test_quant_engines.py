@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from glm_image.bench.quality import psnr
+from glm_image.bench.metrics import psnr
 from glm_image.engine import ArEngine, DitEngine
 from glm_image.errors import GlmImageError, WeightsMismatchError
 from glm_image.models.ar import ArModel

@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from glm_image import GlmImage
-from glm_image.bench.quality import psnr
+from glm_image.bench.metrics import psnr
 from glm_image.errors import GlmImageError
 from glm_image.quant.linear import QuantLinear
 

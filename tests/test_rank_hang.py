@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 from parallel_helpers import busy
 
-from glm_image.errors import GlmImageError
-from glm_image.parallel.launch import RankDied, RankSpec, StageGroup, answer_seconds, process_state
+from glm_image.errors import GlmImageError, StageDied
+from glm_image.stages import ProcessStage, StageSpec
+from glm_image.stages.process import answer_seconds, process_state
 
 TIMEOUT = 2.0  # seconds a busy rank may stay silent in these tests
 
@@ -76,7 +77,7 @@ def test_the_answer_timeout_comes_from_the_argument_or_the_environment(monkeypat
 
 @pytest.mark.parallel
 def test_a_stopped_rank_fails_the_call_naming_it_and_is_reaped(tiny_checkpoint):
-    group = StageGroup(RankSpec("dit", str(tiny_checkpoint), sp=2), ["cpu", "cpu"], answer_seconds=TIMEOUT)
+    group = ProcessStage(StageSpec("dit", str(tiny_checkpoint), sp=2), ["cpu", "cpu"], answer_seconds=TIMEOUT)
     pids = group.pids
     try:
         assert group.broken is None
@@ -88,13 +89,13 @@ def test_a_stopped_rank_fails_the_call_naming_it_and_is_reaped(tiny_checkpoint):
         assert not thread.is_alive(), "the call hung on a stopped rank"
         assert time.monotonic() - started < TIMEOUT + 8
         error = outcome.get("error")
-        assert isinstance(error, RankDied), outcome
+        assert isinstance(error, StageDied), outcome
         message = str(error)
         assert f"rank 1 of 2 (pid {pids[1]}, cpu) stopped answering" in message
         assert "SIGSTOP" in message and f"within {TIMEOUT:g} s" in message
         assert group.broken == message  # what /health shows
         assert _wait_gone(pids), [process_state(p) for p in pids]  # killed while stopped, and reaped
-        with pytest.raises(RankDied, match="stopped answering"):
+        with pytest.raises(StageDied, match="stopped answering"):
             group.run(functools.partial(busy, seconds=0))
     finally:
         _kill(pids)
@@ -105,21 +106,23 @@ def test_a_stopped_rank_fails_the_call_naming_it_and_is_reaped(tiny_checkpoint):
 def test_a_long_silent_step_is_not_a_hang(tiny_checkpoint):
     """Each rank sleeps for three timeouts in one step, sending nothing: its heartbeat thread
     keeps answering, so the call succeeds."""
-    with StageGroup(RankSpec("dit", str(tiny_checkpoint), sp=2), ["cpu", "cpu"], answer_seconds=TIMEOUT) as g:
+    with ProcessStage(
+        StageSpec("dit", str(tiny_checkpoint), sp=2), ["cpu", "cpu"], answer_seconds=TIMEOUT
+    ) as g:
         assert g.run(functools.partial(sleep_then_rank, seconds=3 * TIMEOUT)) == 0
         assert g.broken is None
 
 
 @pytest.mark.parallel
 def test_a_rank_stopped_between_calls_shows_in_broken_and_is_killed_at_close(tiny_checkpoint):
-    group = StageGroup(RankSpec("dit", str(tiny_checkpoint), sp=2), ["cpu", "cpu"], answer_seconds=TIMEOUT)
+    group = ProcessStage(StageSpec("dit", str(tiny_checkpoint), sp=2), ["cpu", "cpu"], answer_seconds=TIMEOUT)
     pids = group.pids
     try:
         os.kill(pids[0], signal.SIGSTOP)
         time.sleep(0.2)
         assert group.broken is not None and f"rank 0 of 2 (pid {pids[0]}, cpu) is stopped" in group.broken
         started = time.monotonic()
-        with pytest.raises(RankDied, match=rf"pid {pids[0]}.*stopped \(SIGSTOP\) between calls"):
+        with pytest.raises(StageDied, match=rf"pid {pids[0]}.*stopped \(SIGSTOP\) between calls"):
             group.run(functools.partial(busy, seconds=0))
         assert time.monotonic() - started < 8  # at once: SIGKILL, no 5 s wait for a SIGTERM it cannot see
         assert _wait_gone(pids)
@@ -130,7 +133,7 @@ def test_a_rank_stopped_between_calls_shows_in_broken_and_is_killed_at_close(tin
 
 @pytest.mark.parallel
 def test_close_kills_a_stopped_rank_without_sigcont(tiny_checkpoint):
-    group = StageGroup(RankSpec("dit", str(tiny_checkpoint), sp=2), ["cpu", "cpu"], answer_seconds=TIMEOUT)
+    group = ProcessStage(StageSpec("dit", str(tiny_checkpoint), sp=2), ["cpu", "cpu"], answer_seconds=TIMEOUT)
     pids = group.pids
     try:
         os.kill(pids[1], signal.SIGSTOP)
@@ -169,7 +172,7 @@ def test_serve_with_a_stopped_rank_fails_the_request_reports_it_and_leaves_nothi
             ranks = [
                 p
                 for p in _children(process.pid)
-                if b"parallel.worker" in Path(f"/proc/{p}/cmdline").read_bytes()
+                if b"stages.worker" in Path(f"/proc/{p}/cmdline").read_bytes()
             ]
             assert len(ranks) == 2
             body = {"prompt": "a cat", "size": "64x64", "steps": 2}

@@ -43,10 +43,12 @@ from test_server import (  # noqa: E402
 )
 from test_server_stages import free_port  # noqa: E402
 
-from glm_image.errors import NonFiniteError  # noqa: E402
-from glm_image.server.executors import StageDied  # noqa: E402
+from glm_image.errors import (  # noqa: E402
+    Cancelled,
+    NonFiniteError,
+    StageDied,
+)
 from glm_image.server.ray_app import APP_NAME, RayRunner, build  # noqa: E402
-from glm_image.server.stagework import Abandoned  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -324,7 +326,7 @@ def test_errors_raised_in_a_replica_keep_their_kind():
 
 def test_an_abandoned_call_is_cancelled_in_its_replica():
     handle = FakeHandle("never read", delay=30)
-    with pytest.raises(Abandoned):
+    with pytest.raises(Cancelled):
         asyncio.run(RayRunner("dit", handle, slots=1).run("prior", lambda: True))
     assert handle.responses[0].cancelled
 

@@ -48,6 +48,7 @@ from glm_image.server.executors import ModelFront, StagedExecutor
 from glm_image.server.runner import ServerThread
 from glm_image.server.settings import ServerSettings
 from glm_image.server.workers import staged_processes
+from glm_image.stages import LocalStage
 
 
 def alive(pid: int) -> bool:
@@ -197,7 +198,8 @@ def test_a_request_past_its_timeout_never_reaches_the_dit(glm, tmp_path):
     """Stages in threads: a request whose AR outlives its timeout is a 504; its AR call stops
     at its next step and no DiT call is made for it."""
     executor = StagedExecutor.in_threads(glm)
-    held = executor.ar.engine = HeldAr(glm.ar)
+    held = HeldAr(glm.ar)
+    executor.ar.handle = LocalStage("ar", held)
     spans = record_spans(executor)
     app = create_app(ModelFront.of(glm), ServerSettings(output_dir=tmp_path, steps=1, timeout=1.0), executor)
     with ServerThread(app) as url:
@@ -247,8 +249,11 @@ def test_a_failing_request_fails_alone_in_a_staged_batch(glm, tmp_path):
     """Stages in threads, a DiT that returns NaN for one prompt: that request is a 500 with an
     error id, the ones batched with it get their images (the batch reruns each alone)."""
     executor = StagedExecutor.in_threads(glm)
-    held = executor.ar.engine = HeldAr(glm.ar)
-    executor.dit.engine = NanFor(glm.dit, "POISON")
+    held = HeldAr(glm.ar)
+    executor.ar.handle, executor.dit.handle = (
+        LocalStage("ar", held),
+        LocalStage("dit", NanFor(glm.dit, "POISON")),
+    )
     spans = record_spans(executor)
     app = create_app(ModelFront.of(glm), ServerSettings(output_dir=tmp_path, steps=1, max_batch=4), executor)
     bodies = [{"prompt": p, "size": "64x64", "seed": i} for i, p in enumerate(["hold", "a", "POISON b", "c"])]
@@ -327,7 +332,11 @@ def test_a_killed_worker_fails_its_request_and_nothing_outlives_the_server(tiny_
         assert r.status_code == 500, r.text
         error = r.json()["error"]
         assert re.fullmatch(r"[0-9a-f]{16}", error["error_id"]) and error["type"] == "server_error"
-        assert f"the dit stage worker (pid {first['dit']}) stopped with exit code -9" in error["message"]
+        assert (
+            f"the dit stage worker (pid {first['dit']}, cpu) stopped with signal SIGKILL while it ran a call"
+            in error["message"]
+        ), error["message"]
+        assert "a new one is starting" in error["message"] and "keeps serving" in error["message"]
         again = post(url, OPENAI, {"prompt": "after", "size": "64x64"})  # waits for the new worker
         assert again.status_code == 200, again.text
         health = requests.get(url + "/health", timeout=10).json()
@@ -348,6 +357,36 @@ def test_a_killed_worker_fails_its_request_and_nothing_outlives_the_server(tiny_
     wait_until(lambda: not any(alive(pid) for pid in (*first.values(), *second.values())), timeout=10)
 
 
+def test_a_stopped_worker_fails_its_request_and_is_replaced(tiny_checkpoint, tmp_path, monkeypatch):
+    """SIGSTOP the DiT worker mid-request (issue 23: the server's workers are the same process
+    handle as the ranks, heartbeat included): the request fails within the answer timeout naming
+    the worker and its pid, the stopped process is killed, and a new worker serves the next one."""
+    monkeypatch.setenv("GLM_IMAGE_RANK_TIMEOUT", "2")  # the server reads it
+    port = free_port()
+    with serve_command(command(tiny_checkpoint, port, tmp_path), port) as (process, url):
+        first = worker_pids(url)
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                long = pool.submit(post, url, OPENAI, {"prompt": "long", "size": "96x96", "steps": 200})
+                wait_until(lambda: metrics(url)['glm_image_stage_calls{stage="dit"}'] == 1, timeout=60)
+                started = time.monotonic()
+                os.kill(first["dit"], signal.SIGSTOP)
+                r = long.result(timeout=60)
+            assert time.monotonic() - started < 30
+            assert r.status_code == 500, r.text
+            message = r.json()["error"]["message"]
+            assert f"the dit stage worker (pid {first['dit']}, cpu) stopped answering" in message, message
+            assert "a new one is starting" in message, message
+            wait_until(lambda: not alive(first["dit"]), timeout=15)  # killed, though stopped
+            again = post(url, OPENAI, {"prompt": "after", "size": "64x64"})
+            assert again.status_code == 200, again.text
+            assert worker_pids(url)["dit"] != first["dit"]
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(first["dit"], signal.SIGKILL)
+            process.kill()
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
@@ -358,6 +397,7 @@ def test_a_killed_worker_fails_its_request_and_nothing_outlives_the_server(tiny_
         (["--dit-replicas", "3"], "--dit-replicas needs --ray"),
         (["--ray", "--dit-replicas", "4-2"], "--dit-replicas '4-2'; allowed: N"),
         (["--ray", "--ar-gpus", "-1"], "--ar-gpus -1.0; allowed: a number >= 0"),
+        (["--ray", "--dit-gpus", "2"], "--dit-gpus 2: a Ray replica runs its stage on one device"),
         (
             ["--stages", "separate", "--ar-tp", "2"],
             "--stages separate runs each stage in one worker on one device",
@@ -384,11 +424,33 @@ def test_stage_and_ray_flags_become_options():
     stages = stage_options_from_args(args)
     assert (stages.ar_device, stages.dit_device, stages.threads) == ("cpu", "cpu:0", None)
     ray = ray_options_from_args(
-        parse(["serve", "--ray", "--ar-replicas", "2", "--dit-replicas", "1-6", "--dit-gpus", "2"])
+        parse(["serve", "--ray", "--ar-replicas", "2", "--dit-replicas", "1-6", "--dit-gpus", "1"])
     )
     assert (
-        ray.ar_replicas == (2, 2) and ray.dit_replicas == (1, 6) and ray.dit_gpus == 2 and ray.ar_gpus is None
+        ray.ar_replicas == (2, 2) and ray.dit_replicas == (1, 6) and ray.dit_gpus == 1 and ray.ar_gpus is None
     )
     assert (
         stage_options_from_args(parse(["serve"])) is None and ray_options_from_args(parse(["serve"])) is None
+    )
+
+
+def test_a_serve_config_s_yaml_values_reach_the_parser_typed():
+    """A Ray Serve config's ``args`` as YAML types them (issue 23: ``dit_cache_taylor: true`` was
+    ``--dit-cache-taylor True``, "unrecognized arguments"): a boolean is the bare flag or nothing,
+    a number its text, parsed by ``serve``'s own parser (not the root CLI's)."""
+    from glm_image.server.cli import config_argv, serve_parser
+
+    args = {"dit_cache_taylor": True, "stage_threads": None, "ar_replicas": 2, "guidance": 2.5}
+    assert config_argv({**args, "ray": False}) == [
+        "--dit-cache-taylor",
+        "--ar-replicas",
+        "2",
+        "--guidance",
+        "2.5",
+    ]
+    parsed = serve_parser().parse_args(["serve", "--ray", *config_argv(args)])
+    assert parsed.dit_cache_taylor is True and parsed.ar_replicas == "2" and parsed.guidance == 2.5
+    assert (
+        serve_parser().parse_args(["serve", *config_argv({"dit_cache_taylor": False})]).dit_cache_taylor
+        is False
     )

@@ -10,7 +10,7 @@ import pytest
 import torch
 from parallel_helpers import SIZE, conditions, prior
 
-from glm_image.bench.quality import psnr
+from glm_image.bench.metrics import psnr
 from glm_image.engine import DitEngine
 from glm_image.engine.step_cache import StepCache, StepCacheOptions
 from glm_image.errors import GlmImageError

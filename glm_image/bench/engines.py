@@ -136,22 +136,17 @@ class OursRunner:
         """Every weight of both stages, over all ranks of a stage that runs on several."""
         return on_engine(self.pipe.ar, _stage_weight_bytes) + on_engine(self.pipe.dit, _stage_weight_bytes)
 
-    @property
-    def _here(self) -> list:
-        """The stages loaded in this process (not a ``StageGroup`` of rank processes)."""
-        return [stage for stage in (self.pipe.ar, self.pipe.dit) if not _is_group(stage)]
-
     def park(self, where: torch.device) -> None:
         """Move the stages of this process off the device while the other engine runs (a stage
-        on several ranks stays on its devices)."""
-        for stage in self._here:
-            stage.to(where)
+        on several ranks stays on its devices: its handle's ``to`` does nothing)."""
+        for handle in self.pipe.handles:
+            handle.to(where)
 
     def unpark(self) -> None:
         """Back on the device; an offloading pipe moves each stage in itself when it runs."""
         if self.pipe.offload_to is None:
-            for stage in self._here:
-                stage.to(self.device)
+            for handle in self.pipe.handles:
+                handle.to(self.device)
 
     def run(
         self,
@@ -186,13 +181,13 @@ class OursRunner:
         """``GlmImage.generate`` with each stage run through ``bench_stage`` (here, or on every
         rank of a stage group); ``profile``: time every collective, each stage's counters put in it."""
         patched = []
-        for stage in (self.pipe.ar, self.pipe.dit):
-            if not _is_group(stage):
+        for stage, handle in zip((self.pipe.ar, self.pipe.dit), self.pipe.handles, strict=True):
+            if _ranks(handle) == 1:
                 patched += _instrument(stage, max_ar_tokens)
                 continue
-            run = stage.run
+            run = handle.run
 
-            def grouped(call, progress=None, run=run, name=stage.stage):
+            def grouped(call, progress=None, run=run, name=handle.stage):
                 answer = run(
                     functools.partial(bench_stage, call=call, cap=max_ar_tokens, profile=profile is not None)
                 )
@@ -201,8 +196,8 @@ class OursRunner:
                 answer, profile[name] = answer
                 return answer
 
-            stage.run = grouped
-            patched.append((stage, "run"))
+            handle.run = grouped
+            patched.append((handle, "run"))
         try:
             synchronize(self.device)
             start = time.perf_counter()
@@ -224,7 +219,7 @@ class OursRunner:
     def comm_share(self, prompt, height, width, steps, batch, seed, max_ar_tokens) -> dict | None:
         """Per stage on several ranks, one call with every collective timed: the stage's seconds
         on its first rank and the share its collectives took (None: no stage on several ranks)."""
-        if not any(_is_group(stage) for stage in (self.pipe.ar, self.pipe.dit)):
+        if not any(_ranks(handle) > 1 for handle in self.pipe.handles):
             return None
         profile: dict = {}
         self._call(prompt, height, width, steps, batch, seed, max_ar_tokens, profile)
@@ -242,15 +237,17 @@ class OursRunner:
         return out
 
 
-def _is_group(stage) -> bool:
-    from ..parallel.launch import StageGroup
-
-    return isinstance(stage, StageGroup)
+def _ranks(handle) -> int:
+    """How many ranks run ``handle``'s stage (1: its engine is in this process, to instrument)."""
+    return handle.describe().get("ranks", 1)
 
 
 def on_engine(stage, fn):
-    """``fn(engine)`` for an engine of this process, or its value on the first rank of a group."""
-    return stage.run(fn) if _is_group(stage) else fn(stage)
+    """``fn(engine)`` on ``stage`` (an engine or a stage handle): its value on the stage's first
+    rank, wherever that runs."""
+    from ..stages import as_handle
+
+    return as_handle("", stage).run(fn)
 
 
 def _stage_weight_bytes(engine) -> int:
@@ -280,7 +277,7 @@ def _instrument(engine, cap: int | None) -> list:
 
 def bench_stage(engine, call, cap: int | None = None, profile: bool = False):
     """One stage call (``ArCall`` or ``DitCall``) as ``OursRunner`` times it, on a rank's engine
-    (``StageGroup.run`` sends it to every rank). ``profile``: every collective timed, the AR
+    (``ProcessStage.run`` sends it to every rank). ``profile``: every collective timed, the AR
     decoding eagerly (a synchronising step cannot be captured); returns (answer, counters)."""
     from ..stages import ar_stage, dit_stage
 

@@ -34,7 +34,7 @@ def fidelity(
     reference (teacher-forced over its whole protocol per prompt)."""
     from ..engine import ArEngine, DitEngine
     from ..quant.compare import dit_velocity, logit_metrics, relative_error, teacher_forced_logits
-    from .quality import psnr
+    from .metrics import psnr
 
     device, dtype = quantized.device, quantized.ar.dtype
     full_ar = ArEngine.from_pretrained(root, device=device, dtype=dtype)

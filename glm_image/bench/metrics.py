@@ -36,6 +36,7 @@ matched = size of the multiset intersection of target and OCR units; the score i
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -180,3 +181,15 @@ def longtext_aggregate(scores: Iterable[LongTextScore]) -> dict[str, float | int
         "total": total,
         "images": len(scores),
     }
+
+
+def psnr(image, reference) -> float:
+    """Peak signal-to-noise ratio in dB of an 8-bit image against a reference of the same size
+    (PIL images or arrays; peak 255); inf when they are identical."""
+    import numpy as np
+
+    a, b = (np.asarray(x, dtype=np.float64) for x in (image, reference))
+    if a.shape != b.shape:
+        raise ValueError(f"psnr: images of shapes {a.shape} and {b.shape}")
+    mse = float(np.mean((a - b) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)

@@ -21,11 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from ..engine.choices import DEFAULT_WINDOW
 from ..errors import GlmImageError
-from .metrics import CvtgScore, LongTextScore, cvtg_aggregate, cvtg_score, longtext_aggregate, longtext_score
+from .metrics import (
+    CvtgScore,
+    LongTextScore,
+    cvtg_aggregate,
+    cvtg_score,
+    longtext_aggregate,
+    longtext_score,
+    psnr,
+)
 from .report import build_report, markdown_table
 from .suites import SuiteItem, load_suite
 
@@ -55,16 +61,6 @@ class QualityOptions:
     jacobi_window: int = DEFAULT_WINDOW
     quantize: str | None = None  # ours' weight format (the reference: as stored)
     max_memory: str | None = None
-
-
-def psnr(image, reference) -> float:
-    """Peak signal-to-noise ratio in dB of an 8-bit image against a reference of the same size
-    (PIL images or arrays; peak 255); inf when they are identical."""
-    a, b = (np.asarray(x, dtype=np.float64) for x in (image, reference))
-    if a.shape != b.shape:
-        raise ValueError(f"psnr: images of shapes {a.shape} and {b.shape}")
-    mse = float(np.mean((a - b) ** 2))
-    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 def _score(item: SuiteItem, lines: list[str]) -> dict[str, Any]:

@@ -213,7 +213,7 @@ def _measure(runner, call, device: torch.device, swap: bool) -> tuple[list, Stag
 
 def _cache_comparison(case: dict, images: dict[str, list], options: SpeedOptions) -> dict:
     """The cached engine against ours uncached: DiT speed-up, passes per image, image PSNR."""
-    from .quality import psnr
+    from .metrics import psnr
 
     ours, cached = case["ours"], case["ours_cached"]
     scores = [psnr(a, b) for a, b in zip(images["ours_cached"], images["ours"], strict=True)]

@@ -215,7 +215,7 @@ class ArEngine:
         the decoder's weight format, none | int8 | fp8 | int4, or a scheme naming stages
         (``ar=int4,dit=int8``; see ``glm_image.quant``), applied layer by layer while loading.
         ``tp``: the tensor-parallel group this process is a rank of (its shard is all it loads;
-        ``glm_image.parallel.StageGroup`` builds the group). The other options: see ``__init__``."""
+        ``glm_image.stages.ProcessStage`` builds the group). The other options: see ``__init__``."""
         from transformers import GlmImageProcessor
 
         setup = prepare_stage(path, device, attention_backend, "AR", quantize)

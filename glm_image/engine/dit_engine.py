@@ -152,7 +152,7 @@ class DitEngine:
         """``attention_backend``: as ``ArEngine.from_pretrained``. ``quantize``: the DiT's weight
         format, none | int8 | fp8, or a scheme naming stages (see ``glm_image.quant``); the glyph
         encoder and the VAE load as stored. ``groups``: the CFG and SP groups this process is a
-        rank of (``glm_image.parallel.StageGroup`` builds them); every rank loads the whole DiT."""
+        rank of (``glm_image.stages.ProcessStage`` builds them); every rank loads the whole DiT."""
         from diffusers import AutoencoderKL
 
         setup = prepare_stage(path, device, attention_backend, "DiT", quantize)

@@ -6,11 +6,10 @@
 - ``ulysses``: the all-to-all between sequence and heads around the DiT's attention;
 - ``config``: ``ParallelConfig`` (``--ar-tp``, ``--dit-cfg-parallel``, ``--dit-sp``, placement),
   checked before any weights load;
-- ``launch``: ``StageGroup``, a stage run by rank processes the engine spawns and owns (a driver
-  that holds no weights sends each call to every rank and gets rank 0's answer);
-- ``worker``: what a rank process runs.
+- ``groups``: the process groups of a stage's ranks (backend, control group, TP / CFG / SP).
 
-Names load lazily: the models import ``comm`` and ``layout`` without the launcher.
+Who starts the ranks and sends them calls is ``glm_image.stages`` (``ProcessStage``, torchrun's
+``SpmdStage``): nothing here imports upward. Names load lazily.
 """
 
 from __future__ import annotations
@@ -22,9 +21,8 @@ from .._lazy import lazy_attributes
 if TYPE_CHECKING:
     from .comm import SINGLE, Comm, CommStats
     from .config import ParallelConfig
-    from .launch import RankDied, StageGroup
 
-__all__ = ["SINGLE", "Comm", "CommStats", "ParallelConfig", "RankDied", "StageGroup"]
+__all__ = ["SINGLE", "Comm", "CommStats", "ParallelConfig"]
 
 __getattr__ = lazy_attributes(
     __name__,
@@ -33,7 +31,5 @@ __getattr__ = lazy_attributes(
         "Comm": ".comm",
         "CommStats": ".comm",
         "ParallelConfig": ".config",
-        "RankDied": ".launch",
-        "StageGroup": ".launch",
     },
 )

@@ -8,8 +8,9 @@ lazily so that ``glm-image generate`` never needs the ``serve`` extra (FastAPI, 
 - ``jobs``: the bounded queue, which batches same-size requests and pushes each batch through
   the executor's stages;
 - ``executors``: what runs the engine calls: in this process (default), or the AR and the DiT as
-  two overlapped stages (``stagework``: what one stage does; ``workers``: a stage in a worker
-  process; ``ray_app``: the stages as Ray Serve deployments behind this same app, ``--ray``);
+  two overlapped stages, each a stage handle (``glm_image.stages``) on a ``HandleRunner``
+  (``workers``: a stage in a worker process; ``ray_app``: the stages as Ray Serve deployments
+  behind this same app, ``--ray``);
 - ``schemas``, ``errors``: request bodies and the two error styles (bigmodel, OpenAI);
 - ``files``: PNG encoding and atomic, random-id files; ``metrics``: Prometheus text;
 - ``runner``: uvicorn in a background thread (tests, the load benchmark).

@@ -22,9 +22,41 @@ from ..options import (
     runtime_kwargs,
 )
 
-__all__ = ["add_parser", "ray_options_from_args", "settings_from_args", "stage_options_from_args"]
+__all__ = [
+    "add_parser",
+    "config_argv",
+    "ray_options_from_args",
+    "serve_parser",
+    "settings_from_args",
+    "stage_options_from_args",
+]
 
 log = logging.getLogger("glm_image.server")
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    """A parser of ``glm-image serve``'s flags alone (a Serve config's ``args``, see ``config_argv``)."""
+    parser = argparse.ArgumentParser(prog="glm-image")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def config_argv(args: dict) -> list[str]:
+    """``glm-image serve`` arguments of a Serve config's ``args`` (YAML values, typed): ``true`` is
+    the bare flag and ``false`` leaves it out (``dit_cache_taylor: true``), a list gives its
+    values one after another, a number or a string is the flag's value."""
+    argv = []
+    for key, value in (args or {}).items():
+        flag = f"--{str(key).replace('_', '-')}"
+        if value is True:
+            argv.append(flag)
+        elif value is False or value is None:
+            continue
+        elif isinstance(value, list | tuple):
+            argv += [flag, *(str(v) for v in value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
 
 
 def add_parser(sub) -> None:
@@ -128,7 +160,8 @@ def add_parser(sub) -> None:
             f"--{stage}-gpus",
             type=float,
             metavar="G",
-            help=f"GPUs per {name} replica (its parallel degree; default 1 on a cluster with GPUs, else 0)",
+            help=f"GPUs per {name} replica, at most 1: a replica runs one engine on one device, so more "
+            "GPUs take more replicas (default 1 on a cluster with GPUs, else 0)",
         )
         ray.add_argument(
             f"--{stage}-cpus",
@@ -208,6 +241,13 @@ def ray_options_from_args(args: argparse.Namespace):
             raise GlmImageError(f"--{given[0].replace('_', '-')} needs --ray")
         return None
     _single_device_stages(args, "--ray")
+    for stage in ("ar", "dit"):
+        gpus = getattr(args, f"{stage}_gpus")
+        if gpus is not None and gpus > 1:  # they would sit idle: the replica's engine uses one
+            raise GlmImageError(
+                f"--{stage}-gpus {gpus:g}: a Ray replica runs its stage on one device, so the other GPUs "
+                f"would sit idle; allowed: a number <= 1 (more GPUs: more --{stage}-replicas)"
+            )
     return RayOptions(
         address=args.ray_address,
         ar_replicas=parse_replicas(args.ar_replicas, "--ar-replicas"),

@@ -6,10 +6,11 @@ The queue (``jobs.EngineQueue``) batches requests and pushes each batch through 
 slot, so with two stages one batch's AR runs while the previous batch's DiT runs.
 
 - ``InProcessExecutor``: one stage, ``GlmImage.run_batch`` on one engine thread (the default);
-- ``StagedExecutor``: an AR stage and a DiT stage, each on its own runner: ``ThreadRunner`` (a
-  loaded engine in a thread of this process), ``workers.ProcessRunner`` (a worker process with
-  its own engine and device) or ``ray_app.RayRunner`` (a Ray Serve deployment). Only
-  ``PriorTokens`` passes from the AR stage to the DiT stage (see ``stagework``).
+- ``StagedExecutor``: an AR stage and a DiT stage, each a ``HandleRunner``: a stage handle
+  (``glm_image.stages``: rank processes of the pipeline, a worker process of its own
+  (``workers``), a Ray Serve deployment (``ray_app``)) called on a thread of its own. The runner
+  never asks which kind it holds; given a way to reopen it, it replaces a handle that died.
+  Only ``PriorTokens`` passes from the AR stage to the DiT stage.
 
 ``ModelFront`` is what the API needs of a model without loading it (name, size rule, request
 checks, PNG text): the server process of a staged or Ray executor holds no weights.
@@ -18,6 +19,7 @@ checks, PNG text): the server process of a staged or Ray executor holds no weigh
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,37 +27,34 @@ from typing import Any, Protocol
 
 from ..config.checkpoint import SizeLimits
 from ..engine.choices import DEFAULT_WINDOW, StepCacheOptions, check_decoding
+from ..errors import Cancelled, StageDied
 from ..parallel.config import ParallelConfig
 from ..pipeline import GlmImage
-from ..stages import DitCall, outputs_of, plan_call, run_stage
-from .stagework import Abandoned
+from ..stages import DitCall, StageHandle, outputs_of, plan_call
+from .errors import ApiError
 
 __all__ = [
     "Executor",
+    "HandleRunner",
     "InProcessExecutor",
     "ModelFront",
     "Stage",
-    "StageDied",
     "StagedExecutor",
-    "ThreadRunner",
 ]
+
+log = logging.getLogger("glm_image.server")
 
 Abandon = Callable[[], bool]  # True once every request of the call is abandoned
 
 
 def _stop_when(abandoned: Abandon) -> Callable[[str, int, int], None]:
-    """A progress callback that stops the engine call (``Abandoned``) once ``abandoned()``."""
+    """A progress callback that stops the engine call (``Cancelled``) once ``abandoned()``."""
 
     def progress(stage: str, done: int, total: int) -> None:
         if abandoned():
-            raise Abandoned
+            raise Cancelled
 
     return progress
-
-
-class StageDied(Exception):
-    """A stage's worker (process, replica) stopped while it ran a call; the message says which
-    and what happens next. Shown to the client: it holds nothing but our own words."""
 
 
 @dataclass(frozen=True)
@@ -131,7 +130,8 @@ class InProcessExecutor:
 
     @property
     def broken(self) -> str | None:
-        return _stopped(getattr(self.pipe, "ar", None)) or _stopped(getattr(self.pipe, "dit", None))
+        handles = getattr(self.pipe, "handles", ())  # a test's stand-in pipe may have none
+        return next((h.broken for h in handles if h.broken is not None), None)
 
     async def start(self) -> None:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm-image-engine")
@@ -156,63 +156,96 @@ class InProcessExecutor:
         return self.pipe.run_batch(requests, progress)
 
 
-class Runner(Protocol):
-    """Where one stage's calls run (a thread, a worker process, a Ray deployment)."""
-
-    slots: int
-    broken: str | None
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-    async def run(self, payload, abandoned: Abandon): ...
-
-    def describe(self) -> dict: ...
-
-
-def _stopped(engine) -> str | None:
-    """Why ``engine`` can run no call any more: a stage on rank processes
-    (``parallel.StageGroup``) whose group stopped because a rank died; None for an engine."""
-    reason = getattr(engine, "broken", None)
-    return reason if isinstance(reason, str) else None
-
-
-class ThreadRunner:
-    """A stage on its own thread: an engine loaded in this process, or a stage on rank
-    processes (``parallel.StageGroup``) this process drives."""
+class HandleRunner:
+    """One stage's handle, called on a thread of its own (a call blocks until its answer). With
+    ``reopen`` (the server started the stage: a worker process), a handle that died is replaced:
+    the call it ran fails (``StageDied``: a 500 naming it) and a new one opens; calls that come
+    meanwhile wait for it, and one found dead between calls is replaced before the next call
+    runs. A handle that cannot open again leaves the stage ``broken`` (503s, said in /health).
+    Without ``reopen`` (the pipeline's own handles) a dead handle stays broken."""
 
     slots = 1
 
-    def __init__(self, stage: str, engine) -> None:
-        self.stage, self.engine = stage, engine
+    def __init__(
+        self, stage: str, handle: StageHandle | None = None, reopen: Callable[[], StageHandle] | None = None
+    ) -> None:
+        self.stage, self.handle, self.reopen = stage, handle, reopen
+        self.restarts = 0
+        self._failed: str | None = None  # a handle that could not open again
         self._thread: ThreadPoolExecutor | None = None
+        self._ready: asyncio.Event | None = None
+        self._lock: asyncio.Lock | None = None
+        self._reopening: asyncio.Future | None = None
 
     @property
     def broken(self) -> str | None:
-        return _stopped(self.engine)
+        if self._failed is not None or self.handle is None:
+            return self._failed
+        return None if self.reopen is not None else self.handle.broken  # reopened on the next call
 
     async def start(self) -> None:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"glm-image-{self.stage}")
+        self._ready, self._lock = asyncio.Event(), asyncio.Lock()
+        if self.handle is None:
+            self.handle = await self._on_thread(self.reopen)
+        self._ready.set()
 
     async def stop(self) -> None:
+        if self._reopening is not None:
+            self._reopening.cancel()
+            await asyncio.gather(self._reopening, return_exceptions=True)
+        handle, self.handle = self.handle, None
+        if handle is not None and self.reopen is not None:  # ours to close (the pipeline closes its own)
+            await asyncio.to_thread(handle.close)
         if self._thread is not None:
+            # a call already running cannot be interrupted here; do not wait for it
             self._thread.shutdown(wait=False, cancel_futures=True)
 
     def describe(self) -> dict:
-        return {"runner": "thread", "device": str(getattr(self.engine, "device", ""))}
+        described = self.handle.describe() if self.handle is not None else {}
+        return {**described, "restarts": self.restarts}
+
+    async def _on_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     async def run(self, payload, abandoned: Abandon):
-        progress = _stop_when(abandoned)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._thread, run_stage, self.stage, self.engine, payload, progress)
+        async with self._lock:
+            await self._ready.wait()
+            if self._failed is None and self.reopen is not None and self.handle.broken is not None:
+                await self._replace(self.handle.broken)  # it died between calls
+                await self._ready.wait()
+            if self.broken is not None:
+                raise ApiError("unavailable", f"the server cannot generate: {self.broken}")
+            try:
+                return await self._on_thread(self.handle.run, payload, _stop_when(abandoned))
+            except StageDied as e:
+                if self.reopen is None:
+                    raise
+                await self._replace(str(e))
+                raise StageDied(f"{e}; a new one is starting") from None
+
+    async def _replace(self, why: str) -> None:
+        """Close the dead handle; a new one opens on the stage's thread (before any later call)."""
+        log.error("the %s stage died: %s", self.stage, why)
+        self._ready.clear()
+        await asyncio.to_thread(self.handle.close)
+        self._reopening = asyncio.ensure_future(self._reopen())
+
+    async def _reopen(self) -> None:
+        try:
+            self.handle = await self._on_thread(self.reopen)
+            self.restarts += 1
+        except Exception as e:  # any failure leaves the stage broken, said in /health
+            self._failed = f"the {self.stage} stage worker died and could not start again ({e})"
+        finally:
+            self._ready.set()
 
 
 class StagedExecutor:
     """The AR stage and the DiT stage on separate runners, overlapped by the queue: while one
     batch's DiT runs, the next batch's AR runs. Only ``PriorTokens`` crosses between them."""
 
-    def __init__(self, front: ModelFront, ar: Runner, dit: Runner, name: str = "stages") -> None:
+    def __init__(self, front: ModelFront, ar, dit, name: str = "stages") -> None:
         self.front, self.ar, self.dit, self.name = front, ar, dit, name
         self.stages = (Stage("ar", self._ar, ar.slots), Stage("dit", self._dit, dit.slots))
 
@@ -220,7 +253,8 @@ class StagedExecutor:
     def in_threads(cls, pipe) -> StagedExecutor:
         """The two stages of a loaded ``GlmImage``, each on its own thread (``serve
         --placement separate``: stages on devices of their own, their ranks driven from here)."""
-        return cls(ModelFront.of(pipe), ThreadRunner("ar", pipe.ar), ThreadRunner("dit", pipe.dit), "threads")
+        ar, dit = pipe.handles
+        return cls(ModelFront.of(pipe), HandleRunner("ar", ar), HandleRunner("dit", dit), "threads")
 
     @property
     def broken(self) -> str | None:

@@ -33,14 +33,12 @@ from collections import deque
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 
-from ..errors import GlmImageError, NonFiniteError
-from ..parallel.launch import RankDied
+from ..errors import Cancelled, GlmImageError, NonFiniteError, StageDied
 from ..request import GenerationRequest
 from .errors import ApiError
-from .executors import Executor, StageDied
+from .executors import Executor
 from .metrics import Metrics
 from .settings import ServerSettings
-from .stagework import Abandoned
 
 __all__ = ["ClientGone", "EngineQueue", "Job"]
 
@@ -220,7 +218,7 @@ class EngineQueue:
                 await self._slots[index].acquire()
             try:
                 if abandoned():
-                    raise Abandoned
+                    raise Cancelled
                 self.metrics.stage_busy(stage.name, True)
                 try:
                     work = await stage.run(work, abandoned)
@@ -235,7 +233,7 @@ class EngineQueue:
         self._active.update(batch)
         try:
             outputs = await self._through(batch, holding_first)
-        except Abandoned:
+        except Cancelled:
             self.metrics.count_engine_call(len(batch), None, stopped=True)
             log.info("stopped an engine call: all %d of its requests were abandoned", len(batch))
         except Exception as e:
@@ -272,7 +270,7 @@ class EngineQueue:
             log.error("engine failure, error id %s", error_id, exc_info=error)
             if isinstance(error, NonFiniteError):
                 what = "the engine produced NaN or Inf for this request, so no image was made"
-            elif isinstance(error, StageDied | RankDied):  # a worker or a rank: which, and how it ended
+            elif isinstance(error, StageDied):  # a worker or a rank: which, and how it ended
                 what = str(error)
             else:
                 what = "the engine failed on this request"

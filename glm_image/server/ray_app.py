@@ -9,7 +9,7 @@ Three deployments make one Serve application:
   served by the replica that wrote the file).
 - ``ArStage`` and ``DitStage``: one engine each per replica, ``max_ongoing_requests=1``, their
   own replica counts (fixed, or autoscaled between a minimum and a maximum), CPUs and GPUs per
-  replica (a stage's parallel degree). Only an ``ArCall`` goes to the AR, only ``PriorTokens``
+  replica (at most one GPU: a replica's engine runs on one device; more GPUs, more replicas). Only an ``ArCall`` goes to the AR, only ``PriorTokens``
   (token ids, condition codes) from it to the DiT; images come back to the ingress.
 
 A replica that dies while it runs a call: the call is sent once more (Serve routes it to a
@@ -35,11 +35,10 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import RequestCancelledError
 
-from ..errors import GlmImageError
-from ..stages import run_stage
-from .executors import Abandon, ModelFront, StagedExecutor, StageDied
+from ..errors import Cancelled, GlmImageError, StageDied
+from ..stages import StageSpec, open_stage
+from .executors import Abandon, ModelFront, StagedExecutor
 from .settings import RayOptions, ServerSettings
-from .stagework import Abandoned, StageSpec, load_stage
 
 __all__ = ["APP_NAME", "RayRunner", "application", "build", "serve_with_ray"]
 
@@ -62,13 +61,14 @@ def _log_like_serve() -> None:
 
 
 class _StageReplica:
-    """One engine; one call at a time (the deployment's ``max_ongoing_requests``)."""
+    """One stage handle (``stages.open_stage``: its engine loaded here, on the one device the
+    replica uses; more than one GPU per replica is refused); one call at a time."""
 
     stage = ""
 
     def __init__(self, spec: StageSpec) -> None:
         _log_like_serve()
-        self.engine = load_stage(spec)
+        self.handle = open_stage(spec)
 
     async def run(self, payload):
         """The stage call on a thread; when the caller cancels, the call stops at its next step
@@ -77,9 +77,9 @@ class _StageReplica:
 
         def progress(stage: str, done: int, total: int) -> None:
             if stop.is_set():
-                raise Abandoned
+                raise Cancelled
 
-        work = asyncio.ensure_future(asyncio.to_thread(run_stage, self.stage, self.engine, payload, progress))
+        work = asyncio.ensure_future(asyncio.to_thread(self.handle.run, payload, progress))
         try:
             return await asyncio.shield(work)
         except asyncio.CancelledError:
@@ -151,10 +151,10 @@ class RayRunner:
                     return task.result()
                 if abandoned():
                     response.cancel()
-                    raise Abandoned
+                    raise Cancelled
         except RayTaskError as e:  # raised by our code in the replica: keep its kind
             cause = getattr(e, "cause", None)
-            if isinstance(cause, (GlmImageError, Abandoned)):
+            if isinstance(cause, (GlmImageError, Cancelled)):
                 raise cause from None
             raise RuntimeError(f"the {self.stage} replica failed:\n{e}") from None
         finally:
@@ -269,13 +269,11 @@ def _from_args(args) -> tuple:
 
 def build(args: dict):
     """The application builder of a Serve config file: ``args`` holds ``glm-image serve`` flags
-    by their long names (``model``, ``dit_replicas``, ``output_dir``, ...)."""
-    from ..cli import build_parser
+    by their long names (``model``, ``dit_replicas``, ``output_dir``, ...), typed as YAML types
+    them (``server.cli.config_argv``)."""
+    from .cli import config_argv, serve_parser
 
-    argv = ["serve", "--ray"]
-    for key, value in (args or {}).items():
-        argv += [f"--{str(key).replace('_', '-')}", str(value)]
-    parsed = build_parser().parse_args(argv)
+    parsed = serve_parser().parse_args(["serve", "--ray", *config_argv(args)])
     front, model, settings, options, keywords = _from_args(parsed)
     return application(front, model, settings, options, **keywords, gpus=_gpus(options, parsed.device))
 

@@ -1,12 +1,14 @@
-"""A stage run by a group of rank processes that this process spawns and owns.
+"""A stage run by rank processes that this process spawns and owns: the process handle.
 
-``StageGroup`` starts one process per rank (``python -m glm_image.parallel.worker``, talking to
-this process over a socket pair), hosts their rendezvous (a ``TCPStore`` on localhost), waits
-until every rank has loaded its shard, then runs calls: each call (an ``ArCall`` or a
-``DitCall``, see ``glm_image.stages``) goes to every rank, every rank runs the same stage
+``ProcessStage`` starts one process per rank (``python -m glm_image.stages.worker``, talking to
+this process over a socket pair), hosts their rendezvous (a ``TCPStore`` on localhost; none for
+one rank), waits until every rank has loaded its shard, then runs calls: each call (an
+``ArCall`` or a ``DitCall``, see ``glm_image.stages``) goes to every rank, every rank runs the same stage
 function on its shard (the collectives keep them in step), and the first rank's answer comes
 back. This process holds no weights and never joins a collective, so it can always see a rank
-die and stop the others.
+die and stop the others. One rank is a server's stage worker (``serve --stages separate``);
+several are a stage spread over devices (``--ar-tp``, ``--dit-sp``; a Ray replica with several
+GPUs). The same heartbeat, cancellation and failure rules hold for both.
 
 Lifetime and failures:
 
@@ -16,19 +18,19 @@ Lifetime and failures:
 - Ctrl-C reaches this process (the ranks ignore SIGINT): the call is abandoned and the group is
   closed, nothing left behind;
 - a rank that dies (killed, out of memory, a crash) makes the running call, and every later one,
-  raise ``RankDied`` naming the rank and its exit code; the other ranks are stopped at once (they
+  raise ``StageDied`` naming the rank and its exit code; the other ranks are stopped at once (they
   may be waiting in a collective for the dead one). ``broken`` says why;
 - a rank that stops answering (SIGSTOP, a hang that holds its interpreter) is a dead rank: while
   a rank loads or runs a call, a thread of its own says "alive" every ``answer_seconds / 4``
   seconds, whatever its main thread does (a long step sends nothing else, yet keeps answering);
   a rank not heard from for ``answer_seconds`` (``GLM_IMAGE_RANK_TIMEOUT``, default 60) fails
-  the call with ``RankDied`` naming it, and the group is stopped (a stopped process is killed at
+  the call with ``StageDied`` naming it, and the group is stopped (a stopped process is killed at
   once: SIGKILL needs no SIGCONT). Between calls ``broken`` also reports a rank that exited or
   is stopped, so ``/health`` says so before the next call;
 - an error in a call (a ``GlmImageError``, a ``NonFiniteError``, anything else) is raised here
   with the rank's message once every rank has answered; ranks that do not answer within
   ``grace`` seconds after one failed are waiting for it in a collective: the group is closed and
-  ``RankDied`` raised;
+  ``StageDied`` raised;
 - a ``progress`` callback gets the first rank's progress; when it raises (a server abandoning a
   call, Ctrl-C) every rank is told, the ranks agree to stop at the same step (a small collective
   every few steps), and the exception is raised here.
@@ -48,13 +50,13 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
-from ..errors import GlmImageError, NonFiniteError
+from ..errors import Cancelled, GlmImageError, NonFiniteError, StageDied, StageError
+from .handle import StageSpec
 
-__all__ = ["RankDied", "RankError", "RankSpec", "StageGroup", "receive", "send"]
+__all__ = ["ProcessStage", "answer_seconds", "process_state", "receive", "send"]
 
 log = logging.getLogger(__name__)
 
@@ -104,33 +106,6 @@ def receive(conn: Connection):
     return pickle.loads(conn.recv_bytes())
 
 
-class RankDied(RuntimeError):
-    """A rank process of a stage group stopped (or hung in a collective after another failed);
-    the group is closed and cannot run calls any more."""
-
-
-class RankError(RuntimeError):
-    """An unexpected error inside a rank: its type and traceback."""
-
-
-@dataclass(frozen=True)
-class RankSpec:
-    """What every rank of a group loads: its stage's engine and its part in the group."""
-
-    stage: str  # "ar" or "dit"
-    model: str  # a checkpoint folder (resolved by the caller)
-    dtype: str | None = None  # a torch dtype name; None: the device's default
-    attention_backend: str | None = None
-    quantize: str = "none"  # this stage's weight format
-    tp: int = 1  # AR: tensor-parallel ranks
-    cfg: int = 1  # DiT: CFG ranks (1 or 2)
-    sp: int = 1  # DiT: Ulysses ranks per CFG branch
-
-    @property
-    def size(self) -> int:
-        return self.tp if self.stage == "ar" else self.cfg * self.sp
-
-
 def _stop_all(processes: list[subprocess.Popen]) -> None:
     """SIGTERM every process still running, then SIGKILL what is left after a few seconds; a
     stopped process (SIGSTOP) cannot act on SIGTERM, so it gets SIGKILL at once."""
@@ -149,7 +124,7 @@ def _stop_all(processes: list[subprocess.Popen]) -> None:
             process.wait()
 
 
-class StageGroup:
+class ProcessStage:
     """One stage on ``len(devices)`` rank processes (see the module docstring).
 
     ``devices``: one per rank (``cpu`` for every rank on a CPU); ``threads``: torch threads per
@@ -158,13 +133,14 @@ class StageGroup:
 
     def __init__(
         self,
-        spec: RankSpec,
+        spec: StageSpec,
         devices: Sequence[str],
         *,
         threads: int | None = None,
         answer_seconds: float | None = None,
     ) -> None:
         from ..config import CheckpointConfig
+        from ..hub import resolve_checkpoint
 
         if len(devices) != spec.size:
             raise GlmImageError(
@@ -172,7 +148,7 @@ class StageGroup:
             )
         self.spec, self.devices = spec, list(devices)
         self.stage, self.size = spec.stage, spec.size
-        self.config = CheckpointConfig.from_dir(Path(spec.model))
+        self.config = CheckpointConfig.from_dir(resolve_checkpoint(spec.model))
         self.answer_seconds = globals()["answer_seconds"](answer_seconds)
         self._broken: str | None = None
         self._heard: list[float] = []  # per rank: when it last said anything (monotonic seconds)
@@ -185,39 +161,6 @@ class StageGroup:
         self._conns: list[Connection] = []
         self._finalizer = weakref.finalize(self, _stop_all, self._processes)
         self._start()
-
-    @classmethod
-    def of_stage(
-        cls,
-        stage: str,
-        model: str | Path,
-        parallel,
-        device,
-        *,
-        dtype=None,
-        attention_backend: str | None = None,
-        quantize: str = "none",
-    ) -> StageGroup | None:
-        """The group that runs ``stage`` ("ar" or "dit") of the checkpoint folder ``model`` as the
-        ``ParallelConfig`` ``parallel`` says, its ranks on the devices ``parallel.devices(device)``
-        gives that stage; None when the stage has one rank (load its engine as usual, on
-        ``parallel.devices(device)``'s one device). ``dtype``: a torch dtype or its name;
-        ``attention_backend``: an ops backend name; ``quantize``: this stage's weight format."""
-        ar_devices, dit_devices = parallel.devices(device)
-        devices = ar_devices if stage == "ar" else dit_devices
-        if len(devices) == 1:
-            return None
-        spec = RankSpec(
-            stage,
-            str(model),
-            dtype=None if dtype is None else str(dtype).removeprefix("torch."),
-            attention_backend=attention_backend,
-            quantize=quantize,
-            tp=parallel.ar_tp,
-            cfg=parallel.dit_cfg,
-            sp=parallel.dit_sp,
-        )
-        return cls(spec, devices)
 
     @property
     def attention_backend(self) -> str | None:
@@ -254,11 +197,23 @@ class StageGroup:
 
     def _who(self, rank: int) -> str:
         pid = self._processes[rank].pid if rank < len(self._processes) else "?"
+        if self.size == 1:
+            return f"the {self.stage} stage worker (pid {pid}, {self.devices[rank]})"
         return f"the {self.stage} stage's rank {rank} of {self.size} (pid {pid}, {self.devices[rank]})"
+
+    @property
+    def _unit(self) -> str:
+        return "the group" if self.size > 1 else "the worker"
+
+    def to(self, device) -> None:
+        """The ranks stay on their devices."""
 
     def describe(self) -> dict:
         return {
+            "handle": "process",
             "stage": self.stage,
+            "pid": self.pids[0] if self._processes else None,  # the answering rank's
+            "threads": self.threads,
             "ranks": self.size,
             "devices": self.devices,
             "pids": self.pids,
@@ -274,7 +229,10 @@ class StageGroup:
         import torch.distributed as dist
 
         # the rendezvous: this process serves it and never joins the group
-        self._store = dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False)
+        # (one rank joins no group: a server's stage worker)
+        self._store = (
+            dist.TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False) if self.size > 1 else None
+        )
         env = dict(os.environ)
         path = [p for p in sys.path if p]
         env["PYTHONPATH"] = os.pathsep.join(path + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
@@ -284,7 +242,7 @@ class StageGroup:
             for rank, device in enumerate(self.devices):
                 ours, theirs = socket.socketpair()
                 process = subprocess.Popen(
-                    [sys.executable, "-m", "glm_image.parallel.worker", str(theirs.fileno())],
+                    [sys.executable, "-m", "glm_image.stages.worker", str(theirs.fileno())],
                     pass_fds=(theirs.fileno(),),
                     env=env,
                 )
@@ -298,7 +256,7 @@ class StageGroup:
                         "spec": self.spec,
                         "rank": rank,
                         "device": device,
-                        "store": ("127.0.0.1", self._store.port),
+                        "store": ("127.0.0.1", self._store.port) if self._store is not None else None,
                         "threads": self.threads,
                         "parent": os.getpid(),
                         "beat": self.answer_seconds / 4,
@@ -352,25 +310,27 @@ class StageGroup:
         if self._broken is None:
             self._broken = f"the {self.stage} stage group was closed"
 
-    def __enter__(self) -> StageGroup:
+    def __enter__(self) -> ProcessStage:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _fail(self, reason: str, quiet: bool = False) -> RankDied:
+    def _fail(self, reason: str, quiet: bool = False) -> StageDied:
         """Close the group for good; the error to raise (logged unless ``quiet``)."""
         if not quiet:
             log.error("%s", reason)
         self.close(ask=False)
         self.broken = reason
-        return RankDied(reason)
+        return StageDied(reason)
 
     def _check_alive(self, when: str) -> None:
         for rank, process in enumerate(self._processes):
             code = process.poll()
             if code is not None:
-                raise self._fail(f"{self._who(rank)} stopped with {_how(code)} {when}; the group was stopped")
+                raise self._fail(
+                    f"{self._who(rank)} stopped with {_how(code)} {when}; {self._unit} was stopped"
+                )
 
     def _check_answering(self, seconds: float, when: str) -> None:
         """A rank silent for ``seconds`` while it should be saying "alive" is hung: a dead rank."""
@@ -382,7 +342,7 @@ class StageGroup:
                 )
                 raise self._fail(
                     f"{self._who(rank)} stopped answering{stopped}: nothing from it within {seconds:g} s "
-                    f"{when}; it counts as dead, and the group was stopped"
+                    f"{when}; it counts as dead, and {self._unit} was stopped"
                 )
 
     def _receive(self) -> list[tuple[int, tuple]]:
@@ -409,16 +369,16 @@ class StageGroup:
         its value on each rank's engine (benchmarks and tests look inside the engines so)."""
         with self._lock:
             if self._broken is not None:  # a rank that died since is found by ``_run``
-                raise RankDied(self._broken)
+                raise StageDied(self._broken)
             self._calls += 1
             call_id = self._calls
             try:
                 answer, raised = self._run(call_id, payload, progress)
-            except (RankDied, GlmImageError, RankError, _Stopped):
+            except (StageDied, GlmImageError, StageError, Cancelled):
                 raise
             except BaseException:  # Ctrl-C or a fault here: the ranks are left mid-call
                 self._fail(
-                    f"the {self.stage} stage's call was interrupted; the group was stopped", quiet=True
+                    f"the {self.stage} stage's call was interrupted; {self._unit} was stopped", quiet=True
                 )
                 raise
         if raised is not None:  # the caller's progress stopped the call; every rank is ready again
@@ -431,7 +391,7 @@ class StageGroup:
         for rank, process in enumerate(self._processes):
             if _is_stopped(process.pid):  # it would only time out: fail now
                 raise self._fail(
-                    f"{self._who(rank)} is stopped (SIGSTOP) between calls; the group was stopped"
+                    f"{self._who(rank)} is stopped (SIGSTOP) between calls; {self._unit} was stopped"
                 )
         self._heard = [time.monotonic()] * self.size  # idle ranks say nothing: the clocks start now
         for rank, conn in enumerate(self._conns):
@@ -443,7 +403,7 @@ class StageGroup:
                 self._check_alive("as a call was sent")
                 raise self._fail(
                     f"the {self.stage} stage's rank {rank} of {self.size} (pid {self._processes[rank].pid}) "
-                    "stopped reading its calls; the group was stopped"
+                    f"stopped reading its calls; {self._unit} was stopped"
                 ) from None
         replies: dict[int, tuple] = {}
         raised: BaseException | None = None
@@ -468,7 +428,7 @@ class StageGroup:
                 first = min(r for r, m in replies.items() if m[2] not in ("ok", "cancelled"))
                 raise self._fail(
                     f"the {self.stage} stage's rank {first} failed ({replies[first][3].splitlines()[0]}) "
-                    f"and ranks {waiting} did not finish; the group was stopped"
+                    f"and ranks {waiting} did not finish; {self._unit} was stopped"
                 )
         for rank in range(self.size):
             _, _, kind, value = replies[rank]
@@ -477,9 +437,9 @@ class StageGroup:
             if kind == "nonfinite":
                 raise NonFiniteError(value)
             if kind == "error":
-                raise RankError(f"rank {rank} of the {self.stage} stage: {value}")
+                raise StageError(f"rank {rank} of the {self.stage} stage: {value}")
         if raised is None and any(replies[r][2] == "cancelled" for r in replies):
-            raise _Stopped(f"the {self.stage} stage's call was stopped")
+            raise Cancelled(f"the {self.stage} stage's call was stopped")
         return replies[0][3], raised
 
     def _send_all(self, message: tuple) -> None:
@@ -496,7 +456,3 @@ def _how(code: int) -> str:
         except ValueError:
             return f"signal {-code}"
     return f"exit code {code}"
-
-
-class _Stopped(Exception):
-    """A call the ranks stopped on request with no exception of the caller's to raise."""

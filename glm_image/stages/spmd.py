@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import os
 
+from .handle import StageSpec, load_stage
+from .run import run_on
+
 __all__ = ["SpmdStage", "launched", "load"]
 
 
@@ -26,11 +29,20 @@ def launched() -> bool:
 
 class SpmdStage:
     """This rank's part of one stage in an SPMD launch: its engine (None when the stage has no
-    rank here), answering calls together with every other rank of the world."""
+    rank here), answering calls together with every other rank of the world. A stage handle
+    (``handle.StageHandle``): torchrun stops every rank when one dies, so it is never broken."""
+
+    broken = None
 
     def __init__(self, stage: str, engine, config, first: int, control, device) -> None:
         self.stage, self.engine, self.config = stage, engine, config
         self.first, self.control, self.device = first, control, device
+
+    def to(self, device) -> None:
+        """The ranks stay on their devices."""
+
+    def describe(self) -> dict:
+        return {"handle": "torchrun", "stage": self.stage, "rank": self.control.rank, "first": self.first}
 
     @property
     def attention_backend(self) -> str | None:
@@ -40,13 +52,11 @@ class SpmdStage:
         """The stage's answer to the world's first rank's ``call``, on every rank."""
         import torch.distributed as dist
 
-        from ..stages import run_stage
-
         sent = [call]
         dist.broadcast_object_list(sent, src=0, group=self.control.group)
         answer = None
         if self.engine is not None:
-            answer = run_stage(self.stage, self.engine, sent[0], progress if self.control.rank == 0 else None)
+            answer = run_on(self.stage, self.engine, sent[0], progress if self.control.rank == 0 else None)
         got = [answer]
         dist.broadcast_object_list(got, src=self.first, group=self.control.group)
         return got[0]
@@ -64,9 +74,8 @@ def load(root, parallel, device, dtype, attention_backend: str | None, scheme) -
 
     from ..config import CheckpointConfig
     from ..errors import GlmImageError
-    from .comm import CommStats
-    from .launch import RankSpec
-    from .worker import backend, control_group, load_rank, stage_groups
+    from ..parallel.comm import CommStats
+    from ..parallel.groups import backend, control_group, stage_groups
 
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     separate = parallel.placement == "separate"
@@ -85,17 +94,17 @@ def load(root, parallel, device, dtype, attention_backend: str | None, scheme) -
     config = CheckpointConfig.from_dir(root)
     stages = []
     for stage, first in (("ar", 0), ("dit", parallel.ar_tp if separate else 0)):
-        spec = RankSpec(
+        spec = StageSpec(
             stage,
             str(root),
             dtype=str(dtype).removeprefix("torch."),
             attention_backend=attention_backend,
-            quantize=scheme.stage(stage),
+            quantize=f"{stage}={scheme.stage(stage)}",  # "int4" alone is refused: it is the AR's only
             tp=parallel.ar_tp,
             cfg=parallel.dit_cfg,
             sp=parallel.dit_sp,
         )
         groups = stage_groups(spec, first, world, rank, device, CommStats())
-        engine = load_rank(spec, device, groups) if groups is not None else None
+        engine = load_stage(spec, device, groups) if groups is not None else None
         stages.append(SpmdStage(stage, engine, config, first, control, device))
     return stages[0], stages[1]

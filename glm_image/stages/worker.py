@@ -1,15 +1,14 @@
-"""One rank of a ``StageGroup``: ``python -m glm_image.parallel.worker FD``.
+"""One rank of a ``ProcessStage``: ``python -m glm_image.stages.worker FD``.
 
 The rank reads its orders from the socket ``FD`` (a ``multiprocessing`` connection to the process
-that spawned it): first what to load (``launch.RankSpec``, its rank and device, the rendezvous),
-then calls, until it is told to stop or the connection closes. It joins the process group with
-the device's backend (NCCL on CUDA, HCCL on Ascend, gloo on the CPU), builds its groups (the AR's
-tensor-parallel group; the DiT's CFG and SP groups, rank = cfg_index * sp + sp_index), loads its
-engine and runs each call with the stage function of ``glm_image.stages``.
+that spawned it): first what to load (``handle.StageSpec``, its rank and device, the rendezvous),
+then calls, until it is told to stop or the connection closes. One of several ranks joins the
+process group with the device's backend and builds its groups (``parallel.groups``); a lone rank
+(a server's stage worker) joins none. It loads its engine and runs each call with ``run.run_on``.
 
 It ignores Ctrl-C (its parent stops it) and exits by itself when its parent dies (on Linux the
 kernel also kills it then, even while it is stopped). While it loads or runs a call a thread of its
-own says "alive" to the parent every few seconds (``launch.StageGroup`` counts a silent rank as
+own says "alive" to the parent every few seconds (``process.ProcessStage`` counts a silent rank as
 hung); every message goes through one lock, so the heartbeat never splits another message.
 """
 
@@ -23,18 +22,17 @@ import time
 import traceback
 from datetime import timedelta
 
-from .launch import receive, send
+from ..errors import Cancelled
+from .handle import load_stage
+from .process import receive, send
+from .run import run_on
 
-__all__ = ["backend", "control_group", "load_rank", "main", "stage_groups"]
+__all__ = ["main"]
 
 CANCEL_EVERY = 16  # AR steps between the ranks' checks that a call is still wanted (DiT: every step)
 
 _SENDING = threading.Lock()  # the main thread and the heartbeat share the connection
 _BUSY = threading.Event()  # loading or in a call: the parent waits for us and listens
-
-
-class _Cancelled(Exception):
-    pass
 
 
 def _say(conn, message) -> None:
@@ -82,65 +80,6 @@ def _watch_parent(parent: int) -> None:
     threading.Thread(target=watch, name="glm-image-parent-watch", daemon=True).start()
 
 
-def backend(device) -> str:
-    """The process-group backend of ``device``'s type: NCCL, HCCL or gloo."""
-    if device.type == "cuda":
-        return "nccl"
-    if device.type == "npu":
-        from ..device import npu_module
-
-        npu_module()  # registers the hccl backend
-        return "hccl"
-    return "gloo"
-
-
-def control_group(device, world: int, rank: int):
-    """A gloo ``Comm`` over the whole world, for decisions the ranks take together on the host
-    (a call's cancellation, an SPMD launch's calls and answers)."""
-    import torch.distributed as dist
-
-    from .comm import Comm
-
-    group = dist.group.WORLD if device.type == "cpu" else dist.new_group(backend="gloo")
-    return Comm(group, world, rank, range(world), None)
-
-
-def stage_groups(spec, first: int, world: int, rank: int, device, stats):
-    """The groups of ``spec``'s stage, whose ranks are ``first`` .. ``first + spec.size - 1`` of a
-    world of ``world``: the AR's tensor-parallel ``Comm``, or the DiT's ``DitGroups`` (rank =
-    first + cfg_index * sp + sp_index); None when ``rank`` is not one of them. Every rank of the
-    world calls it, in the same order (creating a process group takes all of them)."""
-    import torch.distributed as dist
-
-    from .comm import Comm, DitGroups
-
-    def comm(members: list[int]) -> Comm | None:
-        if len(members) == 1:  # a group of one needs no process group (and every rank skips it)
-            group = None
-        else:
-            group = dist.group.WORLD if len(members) == world else dist.new_group(members)
-        if rank not in members:
-            return None
-        return Comm(group, len(members), members.index(rank), members, device, stats)
-
-    if spec.stage == "ar":
-        return comm(list(range(first, first + spec.tp)))
-    sp = [comm([first + c * spec.sp + s for s in range(spec.sp)]) for c in range(spec.cfg)]
-    cfg = [comm([first + c * spec.sp + s for c in range(spec.cfg)]) for s in range(spec.sp)]
-    mine_sp, mine_cfg = [x for x in sp if x is not None], [x for x in cfg if x is not None]
-    return DitGroups(mine_cfg[0], mine_sp[0]) if mine_sp else None
-
-
-def load_rank(spec, device, groups):
-    """The engine of ``spec``'s stage on this rank: its shard, in its groups."""
-    import dataclasses
-
-    from ..server.stagework import load_stage
-
-    stage = dataclasses.replace(spec, quantize=f"{spec.stage}={spec.quantize}")  # "int4": the AR's only
-    return load_stage(stage, device, **({"tp": groups} if spec.stage == "ar" else {"groups": groups}))
-
-
 class _Progress:
     """A rank's progress callback: the first rank reports to the parent; every rank polls for a
     cancel order, and every few steps they all agree (one small collective) whether to stop."""
@@ -161,15 +100,17 @@ class _Progress:
             elif message[0] == "stop":
                 self.cancel = self.stop = True
         self.calls += 1
-        if stage == "dit" or self.calls % CANCEL_EVERY == 0:
+        if self.control is None:  # one rank: nobody to agree with
+            if self.cancel:
+                raise Cancelled
+        elif stage == "dit" or self.calls % CANCEL_EVERY == 0:
             flag = torch.tensor([int(self.cancel)])
             if self.control.all_reduce(flag).item():
-                raise _Cancelled
+                raise Cancelled
 
 
 def _serve(conn, spec, engine, control, leads: bool) -> None:
     from ..errors import GlmImageError, NonFiniteError
-    from ..stages import run_stage
 
     while True:
         try:
@@ -185,11 +126,9 @@ def _serve(conn, spec, engine, control, leads: bool) -> None:
         progress = _Progress(conn, call_id, control, leads) if wants_progress else None
         try:
             # a call of the stage (``ArCall``, ``DitCall``), or a function of the engine itself
-            result = (
-                payload(engine) if callable(payload) else run_stage(spec.stage, engine, payload, progress)
-            )
+            result = run_on(spec.stage, engine, payload, progress)
             reply = ("ok", result if leads else None)
-        except _Cancelled:
+        except Cancelled:
             reply = ("cancelled", "")
         except NonFiniteError as e:
             reply = ("nonfinite", str(e))
@@ -219,7 +158,8 @@ def main(fd: int) -> None:
         import torch
         import torch.distributed as dist
 
-        from .comm import CommStats
+        from ..parallel.comm import CommStats
+        from ..parallel.groups import backend, control_group, stage_groups
 
         if init["threads"] is not None:
             torch.set_num_threads(init["threads"])  # this process's own setting: it runs nothing else
@@ -231,12 +171,14 @@ def main(fd: int) -> None:
 
             npu_module()  # torch.npu exists once torch_npu is imported
             torch.npu.set_device(device)
-        host, port = init["store"]
-        store = dist.TCPStore(host, port, spec.size, False, timeout=timedelta(minutes=10))
-        dist.init_process_group(backend(device), store=store, rank=rank, world_size=spec.size)
-        control = control_group(device, spec.size, rank)
-        groups = stage_groups(spec, 0, spec.size, rank, device, CommStats())
-        engine = load_rank(spec, device, groups)
+        control = groups = None
+        if init["store"] is not None:  # several ranks: a process group; one rank needs none
+            host, port = init["store"]
+            store = dist.TCPStore(host, port, spec.size, False, timeout=timedelta(minutes=10))
+            dist.init_process_group(backend(device), store=store, rank=rank, world_size=spec.size)
+            control = control_group(device, spec.size, rank)
+            groups = stage_groups(spec, 0, spec.size, rank, device, CommStats())
+        engine = load_stage(spec, device, groups)
     except BaseException as e:  # every load failure is reported, then we exit
         _say(conn, ("failed", f"{type(e).__name__}: {e}"))
         return

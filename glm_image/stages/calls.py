@@ -1,8 +1,8 @@
-"""The two stages of a generation, each a function of one engine, and what crosses between them.
+"""What crosses between the two stages of a generation: the calls and their answers.
 
-``ar_stage`` (the AR engine) turns an ``ArCall`` into ``PriorTokens``; ``dit_stage`` (the DiT
-engine and its VAE) turns a ``DitCall`` (prior tokens and the denoising settings) into
-``Images``. Only these values cross: token ids, condition codes and the request's numbers, cheap
+The AR stage turns an ``ArCall`` into ``PriorTokens``; the DiT stage (the DiT engine and its
+VAE) turns a ``DitCall`` (prior tokens and the denoising settings) into ``Images`` (``run``).
+Only these values cross: token ids, condition codes and the request's numbers, cheap
 to send to another process or machine. So the stages can run in one process (``GlmImage``), in
 two worker processes that overlap, or as separate deployments (``glm_image.server``).
 
@@ -14,18 +14,15 @@ these, so a request gets the same image wherever it runs.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from .config import SizeLimits
-from .engine.choices import DEFAULT_WINDOW, StepCacheOptions
-from .errors import check_finite
-from .progress import Progress
-from .request import GenerationRequest
-from .validation import control_strings, load_condition_images, plain_text, request_seeds
+from ..config import SizeLimits
+from ..engine.choices import DEFAULT_WINDOW, StepCacheOptions
+from ..request import GenerationRequest
+from ..validation import load_condition_images, request_seeds
 
 __all__ = [
     "ArCall",
@@ -33,12 +30,9 @@ __all__ = [
     "GenerationOutput",
     "Images",
     "PriorTokens",
-    "ar_stage",
-    "dit_stage",
     "output_of",
     "outputs_of",
     "plan_call",
-    "run_stage",
 ]
 
 
@@ -171,85 +165,3 @@ def outputs_of(
         )
         at = part.stop
     return outputs
-
-
-def ar_stage(ar, call: ArCall, *, progress: Progress | None = None) -> PriorTokens:
-    """Prior tokens for a checked call. A prompt is text: special-token strings in it never
-    reach the tokenizer as control tokens (``validation.plain_text``)."""
-    start = time.perf_counter()
-    controls = control_strings(ar.processor.tokenizer)
-    result = ar.generate(
-        [plain_text(p, controls) for p in call.prompts],
-        call.height,
-        call.width,
-        seeds=list(call.seeds),
-        num_images_per_prompt=call.num_images_per_prompt,
-        progress=progress,
-        images=call.condition_images,
-        decoding=call.decoding,
-        jacobi_window=call.jacobi_window,
-    )
-    conditions = None
-    if call.condition_images is not None:  # the AR's codes of each prompt's images, for the DiT cache
-        per_row = result.conditions[:: call.num_images_per_prompt]
-        conditions = [
-            [(image, codes, grid) for image, (codes, grid) in zip(images, row, strict=True)]
-            for images, row in zip(call.condition_images, per_row, strict=True)
-        ]
-    return PriorTokens(
-        call.prompts,
-        call.height,
-        call.width,
-        call.seeds,
-        call.num_images_per_prompt,
-        result.prior_tokens.cpu(),  # never None: the grid is constrained to image codes
-        conditions,
-        result.tokens.shape[1],
-        result.stats.image_forwards,
-        {"ar": time.perf_counter() - start, "ar_prefill": result.prefill_seconds},
-    )
-
-
-def dit_stage(dit, call: DitCall, *, progress: Progress | None = None) -> Images:
-    """The images of ``call.prior``. NaN or Inf in the latents or the pixels is an error
-    (``NonFiniteError``), never a black image."""
-    from .engine.step_cache import StepCache
-
-    prior = call.prior
-    controls = control_strings(dit.glyph.tokenizer)
-    cache = StepCache(call.dit_cache) if call.dit_cache is not None else None
-    start = time.perf_counter()
-    latents = dit.denoise(
-        prior.prior_token_ids,
-        [plain_text(p, controls) for p in prior.prompts],
-        prior.height,
-        prior.width,
-        call.steps,
-        call.guidance,
-        seeds=prior.seeds,
-        progress=progress,
-        conditions=prior.conditions,
-        dit_cache=cache,
-    )
-    timings = {"dit": time.perf_counter() - start}
-    check_finite(latents, "latents", prior.seeds)  # before the VAE: no black image from NaN
-    start = time.perf_counter()
-    images = dit.decode(latents)
-    timings["vae"] = time.perf_counter() - start
-    if cache is not None:
-        forwards = tuple(cache.forwards)
-    else:  # one pass per branch and step
-        forwards = (float((2 if call.guidance > 1 else 1) * call.steps),) * len(images)
-    return Images(images, timings, forwards)
-
-
-def run_stage(stage: str, engine, call, progress: Progress | None = None):
-    """One stage call: ``ar``: ``ArCall`` -> ``PriorTokens``; ``dit``: ``DitCall`` -> ``Images``,
-    on a loaded engine, or on a stage of several ranks (a ``parallel.StageGroup``, or this rank's
-    ``SpmdStage`` under torchrun), whose ranks run the same function on their shards."""
-    from .parallel.launch import StageGroup
-    from .parallel.spmd import SpmdStage
-
-    if isinstance(engine, StageGroup | SpmdStage):
-        return engine.run(call, progress)
-    return (ar_stage if stage == "ar" else dit_stage)(engine, call, progress=progress)
