@@ -106,29 +106,35 @@ def test_the_model_name_resolves(monkeypatch, tmp_path: Path) -> None:
         resolve_checkpoint("glm-image-random")
 
 
-@pytest.mark.slow
-def test_cpu_dry_run_writes_full_json(tmp_path: Path) -> None:
-    """The stage as gpu_run.sh runs it, at tiny widths so it fits the CI's CPUs; the issue's own
-    command (released widths, 2 layers) takes the same path with bigger tensors."""
+def _dry_run(out: Path, *, size: str, steps: str, parts: str) -> subprocess.CompletedProcess:
+    """``gpu_run.sh OUT full`` on the CPU at tiny widths, one layer per stack; it must exit 0."""
     env = {
         **os.environ,
         "GPU_RUN_DEVICE": "cpu",
         "GPU_RUN_PRESET": "tiny",
         "GPU_RUN_LAYERS": "1",
-        "GPU_RUN_SIZE": "256x256",
-        "GPU_RUN_STEPS": "2",
-        "GPU_RUN_FULL_PARTS": "exact",
+        "GPU_RUN_SIZE": size,
+        "GPU_RUN_STEPS": steps,
+        "GPU_RUN_FULL_PARTS": parts,
     }
-    out = tmp_path / "out"
     done = subprocess.run(
         ["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), str(out), "full"],
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
         check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+def test_cpu_dry_run_writes_full_json(tmp_path: Path) -> None:
+    """The stage as gpu_run.sh runs it, at tiny widths so it fits the CI's CPUs; the issue's own
+    command (released widths, 2 layers) takes the same path with bigger tensors."""
+    out = tmp_path / "out"
+    _dry_run(out, size="256x256", steps="2", parts="exact")
     report = json.loads((out / "full.json").read_text())
     for engine in ("ours", "reference"):
         missing = [f for f in ENGINE_FIELDS if f not in report[engine]]
@@ -147,25 +153,8 @@ def test_cpu_dry_run_writes_full_json(tmp_path: Path) -> None:
 def test_cpu_dry_run_runs_every_other_part(tmp_path: Path) -> None:
     """fast, batch, large and memory as gpu_run.sh runs them (tiny widths, 64x64, one step), so
     a typo in any part fails here rather than on a lent GPU; each writes its part of full.json."""
-    env = {
-        **os.environ,
-        "GPU_RUN_DEVICE": "cpu",
-        "GPU_RUN_PRESET": "tiny",
-        "GPU_RUN_LAYERS": "1",
-        "GPU_RUN_SIZE": "64x64",
-        "GPU_RUN_STEPS": "1",
-        "GPU_RUN_FULL_PARTS": "fast,batch,large,memory",
-    }
     out = tmp_path / "out"
-    done = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), str(out), "full"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    done = _dry_run(out, size="64x64", steps="1", parts="fast,batch,large,memory")
     assert "rc=124" not in done.stdout and "skipped" not in done.stdout, done.stdout[-3000:]
     for part in ("fast", "batch", "large", "memory"):
         assert (out / "full" / f"{part}.json").is_file(), (part, done.stdout[-3000:])

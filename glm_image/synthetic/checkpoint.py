@@ -19,7 +19,8 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -194,21 +195,29 @@ def make_checkpoint(
         raise CheckpointError(
             f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it"
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint folder is an ordinary folder
-    try:
+    with published(out) as tmp:
         for index, (name, write) in enumerate(_WRITERS.items()):
             log.info("writing %s (%s)", name, preset)
             # One generator per component, so changing one component's size leaves the others.
             gen = torch.Generator().manual_seed(seed * 1000 + index)
             write(cfg_root / name, tmp / name, gen, dtype)
         shutil.copyfile(cfg_root / "model_index.json", tmp / "model_index.json")
+    return out
+
+
+@contextmanager
+def published(out: Path) -> Iterator[Path]:
+    """A private folder beside ``out`` to write a checkpoint into, put in ``out``'s place in one
+    rename when the block ends (replacing what was there), removed if the block fails: a reader
+    never sees half a checkpoint."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint folder is an ordinary folder
+    try:
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out

@@ -29,7 +29,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -81,16 +80,13 @@ def make_random_checkpoint(
 ) -> Path:
     """Write the folder of a drawn-weights model of ``preset``'s configs (``layers``: every stack at
     most that deep) to ``out_dir``, atomically, and return it. No weights are written."""
-    from .checkpoint import _WRITERS, preset_dir
+    from .checkpoint import _WRITERS, preset_dir, published
 
     if layers is not None and layers < 1:
         raise CheckpointError(f"layers must be at least 1, got {layers}")
     cfg_root = preset_dir(preset)
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with published(out) as tmp:
         shutil.copytree(cfg_root, tmp, dirs_exist_ok=True)
         for component in REFERENCE_FACTORIES:
             config_file = tmp / component / "config.json"
@@ -110,12 +106,6 @@ def make_random_checkpoint(
             config["min_pixels"] = min(config["min_pixels"], DRY_RUN_MIN_SIDE**2)
             processor.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         CheckpointConfig.from_dir(tmp)  # a bad override fails here, before anything is cached
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
