@@ -248,11 +248,39 @@ class DitEngine:
             raise GlmImageError(f"guidance_scale = {guidance_scale} must be >= 1")
         if dit_cache is not None and not isinstance(dit_cache, StepCache):
             raise GlmImageError(f"dit_cache: got {type(dit_cache).__name__}; allowed: a StepCache or None")
+        call = (height, width, num_inference_steps, guidance_scale)
         if self.rows_apart and isolate_prompts and prior_token_ids.shape[0] > 1:
             return self._denoise_apart(
-                prior_token_ids, prompts, per_prompt, (height, width, num_inference_steps, guidance_scale),
-                seeds, latents, progress, conditions, dit_cache,
-            )  # fmt: skip
+                prior_token_ids, prompts, per_prompt, call, seeds, latents, progress, conditions, dit_cache
+            )
+        return self._denoise(
+            prior_token_ids,
+            prompts,
+            per_prompt,
+            call,
+            seeds,
+            latents,
+            progress,
+            conditions,
+            isolate_prompts,
+            dit_cache,
+        )
+
+    def _denoise(
+        self,
+        prior_token_ids,
+        prompts,
+        per_prompt,
+        call,
+        seeds,
+        latents,
+        progress,
+        conditions,
+        isolate_prompts,
+        dit_cache,
+    ) -> torch.Tensor:
+        """``denoise`` of the images of one batch, all in each forward (its inputs checked)."""
+        height, width, num_inference_steps, guidance_scale = call
         prior = prior_token_ids.to(self.device)
         # Given latents keep their dtype until the first step upcasts them, as in the reference.
         latents = (
@@ -298,15 +326,17 @@ class DitEngine:
         for i in range(images):
             prompt = i // per_prompt
             cache = None if dit_cache is None else copy.copy(dit_cache)  # its policy; ``start`` resets it
-            one = self.denoise(
+            one = self._denoise(
                 prior[i : i + 1],
-                prompts[prompt],
-                *call,
-                seeds=[seeds[i]],
-                latents=None if latents is None else latents[i : i + 1],
-                progress=one_of(progress, i, images),
-                conditions=None if conditions is None else [conditions[prompt]],
-                dit_cache=cache,
+                [prompts[prompt]],
+                1,
+                call,
+                [seeds[i]],
+                None if latents is None else latents[i : i + 1],
+                one_of(progress, i, images),
+                None if conditions is None else [conditions[prompt]],
+                True,
+                cache,
             )
             parts.append(one)
             caches.append(cache)
