@@ -45,10 +45,11 @@ from test_server_stages import free_port  # noqa: E402
 
 from glm_image.errors import (  # noqa: E402
     Cancelled,
+    GlmImageError,
     NonFiniteError,
     StageDied,
 )
-from glm_image.server.ray_app import APP_NAME, RayRunner, build  # noqa: E402
+from glm_image.server.ray_app import APP_NAME, RayStage, build  # noqa: E402
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -254,20 +255,46 @@ def test_a_full_queue_is_429_as_in_one_process(ray_server, tiny_checkpoint):
     assert refused[0].headers["retry-after"] == "1"
 
 
+def test_a_replica_of_two_gloo_ranks_writes_the_image_of_one_process(ray_server, tiny_checkpoint, glm):
+    """Redeployed with an AR replica of 2 tensor-parallel ranks and a DiT replica of 2 CFG ranks
+    (``dit_cfg_parallel: true``, a YAML boolean), each a ``ProcessStage`` of rank processes the
+    replica spawned, over gloo (num_gpus 0): the images are those of one process."""
+    url, out = ray_server
+    deploy(tiny_checkpoint, out, ar_tp=2, dit_cfg_parallel=True, dit_replicas=1)
+    health = requests.get(url + "/health", timeout=10).json()["executor"]
+    assert health["ar"]["handle"] == health["dit"]["handle"] == "ray"
+    ranks = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "glm_image.stages.worker" in " ".join(p.info["cmdline"] or [])
+    ]
+    parents = {" ".join(p.parent().cmdline()) for p in ranks}
+    assert len(ranks) == 4, "2 AR + 2 DiT rank processes"
+    assert all("ServeReplica:glm-image" in name for name in parents), parents  # spawned by the replicas
+    body = {"prompt": "a sign 'OPEN'", "size": "96x64", "seed": 11, "n": 2, "response_format": "b64_json"}
+    r = post(url, OPENAI, body)
+    assert r.status_code == 200, r.text
+    alone = glm.run(GenerationRequest("a sign 'OPEN'", 96, 64, steps=2, seed=11, num_images=2)).images
+    for item, expected in zip(r.json()["data"], alone, strict=True):
+        assert same_pixels(b64_image(item), expected)
+
+
 # ---------------------------------------------------------------------------------------- the runner alone
 
 
 class FakeResponse:
-    """A ``DeploymentResponse`` that gives ``outcome`` (raises it, if an exception) after ``delay``."""
+    """A ``DeploymentResponse`` that gives ``outcome`` (raises it, if an exception) once ``delay``
+    seconds have passed; ``result`` waits as Serve's does, up to ``timeout_s``."""
 
     def __init__(self, outcome, delay: float = 0.0) -> None:
-        self.outcome, self.delay, self.cancelled = outcome, delay, False
+        self.outcome, self.ready_at, self.cancelled = outcome, time.monotonic() + delay, False
 
-    def __await__(self):
-        return self._result().__await__()
-
-    async def _result(self):
-        await asyncio.sleep(self.delay)
+    def result(self, timeout_s: float | None = None):
+        wait = self.ready_at - time.monotonic()
+        if timeout_s is not None and wait > timeout_s:
+            time.sleep(timeout_s)
+            raise TimeoutError("Timed out resolving to ObjectRef.")
+        time.sleep(max(0.0, wait))
         if isinstance(self.outcome, BaseException):
             raise self.outcome
         return self.outcome
@@ -294,21 +321,41 @@ class FakeHandle:
         return self.responses[-1]
 
 
+def test_a_ray_stage_is_a_stage_handle_the_server_s_runner_holds():
+    from glm_image.server.executors import HandleRunner
+    from glm_image.stages import StageHandle
+
+    stage = RayStage("dit", FakeHandle("images", delay=0.3))
+    assert isinstance(stage, StageHandle) and stage.broken is None
+    runner = HandleRunner("dit", stage, slots=2)
+
+    async def go():
+        await runner.start()
+        try:
+            return await runner.run("prior", lambda: False), runner.describe()
+        finally:
+            await runner.stop()
+
+    answer, described = asyncio.run(go())
+    assert answer == "images"
+    assert described == {"handle": "ray", "deployment": "DitStage", "retries": 0, "slots": 2, "restarts": 0}
+
+
 def test_a_call_whose_replica_died_is_sent_once_more():
     from ray.exceptions import ActorDiedError
 
     handle = FakeHandle(ActorDiedError(), "images")
-    runner = RayRunner("dit", handle, slots=2)
-    assert asyncio.run(runner.run("prior", lambda: False)) == "images"
-    assert handle.sent == ["prior", "prior"] and runner.describe()["retries"] == 1
+    stage = RayStage("dit", handle)
+    assert stage.run("prior") == "images"
+    assert handle.sent == ["prior", "prior"] and stage.describe()["retries"] == 1
 
 
 def test_a_call_lost_twice_is_a_clear_stage_error():
     from ray.exceptions import ActorDiedError, ActorUnavailableError
 
-    runner = RayRunner("dit", FakeHandle(ActorDiedError(), ActorUnavailableError("gone", None)), slots=1)
+    stage = RayStage("dit", FakeHandle(ActorDiedError(), ActorUnavailableError("gone", None)))
     with pytest.raises(StageDied, match="a dit replica was lost while it ran this request, twice"):
-        asyncio.run(runner.run("prior", lambda: False))
+        stage.run("prior")
 
 
 def test_errors_raised_in_a_replica_keep_their_kind():
@@ -317,18 +364,31 @@ def test_errors_raised_in_a_replica_keep_their_kind():
     nan = RayTaskError("run", "Traceback ...", NonFiniteError("latents: NaN or Inf")).as_instanceof_cause()
     handle = FakeHandle(nan)
     with pytest.raises(NonFiniteError, match="latents: NaN or Inf") as caught:
-        asyncio.run(RayRunner("dit", handle, slots=1).run("prior", lambda: False))
+        RayStage("dit", handle).run("prior")
     assert not isinstance(caught.value, RayTaskError) and len(handle.sent) == 1  # not retried
     broken = RayTaskError("run", "Traceback: KeyError 'x'", KeyError("x")).as_instanceof_cause()
     with pytest.raises(RuntimeError, match="the ar replica failed"):
-        asyncio.run(RayRunner("ar", FakeHandle(broken), slots=1).run("call", lambda: False))
+        RayStage("ar", FakeHandle(broken)).run("call")
+    # a TimeoutError raised in the replica is its error, not "no answer yet"
+    late = RayTaskError("run", "Traceback ...", TimeoutError("slow disk")).as_instanceof_cause()
+    with pytest.raises(RuntimeError, match="the ar replica failed"):
+        RayStage("ar", FakeHandle(late)).run("call")
 
 
 def test_an_abandoned_call_is_cancelled_in_its_replica():
     handle = FakeHandle("never read", delay=30)
+    calls = []
+
+    def progress(stage, done, total):
+        calls.append((stage, done, total))
+        if len(calls) == 3:
+            raise Cancelled
+
+    started = time.monotonic()
     with pytest.raises(Cancelled):
-        asyncio.run(RayRunner("dit", handle, slots=1).run("prior", lambda: True))
-    assert handle.responses[0].cancelled
+        RayStage("dit", handle).run("prior", progress)
+    assert handle.responses[0].cancelled and calls == [("dit", 0, 0)] * 3
+    assert time.monotonic() - started < 5  # stopped at the third poll, not after the call
 
 
 def test_the_cluster_config_is_a_valid_serve_config_our_builder_accepts(tiny_checkpoint):
@@ -348,3 +408,21 @@ def test_the_cluster_config_is_a_valid_serve_config_our_builder_accepts(tiny_che
     for stage in (ar, dit):
         assert stage._bound_deployment.ray_actor_options["num_gpus"] == 1
     assert options["slots"] == (2, 6) and options["settings"].max_queue == 64
+    assert [stage._bound_deployment.init_args[0].size for stage in (ar, dit)] == [1, 1]
+
+    # G GPUs per replica: G ranks, one per GPU; YAML booleans reach the engine typed
+    args = {**app["args"], "model": str(tiny_checkpoint), "output_dir": "/tmp/glm-image-yaml"}
+    args |= {"ar_gpus": 2, "dit_gpus": 2, "dit_cache": "fbcache", "dit_cache_taylor": True}
+    ar, dit, options = build(args)._bound_deployment.init_args
+    specs = [stage._bound_deployment.init_args[0] for stage in (ar, dit)]
+    assert (specs[0].stage, specs[0].tp, specs[1].cfg, specs[1].sp) == ("ar", 2, 2, 1)
+    for stage in (ar, dit):
+        assert stage._bound_deployment.ray_actor_options["num_gpus"] == 2
+    assert options["decoding"][2].taylor is True
+    args |= {"dit_sp": 2, "dit_cache_taylor": False}
+    ar, dit, options = build(args)._bound_deployment.init_args
+    spec = dit._bound_deployment.init_args[0]
+    assert (spec.cfg, spec.sp) == (1, 2) and options["decoding"][2].taylor is False
+    # checked against the model before anything deploys: the tiny DiT has 2 heads
+    with pytest.raises(GlmImageError, match="dit_sp = 4: the DiT's 2 attention heads do not split 4 ways"):
+        build({**args, "dit_gpus": 4, "dit_sp": 4})

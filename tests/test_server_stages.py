@@ -397,12 +397,15 @@ def test_a_stopped_worker_fails_its_request_and_is_replaced(tiny_checkpoint, tmp
         (["--dit-replicas", "3"], "--dit-replicas needs --ray"),
         (["--ray", "--dit-replicas", "4-2"], "--dit-replicas '4-2'; allowed: N"),
         (["--ray", "--ar-gpus", "-1"], "--ar-gpus -1.0; allowed: a number >= 0"),
-        (["--ray", "--dit-gpus", "2"], "--dit-gpus 2: a Ray replica runs its stage on one device"),
+        (["--ray", "--dit-gpus", "1.5"], "--dit-gpus 1.5; allowed: at most 1 (a replica of one rank)"),
+        (["--ray", "--ar-gpus", "4", "--ar-tp", "2"], "--ar-gpus 4 with 2 rank(s) per AR replica"),
+        (["--ray", "--ar-gpus", "1", "--ar-tp", "2"], "allowed: --ar-gpus 2, or 0 (the ranks on the CPU)"),
+        (["--ray", "--dit-gpus", "2", "--dit-sp", "4"], "--dit-gpus 2 with 4 rank(s) per DiT replica"),
+        (["--ray", "--placement", "separate"], "--placement separate with --ray"),
         (
             ["--stages", "separate", "--ar-tp", "2"],
             "--stages separate runs each stage in one worker on one device",
         ),
-        (["--ray", "--dit-sp", "2"], "--ray runs each stage in one worker on one device"),
     ],
 )
 def test_stage_and_ray_flags_are_checked(flags, message):
@@ -432,6 +435,17 @@ def test_stage_and_ray_flags_become_options():
     assert (
         stage_options_from_args(parse(["serve"])) is None and ray_options_from_args(parse(["serve"])) is None
     )
+    # a replica's ranks: from the parallel flags, or one per GPU
+    ranks = ray_options_from_args(parse(["serve", "--ray", "--ar-gpus", "4", "--dit-gpus", "6"]))
+    assert (ranks.ar_tp, ranks.dit_cfg, ranks.dit_sp, ranks.ranks) == (4, 2, 3, (4, 6))
+    odd = ray_options_from_args(parse(["serve", "--ray", "--dit-gpus", "3"]))
+    assert (odd.dit_cfg, odd.dit_sp) == (1, 3)
+    cpu = ray_options_from_args(
+        parse(["serve", "--ray", "--ar-tp", "2", "--dit-cfg-parallel", "--ar-gpus", "0"])
+    )
+    assert cpu.ranks == (2, 2) and cpu.ar_gpus == 0 and cpu.dit_gpus is None
+    given = ray_options_from_args(parse(["serve", "--ray", "--dit-gpus", "4", "--dit-sp", "4"]))
+    assert (given.dit_cfg, given.dit_sp) == (1, 4)
 
 
 def test_a_serve_config_s_yaml_values_reach_the_parser_typed():

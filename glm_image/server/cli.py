@@ -138,7 +138,9 @@ def add_parser(sub) -> None:
         help="with --stages separate: CPU threads per worker (default: on a CPU, the cores split between the two)",
     )
     ray = serve.add_argument_group(
-        "ray", 'Ray Serve (pip install "glm-image[ray]"): the same API, the AR and the DiT scaled separately'
+        "ray",
+        'Ray Serve (pip install "glm-image[ray]"): the same API, the AR and the DiT scaled separately; '
+        "--ar-tp, --dit-cfg-parallel and --dit-sp say each replica's ranks",
     )
     ray.add_argument(
         "--ray", action="store_true", help="serve on Ray Serve (see deploy/ for a cluster config)"
@@ -156,12 +158,18 @@ def add_parser(sub) -> None:
             metavar="N|MIN-MAX",
             help=f"{name} replicas: a fixed count, or MIN-MAX to autoscale (default 1)",
         )
+        if stage == "ar":
+            ranks, flags = "tensor parallel, as --ar-tp G", "--ar-tp"
+        else:
+            ranks = "as --dit-cfg-parallel/--dit-sp say, else CFG x2 with G/2 Ulysses ranks each (G odd: G)"
+            flags = "--dit-cfg-parallel/--dit-sp"
         ray.add_argument(
             f"--{stage}-gpus",
             type=float,
             metavar="G",
-            help=f"GPUs per {name} replica, at most 1: a replica runs one engine on one device, so more "
-            "GPUs take more replicas (default 1 on a cluster with GPUs, else 0)",
+            help=f"GPUs per {name} replica: at most 1 for a replica of one rank, or a whole G: the replica "
+            f"runs its stage on G rank processes, one per GPU ({ranks}); 0: the ranks {flags} give run on "
+            "the replica's CPUs over gloo (default: a GPU per rank on a cluster with GPUs, else 0)",
         )
         ray.add_argument(
             f"--{stage}-cpus",
@@ -218,8 +226,9 @@ def stage_options_from_args(args: argparse.Namespace):
 
 
 def _single_device_stages(args: argparse.Namespace, mode: str) -> None:
-    """Worker processes of one device per stage (``--stages separate``, ``--ray``) do not take
-    the several-device flags: those run in the one-process server, whose stages spawn their ranks."""
+    """Worker processes of one device per stage (``--stages separate``) do not take the
+    several-device flags: those run in the one-process server, whose stages spawn their ranks
+    (or in each Ray replica, ``--ray``)."""
     parallel = parallel_config(args)
     if parallel.spread:
         raise GlmImageError(
@@ -240,14 +249,7 @@ def ray_options_from_args(args: argparse.Namespace):
         if given:
             raise GlmImageError(f"--{given[0].replace('_', '-')} needs --ray")
         return None
-    _single_device_stages(args, "--ray")
-    for stage in ("ar", "dit"):
-        gpus = getattr(args, f"{stage}_gpus")
-        if gpus is not None and gpus > 1:  # they would sit idle: the replica's engine uses one
-            raise GlmImageError(
-                f"--{stage}-gpus {gpus:g}: a Ray replica runs its stage on one device, so the other GPUs "
-                f"would sit idle; allowed: a number <= 1 (more GPUs: more --{stage}-replicas)"
-            )
+    ar_tp, dit_cfg, dit_sp = _replica_ranks(args)
     return RayOptions(
         address=args.ray_address,
         ar_replicas=parse_replicas(args.ar_replicas, "--ar-replicas"),
@@ -256,7 +258,38 @@ def ray_options_from_args(args: argparse.Namespace):
         dit_gpus=args.dit_gpus,
         ar_cpus=args.ar_cpus,
         dit_cpus=args.dit_cpus,
+        ar_tp=ar_tp,
+        dit_cfg=dit_cfg,
+        dit_sp=dit_sp,
     )
+
+
+def _replica_ranks(args: argparse.Namespace) -> tuple[int, int, int]:
+    """(AR tp, DiT cfg, DiT sp) of each Ray replica: ``--ar-tp``, ``--dit-cfg-parallel`` and
+    ``--dit-sp`` as given, or, when only ``--{stage}-gpus G`` (G > 1) is, a rank per GPU: the AR
+    tensor parallel over G, the DiT's two CFG branches apart and G/2 Ulysses ranks each (G even)
+    or G Ulysses ranks (G odd). ``RayOptions`` checks that GPUs and ranks agree."""
+    parallel = parallel_config(args)
+    if parallel.placement != "same":
+        raise GlmImageError(
+            "--placement separate with --ray: a Ray replica holds one stage, its ranks on its own "
+            "GPUs; allowed: same (the default)"
+        )
+    ar_tp, dit_cfg, dit_sp = parallel.ar_tp, parallel.dit_cfg, parallel.dit_sp
+    for stage in ("ar", "dit"):
+        gpus = getattr(args, f"{stage}_gpus")
+        if gpus is not None and gpus > 1 and gpus != int(gpus):
+            raise GlmImageError(
+                f"--{stage}-gpus {gpus:g}; allowed: at most 1 (a replica of one rank), or a whole "
+                "number, one rank per GPU"
+            )
+    if args.ar_gpus is not None and args.ar_gpus > 1 and ar_tp == 1:
+        ar_tp = int(args.ar_gpus)
+    if args.dit_gpus is not None and args.dit_gpus > 1 and dit_cfg * dit_sp == 1:
+        gpus = int(args.dit_gpus)
+        dit_cfg = 2 if gpus % 2 == 0 else 1
+        dit_sp = gpus // dit_cfg
+    return ar_tp, dit_cfg, dit_sp
 
 
 FORCED_EXIT_ANSWER_S = 5.0  # after a second Ctrl-C: how long the 503s and the app's shutdown may take

@@ -162,19 +162,25 @@ class HandleRunner:
     the call it ran fails (``StageDied``: a 500 naming it) and a new one opens; calls that come
     meanwhile wait for it, and one found dead between calls is replaced before the next call
     runs. A handle that cannot open again leaves the stage ``broken`` (503s, said in /health).
-    Without ``reopen`` (the pipeline's own handles) a dead handle stays broken."""
-
-    slots = 1
+    Without ``reopen`` (the pipeline's own handles, Ray's) a dead handle stays broken.
+    ``slots``: calls it runs at once, each on a thread (a Ray deployment's replicas; one with
+    ``reopen``: a handle runs one call at a time)."""
 
     def __init__(
-        self, stage: str, handle: StageHandle | None = None, reopen: Callable[[], StageHandle] | None = None
+        self,
+        stage: str,
+        handle: StageHandle | None = None,
+        reopen: Callable[[], StageHandle] | None = None,
+        slots: int = 1,
     ) -> None:
-        self.stage, self.handle, self.reopen = stage, handle, reopen
+        if reopen is not None and slots != 1:
+            raise ValueError("a handle the runner reopens runs one call at a time (slots = 1)")
+        self.stage, self.handle, self.reopen, self.slots = stage, handle, reopen, slots
         self.restarts = 0
         self._failed: str | None = None  # a handle that could not open again
         self._thread: ThreadPoolExecutor | None = None
         self._ready: asyncio.Event | None = None
-        self._lock: asyncio.Lock | None = None
+        self._lock: asyncio.Semaphore | None = None
         self._reopening: asyncio.Future | None = None
 
     @property
@@ -184,8 +190,10 @@ class HandleRunner:
         return None if self.reopen is not None else self.handle.broken  # reopened on the next call
 
     async def start(self) -> None:
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"glm-image-{self.stage}")
-        self._ready, self._lock = asyncio.Event(), asyncio.Lock()
+        self._thread = ThreadPoolExecutor(
+            max_workers=self.slots, thread_name_prefix=f"glm-image-{self.stage}"
+        )
+        self._ready, self._lock = asyncio.Event(), asyncio.Semaphore(self.slots)
         if self.handle is None:
             self.handle = await self._on_thread(self.reopen)
         self._ready.set()
@@ -203,7 +211,7 @@ class HandleRunner:
 
     def describe(self) -> dict:
         described = self.handle.describe() if self.handle is not None else {}
-        return {**described, "restarts": self.restarts}
+        return {**described, "slots": self.slots, "restarts": self.restarts}
 
     async def _on_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)

@@ -7,10 +7,16 @@ Three deployments make one Serve application:
   with a ``StagedExecutor`` whose stages are the two deployments below. It loads no weights; it
   writes the PNGs to ``--output-dir`` and serves them (one replica, so every URL it returns is
   served by the replica that wrote the file).
-- ``ArStage`` and ``DitStage``: one engine each per replica, ``max_ongoing_requests=1``, their
-  own replica counts (fixed, or autoscaled between a minimum and a maximum), CPUs and GPUs per
-  replica (at most one GPU: a replica's engine runs on one device; more GPUs, more replicas). Only an ``ArCall`` goes to the AR, only ``PriorTokens``
-  (token ids, condition codes) from it to the DiT; images come back to the ingress.
+- ``ArStage`` and ``DitStage``: one stage handle each per replica (``stages.open_stage``),
+  ``max_ongoing_requests=1``, their own replica counts (fixed, or autoscaled between a minimum
+  and a maximum), CPUs and GPUs per replica. A replica of one rank loads its engine itself; a
+  replica of G ranks (``--ar-tp``, ``--dit-cfg-parallel``/``--dit-sp``, or ``--ar-gpus G`` /
+  ``--dit-gpus G``) runs its stage on G rank processes of its own (``stages.ProcessStage``: AR
+  tensor parallel, DiT CFG/Ulysses), one per GPU Ray gave it, or on its CPUs over gloo with
+  ``num_gpus`` 0. Only an ``ArCall`` goes to the AR, only ``PriorTokens`` (token ids,
+  condition codes) from it to the DiT; images come back to the ingress.
+- The ingress holds each deployment as a ``RayStage`` (a ``StageHandle``) in the executor's
+  ``HandleRunner``, as the other servers hold theirs.
 
 A replica that dies while it runs a call: the call is sent once more (Serve routes it to a
 live replica, or to the one it restarts); if that fails too the request gets a 500 naming the
@@ -37,10 +43,10 @@ from ray.serve.exceptions import RequestCancelledError
 
 from ..errors import Cancelled, GlmImageError, StageDied
 from ..stages import StageSpec, open_stage
-from .executors import Abandon, ModelFront, StagedExecutor
+from .executors import HandleRunner, ModelFront, StagedExecutor
 from .settings import RayOptions, ServerSettings
 
-__all__ = ["APP_NAME", "RayRunner", "application", "build", "serve_with_ray"]
+__all__ = ["APP_NAME", "RayStage", "application", "build", "serve_with_ray"]
 
 log = logging.getLogger("glm_image.server")
 
@@ -60,15 +66,36 @@ def _log_like_serve() -> None:
     ours.propagate = not theirs.handlers
 
 
+def _rank_devices(spec: StageSpec) -> list:
+    """A replica's device per rank: its one device (``spec.device``) for one rank; for several,
+    ``cpu`` each on a CPU, else the GPUs Ray gave the replica (it sets ``CUDA_VISIBLE_DEVICES``,
+    so they count from 0), as ``ParallelConfig.devices`` numbers them."""
+    if spec.size == 1:
+        return [spec.device]
+    import torch
+
+    from ..device import resolve_device
+    from ..parallel.config import ParallelConfig
+
+    kind = torch.device(resolve_device(spec.device).type)
+    ar, dit = ParallelConfig(spec.tp, spec.cfg == 2, spec.sp).devices(kind)
+    return ar if spec.stage == "ar" else dit
+
+
 class _StageReplica:
-    """One stage handle (``stages.open_stage``: its engine loaded here, on the one device the
-    replica uses; more than one GPU per replica is refused); one call at a time."""
+    """One stage handle (``stages.open_stage``): the engine loaded here for a replica of one rank,
+    else rank processes of its own, one per GPU Ray gave it (or CPU ranks over gloo); one call at
+    a time. Serve's health check fails a replica whose ranks died, and Serve replaces it."""
 
     stage = ""
 
     def __init__(self, spec: StageSpec) -> None:
         _log_like_serve()
-        self.handle = open_stage(spec)
+        self.handle = open_stage(spec, _rank_devices(spec))
+
+    def check_health(self) -> None:
+        if self.handle.broken is not None:
+            raise RuntimeError(f"the {self.stage} replica cannot run calls: {self.handle.broken}")
 
     async def run(self, payload):
         """The stage call on a thread; when the caller cancels, the call stops at its next step
@@ -98,67 +125,63 @@ class DitStage(_StageReplica):
     stage = "dit"
 
 
-class RayRunner:
-    """A stage as a Serve deployment, reached through its handle."""
+class RayStage:
+    """A stage as a Serve deployment: the ``StageHandle`` of its ``DeploymentHandle``. A call
+    goes to one replica (Serve picks it); a replica lost during the call (died, unreachable) gets
+    the call once more, and a second loss is ``StageDied``. A replica reports no steps: while the
+    call runs, ``progress(stage, 0, 0)`` is called every ``POLL_SECONDS`` (nothing known done),
+    and when it raises the call is cancelled in its replica. Serve replaces lost replicas, so
+    the handle is never ``broken``; ``close`` leaves the replicas to the application."""
 
     broken = None
 
-    def __init__(self, stage: str, handle, slots: int) -> None:
-        self.stage, self.handle, self.slots = stage, handle, slots
+    def __init__(self, stage: str, deployment) -> None:
+        self.stage, self.deployment = stage, deployment
         self.retries = 0  # calls sent again after their replica was lost
 
-    async def start(self) -> None:
-        """Serve started the replicas (``serve.run`` returns once they are healthy)."""
-
-    async def stop(self) -> None:
+    def close(self) -> None:
         """Serve stops the replicas with the application."""
 
-    def describe(self) -> dict:
-        return {
-            "runner": "ray",
-            "deployment": self.handle.deployment_name,
-            "slots": self.slots,
-            "retries": self.retries,
-        }
+    def to(self, device) -> None:
+        """The replicas stay on their devices."""
 
-    async def run(self, payload, abandoned: Abandon):
+    def describe(self) -> dict:
+        return {"handle": "ray", "deployment": self.deployment.deployment_name, "retries": self.retries}
+
+    def run(self, call, progress=None):
         try:
-            return await self._once(payload, abandoned)
+            return self._once(call, progress)
         except REPLICA_LOST as e:
             self.retries += 1
             log.warning(
                 "a %s replica was lost during a call (%s); sending it again", self.stage, type(e).__name__
             )
         try:
-            return await self._once(payload, abandoned)
+            return self._once(call, progress)
         except REPLICA_LOST as e:
             raise StageDied(
                 f"a {self.stage} replica was lost while it ran this request, twice ({type(e).__name__}); "
                 "Serve is replacing it"
             ) from e
 
-    async def _once(self, payload, abandoned: Abandon):
-        response = self.handle.run.remote(payload)
-
-        async def result():
-            return await response
-
-        task = asyncio.ensure_future(result())
-        try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=POLL_SECONDS)
-                if done:
-                    return task.result()
-                if abandoned():
+    def _once(self, call, progress):
+        response = self.deployment.run.remote(call)
+        while True:
+            try:
+                return response.result(timeout_s=POLL_SECONDS)
+            except RayTaskError as e:  # raised by our code in the replica: keep its kind
+                cause = getattr(e, "cause", None)
+                if isinstance(cause, (GlmImageError, Cancelled)):
+                    raise cause from None
+                raise RuntimeError(f"the {self.stage} replica failed:\n{e}") from None
+            except TimeoutError:  # not yet: is it still wanted?
+                pass
+            if progress is not None:
+                try:
+                    progress(self.stage, 0, 0)
+                except BaseException:
                     response.cancel()
-                    raise Cancelled
-        except RayTaskError as e:  # raised by our code in the replica: keep its kind
-            cause = getattr(e, "cause", None)
-            if isinstance(cause, (GlmImageError, Cancelled)):
-                raise cause from None
-            raise RuntimeError(f"the {self.stage} replica failed:\n{e}") from None
-        finally:
-            task.cancel()
+                    raise
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
@@ -178,12 +201,13 @@ class Ingress:
         if config["api_key_env"]:  # read here: the key never travels in the deployment's arguments
             settings = dataclasses.replace(settings, api_key=os.environ.get(config["api_key_env"], ""))
         front = ModelFront(config["name"], config["limits"], *config["decoding"])
-        executor = StagedExecutor(
-            front,
-            RayRunner("ar", self.ar, config["slots"][0]),
-            RayRunner("dit", self.dit, config["slots"][1]),
-            name="ray",
+        ar, dit = (
+            HandleRunner(stage, RayStage(stage, deployment), slots=slots)
+            for stage, deployment, slots in zip(
+                ("ar", "dit"), (self.ar, self.dit), config["slots"], strict=True
+            )
         )
+        executor = StagedExecutor(front, ar, dit, name="ray")
         return create_app(front, settings, executor)
 
 
@@ -215,12 +239,14 @@ def application(
     gpus: tuple[float, float] = (0, 0),
 ):
     """The Serve application: ``Ingress`` bound to the two stage deployments. ``model`` is what
-    every stage replica loads (a path each node can read, or a hub id); ``gpus``: per replica."""
+    every stage replica loads (a path each node can read, or a hub id); ``gpus``: per replica;
+    ``options`` also says each replica's ranks (``RayOptions.ranks``)."""
+    common = (model, device, dtype, attention_backend, quantize)
     ar = ArStage.options(**_stage_options(options.ar_replicas, options.ar_cpus, gpus[0])).bind(
-        StageSpec("ar", model, device, dtype, attention_backend, quantize)
+        StageSpec("ar", *common, tp=options.ar_tp)
     )
     dit = DitStage.options(**_stage_options(options.dit_replicas, options.dit_cpus, gpus[1])).bind(
-        StageSpec("dit", model, device, dtype, attention_backend, quantize)
+        StageSpec("dit", *common, cfg=options.dit_cfg, sp=options.dit_sp)
     )
     config = {
         "settings": dataclasses.replace(settings, api_key=None),
@@ -235,26 +261,34 @@ def application(
 
 
 def _gpus(options: RayOptions, device: str | None) -> tuple[float, float]:
-    """GPUs per replica: as given, else 1 when the cluster has GPUs and the device is not cpu."""
-    default = 0.0
+    """GPUs per replica: as given, else one per rank when the cluster has GPUs and the device is
+    not cpu, else 0 (a replica's ranks are then CPU processes)."""
+    on_gpus = False
     unset = options.ar_gpus is None or options.dit_gpus is None
     if unset and (device is None or not str(device).startswith("cpu")):
-        default = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    ar = options.ar_gpus if options.ar_gpus is not None else default
-    dit = options.dit_gpus if options.dit_gpus is not None else default
-    return ar, dit
+        on_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    given = (options.ar_gpus, options.dit_gpus)
+    return tuple(
+        float(g) if g is not None else float(ranks) if on_gpus else 0.0
+        for g, ranks in zip(given, options.ranks, strict=True)
+    )
 
 
 def _from_args(args) -> tuple:
     """(front, settings, options, application keywords) of parsed ``serve`` flags."""
+    from ..config.checkpoint import CheckpointConfig
     from ..hub import SYNTHETIC_MODELS, resolve_checkpoint
     from ..options import generation_kwargs
+    from ..parallel.config import ParallelConfig
     from .cli import ray_options_from_args, settings_from_args
 
     settings = settings_from_args(args)
     options = ray_options_from_args(args) or RayOptions()
     quantize = _stage_quantize(args.quantize)
     front = ModelFront.from_checkpoint(args.model, quantize=quantize or "none", **generation_kwargs(args))
+    # each replica's ranks: checked against the model here, and the sizes Ulysses splits per request
+    front.parallel = ParallelConfig(options.ar_tp, options.dit_cfg == 2, options.dit_sp)
+    front.parallel.check(CheckpointConfig.from_dir(resolve_checkpoint(args.model)))
     # a preset is built here once; every replica then reads the same folder (one machine)
     model = str(resolve_checkpoint(args.model)) if args.model in SYNTHETIC_MODELS else str(args.model)
     keywords = {

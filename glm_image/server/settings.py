@@ -86,15 +86,35 @@ class RayOptions:
     address: str | None = None  # None: start a local Ray instance; "auto": the running cluster
     ar_replicas: tuple[int, int] = (1, 1)  # (min, max): equal is a fixed count, else autoscaled
     dit_replicas: tuple[int, int] = (1, 1)
-    # Accelerators per replica: the stage's parallel degree (1 until tensor/sequence parallelism
-    # lands). None: 1 when the cluster has GPUs and --device is not cpu, else 0.
+    # GPUs per replica (Ray's num_gpus). None: each replica's ranks when the cluster has GPUs and
+    # --device is not cpu (a GPU per rank), else 0 (the ranks are CPU processes).
     ar_gpus: float | None = None
     dit_gpus: float | None = None
     ar_cpus: float = 1.0  # CPUs Ray reserves per replica
     dit_cpus: float = 1.0
+    # Each replica's ranks: AR tensor-parallel ranks, DiT CFG ranks (1 or 2) x Ulysses ranks; a
+    # replica of several ranks runs its stage on rank processes of its own (``stages.ProcessStage``)
+    ar_tp: int = 1
+    dit_cfg: int = 1
+    dit_sp: int = 1
+
+    @property
+    def ranks(self) -> tuple[int, int]:
+        """(AR ranks, DiT ranks) per replica."""
+        return self.ar_tp, self.dit_cfg * self.dit_sp
 
     def __post_init__(self) -> None:
         for name in ("ar_gpus", "dit_gpus", "ar_cpus", "dit_cpus"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and value >= 0):
                 raise GlmImageError(f"--{name.replace('_', '-')} {value!r}; allowed: a number >= 0")
+        if self.dit_cfg not in (1, 2):
+            raise GlmImageError(f"DiT CFG ranks = {self.dit_cfg!r}; allowed: 1 or 2")
+        for stage, ranks in zip(("ar", "dit"), self.ranks, strict=True):
+            gpus = getattr(self, f"{stage}_gpus")
+            if gpus is not None and gpus > 0 and (gpus > 1 or ranks > 1) and gpus != ranks:
+                raise GlmImageError(
+                    f"--{stage}-gpus {gpus:g} with {ranks} rank(s) per {stage.upper() if stage == 'ar' else 'DiT'} "
+                    f"replica: each rank runs on a GPU of its own; allowed: --{stage}-gpus {ranks}, or 0 "
+                    "(the ranks on the CPU)"
+                )
