@@ -276,7 +276,9 @@ def test_a_replica_of_two_gloo_ranks_writes_the_image_of_one_process(ray_server,
     assert r.status_code == 200, r.text
     alone = glm.run(GenerationRequest("a sign 'OPEN'", 96, 64, steps=2, seed=11, num_images=2)).images
     for item, expected in zip(r.json()["data"], alone, strict=True):
-        assert same_pixels(b64_image(item), expected)
+        image = b64_image(item)
+        assert same_pixels(image, expected)
+        assert image.text["parallel"] == "AR tensor parallel x2, DiT CFG x2 (placement: same)"
 
 
 # ---------------------------------------------------------------------------------------- the runner alone
