@@ -263,10 +263,10 @@ def test_a_replica_of_two_gloo_ranks_writes_the_image_of_one_process(ray_server,
     deploy(tiny_checkpoint, out, ar_tp=2, dit_cfg_parallel=True, dit_replicas=1)
     health = requests.get(url + "/health", timeout=10).json()["executor"]
     assert health["ar"]["handle"] == health["dit"]["handle"] == "ray"
-    ranks = [
+    ranks = [  # under this test's Ray instance (others may run ranks on this machine)
         p
-        for p in psutil.process_iter(["cmdline"])
-        if "glm_image.stages.worker" in " ".join(p.info["cmdline"] or [])
+        for p in psutil.Process().children(recursive=True)
+        if "glm_image.stages.worker" in " ".join(p.cmdline())
     ]
     parents = {" ".join(p.parent().cmdline()) for p in ranks}
     assert len(ranks) == 4, "2 AR + 2 DiT rank processes"
@@ -421,6 +421,7 @@ def test_the_cluster_config_is_a_valid_serve_config_our_builder_accepts(tiny_che
     for stage in (ar, dit):
         assert stage._bound_deployment.ray_actor_options["num_gpus"] == 2
     assert options["decoding"][2].taylor is True
+    assert options["parallel"].describe() == "AR tensor parallel x2, DiT CFG x2 (placement: same)"
     args |= {"dit_sp": 2, "dit_cache_taylor": False}
     ar, dit, options = build(args)._bound_deployment.init_args
     spec = dit._bound_deployment.init_args[0]

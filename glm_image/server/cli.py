@@ -161,7 +161,7 @@ def add_parser(sub) -> None:
         if stage == "ar":
             ranks, flags = "tensor parallel, as --ar-tp G", "--ar-tp"
         else:
-            ranks = "as --dit-cfg-parallel/--dit-sp say, else CFG x2 with G/2 Ulysses ranks each (G odd: G)"
+            ranks = "as --dit-cfg-parallel/--dit-sp say, else CFG x2 with G/2 Ulysses ranks each; G odd: Ulysses xG"
             flags = "--dit-cfg-parallel/--dit-sp"
         ray.add_argument(
             f"--{stage}-gpus",

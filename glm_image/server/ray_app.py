@@ -93,6 +93,11 @@ class _StageReplica:
         _log_like_serve()
         self.handle = open_stage(spec, _rank_devices(spec))
 
+    def __del__(self) -> None:  # Serve calls it when it stops the replica: the ranks stop first
+        handle = getattr(self, "handle", None)
+        if handle is not None:
+            handle.close()
+
     def check_health(self) -> None:
         if self.handle.broken is not None:
             raise RuntimeError(f"the {self.stage} replica cannot run calls: {self.handle.broken}")
@@ -201,6 +206,7 @@ class Ingress:
         if config["api_key_env"]:  # read here: the key never travels in the deployment's arguments
             settings = dataclasses.replace(settings, api_key=os.environ.get(config["api_key_env"], ""))
         front = ModelFront(config["name"], config["limits"], *config["decoding"])
+        front.parallel = config["parallel"]  # each replica's ranks: the size rule, the PNGs' text
         ar, dit = (
             HandleRunner(stage, RayStage(stage, deployment), slots=slots)
             for stage, deployment, slots in zip(
@@ -254,6 +260,7 @@ def application(
         "name": front.name,
         "limits": front.limits,
         "decoding": (front.ar_decoding, front.jacobi_window, front.dit_cache, front.quantize),
+        "parallel": front.parallel,
         # a batch enters a stage when one of its replicas can take it (the most, when autoscaled)
         "slots": (options.ar_replicas[1], options.dit_replicas[1]),
     }
