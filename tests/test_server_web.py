@@ -10,10 +10,12 @@ runs the real pipeline). The page in a real browser: test_web_page.py (marker ``
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import re
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -80,8 +82,6 @@ def progress(url: str, tag: str, **kwargs) -> dict:
 
 
 def wait_for(predicate, timeout: float = 10.0):
-    import time
-
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -158,7 +158,7 @@ def test_closing_the_connection_cancels_a_running_request_and_frees_the_engine(g
     step, the server is idle again and keeps serving."""
     stepped = SteppedPipe(glm)
     tag = "c" * 32
-    with serving(stepped, tmp_path) as (url, app):
+    with serving(stepped, tmp_path) as (url, _):
         host, port = url.removeprefix("http://").split(":")
         body = b'{"prompt": "long", "size": "64x64"}'
         with socket.create_connection((host, int(port))) as client:
@@ -197,8 +197,6 @@ def test_the_listing_is_newest_first_and_needs_the_key(glm, tmp_path):
             made.append(r.json()["data"][0]["url"])
             path = tmp_path / made[-1].rsplit("/", 1)[1]
             stamp = 1_700_000_000 + seed  # distinct times: a fast disk may give two files one mtime
-            import os
-
             os.utime(path, (stamp, stamp))
         denied = requests.get(url + "/v1/files", timeout=10)
         assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
