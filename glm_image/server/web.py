@@ -48,10 +48,10 @@ ASSETS = {
     "app.js": "text/javascript; charset=utf-8",
     "style.css": "text/css; charset=utf-8",
 }
-# Nothing from anywhere but this server (blob: is the condition image chosen on this machine), no
+# Nothing from anywhere but this server (blob: is the condition image chosen on this machine, data: the empty icon), no
 # inline script or style: the page works offline, and no text shown on it can run as code.
 CSP = (
-    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob:; connect-src 'self'; "
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' blob: data:; connect-src 'self'; "
     "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 HEADERS = {

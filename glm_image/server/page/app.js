@@ -213,6 +213,15 @@ function showProgress(answer) {
   }
 }
 
+function finishProgress() {
+  for (const stage of ["ar", "dit"]) {
+    const bar = $(`${stage}-progress`);
+    if ($(`${stage}-text`).textContent === "-") continue;
+    bar.value = bar.max;
+    $(`${stage}-text`).textContent = `${bar.max} / ${bar.max}`;
+  }
+}
+
 async function poll() {
   const job = running;
   if (!job) return;
@@ -274,6 +283,7 @@ async function generate(event) {
     }
     const answer = await response.json();
     const item = answer.data[0];
+    finishProgress(); // the last poll may predate the last steps; every step ran
     const seconds = ((performance.now() - job.started) / 1000).toFixed(1);
     await showResult(item.url);
     setStatus(`Done in ${seconds} s (seed ${item.seed}).`);
