@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import socket
 import subprocess
 import sys
@@ -365,4 +364,3 @@ def test_the_page_at_phone_width_is_labelled_and_keyboard_usable(server, browser
     assert visible(driver, "key-panel")
     errors = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
     assert not errors, errors
-    shutil.rmtree(Path(driver.capabilities.get("chrome", {}).get("userDataDir", "/nonexistent")), True)
