@@ -42,11 +42,13 @@ from selenium.webdriver.support.ui import Select  # noqa: E402
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 KEY = "page-test-key"
-STEPS = 60  # enough DiT steps at 64x64 for a few progress polls to land in the DiT stage
+# The page polls progress every 250 ms: the tiny DiT at 256x256 takes a few 100 ms per 100 steps
+# on an idle CPU, so with the most steps a request may ask for, polls land in the DiT stage.
+SIDE, STEPS = 256, 200
 
 
-@pytest.fixture(autouse=True)
-def _only_when_asked(request):
+@pytest.fixture(scope="module", autouse=True)
+def _only_when_asked(request):  # module scope: decided before the server and the browser start
     if "browser" not in (request.config.getoption("markexpr") or ""):
         pytest.skip("runs only with -m browser (a CI step of its own: it starts Chromium)")
     for path, package in ((CHROMIUM, "chromium"), (CHROMEDRIVER, "chromium-driver")):
@@ -203,8 +205,8 @@ def test_the_page_end_to_end(server, browser, downloads, tmp_path):
     driver.find_element(By.ID, "prompt").send_keys(prompt)
     assert text_of(driver, "prompt-count") == f"{len(prompt)} / 1000 characters"
     Select(driver.find_element(By.ID, "size-preset")).select_by_value("custom")
-    fill(driver, "width", "64")
-    fill(driver, "height", "64")
+    fill(driver, "width", str(SIDE))
+    fill(driver, "height", str(SIDE))
     fill(driver, "steps", str(STEPS))
     driver.find_element(By.ID, "seed-fixed").click()
     fill(driver, "seed", "7")
@@ -221,7 +223,7 @@ def test_the_page_end_to_end(server, browser, downloads, tmp_path):
 
     # --- the image, its PNG parameters, the screenshot
     image = driver.find_element(By.ID, "result-image")
-    assert driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) == 64
+    assert driver.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) == SIDE
     params = dict(
         zip(
             [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#result-params dt")],
@@ -230,7 +232,7 @@ def test_the_page_end_to_end(server, browser, downloads, tmp_path):
         )
     )
     assert params["prompt"] == prompt and params["seed"] == "7"
-    assert params["size"] == "64x64" and params["steps"] == str(STEPS) and params["model"] == "tiny"
+    assert params["size"] == f"{SIDE}x{SIDE}" and params["steps"] == str(STEPS) and params["model"] == "tiny"
     driver.save_screenshot(str(tmp_path / "web-page.png"))
     assert (tmp_path / "web-page.png").stat().st_size > 10_000
 
@@ -268,12 +270,12 @@ def test_the_page_end_to_end(server, browser, downloads, tmp_path):
     fill(driver, "width", "100")
     assert "width = 100 is not allowed" in text_of(driver, "size-hint")  # the hint as you type
     generate_and_watch(driver)
-    body = {"prompt": prompt, "size": "100x64", "steps": 2, "guidance": 1.5, "n": 1, "seed": 7}
+    body = {"prompt": prompt, "size": f"100x{SIDE}", "steps": 2, "guidance": 1.5, "n": 1, "seed": 7}
     refused = api(url, "POST", "/v1/images/generations", json=body)
     assert refused.status_code == 400
     assert text_of(driver, "error") == refused.json()["error"]["message"]
     assert "size" in text_of(driver, "error")
-    fill(driver, "width", "64")
+    fill(driver, "width", str(SIDE))
 
     # --- cancel a long request: the engine call stops, the server is idle again
     stopped = metric(url, "glm_image_engine_calls_stopped_total")
