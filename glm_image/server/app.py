@@ -43,6 +43,7 @@ from .jobs import ClientGone, EngineQueue
 from .metrics import Metrics
 from .schemas import BigmodelImageRequest, EditForm, OpenAIImageRequest
 from .settings import ServerSettings
+from .web import PAGE_PREFIX, add_web_routes, progress_id
 
 __all__ = ["create_app"]
 
@@ -61,7 +62,8 @@ SCHEMAS: dict[str, type[BaseModel]] = {
 # Open with a key configured: liveness, and files (their 128-bit random ids are the capability,
 # like the hosted service's download URLs). The API description (/docs, /openapi.json) is not:
 # with a key, it needs the key too.
-OPEN_PATHS = frozenset({"/health"})
+# The page (``web``: GET / and its static files) is open too: it asks for the key itself.
+OPEN_PATHS = frozenset({"/health", "/"})
 JSON_PATHS = frozenset({BIGMODEL_PATH, OPENAI_PATH})
 MAX_IMAGES = 16  # condition images per edit
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})  # no room left for a file (quota included)
@@ -117,7 +119,8 @@ class _Gate:
 
     def _check_key(self, scope) -> ApiError | None:
         key = self.settings.api_key
-        if key is None or scope["path"] in OPEN_PATHS or scope["path"].startswith("/files/"):
+        path = scope["path"]
+        if key is None or path in OPEN_PATHS or path.startswith(("/files/", PAGE_PREFIX)):
             return None
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = header.partition(b" ")
@@ -375,13 +378,18 @@ def create_app(pipe, settings: ServerSettings | None = None, executor: Executor 
         return items
 
     async def generate(http: Request, request: GenerationRequest, response_format: str | None) -> Response:
-        job = queue.submit(request)
+        job = queue.submit(request, progress_id(http))
         try:
-            output = await queue.result(job, _disconnected(http))
-        except ClientGone:
-            return Response(status_code=CLIENT_GONE)
-        base = (settings.public_url or str(http.base_url)).rstrip("/")
-        items = await anyio.to_thread.run_sync(materialize, output, request, response_format or "url", base)
+            try:
+                output = await queue.result(job, _disconnected(http))
+            except ClientGone:
+                return Response(status_code=CLIENT_GONE)
+            base = (settings.public_url or str(http.base_url)).rstrip("/")
+            items = await anyio.to_thread.run_sync(
+                materialize, output, request, response_format or "url", base
+            )
+        finally:
+            queue.forget(job)
         metrics.observe("total", time.perf_counter() - job.arrived)
         return JSONResponse({"created": int(time.time()), "data": items})
 
@@ -484,6 +492,7 @@ def create_app(pipe, settings: ServerSettings | None = None, executor: Executor 
             path, media_type="image/png", headers={"Cache-Control": "max-age=31536000, immutable"}
         )
 
+    add_web_routes(app)  # the page at GET /, and the progress and file listing it reads
     # HEAD answers as GET without the body (load balancers, link checkers); one schema entry each
     for route, endpoint in (("/health", health), ("/files/{name}", download)):
         app.add_api_route(route, endpoint, methods=["HEAD"], include_in_schema=False)

@@ -40,6 +40,7 @@ __all__ = [
     "ModelFront",
     "Stage",
     "StagedExecutor",
+    "Watch",
 ]
 
 log = logging.getLogger("glm_image.server")
@@ -47,10 +48,25 @@ log = logging.getLogger("glm_image.server")
 Abandon = Callable[[], bool]  # True once every request of the call is abandoned
 
 
+class Watch:
+    """The ``abandoned`` the queue hands a stage call: true once every request of the call is
+    abandoned; ``report`` also gets the call's progress (stage, done, total) where the stage can
+    report it (in this process and from worker processes; not from a Ray replica)."""
+
+    def __init__(self, abandoned: Abandon, report: Callable[[str, int, int], None]) -> None:
+        self.abandoned, self.report = abandoned, report
+
+    def __call__(self) -> bool:
+        return self.abandoned()
+
+
 def _stop_when(abandoned: Abandon) -> Callable[[str, int, int], None]:
-    """A progress callback that stops the engine call (``Cancelled``) once ``abandoned()``."""
+    """A progress callback that stops the engine call (``Cancelled``) once ``abandoned()``, and
+    passes the progress on to a ``Watch``."""
 
     def progress(stage: str, done: int, total: int) -> None:
+        if isinstance(abandoned, Watch):
+            abandoned.report(stage, done, total)
         if abandoned():
             raise Cancelled
 

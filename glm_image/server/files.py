@@ -83,6 +83,21 @@ class FileStore:
             if path is not None:
                 path.unlink(missing_ok=True)
 
+    def recent(self, limit: int) -> list[tuple[str, float, int]]:
+        """Up to ``limit`` stored files, newest first: (file name, modification time, bytes).
+        Files removed behind the store's back are skipped."""
+        with self._lock:
+            paths = list(self._index.values())
+        found = []
+        for path in paths:
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            found.append((path.name, stat.st_mtime, stat.st_size))
+        found.sort(key=lambda item: (item[1], item[0]), reverse=True)
+        return found[:limit]
+
     def lookup(self, name: str) -> Path | None:
         """The path of a stored file, or None: for any name not ``<32 hex>.png`` or not stored here."""
         match = FILE_NAME.fullmatch(name)

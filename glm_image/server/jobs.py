@@ -20,7 +20,13 @@ A job leaves the queue without running when its client disconnects or its timeou
 it waits. A running engine call is stopped at its next step (through the stages' progress
 callbacks) once every job in it has been abandoned the same way, and a batch nobody waits for
 any more does not enter its next stage. Queue state is touched only on the event loop thread;
-the stage threads read nothing but the jobs' ``abandoned`` flags.
+the stage threads read nothing but the jobs' ``abandoned`` flags, and write nothing but their
+``progress`` entries (one dict item per stage, replaced whole).
+
+A client may name its request with a progress id (``submit(request, tag)``; the API's
+``X-Progress-Id`` header); ``progress(tag)`` then says where that request is: waiting (and how
+many jobs are ahead of it), or running with each stage's (done, total), the numbers the command
+line's progress bars show. A batch's jobs share their engine call's numbers.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from dataclasses import dataclass, field
 from ..errors import Cancelled, GlmImageError, NonFiniteError, StageDied
 from ..request import GenerationRequest
 from .errors import ApiError
-from .executors import Executor
+from .executors import Executor, Watch
 from .metrics import Metrics
 from .settings import ServerSettings
 
@@ -55,6 +61,9 @@ class Job:
     future: asyncio.Future
     arrived: float = field(default_factory=time.perf_counter)
     abandoned: bool = False  # its client left or its time ran out; read by the stage threads
+    tag: str | None = None  # the client's progress id
+    # stage -> (done, total) of the engine call running this job; written by the stage threads
+    progress: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class EngineQueue:
@@ -65,6 +74,7 @@ class EngineQueue:
         self._task: asyncio.Task | None = None
         self._calls: set[asyncio.Task] = set()
         self._active: set[Job] = set()  # jobs of the engine calls in flight
+        self._tagged: dict[str, Job] = {}  # progress id -> its job, until its answer is sent
         self._closing: str | None = None  # why no request is taken any more (a forced shutdown)
         self._slots = [asyncio.Semaphore(stage.slots) for stage in executor.stages]
         self._in_flight = asyncio.Semaphore(sum(stage.slots for stage in executor.stages))
@@ -111,8 +121,17 @@ class EngineQueue:
                 answered += 1
         return answered
 
-    def submit(self, request: GenerationRequest) -> Job:
-        """Queue a validated request, or raise 429 when ``max_queue`` jobs already wait."""
+    def submit(self, request: GenerationRequest, tag: str | None = None) -> Job:
+        """Queue a validated request, or raise 429 when ``max_queue`` jobs already wait.
+
+        ``tag``: the client's progress id (checked by the caller), in use until ``forget(job)``.
+        """
+        if tag is not None and tag in self._tagged:
+            raise ApiError(
+                "invalid_value",
+                "X-Progress-Id: already names a request in progress; send a new random id",
+                param="X-Progress-Id",
+            )
         if self._closing is not None:
             raise ApiError("unavailable", self._closing)
         if self.executor.broken is not None:
@@ -122,10 +141,35 @@ class EngineQueue:
                 "queue_full",
                 f"the queue is full ({self.settings.max_queue} requests waiting); retry later",
             )
-        job = Job(request, asyncio.get_running_loop().create_future())
+        job = Job(request, asyncio.get_running_loop().create_future(), tag=tag)
+        if tag is not None:
+            self._tagged[tag] = job
         self._waiting.append(job)
         self._wakeup.set()
         return job
+
+    def forget(self, job: Job) -> None:
+        """The job's answer is sent (or nobody waits for it): its progress id is free again."""
+        if job.tag is not None and self._tagged.get(job.tag) is job:
+            del self._tagged[job.tag]
+
+    def progress(self, tag: str) -> dict | None:
+        """Where the request with progress id ``tag`` is, or None when no such request is here."""
+        job = self._tagged.get(tag)
+        if job is None:
+            return None
+        if job.future.done():
+            state = "finishing"  # its images are being written
+        elif job in self._active:
+            state = "running"
+        else:
+            state = "queued"
+        answer: dict = {"id": tag, "state": state}
+        if state == "queued":
+            answer["ahead"] = next((i for i, j in enumerate(self._waiting) if j is job), 0)
+        stages = dict(job.progress)  # one C-level copy: a stage thread may add an item meanwhile
+        answer["stages"] = {stage: {"done": d, "total": t} for stage, (d, t) in stages.items()}
+        return answer
 
     async def result(self, job: Job, disconnected: Awaitable[None]):
         """The job's ``GenerationOutput``; drops the job when its client leaves or time runs out.
@@ -212,6 +256,10 @@ class EngineQueue:
         def abandoned() -> bool:  # read on stage threads too: plain flags, no queue state
             return all(job.abandoned for job in batch)
 
+        def report(stage: str, done: int, total: int) -> None:  # on the stage threads
+            for job in batch:
+                job.progress[stage] = (done, total)
+
         work = [job.request for job in batch]
         for index, stage in enumerate(self.executor.stages):
             if index or not holding_first:
@@ -221,7 +269,7 @@ class EngineQueue:
                     raise Cancelled
                 self.metrics.stage_busy(stage.name, True)
                 try:
-                    work = await stage.run(work, abandoned)
+                    work = await stage.run(work, Watch(abandoned, report))
                 finally:
                     self.metrics.stage_busy(stage.name, False)
             finally:

@@ -23,13 +23,19 @@ ENDPOINTS = (
     "/v1/images/edits",
     "/health",
     "/metrics",
+    "/",  # the page (``web``) and what it reads
+    "/v1/web/config",
+    "/v1/files",
 )
 
 
 def endpoint_label(path: str) -> str:
     if path in ENDPOINTS:
         return path
-    return "/files" if path.startswith("/files/") else "other"
+    for prefix in ("/files/", "/web/", "/v1/progress/"):
+        if path.startswith(prefix):
+            return prefix.rstrip("/")
+    return "other"
 
 
 def _escape(value: str) -> str:
