@@ -8,11 +8,13 @@ for adapters chosen per call or per batch row. ``spec``: the user's ``PATH[:SCAL
 
 from .apply import LoraSet, Selection, fit, merge
 from .formats import Adapter, LoraError, ModuleLora, read_adapters
+from .registry import LoraRegistry
 from .spec import parse_lora, parse_named_lora
 
 __all__ = [
     "Adapter",
     "LoraError",
+    "LoraRegistry",
     "LoraSet",
     "ModuleLora",
     "Selection",

@@ -152,7 +152,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict), dict(f.metadata() or {})
+            names = list(f.keys())
+            return {k: f.get_tensor(k) for k in names}, dict(f.metadata() or {})
     except Exception as exc:  # safetensors raises its own error types for a damaged file
         raise LoraError(f"lora {path}: cannot read it as safetensors ({exc})") from exc
 
