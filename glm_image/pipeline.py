@@ -150,6 +150,11 @@ class GlmImage:
                 "lora: adapters on stages of several ranks are not built; allowed: ar_tp 1, dit_sp 1, "
                 "dit_cfg_parallel False with lora"
             )
+        if lora:  # every adapter file read and checked before any weights load
+            from .lora import read_adapters
+
+            for path, _ in lora:
+                read_adapters(path)
         check_decoding(ar_decoding, jacobi_window)
         if dit_cache is not None:
             dit_cache.check()

@@ -14,9 +14,12 @@ from ..errors import GlmImageError
 from ..hub import resolve_checkpoint
 from ..options import (
     add_generation_arguments,
+    add_lora_arguments,
     add_parallel_arguments,
     add_runtime_arguments,
     generation_kwargs,
+    lora_kwargs,
+    named_loras,
     parallel_config,
     parallel_kwargs,
     runtime_kwargs,
@@ -75,6 +78,7 @@ def add_parser(sub) -> None:
     add_runtime_arguments(serve)
     add_generation_arguments(serve)
     add_parallel_arguments(serve)
+    add_lora_arguments(serve, named=True)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument(
@@ -382,6 +386,10 @@ def _run(args: argparse.Namespace) -> None:
         from .workers import stage_quantize, staged_processes
 
         quantize = stage_quantize(args.quantize)
+        if args.lora:
+            raise GlmImageError(
+                "--lora: adapters with --stages (stage worker processes) are not built; drop one"
+            )
         pipe = ModelFront.from_checkpoint(args.model, quantize=quantize or "none", **generation_kwargs(args))
         runtime = runtime_kwargs(args)
         executor = staged_processes(
@@ -399,9 +407,18 @@ def _run(args: argparse.Namespace) -> None:
     else:
         from ..pipeline import GlmImage
 
+        named = named_loras(args)  # a bad NAME=PATH fails before the model loads
         pipe = GlmImage.from_pretrained(
-            args.model, **runtime_kwargs(args), **generation_kwargs(args), **parallel_kwargs(args)
+            args.model,
+            **runtime_kwargs(args),
+            **generation_kwargs(args),
+            **parallel_kwargs(args),
+            **lora_kwargs(args),
         )
+        pipe.lora_scales = {}  # the adapters requests may name -> their default scale
+        for name, path, scale in named:
+            pipe.load_lora(name, path)
+            pipe.lora_scales[name] = scale
         executor = None
         if pipe.parallel.placement == "separate":  # each stage on devices of its own: overlap them
             from .executors import StagedExecutor
