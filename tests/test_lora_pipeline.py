@@ -74,3 +74,20 @@ def test_bad_lora_arguments_fail_before_work(tiny_checkpoint, pipe, tmp_path):
         pipe.generate(PROMPT, 128, 128, num_inference_steps=3, lora=[(tmp_path / "absent", 1.0)])
     with pytest.raises(GlmImageError, match="must be a finite number"):
         pipe.generate(PROMPT, 128, 128, num_inference_steps=3, lora=[("x", "big")])
+
+
+def test_cli_generate_with_lora_writes_the_adapters_image(tiny_checkpoint, pipe, adapter, tmp_path, capsys):
+    from PIL import Image
+
+    from glm_image.cli import main
+
+    root, _ = adapter
+    out = tmp_path / "a.png"
+    flags = [PROMPT, "--model", str(tiny_checkpoint), "--size", "64x64", "--steps", "1"]
+    assert main(["generate", *flags, "--seed", "2", "--lora", f"{root}:0.5", "-o", str(out)]) == 0
+    expected = pipe.generate(PROMPT, 64, 64, num_inference_steps=1, seed=2, lora=[(root, 0.5)])
+    image = Image.open(out)
+    assert image.text["lora"] == f"{root}:0.5"  # merged at load: recorded with its scale
+    assert np.abs(np.asarray(image, dtype=np.float32) / 255 - _pixels(expected)).max() <= 1 / 255
+    assert main(["generate", *flags, "--lora", str(tmp_path / "absent"), "-o", str(out)]) == 2
+    assert "absent: no such file or folder" in capsys.readouterr().err
