@@ -258,3 +258,66 @@ def test_errors_name_the_problem(engine, dit, made, tmp_path):
         lora.selected((("nope", 1.0),)),
     ):
         pass
+
+
+def test_tensor_parallel_shards_take_their_slice_of_the_update(tiny_checkpoint, made):
+    """Each of 2 AR ranks, the adapter merged into its shard, holds exactly its rows / columns of
+    the merged unsharded weights (q/k/v heads, o_proj columns, gate/up rows, down columns); its
+    unmerged update equals its merged one."""
+    from glm_image.models.ar import ArModel
+    from glm_image.parallel.comm import Comm
+    from glm_image.weights import load_model
+
+    config = CheckpointConfig.from_dir(tiny_checkpoint).ar.text
+    folder = tiny_checkpoint / "vision_language_encoder"
+    adapter = read_adapters(made["root"] / "ar")["ar"]
+    full = load_model(lambda: ArModel(config), folder)
+    merge(full, fit(full, adapter), 0.9)
+    d, heads, kv, inter = (
+        config.head_dim,
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.intermediate_size,
+    )
+    for rank in range(2):
+        shard = load_model(lambda r=rank: ArModel(config, tp=Comm(size=2, rank=r, ranks=(0, 1))), folder)
+        fitted = fit(shard, adapter)
+        lora = LoraSet(shard)
+        lora.add("a", adapter)
+        x = torch.randn(1, 2, config.hidden_size)
+        base_out = shard.layers[0].self_attn.qkv_proj(x)
+        with torch.no_grad(), lora.selected((("a", 0.9),)):
+            unmerged = shard.layers[0].self_attn.qkv_proj(x)
+        lora.remove()
+        merge(shard, fitted, 0.9)
+        torch.testing.assert_close(
+            unmerged, shard.layers[0].self_attn.qkv_proj(x).detach(), rtol=0, atol=1e-5
+        )
+        assert (unmerged - base_out).abs().max() > 1e-3
+        (q0, q1), (k0, k1), (m0, m1) = shard.shard.q_heads, shard.shard.kv_heads, shard.shard.mlp
+        for ours, theirs in zip(shard.layers, full.layers, strict=True):
+            qkv = theirs.self_attn.qkv_proj.weight
+            rows = torch.cat(
+                [
+                    qkv[q0 * d : q1 * d],
+                    qkv[(heads + k0) * d : (heads + k1) * d],
+                    qkv[(heads + kv + k0) * d : (heads + kv + k1) * d],
+                ]
+            )
+            torch.testing.assert_close(ours.self_attn.qkv_proj.weight, rows, rtol=0, atol=1e-6)
+            torch.testing.assert_close(
+                ours.self_attn.o_proj.weight,
+                theirs.self_attn.o_proj.weight[:, q0 * d : q1 * d],
+                rtol=0,
+                atol=1e-6,
+            )
+            gate_up = theirs.mlp.gate_up_proj.weight
+            torch.testing.assert_close(
+                ours.mlp.gate_up_proj.weight,
+                torch.cat([gate_up[m0:m1], gate_up[inter + m0 : inter + m1]]),
+                rtol=0,
+                atol=1e-6,
+            )
+            torch.testing.assert_close(
+                ours.mlp.down_proj.weight, theirs.mlp.down_proj.weight[:, m0:m1], rtol=0, atol=1e-6
+            )
