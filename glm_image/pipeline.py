@@ -433,7 +433,13 @@ class GlmImage:
         requests = [self._checked(request) for request in requests]
         call = plan_call(requests, self.limits, self.ar_decoding, self.jacobi_window)
         first = requests[0]
-        selection = self._lora_selection(first.lora)
+        if len({r.lora for r in requests}) > 1 and self.dit_cache is not None:
+            # the step cache forwards some rows of a batch only: per-image adapters cannot follow
+            return [self.run_batch([r], progress)[0] for r in requests]
+        chosen = {r.lora: self._lora_selection(r.lora) for r in requests}  # every name checked now
+        selection = chosen[first.lora]
+        if len(chosen) > 1:  # adapters row by row (glm_image.lora: one selection per image)
+            selection = [chosen[r.lora] for r in requests for _ in range(r.num_images)]
         prior, made = self._run_stages(call, first.steps, first.guidance, self.dit_cache, progress, selection)
         return outputs_of(requests, prior, made)
 

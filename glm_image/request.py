@@ -62,12 +62,5 @@ class GenerationRequest:
     @property
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one engine call (image-to-image runs alone)."""
-        # one adapter selection per engine call: requests choosing different adapters run apart
-        return (
-            self.width,
-            self.height,
-            self.steps,
-            float(self.guidance),
-            id(self) if self.images else None,
-            tuple(self.lora),
-        )
+        # (not ``lora``: requests choosing different adapters share a call, row by row)
+        return (self.width, self.height, self.steps, float(self.guidance), id(self) if self.images else None)

@@ -6,7 +6,7 @@ for adapters chosen per call or per batch row. ``spec``: the user's ``PATH[:SCAL
 ``name=PATH`` strings.
 """
 
-from .apply import LoraSet, Selection, fit, merge
+from .apply import LoraSet, Selection, fit, merge, narrowed
 from .formats import Adapter, LoraError, ModuleLora, read_adapters
 from .registry import LoraRegistry
 from .spec import parse_lora, parse_named_lora
@@ -20,6 +20,7 @@ __all__ = [
     "Selection",
     "fit",
     "merge",
+    "narrowed",
     "parse_lora",
     "parse_named_lora",
     "read_adapters",

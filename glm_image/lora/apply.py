@@ -20,6 +20,7 @@ partial products the model's all-reduce adds up like the base's.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -29,10 +30,27 @@ from torch import nn
 from ..weights import Fuse, Part
 from .formats import Adapter, LoraError, ModuleLora
 
-__all__ = ["LoraSet", "Selection", "fit", "merge"]
+__all__ = ["LoraSet", "Selection", "fit", "merge", "narrowed"]
 
 # per row: the (adapter name, scale) pairs it applies; one entry for all rows, or one per row
 Selection = tuple[tuple[str, float], ...]
+_SETS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its LoraSet
+
+
+@contextlib.contextmanager
+def narrowed(model: nn.Module, rows: Sequence[int]) -> Iterator[None]:
+    """Within the block, a per-image selection on ``model`` covers only images ``rows`` (an
+    engine running a call's images apart says which one runs). Nothing to do without one."""
+    lset = _SETS.get(model)
+    if lset is None or not isinstance(lset.selection, list):
+        yield
+        return
+    before = lset.selection
+    lset.selection = [before[r] for r in rows]
+    try:
+        yield
+    finally:
+        lset.selection = before
 
 
 @dataclass(frozen=True)
@@ -176,6 +194,7 @@ class LoraSet:
         self._modules = dict(model.named_modules())
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._cast: dict[tuple[str, str, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        _SETS[model] = self
 
     def add(self, name: str, adapter: Adapter) -> None:
         """Fit ``adapter`` to the model (shapes checked) and keep it as ``name``."""
@@ -191,8 +210,8 @@ class LoraSet:
             handle.remove()
         self._hooks.clear()
 
-    def check(self, selection: Selection | Sequence[Selection]) -> None:
-        rows = [selection] if not selection or isinstance(selection[0][0], str) else selection
+    def check(self, selection: Selection | list[Selection]) -> None:
+        rows = selection if isinstance(selection, list) else [selection]
         for row in rows:
             for name, scale in row:
                 if name not in self.adapters:
@@ -202,12 +221,17 @@ class LoraSet:
                     raise LoraError(f"lora scale {scale!r} of {name!r}: must be a number")
 
     @contextlib.contextmanager
-    def selected(self, selection: Selection | Sequence[Selection]) -> Iterator[None]:
+    def selected(self, selection: Selection | list[Selection]) -> Iterator[None]:
         """Within the block, forwards apply ``selection``: ((name, scale), ...) for every row,
-        or a list with one such tuple per batch row (rows may differ; () = the base)."""
+        or a ``list`` with one such tuple per image (images may differ; () = the base). A forward
+        over as many rows as images maps row i to image i; over twice as many (classifier-free
+        guidance: the conditional rows, then the unconditional ones), row i to image i mod n."""
         self.check(selection)
         before = self.selection
-        self.selection = selection if not selection or isinstance(selection[0][0], str) else list(selection)
+        if isinstance(selection, list):
+            rows = [tuple(row) for row in selection]
+            selection = rows[0] if len(set(rows)) == 1 else rows  # all alike: one for every row
+        self.selection = selection
         try:
             yield
         finally:
@@ -239,10 +263,15 @@ class LoraSet:
             if not isinstance(selection, list):  # one choice for every row
                 delta = self._delta(linear, x, selection)
                 return output if delta is None else output + delta
-            if len(selection) != x.shape[0]:
-                raise LoraError(f"lora selection has {len(selection)} rows; this forward has {x.shape[0]}")
+            images, rows = len(selection), x.shape[0]
+            if rows not in (images, 2 * images):
+                raise LoraError(
+                    f"lora: a selection for {images} images cannot serve a forward over {rows} rows "
+                    f"(allowed: {images}, or {2 * images} with classifier-free guidance)"
+                )
             groups: dict[Selection, list[int]] = {}
-            for row, choice in enumerate(selection):
+            for row in range(rows):
+                choice = selection[row % images]
                 if choice:
                     groups.setdefault(tuple(choice), []).append(row)
             output = output.clone()

@@ -82,10 +82,17 @@ class LoraRegistry:
         return out
 
     @contextlib.contextmanager
-    def selected(self, selection: Selection) -> Iterator[None]:
-        """Within the block both stages apply ``fixed`` + ``selection``."""
-        chosen = tuple(self.fixed) + tuple(selection)
+    def selected(self, selection: Selection | list[Selection]) -> Iterator[None]:
+        """Within the block both stages apply ``fixed`` + ``selection`` (one for every image, or
+        a ``list`` with one per image)."""
+        per_image = isinstance(selection, list)
+        rows = [tuple(self.fixed) + tuple(row) for row in selection] if per_image else None
+        chosen = tuple(self.fixed) + tuple(() if per_image else selection)
         with contextlib.ExitStack() as stack:
             for lset in self.sets.values():
-                stack.enter_context(lset.selected(tuple((n, s) for n, s in chosen if n in lset.adapters)))
+                if rows is not None:
+                    mine = [tuple((n, s) for n, s in row if n in lset.adapters) for row in rows]
+                    stack.enter_context(lset.selected(mine))
+                else:
+                    stack.enter_context(lset.selected(tuple((n, s) for n, s in chosen if n in lset.adapters)))
             yield
