@@ -208,6 +208,11 @@ def stage_options_from_args(args: argparse.Namespace):
     """``--stages separate`` and its devices; a stage flag without it is a one-line error."""
     from .settings import StageOptions
 
+    if args.lora and (args.ray or args.stages == "separate"):
+        raise GlmImageError(
+            "--lora with --ray or --stages separate is not built (adapters need both stages in the "
+            "server's process); drop one"
+        )
     given = [flag for flag in ("ar_device", "dit_device", "stage_threads") if getattr(args, flag) is not None]
     if args.stages != "separate":
         if given:
@@ -386,10 +391,6 @@ def _run(args: argparse.Namespace) -> None:
         from .workers import stage_quantize, staged_processes
 
         quantize = stage_quantize(args.quantize)
-        if args.lora:
-            raise GlmImageError(
-                "--lora: adapters with --stages (stage worker processes) are not built; drop one"
-            )
         pipe = ModelFront.from_checkpoint(args.model, quantize=quantize or "none", **generation_kwargs(args))
         runtime = runtime_kwargs(args)
         executor = staged_processes(
@@ -407,7 +408,11 @@ def _run(args: argparse.Namespace) -> None:
     else:
         from ..pipeline import GlmImage
 
-        named = named_loras(args)  # a bad NAME=PATH fails before the model loads
+        named = named_loras(args)  # a bad NAME=PATH or adapter file fails before the model loads
+        from ..lora import read_adapters
+
+        for _, path, _ in named:
+            read_adapters(path)
         pipe = GlmImage.from_pretrained(
             args.model,
             **runtime_kwargs(args),
