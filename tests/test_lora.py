@@ -321,3 +321,19 @@ def test_tensor_parallel_shards_take_their_slice_of_the_update(tiny_checkpoint, 
             torch.testing.assert_close(
                 ours.mlp.down_proj.weight, theirs.mlp.down_proj.weight[:, m0:m1], rtol=0, atol=1e-6
             )
+
+
+def test_lora_flags_parse_path_scale_and_name():
+    from glm_image.lora import parse_lora, parse_named_lora
+
+    assert parse_lora("a/b") == ("a/b", 1.0)
+    assert parse_lora("a/b:0.5") == ("a/b", 0.5)
+    assert parse_lora("odd:name") == ("odd:name", 1.0)  # only a trailing number is a scale
+    assert parse_lora("a:-1") == ("a", -1.0)
+    assert parse_named_lora("ink=dir/x.safetensors:2") == ("ink", "dir/x.safetensors", 2.0)
+    with pytest.raises(LoraError, match="finite"):
+        parse_lora("a:inf")
+    with pytest.raises(LoraError, match="no path"):
+        parse_lora(":0.5")
+    with pytest.raises(LoraError, match="expected NAME=PATH"):
+        parse_named_lora("bad name=x")

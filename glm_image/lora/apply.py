@@ -194,6 +194,9 @@ class LoraSet:
         self._modules = dict(model.named_modules())
         self._hooks: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._cast: dict[tuple[str, str, torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+        # row indices per (group, device), made on first use: the prefill (eager) makes the decode
+        # step's, so a device graph captured later copies nothing from the host
+        self._index: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
         _SETS[model] = self
 
     def add(self, name: str, adapter: Adapter) -> None:
@@ -276,7 +279,10 @@ class LoraSet:
                     groups.setdefault(tuple(choice), []).append(row)
             output = output.clone()
             for choice, rows in groups.items():
-                index = torch.tensor(rows, device=x.device)
+                key = (tuple(rows), x.device)
+                if key not in self._index:
+                    self._index[key] = torch.tensor(rows, device=x.device)
+                index = self._index[key]
                 delta = self._delta(linear, x.index_select(0, index), choice)
                 if delta is not None:
                     output.index_add_(0, index, delta)
