@@ -157,9 +157,9 @@ if want kernels; then
     run kernels 40 python3 benchmarks/bench_kernels.py --out "$out/bench_kernels.json"
 fi
 if want lora; then
-    presets=mid,released1
-    [ "$device" = cpu ] && presets=tiny  # a dry run checks the script, not the speed
-    run lora 60 python3 benchmarks/bench_lora.py --preset "$presets" --device "$device" --dtype "$dtype" \
+    lora=(--preset mid,released1)
+    [ "$device" = cpu ] && lora=(--preset tiny --iters 2 --repeats 1)  # a dry run checks the script
+    run lora 90 python3 benchmarks/bench_lora.py "${lora[@]}" --device "$device" --dtype "$dtype" \
         --out "$out/bench_lora.json"
 fi
 if want scaling; then
