@@ -25,6 +25,8 @@
 #   gemv       one decode row through the AR's linears: dense, torch's int8 / fp8 paths and our
 #              int8 / int4 GEMV at 48 launches (the kernel's LAUNCH defaults come from this)
 #   kernels    our Triton kernels against their torch twins, per op
+#   lora       an unmerged LoRA adapter's cost per AR token and per DiT step at rank 16 and 64
+#              (mid widths and the released widths with one layer per stack; random adapters)
 #   scaling    bench speed on 2, 4 and 8 GPUs where the machine has them (skipped on one): the AR
 #              tensor parallel over all of them with the DiT CFG-parallel x Ulysses over the same
 #              ones, then the stages on separate halves; each JSON has per-stage times and the
@@ -41,7 +43,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-results/gpu}
-stages=${2:-full,tests,ar,dit,speed,fast,arquant,memory,gemv,kernels,scaling}
+stages=${2:-full,tests,ar,dit,speed,fast,arquant,memory,gemv,kernels,lora,scaling}
 model=${GPU_RUN_MODEL:-wide}
 size=${GPU_RUN_SIZE:-1024x1024}
 device=${GPU_RUN_DEVICE:-cuda}
@@ -153,6 +155,12 @@ if want gemv; then
 fi
 if want kernels; then
     run kernels 40 python3 benchmarks/bench_kernels.py --out "$out/bench_kernels.json"
+fi
+if want lora; then
+    lora=(--preset mid,released1)
+    [ "$device" = cpu ] && lora=(--preset tiny --iters 2 --repeats 1)  # a dry run checks the script
+    run lora 90 python3 benchmarks/bench_lora.py "${lora[@]}" --device "$device" --dtype "$dtype" \
+        --out "$out/bench_lora.json"
 fi
 if want scaling; then
     gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")

@@ -29,11 +29,13 @@ from .options import (
     VERBOSE_HELP,
     HelpWithDefaults,
     add_generation_arguments,
+    add_lora_arguments,
     add_parallel_arguments,
     add_runtime_arguments,
     as_flags,
     generation_kwargs,
     in_every_command,
+    lora_kwargs,
     parallel_config,
     parallel_kwargs,
     runtime_kwargs,
@@ -383,7 +385,11 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     from .pipeline import GlmImage
 
     pipe = GlmImage.from_pretrained(
-        args.model, **runtime_kwargs(args), **generation_kwargs(args), **parallel_kwargs(args)
+        args.model,
+        **runtime_kwargs(args),
+        **generation_kwargs(args),
+        **parallel_kwargs(args),
+        **lora_kwargs(args),
     )
     with pipe, warnings.catch_warnings():  # a stage on several ranks: its workers stop with the command
         warnings.simplefilter("ignore", IdleCacheWarning)  # the pipeline's own: said above, in flags
@@ -502,6 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_runtime_arguments(gen)
     add_generation_arguments(gen)
     add_parallel_arguments(gen)
+    add_lora_arguments(gen)
     gen.set_defaults(func=_cmd_generate)
 
     info = sub.add_parser("info", help="show a checkpoint's components, sizes and dtypes")

@@ -284,3 +284,31 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
         "jacobi_window": args.jacobi_window,
         "dit_cache": dit_cache_options(args),
     }
+
+
+def add_lora_arguments(parser: argparse.ArgumentParser, named: bool = False) -> None:
+    """``--lora PATH[:SCALE]`` (repeatable): adapters on every image (docs/lora.md); with
+    ``named`` (serve) also ``--lora NAME=PATH[:SCALE]``: held for requests to pick by name."""
+    extra = "; NAME=PATH[:SCALE] holds it for requests to pick by name" if named else ""
+    parser.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]" if not named else "[NAME=]PATH[:SCALE]",
+        help="a LoRA adapter (a PEFT folder or a diffusers .safetensors), scale 1 by default; repeatable; "
+        f"merged into the weights unless they are quantized{extra}",
+    )
+
+
+def lora_kwargs(args: argparse.Namespace) -> dict:
+    """``GlmImage.from_pretrained``'s ``lora`` from the unnamed ``--lora`` flags (checked)."""
+    from .lora import parse_lora
+
+    return {"lora": [parse_lora(text) for text in args.lora if "=" not in text.split(":", 1)[0]]}
+
+
+def named_loras(args: argparse.Namespace) -> list[tuple[str, str, float]]:
+    """The ``--lora NAME=PATH[:SCALE]`` flags of serve: (name, path, default scale)."""
+    from .lora import parse_named_lora
+
+    return [parse_named_lora(text) for text in args.lora if "=" in text.split(":", 1)[0]]

@@ -16,6 +16,7 @@ object spawns and owns (``close()``, or at exit); the other runs here. Only the 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from collections.abc import Sequence
@@ -43,6 +44,8 @@ from .validation import (
 __all__ = ["GenerationOutput", "GlmImage"]
 
 log = logging.getLogger(__name__)
+
+LORA_MODES = ("auto", "merged", "unmerged")
 
 
 def _describe(cache: StepCacheOptions | None) -> str:
@@ -86,6 +89,7 @@ class GlmImage:
         self.device = ar.device
         self.offload_to = torch.device(offload_to) if offload_to is not None else None
         self.limits = ar.config.size_limits
+        self.lora = None  # a lora.LoraRegistry once an adapter is loaded (local stages only)
 
     @property
     def attention_backend(self) -> str:
@@ -111,6 +115,8 @@ class GlmImage:
         dit_cfg_parallel: bool = False,
         dit_sp: int = 1,
         placement: str = "same",
+        lora: Sequence[tuple[str | Path, float]] | None = None,
+        lora_mode: str = "auto",
     ) -> GlmImage:
         """``model``: tiny | wide | a checkpoint folder | a Hugging Face id (see ``hub``).
 
@@ -131,7 +137,24 @@ class GlmImage:
         device) or ``separate`` (the DiT's ranks on the devices after the AR's). Ranks are worker
         processes, one device each (on a CPU: processes); ``close()`` stops them. Every value, the
         model's head counts and the number of devices are checked before any weights load.
+
+        ``lora``: adapters applied to every image, ``[(path, scale), ...]`` (PEFT folders or
+        diffusers ``.safetensors``; see ``glm_image.lora`` and docs/lora.md). ``lora_mode``:
+        ``merged`` (into the weights: no cost per token), ``unmerged`` (beside them), or ``auto``
+        (merged unless the weights are quantized).
         """
+        if lora_mode not in LORA_MODES:
+            raise GlmImageError(f"lora_mode = {lora_mode!r}; allowed: {', '.join(LORA_MODES)}")
+        if lora and (ar_tp > 1 or dit_cfg_parallel or dit_sp > 1):
+            raise GlmImageError(
+                "lora: adapters on stages of several ranks are not built; allowed: ar_tp 1, dit_sp 1, "
+                "dit_cfg_parallel False with lora"
+            )
+        if lora:  # every adapter file read and checked before any weights load
+            from .lora import read_adapters
+
+            for path, _ in lora:
+                read_adapters(path)
         check_decoding(ar_decoding, jacobi_window)
         if dit_cache is not None:
             dit_cache.check()
@@ -194,7 +217,42 @@ class GlmImage:
             quantize=str(plan.scheme),
         )
         pipe.device = device
+        if lora:
+            mode = lora_mode if lora_mode != "auto" else "merged" if pipe.quantize == "none" else "unmerged"
+            pipe._fixed_lora(lora, mode)
         return pipe
+
+    def _registry(self):
+        if self.lora is None:
+            if self.parallel.spread or not hasattr(self.ar, "model") or not hasattr(self.dit, "model"):
+                raise GlmImageError("lora: adapters need both stages in this process (no rank processes)")
+            from .lora import LoraRegistry
+
+            self.lora = LoraRegistry(self.ar.model, self.dit.model)
+        return self.lora
+
+    def _fixed_lora(self, lora: Sequence[tuple[str | Path, float]], mode: str) -> None:
+        registry = self._registry()
+        if mode == "merged":
+            if self.quantize != "none":
+                raise GlmImageError(
+                    f"lora_mode = 'merged' on quantized weights ({self.quantize}); allowed: 'unmerged' or 'auto'"
+                )
+            for path, scale in lora:
+                registry.merge(path, scale)
+        else:
+            registry.fixed = registry.resolve(lora)
+        log.info("lora %s: %s", mode, ", ".join(f"{p}:{s:g}" for p, s in lora))
+
+    def load_lora(self, name: str, path: str | Path) -> None:
+        """Hold the adapter at ``path`` as ``name`` (unmerged) for calls to pick with ``lora``."""
+        self._registry().load(name, path)
+
+    def _lora_selection(self, lora) -> tuple:
+        """A call's ``lora`` (names or paths with scales) resolved and checked, before any work."""
+        if not lora:
+            return ()
+        return self._registry().resolve(lora)
 
     @classmethod
     def _spread(cls, root, model, device, dtype, attention_backend, scheme, parallel, **defaults) -> GlmImage:
@@ -281,6 +339,7 @@ class GlmImage:
         jacobi_window: int | None = None,
         dit_cache: StepCacheOptions | None = None,
         fit_images: bool = False,
+        lora: Sequence[tuple[str | Path, float]] | None = None,
     ) -> GenerationOutput:
         """Images for every (prompt, image) pair, prompt-major.
 
@@ -293,7 +352,9 @@ class GlmImage:
         dit_forwards`` says what each image computed); None takes the pipeline's default (off
         unless set there). ``fit_images``: a condition image of a size the model does not take
         (see ``SizeLimits``) is resized and centre-cropped to the nearest allowed size, with a
-        logged warning, instead of being an error.
+        logged warning, instead of being an error. ``lora``: adapters for this call,
+        ``[(name or path, scale), ...]`` (unmerged, on top of ``from_pretrained``'s; a path is read
+        once and kept).
         """
         dit_cache = self.dit_cache if dit_cache is None else dit_cache
         if dit_cache is not None:
@@ -306,6 +367,7 @@ class GlmImage:
         condition_images = load_condition_images(images, len(prompts), self.limits, fit=fit_images)
         count = len(prompts) * num_images_per_prompt
         seeds = request_seeds(seed, count)
+        selection = self._lora_selection(lora)
 
         call = ArCall(
             tuple(prompts),
@@ -317,19 +379,22 @@ class GlmImage:
             ar_decoding,
             jacobi_window,
         )
-        prior, made = self._run_stages(call, num_inference_steps, guidance_scale, dit_cache, progress)
+        prior, made = self._run_stages(
+            call, num_inference_steps, guidance_scale, dit_cache, progress, selection
+        )
         log.info("generated %d image(s) %dx%d: %s", count, width, height, {**prior.timings, **made.timings})
         return output_of(prior, made)
 
-    def _run_stages(self, call: ArCall, steps: int, guidance: float, dit_cache, progress):
+    def _run_stages(self, call: ArCall, steps: int, guidance: float, dit_cache, progress, lora=()):
         idle = idle_step_cache(dit_cache, steps)
         if idle is not None:  # every entry point meets here before any work: one place to say so
             warnings.warn(idle, IdleCacheWarning, stacklevel=3)
         ar, dit = self.handles
-        self._resident(ar, dit)
-        prior = ar.run(call, progress)
-        self._resident(dit, ar)
-        made = dit.run(DitCall(prior, steps, guidance, dit_cache), progress)
+        with self.lora.selected(lora) if self.lora is not None else contextlib.nullcontext():
+            self._resident(ar, dit)
+            prior = ar.run(call, progress)
+            self._resident(dit, ar)
+            made = dit.run(DitCall(prior, steps, guidance, dit_cache), progress)
         return prior, made
 
     # ---------------------------------------------------------------- requests
@@ -368,7 +433,14 @@ class GlmImage:
         requests = [self._checked(request) for request in requests]
         call = plan_call(requests, self.limits, self.ar_decoding, self.jacobi_window)
         first = requests[0]
-        prior, made = self._run_stages(call, first.steps, first.guidance, self.dit_cache, progress)
+        if len({r.lora for r in requests}) > 1 and self.dit_cache is not None:
+            # the step cache forwards some rows of a batch only: per-image adapters cannot follow
+            return [self.run_batch([r], progress)[0] for r in requests]
+        chosen = {r.lora: self._lora_selection(r.lora) for r in requests}  # every name checked now
+        selection = chosen[first.lora]
+        if len(chosen) > 1:  # adapters row by row (glm_image.lora: one selection per image)
+            selection = [chosen[r.lora] for r in requests for _ in range(r.num_images)]
+        prior, made = self._run_stages(call, first.steps, first.guidance, self.dit_cache, progress, selection)
         return outputs_of(requests, prior, made)
 
     def _resident(self, running, waiting) -> None:
@@ -395,6 +467,11 @@ class GlmImage:
             "model": self.name,
             "engine": f"glm-image {__version__}",
         }
+        lora = [f"{p}:{s:g}" for p, s in self.lora.merged] if self.lora is not None else []
+        lora += [f"{n}:{s:g}" for n, s in (self.lora.fixed if self.lora is not None else ())]
+        lora += [f"{n}:{s:g}" for n, s in request.lora]
+        if lora:
+            text["lora"] = ", ".join(lora)
         parallel = self.parallel
         if parallel.spread:
             text["parallel"] = parallel.describe()

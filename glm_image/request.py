@@ -53,6 +53,7 @@ class GenerationRequest:
     num_images: int = 1
     images: tuple = ()  # condition images (PIL images or paths): image-to-image
     fit_images: bool = False  # crop and resize a condition image of a size not allowed to the nearest one
+    lora: tuple[tuple[str, float], ...] = ()  # (adapter name or path, scale), unmerged (glm_image.lora)
 
     @property
     def size(self) -> str:
@@ -61,4 +62,5 @@ class GenerationRequest:
     @property
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one engine call (image-to-image runs alone)."""
+        # (not ``lora``: requests choosing different adapters share a call, row by row)
         return (self.width, self.height, self.steps, float(self.guidance), id(self) if self.images else None)

@@ -13,9 +13,11 @@ from ..engine.choices import DEFAULT_WINDOW
 from ..errors import GlmImageError
 from ..options import (
     add_generation_arguments,
+    add_lora_arguments,
     add_parallel_arguments,
     add_runtime_arguments,
     generation_kwargs,
+    lora_kwargs,
     parallel_kwargs,
 )
 from ..request import parse_size
@@ -108,6 +110,7 @@ def add_parser(sub) -> None:
         "--plot", metavar="PATH.png", help="bar chart of the per-stage seconds (needs matplotlib)"
     )
     add_parallel_arguments(speed)
+    add_lora_arguments(speed)
     speed.set_defaults(func=_run_speed)
 
     quality = which.add_parser(
@@ -243,6 +246,7 @@ def _run_speed(args: argparse.Namespace) -> None:
         max_ar_tokens=args.max_ar_tokens,
         **_generation(args),
         **parallel_kwargs(args),
+        lora=tuple(lora_kwargs(args)["lora"]),
     )
     options.check()  # bad options, a missing device or matplotlib fail now, not after loading models
     _check_outputs(args)

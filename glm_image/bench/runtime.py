@@ -88,6 +88,8 @@ def load_runners(options) -> Runners:
         "quantize": options.quantize,
         "max_memory": options.max_memory,
     }
+    if getattr(options, "lora", ()):  # bench speed --lora: ours wearing adapters
+        generation["lora"] = list(options.lora)
     parallel = getattr(options, "parallel", None)  # bench speed: ours on several devices
     if parallel is not None and parallel.spread:
         generation.update(dataclasses.asdict(parallel))

@@ -78,6 +78,7 @@ class SpeedOptions:
     dit_cfg_parallel: bool = False
     dit_sp: int = 1
     placement: str = "same"
+    lora: tuple[tuple[str, float], ...] = ()  # ours with these adapters (merged unless quantized)
 
     @property
     def parallel(self) -> ParallelConfig:

@@ -50,6 +50,7 @@ import torch
 from ..config import CheckpointConfig
 from ..device import synchronize
 from ..errors import GlmImageError
+from ..lora import narrowed
 from ..models.ar import ArModel, KVCache, rotary_tables
 from ..models.vision import VisionEncoder
 from ..ops import Ops
@@ -131,7 +132,9 @@ class _Decoded:
     stats: DecodeStats
 
 
-def _apart(batch: _Batch, generators: list[torch.Generator], run, progress: Progress | None) -> _Decoded:
+def _apart(
+    batch: _Batch, generators: list[torch.Generator], run, progress: Progress | None, model
+) -> _Decoded:
     """``run`` once per row, each row a batch of one (``ArEngine.batch_invariant``), put back
     together as one batch's result. The prefill time is the rows' prefills added up; progress
     is the rows' mean (``progress.one_of``)."""
@@ -139,7 +142,8 @@ def _apart(batch: _Batch, generators: list[torch.Generator], run, progress: Prog
     parts = []
     for i in range(b):
         began = time.perf_counter()
-        parts.append(run(batch.row(i), generators[i : i + 1], one_of(progress, i, b)))
+        with narrowed(model, [i]):  # per-image LoRA adapters: this row's
+            parts.append(run(batch.row(i), generators[i : i + 1], one_of(progress, i, b)))
         prefill += parts[-1].prefill_done - began
     logits = None
     if parts[0].logits is not None:
@@ -441,7 +445,7 @@ class ArEngine:
             )
 
         if self.rows_apart and len(generators) > 1:
-            decoded = _apart(batch, generators, run, progress)
+            decoded = _apart(batch, generators, run, progress, self.model)
         else:
             decoded = run(batch, generators, progress)
         tokens, logits, how, stats = decoded.tokens, decoded.logits, decoded.how, decoded.stats

@@ -51,6 +51,7 @@ import torch
 
 from ..config import CheckpointConfig
 from ..errors import GlmImageError, check_finite
+from ..lora import narrowed
 from ..models.dit import (
     CacheMode,
     ConditionKVCache,
@@ -326,18 +327,19 @@ class DitEngine:
         for i in range(images):
             prompt = i // per_prompt
             cache = None if dit_cache is None else copy.copy(dit_cache)  # its policy; ``start`` resets it
-            one = self._denoise(
-                prior[i : i + 1],
-                [prompts[prompt]],
-                1,
-                call,
-                [seeds[i]],
-                None if latents is None else latents[i : i + 1],
-                one_of(progress, i, images),
-                None if conditions is None else [conditions[prompt]],
-                True,
-                cache,
-            )
+            with narrowed(self.model, [i]):  # per-image LoRA adapters: this image's
+                one = self._denoise(
+                    prior[i : i + 1],
+                    [prompts[prompt]],
+                    1,
+                    call,
+                    [seeds[i]],
+                    None if latents is None else latents[i : i + 1],
+                    one_of(progress, i, images),
+                    None if conditions is None else [conditions[prompt]],
+                    True,
+                    cache,
+                )
             parts.append(one)
             caches.append(cache)
         if dit_cache is not None:

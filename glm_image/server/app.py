@@ -328,8 +328,21 @@ def create_app(pipe, settings: ServerSettings | None = None, executor: Executor 
                 f"steps = {shown(body.steps)}; allowed: 1..{settings.max_steps}",
                 param="steps",
             )
+        lora = ()
+        choice = getattr(body, "lora", None)
+        if choice is not None:
+            held = getattr(pipe, "lora_scales", {})
+            if choice.name not in held:
+                allowed = ", ".join(sorted(held)) or "none (start the server with --lora NAME=PATH)"
+                raise ApiError(
+                    "invalid_value",
+                    f"lora.name = {shown(choice.name)}; allowed: {allowed}",
+                    param="lora.name",
+                )
+            lora = ((choice.name, held[choice.name] if choice.scale is None else choice.scale),)
         request = GenerationRequest(
             body.prompt,
+            lora=lora,
             width=width,
             height=height,
             steps=settings.steps if body.steps is None else body.steps,
@@ -473,6 +486,10 @@ def create_app(pipe, settings: ServerSettings | None = None, executor: Executor 
             "running": queue.running,
             "sizes": {"minimum": limits.minimum, "maximum": limits.maximum, "multiple": limits.multiple},
             "executor": executor.describe(),
+            "lora": [
+                {"name": name, "scale": scale}
+                for name, scale in sorted(getattr(pipe, "lora_scales", {}).items())
+            ],
         }
         if broken is not None:
             body["reason"] = broken

@@ -14,9 +14,12 @@ from ..errors import GlmImageError
 from ..hub import resolve_checkpoint
 from ..options import (
     add_generation_arguments,
+    add_lora_arguments,
     add_parallel_arguments,
     add_runtime_arguments,
     generation_kwargs,
+    lora_kwargs,
+    named_loras,
     parallel_config,
     parallel_kwargs,
     runtime_kwargs,
@@ -75,6 +78,7 @@ def add_parser(sub) -> None:
     add_runtime_arguments(serve)
     add_generation_arguments(serve)
     add_parallel_arguments(serve)
+    add_lora_arguments(serve, named=True)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     serve.add_argument(
@@ -212,6 +216,11 @@ def stage_options_from_args(args: argparse.Namespace):
     """``--stages separate`` and its devices; a stage flag without it is a one-line error."""
     from .settings import StageOptions
 
+    if args.lora and (args.ray or args.stages == "separate"):
+        raise GlmImageError(
+            "--lora with --ray or --stages separate is not built (adapters need both stages in the "
+            "server's process); drop one"
+        )
     given = [flag for flag in ("ar_device", "dit_device", "stage_threads") if getattr(args, flag) is not None]
     if args.stages != "separate":
         if given:
@@ -432,9 +441,22 @@ def _run(args: argparse.Namespace) -> None:
     else:
         from ..pipeline import GlmImage
 
+        named = named_loras(args)  # a bad NAME=PATH or adapter file fails before the model loads
+        from ..lora import read_adapters
+
+        for _, path, _ in named:
+            read_adapters(path)
         pipe = GlmImage.from_pretrained(
-            args.model, **runtime_kwargs(args), **generation_kwargs(args), **parallel_kwargs(args)
+            args.model,
+            **runtime_kwargs(args),
+            **generation_kwargs(args),
+            **parallel_kwargs(args),
+            **lora_kwargs(args),
         )
+        pipe.lora_scales = {}  # the adapters requests may name -> their default scale
+        for name, path, scale in named:
+            pipe.load_lora(name, path)
+            pipe.lora_scales[name] = scale
         executor = None
         if pipe.parallel.placement == "separate":  # each stage on devices of its own: overlap them
             from .executors import StagedExecutor

@@ -22,6 +22,16 @@ Images = Annotated[int, Field(strict=True, ge=1, le=10)]  # OpenAI's n: 1..10
 Format = Literal["url", "b64_json"]
 
 
+class LoraChoice(BaseModel):
+    """An adapter the server holds (``serve --lora NAME=PATH``), picked by name."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="an adapter name from /health's `lora` list")
+    scale: Number | None = Field(
+        None, description="its strength (default: the scale it was started with, or 1)"
+    )
+
+
 class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -32,6 +42,9 @@ class _Common(BaseModel):
     seed: Int | None = Field(None, description="seed of the first image (default: random)")
     steps: Int | None = Field(None, description="denoising steps (default: the server's, 50)")
     guidance: Number | None = Field(None, description="classifier-free guidance (default: the server's, 1.5)")
+    lora: LoraChoice | None = Field(
+        None, description="a LoRA adapter the server holds, by name, with a scale"
+    )
 
 
 class BigmodelImageRequest(_Common):
