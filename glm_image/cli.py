@@ -52,14 +52,15 @@ def _cmd_info(args: argparse.Namespace) -> None:
     from .device import resolve_device
     from .hub import resolve_checkpoint
     from .info import describe_checkpoint, format_checkpoint, format_memory_report, memory_report
-    from .residency import parse_memory
+    from .residency import check_residency, parse_memory
     from .synthetic import preset_dir
 
     device = resolve_device(args.device)  # a bad --device or --max-memory: one line, before any work
     parse_memory(args.max_memory)
+    check_residency(args.residency)
     root = preset_dir(args.preset) if args.preset else resolve_checkpoint(args.model)
     report = None
-    if args.json or args.quantize or args.max_memory:
+    if args.json or args.quantize or args.max_memory or args.residency:
         report = memory_report(
             root,
             args.quantize,
@@ -67,6 +68,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
             device=device,
             detected=args.device is None,
             max_memory=args.max_memory,
+            residency=args.residency,
         )
     if args.json:
         print(json.dumps(report, indent=2))

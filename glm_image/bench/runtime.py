@@ -87,6 +87,7 @@ def load_runners(options) -> Runners:
         "jacobi_window": options.jacobi_window,
         "quantize": options.quantize,
         "max_memory": options.max_memory,
+        "residency": getattr(options, "residency", None),
     }
     parallel = getattr(options, "parallel", None)  # bench speed: ours on several devices
     if parallel is not None and parallel.spread:
