@@ -70,11 +70,11 @@ def test_quantized_blocks_stream_quantized(tiny_checkpoint):
     from glm_image.engine.offload import dit_units
 
     dit = DitEngine.from_pretrained(tiny_checkpoint, quantize="int8")
-    prior = torch.randint(0, 16384, (1, 256), generator=torch.Generator().manual_seed(0))
+    prior = torch.randint(0, 16384, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        resident = dit.denoise(prior, "a red car", 256, 256, num_inference_steps=2, seeds=0)
+        resident = dit.denoise(prior, "a red car", 64, 64, num_inference_steps=2, seeds=0)
         stream = BlockStream(dit_units(dit.model), "cpu")
-        streamed = dit.denoise(prior, "a red car", 256, 256, num_inference_steps=2, seeds=0)
+        streamed = dit.denoise(prior, "a red car", 64, 64, num_inference_steps=2, seeds=0)
     assert torch.equal(resident, streamed) and stream.copies > 0
     dtypes = {h.dtype for u in stream.units for h in u.host}
     assert torch.int8 in dtypes
@@ -96,7 +96,7 @@ def resident_image(tiny_checkpoint):
     from glm_image import GlmImage
 
     pipe = GlmImage.from_pretrained(tiny_checkpoint, residency="resident")
-    return np.asarray(pipe.generate("a red car", 256, 256, num_inference_steps=2, seed=3).images[0])
+    return np.asarray(pipe.generate("a red car", 64, 64, num_inference_steps=2, seed=3).images[0])
 
 
 @pytest.mark.parametrize("residency", [r for r in RESIDENCIES if r != "resident"])
@@ -107,7 +107,7 @@ def test_every_residency_gives_the_resident_image(tiny_checkpoint, resident_imag
 
     pipe = GlmImage.from_pretrained(tiny_checkpoint, residency=residency)
     assert pipe.residency == residency and set(pipe.streams) == set(STREAMED[residency])
-    image = np.asarray(pipe.generate("a red car", 256, 256, num_inference_steps=2, seed=3).images[0])
+    image = np.asarray(pipe.generate("a red car", 64, 64, num_inference_steps=2, seed=3).images[0])
     assert np.array_equal(image, resident_image)
     assert all(stream.copies > 0 for stream in pipe.streams.values())
     pipe.close()
