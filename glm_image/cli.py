@@ -579,6 +579,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GlmImageError as e:  # the shared options' checks name their Python parameter: say the flag
         print(f"glm-image: error: {as_flags(str(e), RUNTIME_FLAGS)}", file=sys.stderr)
         return 2
+    except Exception as e:
+        import torch
+
+        if not isinstance(e, torch.OutOfMemoryError):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+        print(
+            f"glm-image: error: the device ran out of memory ({first}); see `glm-image info --json` for "
+            "the plan, and try --max-memory, --residency dit_offload or --quantize int8",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

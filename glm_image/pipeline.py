@@ -89,6 +89,7 @@ class GlmImage:
         self.limits = ar.config.size_limits
         self.residency = "swap" if self.offload_to is not None else "resident"
         self.streams: dict = {}  # stage -> engine.offload.BlockStream, under block offload
+        self.memory = None  # (residency.MemoryPlan, checkpoint root, dtype) when the planner placed it
 
     @property
     def attention_backend(self) -> str:
@@ -206,6 +207,7 @@ class GlmImage:
             quantize=str(plan.scheme),
         )
         pipe.device = device
+        pipe.memory = (plan, root, dtype)
         pipe._stream_blocks(plan.residency, device)
         return pipe
 
@@ -267,6 +269,41 @@ class GlmImage:
         if "ar" in self.streams and self.ar.decode_step == "auto":
             # a captured decode graph would replay the copies' addresses: the streamed AR runs eager
             self.ar.decode_step = "eager"
+
+    def admission(self, max_side: int, batch: int, conditions: int):
+        """The largest request this pipeline's memory plan holds (``admission.plan_admission``),
+        starting from ``max_side`` square, ``batch`` images per call and ``conditions``
+        condition images per prompt; None when it was not placed by the planner (several ranks)."""
+        if self.memory is None:
+            return None
+        from .admission import plan_admission
+
+        plan, root, dtype = self.memory
+        limits = self.limits
+        return plan_admission(
+            plan,
+            root,
+            dtype,
+            max_side=min(max_side, limits.maximum),
+            min_side=limits.minimum,
+            multiple=limits.multiple,
+            batch=batch,
+            conditions=conditions,
+        )
+
+    def free_after_failure(self) -> None:
+        """After a call failed (an out-of-memory error from another process taking the device):
+        drop the block copies in flight and the allocator's cached blocks, so the next call
+        starts from the weights alone."""
+        import gc
+
+        for stream in self.streams.values():
+            stream.release()
+        gc.collect()
+        module = getattr(torch, self.device.type, None)
+        empty = getattr(module, "empty_cache", None) if self.device.type != "cpu" else None
+        if callable(empty):
+            empty()
 
     def close(self) -> None:
         """Stop the worker processes of the stages that run on several ranks (also done at exit)."""
@@ -356,10 +393,14 @@ class GlmImage:
         if idle is not None:  # every entry point meets here before any work: one place to say so
             warnings.warn(idle, IdleCacheWarning, stacklevel=3)
         ar, dit = self.handles
-        self._resident(ar, dit)
-        prior = ar.run(call, progress)
-        self._resident(dit, ar)
-        made = dit.run(DitCall(prior, steps, guidance, dit_cache), progress)
+        try:
+            self._resident(ar, dit)
+            prior = ar.run(call, progress)
+            self._resident(dit, ar)
+            made = dit.run(DitCall(prior, steps, guidance, dit_cache), progress)
+        except torch.OutOfMemoryError:
+            self.free_after_failure()  # the call's tensors are gone with its frames; drop the cache
+            raise
         return prior, made
 
     # ---------------------------------------------------------------- requests

@@ -35,6 +35,7 @@ offload keeps ``AHEAD + 1`` streamed units (``engine.offload``) of a stage on th
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -158,7 +159,15 @@ def weight_bytes(
 ) -> dict[str, dict[str, int]]:
     """Every component as loaded under ``scheme`` in ``dtype``: ``{name: {"params", "bytes"}}``,
     for ar_text_decoder, ar_vision (the ViT + VQ tokenizer of image-to-image, if ``vision``), dit,
-    glyph_encoder and vae. Built on ``meta`` from the configs: no weights are read."""
+    glyph_encoder and vae; the AR decoder and the DiT also give ``units`` and ``unit_bytes``, what
+    block offload streams. Built on ``meta`` from the configs: no weights are read (the result
+    is remembered per checkpoint folder, scheme, dtype: a server plans many sizes)."""
+    counted = _weight_bytes(str(Path(root).resolve()), str(parse_quantize(scheme)), dtype, vision)
+    return {name: dict(c) for name, c in counted.items()}
+
+
+@functools.lru_cache(maxsize=32)
+def _weight_bytes(root: str, scheme: str, dtype: torch.dtype, vision: bool) -> dict[str, dict[str, int]]:
     from .config import CheckpointConfig
     from .engine.offload import ar_units, dit_units
     from .models.ar import ArModel
