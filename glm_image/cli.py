@@ -580,9 +580,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"glm-image: error: {as_flags(str(e), RUNTIME_FLAGS)}", file=sys.stderr)
         return 2
     except Exception as e:
-        import torch
-
-        if not isinstance(e, torch.OutOfMemoryError):
+        torch = sys.modules.get("torch")  # an out-of-memory error comes from torch, so it is loaded
+        if torch is None or not isinstance(e, torch.OutOfMemoryError):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
         print(
