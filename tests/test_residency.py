@@ -186,3 +186,11 @@ def test_the_estimate_covers_what_a_generation_takes(tiny_checkpoint):
     estimate = estimate_memory(tiny_checkpoint, "int8", torch.float32, height=512, width=512)
     assert sum(estimate.weights.values()) < measured["increase"] <= estimate.peak("resident")
     assert estimate.peak("resident") - RESERVE < 2 * measured["increase"]
+
+
+@pytest.mark.parametrize("residency", ["resident", "swap", "dit_offload", "offload"])
+def test_a_forced_residency_is_planned_and_said(residency):
+    plan = memory_report(RELEASED, "int8", max_memory="12GB", residency=residency)["plan"]
+    assert plan["residency"] == residency and f"residency {residency} as asked" in plan["reason"]
+    assert plan["peak_bytes"] == plan["estimate"]["peak_bytes"][residency]
+    assert plan["fits"] == (plan["peak_bytes"] <= 12e9)
