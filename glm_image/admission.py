@@ -20,7 +20,8 @@ __all__ = ["Admission", "plan_admission"]
 class Admission:
     """The largest request held: one image up to ``max_side`` x ``max_side``; at that size up to
     ``batch`` images per engine call and ``conditions`` condition images per prompt;
-    ``peak_bytes``: the estimate for that request; ``lowered``: what was lowered from the asked
+    ``peak_bytes``: the estimate for ``batch`` images at ``max_side`` (with ``conditions`` too
+    when nothing was lowered); ``lowered``: what was lowered from the asked
     maximum and why (None: nothing). ``check`` and ``fits`` estimate any other request."""
 
     plan: MemoryPlan
@@ -103,11 +104,11 @@ def plan_admission(
     images per call that fit. No budget known: everything is admitted."""
     root = Path(root)
 
-    def admission(side: int, b: int, c: int, lowered: str | None) -> Admission:
+    def admission(side: int, b: int, c: int, lowered: str | None, peak: tuple) -> Admission:
         made = Admission(plan, root, dtype, side, b, c, 0, lowered)
-        return Admission(plan, root, dtype, side, b, c, made.peak(side, side, b, c), lowered)
+        return Admission(plan, root, dtype, side, b, c, made.peak(*peak), lowered)
 
-    asked = admission(max_side, batch, conditions, None)
+    asked = admission(max_side, batch, conditions, None, (max_side, max_side, batch, conditions))
     if asked.fits(max_side, max_side, batch, conditions):
         return asked
     sides = range(max_side, min_side - 1, -multiple)
@@ -124,4 +125,4 @@ def plan_admission(
     )
     if not asked.fits(side, side, 1):
         lowered += " (even the smallest image does not fit: expect out-of-memory errors)"
-    return admission(side, b, c, lowered)
+    return admission(side, b, c, lowered, (side, side, b, 0))  # b images or c conditions: the larger
