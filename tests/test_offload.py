@@ -123,8 +123,9 @@ def test_an_unknown_residency_names_the_allowed_ones(tiny_checkpoint):
         plan_memory(tiny_checkpoint, "meta", torch.float32, residency="layers")
 
 
-def test_the_residency_flag_on_every_command(cli):
-    for command in (["generate", "--model", "tiny", "x"], ["info", "--model", "tiny"], ["serve"]):
+def test_the_residency_flag_on_every_command(cli, tmp_path):
+    serve = ["serve", "--output-dir", str(tmp_path / "files")]
+    for command in (["generate", "--model", "tiny", "x"], ["info", "--model", "tiny"], serve):
         out = cli(*command, "--residency", "layers")
         assert out.returncode != 0
         assert "--residency 'layers'; allowed: resident, swap, dit_offload, offload" in out.stderr
