@@ -22,6 +22,12 @@
 #              fbcache): per-stage seconds, DiT forwards computed, PSNR against uncached
 #   arquant    AR decode under int8, fp8 and ar=int4 (tok/s against our bf16 in the same run)
 #   memory     the memory planner's estimate against torch.cuda.max_memory_allocated, per stage
+#   offload    every residency (resident, dit_offload, swap, offload) in a fresh process: measured
+#              peak against the planner's estimate, and the DiT's time with its blocks streamed
+#              against resident (benchmarks/bench_offload.py -> bench_offload.json); and the
+#              released preset's plans at 12GB / 16GB / 24GiB int8 on this device (plan_*.json).
+#              GPU_RUN_OFFLOAD_STEPS (default 4), GPU_RUN_OFFLOAD_RESIDENCIES (default all). A CPU
+#              dry run: GPU_RUN_MODEL=tiny GPU_RUN_DEVICE=cpu GPU_RUN_SIZE=64x64 ... OUT offload
 #   gemv       one decode row through the AR's linears: dense, torch's int8 / fp8 paths and our
 #              int8 / int4 GEMV at 48 launches (the kernel's LAUNCH defaults come from this)
 #   kernels    our Triton kernels against their torch twins, per op
@@ -43,7 +49,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-results/gpu}
-stages=${2:-full,tests,ar,dit,speed,fast,arquant,memory,gemv,kernels,lora,scaling}
+stages=${2:-full,tests,ar,dit,speed,fast,arquant,memory,offload,gemv,kernels,lora,scaling}
 model=${GPU_RUN_MODEL:-wide}
 size=${GPU_RUN_SIZE:-1024x1024}
 device=${GPU_RUN_DEVICE:-cuda}
@@ -149,6 +155,17 @@ fi
 if want memory; then
     run memory 60 python3 benchmarks/bench_quant.py memory --model "$model" --device "$device" \
         --size "${size%%x*}" --schemes "none;int8" --out "$out/bench_memory.json"
+fi
+if want offload; then
+    for budget in 12GB 16GB 24GiB; do  # meta byte counts only: the released size is never built
+        run "plan-$budget" 60 bash -c "python3 -m glm_image.cli info --preset glm-image --quantize int8 \
+            --max-memory $budget --device $device --json > '$out/plan_$budget.json'"
+    done
+    odtype=$dtype  # float32 on a CPU unless asked, as the full stage
+    [ "$device" = cpu ] && [ -z "${GPU_RUN_DTYPE:-}" ] && odtype=float32
+    run offload 150 python3 benchmarks/bench_offload.py --model "$model" --device "$device" --dtype "$odtype" \
+        --size "$size" --steps "${GPU_RUN_OFFLOAD_STEPS:-4}" --out "$out/bench_offload.json" \
+        ${GPU_RUN_OFFLOAD_RESIDENCIES:+--residencies "$GPU_RUN_OFFLOAD_RESIDENCIES"}
 fi
 if want gemv; then
     run gemv 120 python3 benchmarks/bench_quant.py gemv --device "$device" --out "$out/bench_gemv.json"

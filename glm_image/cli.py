@@ -54,14 +54,15 @@ def _cmd_info(args: argparse.Namespace) -> None:
     from .device import resolve_device
     from .hub import resolve_checkpoint
     from .info import describe_checkpoint, format_checkpoint, format_memory_report, memory_report
-    from .residency import parse_memory
+    from .residency import check_residency, parse_memory
     from .synthetic import preset_dir
 
     device = resolve_device(args.device)  # a bad --device or --max-memory: one line, before any work
     parse_memory(args.max_memory)
+    check_residency(args.residency)
     root = preset_dir(args.preset) if args.preset else resolve_checkpoint(args.model)
     report = None
-    if args.json or args.quantize or args.max_memory:
+    if args.json or args.quantize or args.max_memory or args.residency:
         report = memory_report(
             root,
             args.quantize,
@@ -69,6 +70,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
             device=device,
             detected=args.device is None,
             max_memory=args.max_memory,
+            residency=args.residency,
         )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -584,6 +586,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GlmImageError as e:  # the shared options' checks name their Python parameter: say the flag
         print(f"glm-image: error: {as_flags(str(e), RUNTIME_FLAGS)}", file=sys.stderr)
         return 2
+    except Exception as e:
+        torch = sys.modules.get("torch")  # an out-of-memory error comes from torch, so it is loaded
+        if torch is None or not isinstance(e, torch.OutOfMemoryError):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "out of memory"
+        print(
+            f"glm-image: error: the device ran out of memory ({first}); see `glm-image info --json` for "
+            "the plan, and try --max-memory, --residency dit_offload or --quantize int8",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -164,6 +164,7 @@ def memory_report(
     height: int = 1024,
     width: int = 1024,
     batch: int = 1,
+    residency: str | None = None,
 ) -> dict:
     """The JSON object of ``glm-image info --json`` (the text output renders it with
     ``format_memory_report``, so the two cannot disagree)::
@@ -181,7 +182,8 @@ def memory_report(
     whose budget is ``max_memory`` alone. ``plan_for`` says which in words. With
     ``quantize="auto"`` the plan picks the scheme and the components follow it. A scheme the
     device cannot run is planned all the same: ``plan.runs_on_device`` is false and
-    ``plan.device_error`` is the error ``generate`` would give.
+    ``plan.device_error`` is the error ``generate`` would give. ``residency``: force one (a key of
+    ``plan.estimate.peak_bytes``); None: the planner chooses.
     """
     import torch
 
@@ -199,6 +201,7 @@ def memory_report(
         width=width,
         batch=batch,
         max_memory=max_memory,
+        residency=residency,
     )
     dtype_name = str(chosen).removeprefix("torch.")
     if where.type == "meta":

@@ -42,6 +42,7 @@ RUNTIME_FLAGS = {
     "attention_backend": "--attention-backend",
     "quantize": "--quantize",
     "max_memory": "--max-memory",
+    "residency": "--residency",
     "ar_decoding": "--ar-decoding",
     "jacobi_window": "--jacobi-window",
     "dit_cache threshold": "--dit-cache-threshold",
@@ -135,7 +136,14 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-memory",
         metavar="SIZE",
         help="device memory the engine may use, e.g. 16GB or 24GiB (default: the device's free memory); "
-        "the planner keeps both stages resident or swaps them to fit",
+        "the planner keeps both stages resident, swaps them or streams their blocks to fit",
+    )
+    parser.add_argument(
+        "--residency",
+        metavar="NAME",
+        help="force where the weights live: resident | swap (the stages take turns) | dit_offload "
+        "(take turns, the DiT's blocks stream from host memory) | offload (the AR's layers stream "
+        "too); default: the memory planner chooses (see `glm-image info --json`)",
     )
 
 
@@ -251,15 +259,17 @@ def torch_dtype(name: str | None):
 def runtime_kwargs(args: argparse.Namespace) -> dict:
     """The keyword arguments of ``GlmImage.from_pretrained`` these flags give; a --max-memory
     that is not a size fails here, on every path that reads it, before anything loads."""
-    from .residency import parse_memory
+    from .residency import check_residency, parse_memory
 
     parse_memory(args.max_memory)  # its message starts "max_memory": the CLI says --max-memory
+    check_residency(args.residency)
     return {
         "device": args.device,
         "dtype": torch_dtype(args.dtype),
         "attention_backend": args.attention_backend,
         "quantize": args.quantize,
         "max_memory": args.max_memory,
+        "residency": args.residency,
     }
 
 

@@ -90,6 +90,9 @@ class GlmImage:
         self.offload_to = torch.device(offload_to) if offload_to is not None else None
         self.limits = ar.config.size_limits
         self.lora = None  # a lora.LoraRegistry once an adapter is loaded (local stages only)
+        self.residency = "swap" if self.offload_to is not None else "resident"
+        self.streams: dict = {}  # stage -> engine.offload.BlockStream, under block offload
+        self.memory = None  # (residency.MemoryPlan, checkpoint root, dtype) when the planner placed it
 
     @property
     def attention_backend(self) -> str:
@@ -108,6 +111,7 @@ class GlmImage:
         attention_backend: str | None = None,
         quantize: str | None = None,
         max_memory: str | int | None = None,
+        residency: str | None = None,
         ar_decoding: str = "sequential",
         jacobi_window: int = DEFAULT_WINDOW,
         dit_cache: StepCacheOptions | None = None,
@@ -125,10 +129,14 @@ class GlmImage:
         the ops backend of both stages (see ``glm_image.ops``), chosen once for the device.
         ``quantize``: the weight format, none | int8 | fp8 | ``ar=int4,dit=int8`` | per stage
         ``ar=int8,dit=fp8`` | auto (see ``glm_image.quant``), applied while the weights load.
-        ``offload``: keep only the running stage on the device (the other waits in host memory).
-        None lets the memory planner decide (``glm_image.residency``) from the device's free
-        memory or ``max_memory`` ("16GB", "24GiB"), for a 1024x1024 image; with
-        ``quantize="auto"`` it also picks the format. Its choice and why are logged in one line.
+        ``residency``: where the weights live, one of ``residency.RESIDENCIES``: ``resident``
+        (both stages on the device), ``swap`` (the stages take turns; the idle one waits in host
+        memory), ``dit_offload`` (take turns, and the DiT's blocks stream from host memory a
+        block ahead of use: ``engine.offload``), ``offload`` (the AR's layers stream too). None
+        lets the memory planner decide (``glm_image.residency``) from the device's free memory or
+        ``max_memory`` ("16GB", "24GiB"), for a 1024x1024 image; with ``quantize="auto"`` it
+        also picks the format. Its choice and why are logged in one line. ``offload``: the older
+        switch: True asks for at least ``swap``, False for ``resident``.
         ``ar_decoding``, ``jacobi_window``, ``dit_cache``: the defaults of ``generate``.
 
         Several devices (``glm_image.parallel``): ``ar_tp`` tensor-parallel AR ranks;
@@ -165,40 +173,44 @@ class GlmImage:
         from .hub import resolve_checkpoint
         from .ops import select_ops
         from .quant import check_device, parse_quantize
-        from .residency import plan_memory
+        from .residency import check_residency, plan_memory
 
         device = resolve_device(device)
         dtype = dtype or default_dtype(device)
         scheme = parse_quantize(quantize)  # a bad value fails before anything loads
+        check_residency(residency)
         check_device(scheme, device)
         ops = select_ops(attention_backend, device)
         root = resolve_checkpoint(model)
         if parallel.spread:
             parallel.check(CheckpointConfig.from_dir(root), device)
+            if residency not in (None, "resident"):
+                raise GlmImageError(
+                    f"residency = {residency!r}: the planner sizes one device and the stages run on "
+                    f"several ({parallel.describe()}); allowed: resident or none"
+                )
             if offload:
                 raise GlmImageError(
                     f"offload = True: the stages cannot take turns on one device when they run on "
                     f"several ({parallel.describe()}); allowed: offload False or None"
                 )
-        plan = plan_memory(root, device, dtype, quantize=scheme, max_memory=max_memory)
+        if residency is None and offload is not None:
+            residency = "swap" if offload else "resident"
+        plan = plan_memory(root, device, dtype, quantize=scheme, max_memory=max_memory, residency=residency)
         defaults = {"ar_decoding": ar_decoding, "jacobi_window": jacobi_window, "dit_cache": dit_cache}
         if parallel.spread:  # the planner sizes one device: here it only resolves quantize="auto"
             return cls._spread(
                 root, model, device, dtype, attention_backend, plan.scheme, parallel, **defaults
             )
-        if plan.residency == "offload":  # layer-by-layer streaming is not built: the closest is swap
-            log.warning(
-                "%s; layer-by-layer offload is not built, so the stages take turns instead", plan.describe()
-            )
-        if offload is None:
-            offload = plan.offload
+        offload = plan.offload
         home = torch.device("cpu") if offload else device
+        streamed = " and streams the blocks of " + " and ".join(plan.streamed) if plan.streamed else ""
         log.info(
             "loading %s (%s) on %s%s",
             root,
             dtype,
             device,
-            "; the AR and DiT stages take turns on it" if offload else "",
+            f"; the AR and DiT stages take turns on it{streamed}" if offload else "",
         )
         ar = ArEngine.from_pretrained(
             root, device=home, dtype=dtype, attention_backend=ops, quantize=plan.scheme
@@ -220,6 +232,8 @@ class GlmImage:
         if lora:
             mode = lora_mode if lora_mode != "auto" else "merged" if pipe.quantize == "none" else "unmerged"
             pipe._fixed_lora(lora, mode)
+        pipe.memory = (plan, root, dtype)
+        pipe._stream_blocks(plan.residency, device)
         return pipe
 
     def _registry(self):
@@ -298,8 +312,60 @@ class GlmImage:
         pipe.device = device
         return pipe
 
+    def _stream_blocks(self, residency: str, device: torch.device) -> None:
+        """Apply ``residency``'s block offload: the streamed stages' blocks wait in host memory
+        and are copied to ``device`` ahead of use (``engine.offload.BlockStream``)."""
+        from .engine.offload import BlockStream, ar_units, dit_units
+        from .residency import STREAMED
+
+        self.residency = residency
+        for stage in STREAMED[residency]:
+            engine = self.ar if stage == "ar" else self.dit
+            units = ar_units if stage == "ar" else dit_units
+            self.streams[stage] = BlockStream(units(engine.model), device)
+        if "ar" in self.streams and self.ar.decode_step == "auto":
+            # a captured decode graph would replay the copies' addresses: the streamed AR runs eager
+            self.ar.decode_step = "eager"
+
+    def admission(self, max_side: int, batch: int, conditions: int):
+        """The largest request this pipeline's memory plan holds (``admission.plan_admission``),
+        starting from ``max_side`` square, ``batch`` images per call and ``conditions``
+        condition images per prompt; None when it was not placed by the planner (several ranks)."""
+        if self.memory is None:
+            return None
+        from .admission import plan_admission
+
+        plan, root, dtype = self.memory
+        limits = self.limits
+        return plan_admission(
+            plan,
+            root,
+            dtype,
+            max_side=min(max_side, limits.maximum),
+            min_side=limits.minimum,
+            multiple=limits.multiple,
+            batch=batch,
+            conditions=conditions,
+        )
+
+    def free_after_failure(self) -> None:
+        """After a call failed (an out-of-memory error from another process taking the device):
+        drop the block copies in flight and the allocator's cached blocks, so the next call
+        starts from the weights alone."""
+        import gc
+
+        for stream in self.streams.values():
+            stream.release()
+        gc.collect()
+        module = getattr(torch, self.device.type, None)
+        empty = getattr(module, "empty_cache", None) if self.device.type != "cpu" else None
+        if callable(empty):
+            empty()
+
     def close(self) -> None:
         """Stop the worker processes of the stages that run on several ranks (also done at exit)."""
+        for stream in self.streams.values():
+            stream.close()
         for handle in self.handles:
             handle.close()
 
@@ -390,11 +456,15 @@ class GlmImage:
         if idle is not None:  # every entry point meets here before any work: one place to say so
             warnings.warn(idle, IdleCacheWarning, stacklevel=3)
         ar, dit = self.handles
-        with self.lora.selected(lora) if self.lora is not None else contextlib.nullcontext():
-            self._resident(ar, dit)
-            prior = ar.run(call, progress)
-            self._resident(dit, ar)
-            made = dit.run(DitCall(prior, steps, guidance, dit_cache), progress)
+        try:
+            with self.lora.selected(lora) if self.lora is not None else contextlib.nullcontext():
+                self._resident(ar, dit)
+                prior = ar.run(call, progress)
+                self._resident(dit, ar)
+                made = dit.run(DitCall(prior, steps, guidance, dit_cache), progress)
+        except torch.OutOfMemoryError:
+            self.free_after_failure()  # the call's tensors are gone with its frames; drop the cache
+            raise
         return prior, made
 
     # ---------------------------------------------------------------- requests
@@ -446,8 +516,10 @@ class GlmImage:
     def _resident(self, running, waiting) -> None:
         """With offloading, only the stage about to run sits on the device."""
         if self.offload_to is not None:
-            waiting.to(self.offload_to)
-            running.to(self.device)
+            for handle, where in ((waiting, self.offload_to), (running, self.device)):
+                stream = self.streams.get(handle.stage)
+                with stream.parked() if stream is not None else contextlib.nullcontext():
+                    handle.to(where)
 
     def png_info(self, request: GenerationRequest, output: GenerationOutput, index: int) -> dict[str, str]:
         """Image ``index`` of ``output`` (made for ``request``): its generation parameters and

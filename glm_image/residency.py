@@ -6,12 +6,19 @@ picks the residency, in this order of preference:
 - ``resident``: both stages on the device (no transfers);
 - ``swap``: one stage at a time, the idle one waiting in pinned host memory (two transfers of a
   stage's weights per image: ~0.4 s each way for an int8 AR over PCIe 4.0 x16);
-- ``offload``: layer by layer, the last resort (every step streams the weights).
+- ``dit_offload``: the stages take turns and the DiT's blocks stay in (pinned) host memory,
+  streamed to the device a block ahead of use on a side stream (``engine.offload``); the AR stage
+  runs whole, so AR decoding keeps its speed;
+- ``offload``: as ``dit_offload``, and the AR's layers stream too, the last resort (every AR
+  token streams the decoder's weights).
 
-With ``auto`` the format is chosen too, trying (none, resident), (int8, resident), (int8, swap),
-(ar=int4 + dit=int8, swap), (ar=int4 + dit=int8, offload): int8 before swapping, since it costs
-little quality and makes AR decoding faster (half the bytes per token), while swapping costs
-transfers on every image. One log line says what was chosen and why (``MemoryPlan.describe``).
+These are the residencies the engine implements (``GlmImage`` applies each; a test runs every
+one); ``residency=`` (``--residency``) forces one. With ``auto`` the format is chosen too, trying
+(none, resident), (int8, resident), (int8, swap), (ar=int4 + dit=int8, swap), (int8,
+dit_offload), (ar=int4 + dit=int8, dit_offload), (ar=int4 + dit=int8, offload): int8 before
+swapping, since it costs little quality and makes AR decoding faster (half the bytes per token),
+while swapping costs transfers on every image. One log line says what was chosen and why
+(``MemoryPlan.describe``).
 
 The estimate (``estimate_memory``): the weights of every component as the loader builds them
 (our models and the reference's ByT5 and VAE built on the ``meta`` device: exact, and no weights
@@ -19,11 +26,16 @@ needed), plus the largest activations of each stage: the AR's static KV cache an
 DiT's per-block tensors at the size (``DIT_ACTIVATION``, measured: 11-18x rows x tokens x hidden
 x bytes on a CPU, see ``benchmarks/bench_quant.py``), the VAE decode (``VAE_ACTIVATION``,
 measured: ~2000x pixels x bytes, untiled), and ``RESERVE`` for the allocator and library
-workspaces. The ViT (image-to-image only) is counted when ``images`` is set.
+workspaces. Image-to-image adds the ViT's weights and activations, the condition images' tokens
+in the AR prompt, the VAE encode of each condition image and the DiT's condition K/V cache
+(2 x layers x tokens x hidden per condition image: 2.0e9 bytes at 1024x1024 in bfloat16); the
+DiT step cache adds its per-row residual buffers; Jacobi decoding its window's logits. Block
+offload keeps ``AHEAD + 1`` streamed units (``engine.offload``) of a stage on the device.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass, field
@@ -36,8 +48,10 @@ from .quant import QuantScheme, check_device, parse_quantize
 
 __all__ = [
     "RESIDENCIES",
+    "STREAMED",
     "MemoryEstimate",
     "MemoryPlan",
+    "check_residency",
     "device_budget",
     "estimate_memory",
     "parse_memory",
@@ -47,7 +61,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-RESIDENCIES = ("resident", "swap", "offload")
+RESIDENCIES = ("resident", "swap", "dit_offload", "offload")
+# the stages whose blocks stream under each residency (the others run whole)
+STREAMED = {"resident": (), "swap": (), "dit_offload": ("dit",), "offload": ("ar", "dit")}
+STREAM_AHEAD = 1  # as engine.offload.AHEAD: units copied ahead of the running one
 DIT_ACTIVATION = 20  # x rows * tokens * hidden * bytes: a block's live tensors at its peak
 VAE_ACTIVATION = 4  # x the decoder's largest feature map (+ 2 x the next): an untiled decode's peak
 PROMPT_TOKENS = 1024  # the AR prompt the plan allows for (a 1000-character prompt and template)
@@ -58,6 +75,8 @@ _AUTO = (
     (QuantScheme("int8", "int8"), "resident"),
     (QuantScheme("int8", "int8"), "swap"),
     (QuantScheme("int4", "int8"), "swap"),
+    (QuantScheme("int8", "int8"), "dit_offload"),
+    (QuantScheme("int4", "int8"), "dit_offload"),
     (QuantScheme("int4", "int8"), "offload"),
 )
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
@@ -140,8 +159,17 @@ def weight_bytes(
 ) -> dict[str, dict[str, int]]:
     """Every component as loaded under ``scheme`` in ``dtype``: ``{name: {"params", "bytes"}}``,
     for ar_text_decoder, ar_vision (the ViT + VQ tokenizer of image-to-image, if ``vision``), dit,
-    glyph_encoder and vae. Built on ``meta`` from the configs: no weights are read."""
+    glyph_encoder and vae; the AR decoder and the DiT also give ``units`` and ``unit_bytes``, what
+    block offload streams. Built on ``meta`` from the configs: no weights are read (the result
+    is remembered per checkpoint folder, scheme, dtype: a server plans many sizes)."""
+    counted = _weight_bytes(str(Path(root).resolve()), str(parse_quantize(scheme)), dtype, vision)
+    return {name: dict(c) for name, c in counted.items()}
+
+
+@functools.lru_cache(maxsize=32)
+def _weight_bytes(root: str, scheme: str, dtype: torch.dtype, vision: bool) -> dict[str, dict[str, int]]:
     from .config import CheckpointConfig
+    from .engine.offload import ar_units, dit_units
     from .models.ar import ArModel
     from .models.dit import DitModel
     from .models.vision import VisionEncoder
@@ -155,18 +183,35 @@ def weight_bytes(
     config = CheckpointConfig.from_dir(root)
     out: dict[str, dict[str, int]] = {}
 
-    def add(name: str, module: torch.nn.Module, load_dtype: torch.dtype | None, kind: str = "none") -> None:
+    def add(
+        name: str, module: torch.nn.Module, load_dtype: torch.dtype | None, kind: str = "none", units=None
+    ) -> None:
         quantized = dict.fromkeys(quantized_linears(module), kind) if kind != "none" else {}
         params, nbytes = _module_bytes(module, load_dtype, quantized)
         out[name] = {"params": params, "bytes": nbytes}
+        if units is not None:  # the units block offload streams (engine.offload): all alike
+            streamed = units(module)
+            out[name]["units"] = len(streamed)
+            out[name]["unit_bytes"] = sum(
+                _module_bytes(part, load_dtype, _within(module, part, quantized))[1] for part in streamed[0]
+            )
 
-    add("ar_text_decoder", build_on_meta(lambda: ArModel(config.ar.text)), dtype, scheme.ar)
+    ar_model = build_on_meta(lambda: ArModel(config.ar.text))
+    add("ar_text_decoder", ar_model, dtype, scheme.ar, ar_units)
     if vision:
         add("ar_vision", build_on_meta(lambda: VisionEncoder(config.ar.vision, config.ar.vq)), dtype)
-    add("dit", build_on_meta(lambda: DitModel(config.dit)), dtype, scheme.dit)
+    add("dit", build_on_meta(lambda: DitModel(config.dit)), dtype, scheme.dit, dit_units)
     add("glyph_encoder", build_reference(config.root, "text_encoder", meta=True), dtype)
     add("vae", build_reference(config.root, "vae", meta=True), _vae_dtype(config, dtype))
     return out
+
+
+def _within(model: torch.nn.Module, part: torch.nn.Module, quantized: dict[str, str]) -> dict[str, str]:
+    """``quantized`` (names in ``model``) for the submodule ``part``: names relative to it."""
+    (prefix,) = [name for name, module in model.named_modules() if module is part]
+    return {
+        name[len(prefix) + 1 :]: kind for name, kind in quantized.items() if name.startswith(prefix + ".")
+    }
 
 
 def _vae_dtype(config, dtype: torch.dtype) -> torch.dtype:
@@ -195,13 +240,18 @@ def _vae_decode_elements(vae, pixels: int) -> int:
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes on the device: each component's weights and each stage's largest activations."""
+    """Bytes on the device: each component's weights and each stage's largest activations.
+
+    ``ar_activations`` / ``dit_activations`` include what the stage holds through its run (the
+    AR's KV cache and Jacobi buffers; the DiT's condition K/V and step-cache buffers);
+    ``units`` per streamed stage: (the number of units block offload streams, bytes of one)."""
 
     weights: dict[str, int]
     ar_activations: int
     dit_activations: int
     vae_activations: int
-    largest_layer: dict[str, int] = field(default_factory=dict)  # per stage, for offloading
+    units: dict[str, tuple[int, int]] = field(default_factory=dict)  # "ar" / "dit" -> (count, bytes)
+    parts: dict[str, int] = field(default_factory=dict)  # the activation terms, for the JSON
 
     @property
     def ar_stage(self) -> int:
@@ -211,26 +261,26 @@ class MemoryEstimate:
     def dit_stage(self) -> int:
         return self.weights["dit"] + self.weights["glyph_encoder"] + self.weights["vae"]
 
+    def _streamed(self, stage: str) -> int:
+        """Bytes of ``stage``'s weights that block offload leaves in host memory."""
+        count, nbytes = self.units[stage]
+        return count * nbytes - min(count, STREAM_AHEAD + 1) * nbytes
+
+    def stage_peaks(self, residency: str) -> tuple[int, int]:
+        """(the AR stage's run, the DiT stage's run) on the device under a residency that swaps."""
+        streamed = STREAMED[residency]
+        ar = self.ar_stage + self.ar_activations - (self._streamed("ar") if "ar" in streamed else 0)
+        dit = self.dit_stage + max(self.dit_activations, self.vae_activations)
+        dit -= self._streamed("dit") if "dit" in streamed else 0
+        return ar, dit
+
     def peak(self, residency: str) -> int:
         """The estimated peak on the device under ``residency``."""
-        ar_run = self.ar_activations
-        dit_run = max(self.dit_activations, self.vae_activations)
+        check_residency(residency)
         if residency == "resident":
-            return self.ar_stage + self.dit_stage + max(ar_run, dit_run) + RESERVE
-        if residency == "swap":
-            return max(self.ar_stage + ar_run, self.dit_stage + dit_run) + RESERVE
-        # offload: everything but the blocks stays; two blocks (running, next) stream in
-        ar = self.ar_stage - self.largest_layer["ar"] * self.largest_layer["ar_layers"]
-        dit = self.weights["dit"] - self.largest_layer["dit"] * self.largest_layer["dit_layers"]
-        ar_peak = ar + 2 * self.largest_layer["ar"] + ar_run
-        dit_peak = (
-            dit
-            + self.weights["glyph_encoder"]
-            + self.weights["vae"]
-            + 2 * self.largest_layer["dit"]
-            + dit_run
-        )
-        return max(ar_peak, dit_peak) + RESERVE
+            run = max(self.ar_activations, self.dit_activations, self.vae_activations)
+            return self.ar_stage + self.dit_stage + run + RESERVE
+        return max(self.stage_peaks(residency)) + RESERVE
 
     def to_json(self) -> dict:
         return {
@@ -238,9 +288,22 @@ class MemoryEstimate:
             "ar_activation_bytes": self.ar_activations,
             "dit_activation_bytes": self.dit_activations,
             "vae_activation_bytes": self.vae_activations,
+            "activation_parts_bytes": dict(self.parts),
+            "streamed_units": {stage: {"count": c, "bytes": b} for stage, (c, b) in self.units.items()},
             "reserve_bytes": RESERVE,
             "peak_bytes": {r: self.peak(r) for r in RESIDENCIES},
         }
+
+
+def check_residency(residency: str | None, field: str = "residency") -> str | None:
+    """``residency`` if it is one the engine implements (or None: the planner picks), else a
+    ``GlmImageError`` starting with ``field`` and listing the allowed names."""
+    if residency is not None and residency not in RESIDENCIES:
+        raise GlmImageError(
+            f"{field} = {residency!r}; allowed: {', '.join(RESIDENCIES)} (the keys of "
+            "plan.estimate.peak_bytes in `glm-image info --json`), or none to let the planner choose"
+        )
+    return residency
 
 
 def estimate_memory(
@@ -252,48 +315,80 @@ def estimate_memory(
     width: int = 1024,
     batch: int = 1,
     images: bool = False,
+    conditions: int = 0,
+    step_cache: bool = False,
+    jacobi_window: int = 0,
 ) -> MemoryEstimate:
     """The estimate for one generation call of ``batch`` images at ``height`` x ``width`` (see
-    the module docstring); ``images``: image-to-image (the ViT is loaded)."""
+    the module docstring). ``images``: the ViT is loaded (image-to-image served);
+    ``conditions``: condition images per prompt (each counted at ``height`` x ``width``, the
+    largest a request may give; implies ``images``; the DiT's K/V counted for every image of the
+    batch, exact at one image per prompt); ``step_cache``: the DiT step cache is on;
+    ``jacobi_window``: Jacobi decoding's window (0: sequential)."""
     from .config import CheckpointConfig
 
     scheme = parse_quantize(scheme)
     config = CheckpointConfig.from_dir(root)
+    images = images or conditions > 0
     components = weight_bytes(root, scheme, dtype, vision=images)
     weights = {name: c["bytes"] for name, c in components.items()}
     act = torch.finfo(dtype).bits // 8
     text, dit = config.ar.text, config.dit
+    patch = config.vae.scale_factor * dit.patch_size
+    image_tokens = (height // patch) * (width // patch)  # DiT tokens of one image
+    parts: dict[str, int] = {}
 
-    # AR: the static cache (prompt + preview + target grid + EOS), the prefill's widest tensors
-    # (the MLP's gate/up and its product, q/k/v, float32 attention scores where SDPA takes the
-    # masked math path), the sampling noise, and a layer's weight dequantized for a prefill GEMM
+    # AR: the static cache (prompt + condition tokens + preview + target grid + EOS), the
+    # prefill's widest tensors (the MLP's gate/up and its product, q/k/v, float32 attention
+    # scores where SDPA takes the masked math path), the sampling noise, and a layer's weight
+    # dequantized for a prefill GEMM. Condition tokens: counted at the DiT's grid (an upper bound).
+    prompt = PROMPT_TOKENS + conditions * image_tokens
     tokens = (height // 32) * (width // 32) + 256 + 1
-    capacity = PROMPT_TOKENS + tokens
-    kv = 2 * text.num_hidden_layers * batch * text.num_key_value_heads * capacity * text.head_dim * act
-    prefill = batch * PROMPT_TOKENS * (3 * text.intermediate_size + 3 * text.hidden_size) * act
-    scores = batch * text.num_attention_heads * PROMPT_TOKENS**2 * 4
-    noise = batch * 256 * text.vision_vocab_size * 4
-    widest = 2 * text.intermediate_size * text.hidden_size * act if scheme.ar != "none" else 0
-    ar_activations = kv + prefill + scores + noise + widest
+    capacity = prompt + tokens
+    parts["ar_kv_cache"] = (
+        2 * text.num_hidden_layers * batch * text.num_key_value_heads * capacity * text.head_dim * act
+    )
+    parts["ar_prefill"] = batch * prompt * (3 * text.intermediate_size + 3 * text.hidden_size) * act
+    parts["ar_scores"] = batch * text.num_attention_heads * prompt**2 * 4
+    parts["ar_noise"] = batch * 256 * text.vision_vocab_size * 4
+    parts["ar_dequantized"] = (
+        2 * text.intermediate_size * text.hidden_size * act if scheme.ar != "none" else 0
+    )
+    # Jacobi: each forward carries the window per row; its logits, draft probabilities and noise
+    parts["ar_jacobi"] = 4 * batch * (jacobi_window + 1) * text.vision_vocab_size * 4 if jacobi_window else 0
+    ar_activations = sum(v for k, v in parts.items() if k.startswith("ar_"))
+    if images:  # the ViT over one condition image (its patches at 16 px), before the AR prefill
+        vision = config.ar.vision
+        patches = (height // vision.patch_size) * (width // vision.patch_size)
+        parts["ar_vit"] = (
+            DIT_ACTIVATION * patches * vision.hidden_size * act + vision.num_heads * patches**2 * 4
+        )
+        ar_activations = max(ar_activations, parts["ar_vit"] + parts["ar_kv_cache"])
 
     # DiT: both CFG branches of every image through a block, and the dequantized widest weight
     rows = 2 * batch
-    patch = config.vae.scale_factor * dit.patch_size
-    seq = (height // patch) * (width // patch) + GLYPH_TOKENS
-    dit_widest = 4 * dit.hidden_size * dit.hidden_size * act if scheme.dit != "none" else 0
-    dit_activations = DIT_ACTIVATION * rows * seq * dit.hidden_size * act + dit_widest
+    seq = image_tokens + GLYPH_TOKENS
+    parts["dit_block"] = DIT_ACTIVATION * rows * seq * dit.hidden_size * act
+    parts["dit_dequantized"] = 4 * dit.hidden_size * dit.hidden_size * act if scheme.dit != "none" else 0
+    # condition K/V: every layer's K and V over each condition image's tokens, held all the call
+    parts["dit_condition_kv"] = 2 * dit.num_layers * batch * conditions * image_tokens * dit.hidden_size * act
+    # the step cache: per row the probe, the last probe and the residual (+ the residual's
+    # previous value for the Taylor extrapolation): 4 image streams per row
+    parts["dit_step_cache"] = 4 * rows * image_tokens * dit.hidden_size * act if step_cache else 0
+    dit_activations = sum(v for k, v in parts.items() if k.startswith("dit_"))
 
     vae_act = torch.finfo(_vae_dtype(config, dtype)).bits // 8
     pixels = min(height * width, 1024 * 1024)  # above 1024x1024 the decode is tiled
-    vae_activations = batch * _vae_decode_elements(config.vae, pixels) * vae_act
+    parts["vae_decode"] = batch * _vae_decode_elements(config.vae, pixels) * vae_act
+    # a condition image's encode runs before the steps, with the condition K/V still being written
+    parts["vae_encode"] = _vae_decode_elements(config.vae, pixels) * vae_act if conditions else 0
+    vae_activations = max(parts["vae_decode"], parts["vae_encode"] + parts["dit_condition_kv"])
 
-    largest = {
-        "ar": weights["ar_text_decoder"] // max(1, text.num_hidden_layers),
-        "ar_layers": text.num_hidden_layers,
-        "dit": weights["dit"] // max(1, dit.num_layers),
-        "dit_layers": dit.num_layers,
+    units = {
+        stage: (components[name]["units"], components[name]["unit_bytes"])
+        for stage, name in (("ar", "ar_text_decoder"), ("dit", "dit"))
     }
-    return MemoryEstimate(weights, ar_activations, dit_activations, vae_activations, largest)
+    return MemoryEstimate(weights, ar_activations, dit_activations, vae_activations, units, parts)
 
 
 # ---------------------------------------------------------------------- the plan
@@ -301,7 +396,7 @@ def estimate_memory(
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    residency: str  # resident | swap | offload (see RESIDENCIES)
+    residency: str  # one of RESIDENCIES
     scheme: QuantScheme
     budget: int | None  # bytes the device offers (None: unknown)
     peak_bytes: int  # the estimated peak under this residency
@@ -319,6 +414,11 @@ class MemoryPlan:
     def offload(self) -> bool:
         """True when the stages must not both stay on the device (``GlmImage(offload=...)``)."""
         return self.residency != "resident"
+
+    @property
+    def streamed(self) -> tuple[str, ...]:
+        """The stages whose blocks stream from host memory (``engine.offload``): "ar", "dit"."""
+        return STREAMED[self.residency]
 
     def describe(self) -> str:
         """The one log line: the choice and why."""
@@ -375,6 +475,10 @@ def plan_memory(
     batch: int = 1,
     max_memory: str | int | None = None,
     images: bool = False,
+    residency: str | None = None,
+    conditions: int = 0,
+    step_cache: bool = False,
+    jacobi_window: int = 0,
 ) -> MemoryPlan:
     """The residency (and, for ``quantize="auto"``, the scheme) for generating ``batch`` images of
     ``height`` x ``width`` from the checkpoint at ``root`` on ``device`` (see the module docstring).
@@ -383,18 +487,22 @@ def plan_memory(
     share host memory with nothing to swap to, so the plan is always ``resident`` (its estimate
     says whether the host's available memory holds it). A scheme the device cannot run (fp8 off a
     recent CUDA GPU) is planned all the same, its ``device_error`` saying why, in the words loading
-    would raise. Logs ``MemoryPlan.describe()``."""
+    would raise. ``residency``: force one of ``RESIDENCIES`` (the plan says whether it fits; on a
+    CPU too, where every residency runs the same code path synchronously). ``images``,
+    ``conditions``, ``step_cache``, ``jacobi_window``: what the calls will hold (see
+    ``estimate_memory``). Logs ``MemoryPlan.describe()``."""
     from .device import default_dtype
 
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     scheme = parse_quantize(quantize)
+    forced = check_residency(residency)
     cap = parse_memory(max_memory)
     free = device_budget(device) if device.type != "meta" else None
     budget = min(x for x in (cap, free) if x is not None) if (cap or free) else None
     source = "max_memory" if cap is not None and (free is None or cap <= free) else "free memory"
 
-    residencies = ("resident",) if device.type == "cpu" else RESIDENCIES
+    residencies = (forced,) if forced else ("resident",) if device.type == "cpu" else RESIDENCIES
     candidates = (
         [(s, r) for s, r in _AUTO if r in residencies] if scheme.auto else [(scheme, r) for r in residencies]
     )
@@ -403,7 +511,16 @@ def plan_memory(
     for candidate, residency in candidates:
         if candidate not in estimates:
             estimates[candidate] = estimate_memory(
-                root, candidate, dtype, height=height, width=width, batch=batch, images=images
+                root,
+                candidate,
+                dtype,
+                height=height,
+                width=width,
+                batch=batch,
+                images=images,
+                conditions=conditions,
+                step_cache=step_cache,
+                jacobi_window=jacobi_window,
             )
         peak = estimates[candidate].peak(residency)
         if budget is None or peak <= budget:
@@ -414,7 +531,13 @@ def plan_memory(
         choice = (candidate, residency, estimates[candidate].peak(residency), False)
     candidate, residency, peak, fits = choice
 
-    if budget is None:
+    if forced:
+        reason = f"residency {forced} as asked" + (
+            "" if budget is None else f"; it fits the {source} ({budget / 1e9:.1f} GB)" if fits else ""
+        )
+        if budget is not None and not fits:
+            reason += f"; does NOT fit the {source} ({budget / 1e9:.1f} GB); expect out-of-memory errors"
+    elif budget is None:
         reason = "no memory budget known for this device: both stages stay"
     elif not fits:
         reason = f"does NOT fit the {source} ({budget / 1e9:.1f} GB) even so; expect out-of-memory errors"

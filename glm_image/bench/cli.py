@@ -202,7 +202,12 @@ def add_parser(sub) -> None:
 def _generation(args: argparse.Namespace) -> dict:
     """How ours loads and generates (``--quantize``, ``--ar-decoding``) and the step cache it is
     also measured with."""
-    return {**generation_kwargs(args), "quantize": args.quantize, "max_memory": args.max_memory}
+    return {
+        **generation_kwargs(args),
+        "quantize": args.quantize,
+        "max_memory": args.max_memory,
+        "residency": args.residency,
+    }
 
 
 def _check_outputs(args: argparse.Namespace) -> None:

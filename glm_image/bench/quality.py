@@ -61,6 +61,7 @@ class QualityOptions:
     jacobi_window: int = DEFAULT_WINDOW
     quantize: str | None = None  # ours' weight format (the reference: as stored)
     max_memory: str | None = None
+    residency: str | None = None  # forced (``residency.RESIDENCIES``); None: the planner's
 
 
 def _score(item: SuiteItem, lines: list[str]) -> dict[str, Any]:

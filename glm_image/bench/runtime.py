@@ -87,6 +87,7 @@ def load_runners(options) -> Runners:
         "jacobi_window": options.jacobi_window,
         "quantize": options.quantize,
         "max_memory": options.max_memory,
+        "residency": getattr(options, "residency", None),
     }
     if getattr(options, "lora", ()):  # bench speed --lora: ours wearing adapters
         generation["lora"] = list(options.lora)

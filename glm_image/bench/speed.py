@@ -74,6 +74,7 @@ class SpeedOptions:
     jacobi_window: int = DEFAULT_WINDOW
     quantize: str | None = None  # ours' weight format (the reference: as stored)
     max_memory: str | None = None
+    residency: str | None = None  # forced (``residency.RESIDENCIES``); None: the planner's
     ar_tp: int = 1  # ours on several devices (``glm_image.parallel``)
     dit_cfg_parallel: bool = False
     dit_sp: int = 1

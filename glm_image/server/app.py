@@ -66,6 +66,7 @@ SCHEMAS: dict[str, type[BaseModel]] = {
 OPEN_PATHS = frozenset({"/health", "/"})
 JSON_PATHS = frozenset({BIGMODEL_PATH, OPENAI_PATH})
 MAX_IMAGES = 16  # condition images per edit
+MAX_N = 10  # images per request (schemas: OpenAI's n)
 DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})  # no room left for a file (quota included)
 CLIENT_GONE = 499  # nginx's "client closed request": only the log and the metrics see it
 # The pipeline's own names in its messages -> the API field a client sent.
@@ -228,10 +229,14 @@ def create_app(pipe, settings: ServerSettings | None = None, executor: Executor 
     cannot load fails the startup) and its ``stop`` when the server shuts down.
     """
     settings = settings or ServerSettings()
+    # the largest request it admits, planned once: lowered (and said so) where memory cannot hold it
+    admission = _admission(pipe, settings)
     metrics = Metrics()
     files = FileStore(settings.output_dir)
     executor = executor if executor is not None else InProcessExecutor(pipe)
     queue = EngineQueue(executor, settings, metrics)
+    if admission is not None:  # the queue joins requests into one call only while it still fits
+        queue.fits = admission.fits
     names = ["glm-image", *sorted({str(pipe.name), *settings.model_names} - {"glm-image"})]
 
     @asynccontextmanager
@@ -247,6 +252,8 @@ def create_app(pipe, settings: ServerSettings | None = None, executor: Executor 
             files.root,
             ", bearer auth on" if settings.api_key else "",
         )
+        if admission is not None and admission.lowered:
+            log.warning("memory: %s", admission.lowered)
         try:
             yield
         finally:
@@ -328,18 +335,22 @@ def create_app(pipe, settings: ServerSettings | None = None, executor: Executor 
                 f"steps = {shown(body.steps)}; allowed: 1..{settings.max_steps}",
                 param="steps",
             )
+        held = admission.check(height, width, body.n, len(images)) if admission is not None else None
+        if held is not None:
+            param = held.split(" ", 1)[0].rstrip(":")
+            raise ApiError("invalid_value", held, param=param)
         lora = ()
         choice = getattr(body, "lora", None)
         if choice is not None:
-            held = getattr(pipe, "lora_scales", {})
-            if choice.name not in held:
-                allowed = ", ".join(sorted(held)) or "none (start the server with --lora NAME=PATH)"
+            adapters = getattr(pipe, "lora_scales", {})
+            if choice.name not in adapters:
+                allowed = ", ".join(sorted(adapters)) or "none (start the server with --lora NAME=PATH)"
                 raise ApiError(
                     "invalid_value",
                     f"lora.name = {shown(choice.name)}; allowed: {allowed}",
                     param="lora.name",
                 )
-            lora = ((choice.name, held[choice.name] if choice.scale is None else choice.scale),)
+            lora = ((choice.name, adapters[choice.name] if choice.scale is None else choice.scale),)
         request = GenerationRequest(
             body.prompt,
             lora=lora,
@@ -491,6 +502,13 @@ def create_app(pipe, settings: ServerSettings | None = None, executor: Executor 
                 for name, scale in sorted(getattr(pipe, "lora_scales", {}).items())
             ],
         }
+        if admission is not None:
+            plan = pipe.memory[0]
+            body["memory"] = {
+                "residency": plan.residency,
+                "quantize": str(plan.scheme),
+                **admission.to_json(),
+            }
         if broken is not None:
             body["reason"] = broken
         return JSONResponse(body, status_code=200 if broken is None else 503)
@@ -514,3 +532,14 @@ def create_app(pipe, settings: ServerSettings | None = None, executor: Executor 
     for route, endpoint in (("/health", health), ("/files/{name}", download)):
         app.add_api_route(route, endpoint, methods=["HEAD"], include_in_schema=False)
     return app
+
+
+def _admission(pipe, settings: ServerSettings):
+    """``pipe``'s admission (``admission.plan_admission``) for the largest request this server
+    takes: the largest size, ``max(max_batch, MAX_N)`` images per engine call (a request of more
+    than ``max_batch`` runs alone), ``MAX_IMAGES`` condition images; None when ``pipe`` was not
+    placed by the planner (stage workers, several ranks)."""
+    plan = getattr(pipe, "admission", None)
+    if plan is None:
+        return None
+    return plan(pipe.limits.maximum, max(settings.max_batch, MAX_N), MAX_IMAGES)

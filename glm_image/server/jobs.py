@@ -36,7 +36,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from ..errors import Cancelled, GlmImageError, NonFiniteError, StageDied
@@ -76,6 +76,8 @@ class EngineQueue:
         self._active: set[Job] = set()  # jobs of the engine calls in flight
         self._tagged: dict[str, Job] = {}  # progress id -> its job, until its answer is sent
         self._closing: str | None = None  # why no request is taken any more (a forced shutdown)
+        # (height, width, images) -> whether one engine call of that holds in memory; None: any
+        self.fits: Callable[[int, int, int], bool] | None = None
         self._slots = [asyncio.Semaphore(stage.slots) for stage in executor.stages]
         self._in_flight = asyncio.Semaphore(sum(stage.slots for stage in executor.stages))
         metrics.declare_stages(stage.name for stage in executor.stages)
@@ -217,6 +219,9 @@ class EngineQueue:
             if (
                 request.batch_key == first.request.batch_key
                 and images + request.num_images <= self.settings.max_batch
+                and (
+                    self.fits is None or self.fits(request.height, request.width, images + request.num_images)
+                )
             ):
                 self._waiting.remove(job)
                 batch.append(job)
@@ -320,6 +325,11 @@ class EngineQueue:
                 what = "the engine produced NaN or Inf for this request, so no image was made"
             elif isinstance(error, StageDied):  # a worker or a rank: which, and how it ended
                 what = str(error)
+            elif _out_of_memory(error):  # planned to fit, so another process took the memory
+                what = (
+                    "the device ran out of memory on this request (another process may be using it); "
+                    "what the request held is freed"
+                )
             else:
                 what = "the engine failed on this request"
             # issue 30: say what is true next; a stage whose ranks died cannot run again (503s follow)
@@ -329,3 +339,9 @@ class EngineQueue:
         for job in batch:
             if not job.future.done():
                 job.future.set_exception(failure)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError)
