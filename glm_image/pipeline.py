@@ -25,7 +25,15 @@ import torch
 
 from ._version import __version__
 from .engine import ArEngine, DitEngine
-from .engine.choices import DEFAULT_WINDOW, StepCacheOptions, check_decoding
+from .engine.choices import (
+    DEFAULT_CONTINUED,
+    DEFAULT_COUPLED,
+    DEFAULT_DRAFTS,
+    DEFAULT_WINDOW,
+    JacobiDrafts,
+    StepCacheOptions,
+    check_decoding,
+)
 from .errors import GlmImageError
 from .parallel.config import ParallelConfig
 from .progress import Progress
@@ -68,13 +76,16 @@ class GlmImage:
         dit_cache: StepCacheOptions | None = None,
         quantize: str = "none",
         parallel: ParallelConfig | None = None,
+        jacobi: JacobiDrafts | None = None,
     ) -> None:
         """``ar``, ``dit``: an engine each, or a stage handle (``stages.StageHandle``: rank
         processes, a torchrun rank's part). ``offload_to``: where a stage waits while the other runs (e.g. "cpu"); None keeps
-        both stages on their device. ``ar_decoding``, ``jacobi_window``, ``dit_cache``: the
-        defaults of ``generate``. ``quantize``: the weight format the engines were loaded with
+        both stages on their device. ``ar_decoding``, ``jacobi_window``, ``dit_cache``, ``jacobi``
+        (the Jacobi drafts' options): the defaults of ``generate``. ``quantize``: the weight format the engines were loaded with
         (recorded in every PNG). ``parallel``: how the stages are spread (checks sizes)."""
         check_decoding(ar_decoding, jacobi_window)
+        self.jacobi = JacobiDrafts() if jacobi is None else jacobi
+        self.jacobi.check()
         if dit_cache is not None:
             dit_cache.check()
         self.ar, self.dit, self.name = ar, dit, name
@@ -106,6 +117,9 @@ class GlmImage:
         max_memory: str | int | None = None,
         ar_decoding: str = "sequential",
         jacobi_window: int = DEFAULT_WINDOW,
+        jacobi_drafts: str = DEFAULT_DRAFTS,
+        jacobi_coupled: bool = DEFAULT_COUPLED,
+        jacobi_continued: bool = DEFAULT_CONTINUED,
         dit_cache: StepCacheOptions | None = None,
         ar_tp: int = 1,
         dit_cfg_parallel: bool = False,
@@ -123,7 +137,8 @@ class GlmImage:
         None lets the memory planner decide (``glm_image.residency``) from the device's free
         memory or ``max_memory`` ("16GB", "24GiB"), for a 1024x1024 image; with
         ``quantize="auto"`` it also picks the format. Its choice and why are logged in one line.
-        ``ar_decoding``, ``jacobi_window``, ``dit_cache``: the defaults of ``generate``.
+        ``ar_decoding``, ``jacobi_window``, ``jacobi_drafts``, ``jacobi_coupled``,
+        ``jacobi_continued``, ``dit_cache``: the defaults of ``generate``.
 
         Several devices (``glm_image.parallel``): ``ar_tp`` tensor-parallel AR ranks;
         ``dit_cfg_parallel`` the DiT's two CFG branches on two ranks; ``dit_sp`` Ulysses
@@ -133,6 +148,8 @@ class GlmImage:
         model's head counts and the number of devices are checked before any weights load.
         """
         check_decoding(ar_decoding, jacobi_window)
+        jacobi = JacobiDrafts(jacobi_drafts, jacobi_coupled, jacobi_continued)
+        jacobi.check()
         if dit_cache is not None:
             dit_cache.check()
         parallel = ParallelConfig(ar_tp, dit_cfg_parallel, dit_sp, placement)
@@ -158,7 +175,12 @@ class GlmImage:
                     f"several ({parallel.describe()}); allowed: offload False or None"
                 )
         plan = plan_memory(root, device, dtype, quantize=scheme, max_memory=max_memory)
-        defaults = {"ar_decoding": ar_decoding, "jacobi_window": jacobi_window, "dit_cache": dit_cache}
+        defaults = {
+            "ar_decoding": ar_decoding,
+            "jacobi_window": jacobi_window,
+            "jacobi": jacobi,
+            "dit_cache": dit_cache,
+        }
         if parallel.spread:  # the planner sizes one device: here it only resolves quantize="auto"
             return cls._spread(
                 root, model, device, dtype, attention_backend, plan.scheme, parallel, **defaults
@@ -188,10 +210,8 @@ class GlmImage:
             dit,
             str(model),
             offload_to=home if offload else None,
-            ar_decoding=ar_decoding,
-            jacobi_window=jacobi_window,
-            dit_cache=dit_cache,
             quantize=str(plan.scheme),
+            **defaults,
         )
         pipe.device = device
         return pipe
@@ -281,6 +301,9 @@ class GlmImage:
         jacobi_window: int | None = None,
         dit_cache: StepCacheOptions | None = None,
         fit_images: bool = False,
+        jacobi_drafts: str | None = None,
+        jacobi_coupled: bool | None = None,
+        jacobi_continued: bool | None = None,
     ) -> GenerationOutput:
         """Images for every (prompt, image) pair, prompt-major.
 
@@ -288,7 +311,10 @@ class GlmImage:
         or None (random). ``ar_decoding``: ``sequential`` (one AR forward per token; a seed gives
         the reference's image) or ``jacobi`` (speculative Jacobi windows of ``jacobi_window``
         tokens: the same distribution of images in fewer forwards, not the same image per seed);
-        None takes the pipeline's default (``from_pretrained``). ``dit_cache``: DiT step caching
+        None takes the pipeline's default (``from_pretrained``). ``jacobi_drafts`` (last, above,
+        preview: a draft's first value), ``jacobi_coupled``, ``jacobi_continued`` (how a draft is
+        renewed; ``engine.choices``): Jacobi decoding's draft options, each exact; None takes the
+        pipeline's. ``dit_cache``: DiT step caching
         (``engine.step_cache``: skip blocks on steps that change little; ``GenerationOutput.
         dit_forwards`` says what each image computed); None takes the pipeline's default (off
         unless set there). ``fit_images``: a condition image of a size the model does not take
@@ -301,6 +327,12 @@ class GlmImage:
         ar_decoding = self.ar_decoding if ar_decoding is None else ar_decoding
         jacobi_window = self.jacobi_window if jacobi_window is None else jacobi_window
         check_decoding(ar_decoding, jacobi_window)
+        jacobi = JacobiDrafts(
+            self.jacobi.drafts if jacobi_drafts is None else jacobi_drafts,
+            self.jacobi.coupled if jacobi_coupled is None else jacobi_coupled,
+            self.jacobi.continued if jacobi_continued is None else jacobi_continued,
+        )
+        jacobi.check()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         self.validate(prompts, height, width, num_inference_steps, guidance_scale, num_images_per_prompt)
         condition_images = load_condition_images(images, len(prompts), self.limits, fit=fit_images)
@@ -316,6 +348,7 @@ class GlmImage:
             condition_images,
             ar_decoding,
             jacobi_window,
+            jacobi,
         )
         prior, made = self._run_stages(call, num_inference_steps, guidance_scale, dit_cache, progress)
         log.info("generated %d image(s) %dx%d: %s", count, width, height, {**prior.timings, **made.timings})
@@ -366,7 +399,7 @@ class GlmImage:
                 "group them by GenerationRequest.batch_key"
             )
         requests = [self._checked(request) for request in requests]
-        call = plan_call(requests, self.limits, self.ar_decoding, self.jacobi_window)
+        call = plan_call(requests, self.limits, self.ar_decoding, self.jacobi_window, self.jacobi)
         first = requests[0]
         prior, made = self._run_stages(call, first.steps, first.guidance, self.dit_cache, progress)
         return outputs_of(requests, prior, made)
@@ -382,7 +415,7 @@ class GlmImage:
         cost, as PNG text chunks."""
         decoding = self.ar_decoding
         if decoding == "jacobi":  # the same distribution as sequential, not the same image per seed
-            decoding += f" (window {self.jacobi_window})"
+            decoding += f" (window {self.jacobi_window}, {self.jacobi.describe()})"
         text = {
             "prompt": request.prompt,
             "seed": str(output.seeds[index]),

@@ -18,6 +18,7 @@ __all__ = [
     "DIT_CACHES",
     "DRAFT_INITS",
     "MAX_WINDOW",
+    "JacobiDrafts",
     "StepCacheOptions",
     "check_decoding",
     "check_jacobi",
@@ -75,6 +76,32 @@ def check_jacobi(
     for name, value in (("jacobi_coupled", coupled), ("jacobi_continued", continued)):
         if not isinstance(value, bool):
             raise GlmImageError(f"{name} = {value!r}; allowed: true or false")
+
+
+@dataclass(frozen=True)
+class JacobiDrafts:
+    """Where Jacobi drafts come from and how they are renewed, as one value that crosses the
+    stages (``stages.ArCall``): ``drafts`` one of ``DRAFT_INITS``, ``coupled`` and ``continued``
+    as above. ``kwargs()`` are ``ArEngine.generate``'s names for them."""
+
+    drafts: str = DEFAULT_DRAFTS
+    coupled: bool = DEFAULT_COUPLED
+    continued: bool = DEFAULT_CONTINUED
+
+    def check(self) -> None:
+        check_jacobi(DEFAULT_WINDOW, self.drafts, self.coupled, self.continued)
+
+    def kwargs(self) -> dict:
+        return {
+            "jacobi_drafts": self.drafts,
+            "jacobi_coupled": self.coupled,
+            "jacobi_continued": self.continued,
+        }
+
+    def describe(self) -> str:
+        """e.g. ``drafts last, continued`` (PNG text, logs)."""
+        renewals = [name for name, on in (("coupled", self.coupled), ("continued", self.continued)) if on]
+        return ", ".join([f"drafts {self.drafts}", *renewals])
 
 
 def check_decoding(
