@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import argparse
 
-from .engine.choices import DECODINGS, DEFAULT_WINDOW, DIT_CACHES, StepCacheOptions
+from .engine.choices import (
+    DECODINGS,
+    DEFAULT_CONTINUED,
+    DEFAULT_COUPLED,
+    DEFAULT_DRAFTS,
+    DEFAULT_WINDOW,
+    DIT_CACHES,
+    DRAFT_INITS,
+    StepCacheOptions,
+)
 from .ops import CHOICES as BACKEND_NAMES
 from .parallel.config import PLACEMENTS, ParallelConfig
 
@@ -45,6 +54,9 @@ RUNTIME_FLAGS = {
     "residency": "--residency",
     "ar_decoding": "--ar-decoding",
     "jacobi_window": "--jacobi-window",
+    "jacobi_drafts": "--jacobi-drafts",
+    "jacobi_coupled": "--jacobi-coupled",
+    "jacobi_continued": "--jacobi-continued",
     "dit_cache threshold": "--dit-cache-threshold",
     "dit_cache warmup": "--dit-cache-warmup",
     "dit_cache max_consecutive": "--dit-cache-max-consecutive",
@@ -148,7 +160,7 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--ar-decoding``, ``--jacobi-window`` and the DiT step cache's ``--dit-cache*``."""
+    """``--ar-decoding``, ``--jacobi-*`` and the DiT step cache's ``--dit-cache*``."""
     parser.add_argument(
         "--ar-decoding",
         choices=DECODINGS,
@@ -163,6 +175,26 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_WINDOW,
         metavar="N",
         help=f"tokens checked per Jacobi forward (default {DEFAULT_WINDOW})",
+    )
+    parser.add_argument(
+        "--jacobi-drafts",
+        choices=DRAFT_INITS,
+        default=DEFAULT_DRAFTS,
+        help="a Jacobi draft's first value: last (drawn from the window's last distribution), above "
+        "(the token a grid row above) or preview (target grid: the preview's token at its place); "
+        "every choice is exact, only the forwards change",
+    )
+    parser.add_argument(
+        "--jacobi-coupled",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULT_COUPLED,
+        help="redraw each Jacobi draft with its position's own noise (MC-SJD; exact)",
+    )
+    parser.add_argument(
+        "--jacobi-continued",
+        action=argparse.BooleanOptionalAction,
+        default=DEFAULT_CONTINUED,
+        help="keep the drafts past a rejection with probability min(1, p/q) (SJD-PAC; exact)",
     )
     defaults = StepCacheOptions()
     parser.add_argument(
@@ -292,6 +324,9 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
     return {
         "ar_decoding": args.ar_decoding,
         "jacobi_window": args.jacobi_window,
+        "jacobi_drafts": args.jacobi_drafts,
+        "jacobi_coupled": args.jacobi_coupled,
+        "jacobi_continued": args.jacobi_continued,
         "dit_cache": dit_cache_options(args),
     }
 

@@ -26,7 +26,15 @@ import torch
 
 from ._version import __version__
 from .engine import ArEngine, DitEngine
-from .engine.choices import DEFAULT_WINDOW, StepCacheOptions, check_decoding
+from .engine.choices import (
+    DEFAULT_CONTINUED,
+    DEFAULT_COUPLED,
+    DEFAULT_DRAFTS,
+    DEFAULT_WINDOW,
+    JacobiDrafts,
+    StepCacheOptions,
+    check_decoding,
+)
 from .errors import GlmImageError
 from .parallel.config import ParallelConfig
 from .progress import Progress
@@ -71,13 +79,16 @@ class GlmImage:
         dit_cache: StepCacheOptions | None = None,
         quantize: str = "none",
         parallel: ParallelConfig | None = None,
+        jacobi: JacobiDrafts | None = None,
     ) -> None:
         """``ar``, ``dit``: an engine each, or a stage handle (``stages.StageHandle``: rank
         processes, a torchrun rank's part). ``offload_to``: where a stage waits while the other runs (e.g. "cpu"); None keeps
-        both stages on their device. ``ar_decoding``, ``jacobi_window``, ``dit_cache``: the
-        defaults of ``generate``. ``quantize``: the weight format the engines were loaded with
+        both stages on their device. ``ar_decoding``, ``jacobi_window``, ``dit_cache``, ``jacobi``
+        (the Jacobi drafts' options): the defaults of ``generate``. ``quantize``: the weight format the engines were loaded with
         (recorded in every PNG). ``parallel``: how the stages are spread (checks sizes)."""
         check_decoding(ar_decoding, jacobi_window)
+        self.jacobi = JacobiDrafts() if jacobi is None else jacobi
+        self.jacobi.check()
         if dit_cache is not None:
             dit_cache.check()
         self.ar, self.dit, self.name = ar, dit, name
@@ -114,6 +125,9 @@ class GlmImage:
         residency: str | None = None,
         ar_decoding: str = "sequential",
         jacobi_window: int = DEFAULT_WINDOW,
+        jacobi_drafts: str = DEFAULT_DRAFTS,
+        jacobi_coupled: bool = DEFAULT_COUPLED,
+        jacobi_continued: bool = DEFAULT_CONTINUED,
         dit_cache: StepCacheOptions | None = None,
         ar_tp: int = 1,
         dit_cfg_parallel: bool = False,
@@ -137,7 +151,8 @@ class GlmImage:
         ``max_memory`` ("16GB", "24GiB"), for a 1024x1024 image; with ``quantize="auto"`` it
         also picks the format. Its choice and why are logged in one line. ``offload``: the older
         switch: True asks for at least ``swap``, False for ``resident``.
-        ``ar_decoding``, ``jacobi_window``, ``dit_cache``: the defaults of ``generate``.
+        ``ar_decoding``, ``jacobi_window``, ``jacobi_drafts``, ``jacobi_coupled``,
+        ``jacobi_continued``, ``dit_cache``: the defaults of ``generate``.
 
         Several devices (``glm_image.parallel``): ``ar_tp`` tensor-parallel AR ranks;
         ``dit_cfg_parallel`` the DiT's two CFG branches on two ranks; ``dit_sp`` Ulysses
@@ -164,6 +179,8 @@ class GlmImage:
             for path, _ in lora:
                 read_adapters(path)
         check_decoding(ar_decoding, jacobi_window)
+        jacobi = JacobiDrafts(jacobi_drafts, jacobi_coupled, jacobi_continued)
+        jacobi.check()
         if dit_cache is not None:
             dit_cache.check()
         parallel = ParallelConfig(ar_tp, dit_cfg_parallel, dit_sp, placement)
@@ -197,7 +214,12 @@ class GlmImage:
         if residency is None and offload is not None:
             residency = "swap" if offload else "resident"
         plan = plan_memory(root, device, dtype, quantize=scheme, max_memory=max_memory, residency=residency)
-        defaults = {"ar_decoding": ar_decoding, "jacobi_window": jacobi_window, "dit_cache": dit_cache}
+        defaults = {
+            "ar_decoding": ar_decoding,
+            "jacobi_window": jacobi_window,
+            "jacobi": jacobi,
+            "dit_cache": dit_cache,
+        }
         if parallel.spread:  # the planner sizes one device: here it only resolves quantize="auto"
             return cls._spread(
                 root, model, device, dtype, attention_backend, plan.scheme, parallel, **defaults
@@ -223,10 +245,8 @@ class GlmImage:
             dit,
             str(model),
             offload_to=home if offload else None,
-            ar_decoding=ar_decoding,
-            jacobi_window=jacobi_window,
-            dit_cache=dit_cache,
             quantize=str(plan.scheme),
+            **defaults,
         )
         pipe.device = device
         if lora:
@@ -406,6 +426,9 @@ class GlmImage:
         dit_cache: StepCacheOptions | None = None,
         fit_images: bool = False,
         lora: Sequence[tuple[str | Path, float]] | None = None,
+        jacobi_drafts: str | None = None,
+        jacobi_coupled: bool | None = None,
+        jacobi_continued: bool | None = None,
     ) -> GenerationOutput:
         """Images for every (prompt, image) pair, prompt-major.
 
@@ -413,7 +436,10 @@ class GlmImage:
         or None (random). ``ar_decoding``: ``sequential`` (one AR forward per token; a seed gives
         the reference's image) or ``jacobi`` (speculative Jacobi windows of ``jacobi_window``
         tokens: the same distribution of images in fewer forwards, not the same image per seed);
-        None takes the pipeline's default (``from_pretrained``). ``dit_cache``: DiT step caching
+        None takes the pipeline's default (``from_pretrained``). ``jacobi_drafts`` (last, above,
+        preview: a draft's first value), ``jacobi_coupled``, ``jacobi_continued`` (how a draft is
+        renewed; ``engine.choices``): Jacobi decoding's draft options, each exact; None takes the
+        pipeline's. ``dit_cache``: DiT step caching
         (``engine.step_cache``: skip blocks on steps that change little; ``GenerationOutput.
         dit_forwards`` says what each image computed); None takes the pipeline's default (off
         unless set there). ``fit_images``: a condition image of a size the model does not take
@@ -428,6 +454,12 @@ class GlmImage:
         ar_decoding = self.ar_decoding if ar_decoding is None else ar_decoding
         jacobi_window = self.jacobi_window if jacobi_window is None else jacobi_window
         check_decoding(ar_decoding, jacobi_window)
+        jacobi = JacobiDrafts(
+            self.jacobi.drafts if jacobi_drafts is None else jacobi_drafts,
+            self.jacobi.coupled if jacobi_coupled is None else jacobi_coupled,
+            self.jacobi.continued if jacobi_continued is None else jacobi_continued,
+        )
+        jacobi.check()
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         self.validate(prompts, height, width, num_inference_steps, guidance_scale, num_images_per_prompt)
         condition_images = load_condition_images(images, len(prompts), self.limits, fit=fit_images)
@@ -444,6 +476,7 @@ class GlmImage:
             condition_images,
             ar_decoding,
             jacobi_window,
+            jacobi,
         )
         prior, made = self._run_stages(
             call, num_inference_steps, guidance_scale, dit_cache, progress, selection
@@ -501,7 +534,7 @@ class GlmImage:
                 "group them by GenerationRequest.batch_key"
             )
         requests = [self._checked(request) for request in requests]
-        call = plan_call(requests, self.limits, self.ar_decoding, self.jacobi_window)
+        call = plan_call(requests, self.limits, self.ar_decoding, self.jacobi_window, self.jacobi)
         first = requests[0]
         if len({r.lora for r in requests}) > 1 and self.dit_cache is not None:
             # the step cache forwards some rows of a batch only: per-image adapters cannot follow
@@ -526,7 +559,7 @@ class GlmImage:
         cost, as PNG text chunks."""
         decoding = self.ar_decoding
         if decoding == "jacobi":  # the same distribution as sequential, not the same image per seed
-            decoding += f" (window {self.jacobi_window})"
+            decoding += f" (window {self.jacobi_window}, {self.jacobi.describe()})"
         text = {
             "prompt": request.prompt,
             "seed": str(output.seeds[index]),

@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from glm_image.engine.choices import JacobiDrafts
 from glm_image.errors import GlmImageError
 from glm_image.request import GenerationRequest
 
@@ -33,18 +34,29 @@ def test_the_pipeline_default_and_its_override(glm, monkeypatch):
     seen = []
     generate = glm.ar.generate
 
+    names = ("decoding", "jacobi_window", "jacobi_drafts", "jacobi_coupled", "jacobi_continued")
+
     def spy(*args, **kwargs):
-        seen.append((kwargs["decoding"], kwargs["jacobi_window"]))
+        seen.append(tuple(kwargs[name] for name in names))
         return generate(*args, **kwargs)
 
     monkeypatch.setattr(glm.ar, "generate", spy)
     monkeypatch.setattr(glm, "ar_decoding", "jacobi")
     monkeypatch.setattr(glm, "jacobi_window", 3)
+    monkeypatch.setattr(glm, "jacobi", JacobiDrafts("preview", True, False))
     out = glm.generate("'A'", 64, 64, num_inference_steps=1, seed=1)
     glm.generate("'A'", 64, 64, num_inference_steps=1, seed=1, ar_decoding="sequential")
-    assert seen == [("jacobi", 3), ("sequential", 3)]
+    glm.generate("'A'", 64, 64, num_inference_steps=1, seed=1, jacobi_drafts="above", jacobi_continued=True)
+    glm.run(GenerationRequest("'A'", 64, 64, steps=1, seed=1))  # the server's way: the defaults
+    assert seen == [
+        ("jacobi", 3, "preview", True, False),
+        ("sequential", 3, "preview", True, False),
+        ("jacobi", 3, "above", True, True),
+        ("jacobi", 3, "preview", True, False),
+    ]
     text = glm.png_info(GenerationRequest("'A'", 64, 64, steps=1, seed=1), out, 0)
-    assert text["ar_decoding"] == "jacobi (window 3)" and text["ar_forwards"] == str(out.ar_forwards[0])
+    assert text["ar_decoding"] == "jacobi (window 3, drafts preview, coupled)"
+    assert text["ar_forwards"] == str(out.ar_forwards[0])
 
 
 @pytest.mark.parametrize(
@@ -55,6 +67,9 @@ def test_the_pipeline_default_and_its_override(glm, monkeypatch):
             {"ar_decoding": "jacobi", "jacobi_window": 0},
             "jacobi_window = 0; allowed: an integer from 1 to 64",
         ),
+        ({"jacobi_drafts": "random"}, "jacobi_drafts = 'random'; allowed: last, above, preview"),
+        ({"jacobi_coupled": "yes"}, "jacobi_coupled = 'yes'; allowed: true or false"),
+        ({"jacobi_continued": 0}, "jacobi_continued = 0; allowed: true or false"),
     ],
 )
 def test_bad_decoding_fails_before_any_work(glm, monkeypatch, kwargs, message):
@@ -66,12 +81,43 @@ def test_bad_decoding_fails_before_any_work(glm, monkeypatch, kwargs, message):
 def test_generate_command_takes_the_decoding(tiny_checkpoint, tmp_path, cli):
     out = tmp_path / "j.png"
     common = ["generate", "'A'", "--model", str(tiny_checkpoint), "--size", "64x64", "--steps", "1"]
-    run = cli(*common, "--seed", "5", "--ar-decoding", "jacobi", "--jacobi-window", "4", "-o", str(out))
+    jacobi = [
+        "--ar-decoding",
+        "jacobi",
+        "--jacobi-window",
+        "4",
+        "--jacobi-drafts",
+        "above",
+        "--jacobi-coupled",
+    ]
+    run = cli(*common, "--seed", "5", *jacobi, "--no-jacobi-continued", "-o", str(out))
     assert run.returncode == 0, run.stderr
-    assert Image.open(out).text["ar_decoding"] == "jacobi (window 4)"
+    assert Image.open(out).text["ar_decoding"] == "jacobi (window 4, drafts above, coupled)"
     bad = cli(*common, "--ar-decoding", "jacobi", "--jacobi-window", "0", "-o", str(tmp_path / "x.png"))
     assert bad.returncode == 2 and "--jacobi-window 0" in bad.stderr and "Traceback" not in bad.stderr
     assert not (tmp_path / "x.png").exists()
+    bad = cli(*common, "--ar-decoding", "jacobi", "--jacobi-drafts", "noise", "-o", str(tmp_path / "x.png"))
+    assert bad.returncode == 2 and "--jacobi-drafts: invalid choice: 'noise'" in bad.stderr
+
+
+def test_the_server_takes_the_draft_options(tiny_checkpoint):
+    """``serve --jacobi-*`` sets the model front's defaults, which every call it plans carries;
+    a bad value names its field before anything loads."""
+    from glm_image.cli import build_parser
+    from glm_image.options import generation_kwargs
+    from glm_image.server.executors import ModelFront
+    from glm_image.stages import plan_call
+
+    argv = ["serve", "--model", str(tiny_checkpoint), "--ar-decoding", "jacobi", "--jacobi-drafts", "preview"]
+    args = build_parser().parse_args([*argv, "--jacobi-coupled", "--no-jacobi-continued"])
+    front = ModelFront.from_checkpoint(args.model, **generation_kwargs(args))
+    assert front.jacobi == JacobiDrafts("preview", True, False)
+    call = plan_call(
+        [GenerationRequest("'A'", 64, 64, steps=1, seed=1)], front.limits, "jacobi", 8, front.jacobi
+    )
+    assert call.jacobi == front.jacobi
+    with pytest.raises(GlmImageError, match="jacobi_drafts = 'up'; allowed: last, above, preview"):
+        ModelFront("tiny", front.limits, jacobi_drafts="up")
 
 
 def test_greedy_jacobi_prior_tokens_equal_sequential_through_the_engine_entry(glm):

@@ -68,10 +68,13 @@ def _renewal_cells(p, q, drafts, c, init_of, coupled, continued, interval_of):
     return out
 
 
-def _options_distribution(model, coupled, continued, drafts_fn=jacobi_drafts):
+def _options_distribution(model, coupled, continued, drafts_fn=jacobi_drafts, lag=None):
     """The exact distribution of the sequences the engine's loop writes with these options:
     verify, the cap at the length, then ``jacobi_drafts`` with the engine's uniforms (the
-    positions' own with ``coupled``, and the continuation's fresh ones)."""
+    positions' own with ``coupled``, and the continuation's fresh ones). ``lag``: a first
+    draft at position k copies the accepted token at k - lag, as ``above`` copies the token a
+    grid row back and ``preview`` one of the preview (``JacobiLoop._init``: a point mass that
+    depends on the sequence so far); where that token is not accepted yet, the model's init."""
     # state: (prefix, drafts, q bytes, intervals of the drafts' uniforms) -> probability
     states = {((), (), np.zeros((0, VOCAB)).tobytes(), ()): 1.0}
     done: dict[tuple[int, ...], float] = defaultdict(float)
@@ -106,7 +109,10 @@ def _options_distribution(model, coupled, continued, drafts_fn=jacobi_drafts):
                     continue
 
                 def init_of(i, o=o, prefix=prefix):
-                    init = model.init[len(prefix) + i]
+                    k = len(prefix) + i
+                    if lag is not None and 0 <= k - lag < len(prefix):
+                        return np.eye(VOCAB)[prefix[k - lag]]
+                    init = model.init[k]
                     return o[4][-1] if init is None else init
 
                 def interval_of(i, o=o, c=c, t=t):  # the uniform of a position drafted before keeps its piece
@@ -158,6 +164,34 @@ def test_each_option_writes_exactly_the_models_joint_distribution(seed, coupled,
     and ``preview`` copy a token) and other distributions, so every draft source is covered."""
     model = TableModel(seed)
     assert _max_error(model, _options_distribution(model, coupled, continued)) < 1e-6
+
+
+@pytest.mark.parametrize(("coupled", "continued"), OPTIONS)
+@pytest.mark.parametrize("lag", [1, 2])
+def test_spatial_first_drafts_keep_each_option_exact(lag, coupled, continued):
+    """First drafts copied from the accepted sequence (``above``, ``preview``) with each renewal,
+    the coupling across iterations included: lag 2 copies at every position past the first two,
+    lag 1 only at the window's first draft (the next one's source is not accepted yet)."""
+    model = TableModel(lag + 2 * coupled + continued)
+    got = _options_distribution(model, coupled, continued, lag=lag)
+    assert _max_error(model, got) < 1e-6
+
+
+def test_the_exhaustive_check_catches_a_mislabelled_copy():
+    """A copied first draft verified as if drawn from the window's last distribution (the draft
+    is the copy, its q claims otherwise): off by more than 1e-3."""
+
+    def mislabelled(p, count, init, u, **carry):
+        drafts, q = jacobi_drafts(p, count, init, u, **carry)
+        copied = init.amax(dim=-1) == 1  # (B, D) a point mass
+        fresh = count.unsqueeze(1) + torch.arange(init.shape[1]) >= p.shape[1]  # not computed
+        return drafts, torch.where((copied & fresh).unsqueeze(-1), p[:, -1:].expand_as(q), q)
+
+    errors = [
+        _max_error(m, _options_distribution(m, coupled, True, mislabelled, lag=2))
+        for m, coupled in ((TableModel(0), False), (TableModel(1), True))
+    ]
+    assert max(errors) > 1e-3, errors
 
 
 def test_the_coupling_does_keep_drafts():
@@ -222,24 +256,51 @@ def test_greedy_tokens_stay_the_sequential_ones(engine, coupled, continued, draf
     assert torch.equal(out.tokens, sequential)
 
 
-@pytest.mark.parametrize(("coupled", "continued"), OPTIONS[1:])
-def test_options_hold_in_a_batch_and_on_the_static_step(engine, coupled, continued, monkeypatch):
+@pytest.mark.parametrize(
+    ("coupled", "continued", "drafts"),
+    [(True, False, "above"), (False, True, "above"), (True, True, "preview")],
+)
+def test_options_hold_in_a_batch_and_on_the_static_step(engine, coupled, continued, drafts, monkeypatch):
     """Each row alone equals its row of a batch decoded together (rows not decoded apart), and
     the capturable step equals the eager one; the histogram adds up to forwards and tokens."""
     call = {"seeds": [3, 8], "max_new_tokens": 40, "coupled": coupled, "continued": continued}
+    call["drafts"] = drafts
     monkeypatch.setattr(engine, "batch_invariant", False)
-    together = _run(engine, PROMPTS, drafts="above", **call)
+    together = _run(engine, PROMPTS, **call)
     for i, (prompt, seed) in enumerate(zip(PROMPTS, [3, 8], strict=True)):
-        alone = _run(engine, prompt, drafts="above", **(call | {"seeds": [seed]}))
+        alone = _run(engine, prompt, **(call | {"seeds": [seed]}))
         assert torch.equal(alone.tokens[0], together.tokens[i])
     monkeypatch.setattr(engine, "decode_step", "static")
-    static = _run(engine, PROMPTS, drafts="above", **call)
+    static = _run(engine, PROMPTS, **call)
     assert torch.equal(static.tokens, together.tokens)
     assert static.stats.accepted == together.stats.accepted
     for forwards, histogram in zip(together.stats.image_forwards, together.stats.accepted, strict=True):
         assert len(histogram) == 5 and histogram[0] == 0
         assert sum(histogram) == forwards
         assert sum(k * n for k, n in enumerate(histogram)) == 40
+
+
+def test_options_on_int8_weights(tiny_checkpoint, monkeypatch):
+    """Quantized weights change the logits, never the options: greedy tokens with every option
+    on equal int8 sequential decoding's over the whole protocol (the preview copied into the
+    target grid included), and sampled rows decoded together equal their runs alone."""
+    from glm_image.engine import ArEngine
+
+    engine = ArEngine.from_pretrained(tiny_checkpoint, quantize="int8")
+    every = {
+        "decoding": "jacobi",
+        "jacobi_drafts": "preview",
+        "jacobi_coupled": True,
+        "jacobi_continued": True,
+    }
+    greedy = {"greedy": True, "num_images_per_prompt": 2}
+    sequential = engine.generate(PROMPTS, 64, 64, **greedy)
+    assert sequential.spec.target_offset > 0  # the preview grid, then the target grid
+    assert torch.equal(engine.generate(PROMPTS, 64, 64, **every, **greedy).tokens, sequential.tokens)
+    monkeypatch.setattr(engine, "batch_invariant", False)
+    together = engine.generate(PROMPTS, 64, 64, **every, seeds=[4, 9], max_new_tokens=30)
+    alone = engine.generate(PROMPTS[1], 64, 64, **every, seeds=[9], max_new_tokens=30)
+    assert torch.equal(alone.tokens[0], together.tokens[1])
 
 
 def test_options_change_the_draws_but_not_the_seeded_determinism(engine):

@@ -152,7 +152,10 @@ def test_tp2_logits_and_tokens_equal_one_process(group, single, greedy):
 @pytest.mark.parallel
 @pytest.mark.parametrize("greedy", [True, False], ids=["greedy", "seeded sampling"])
 def test_tp2_jacobi_and_the_static_step_write_the_tokens_of_one_process(group, single, greedy):
-    for options in ({"decoding": "jacobi", "jacobi_window": 4}, {"decode_step": "static"}):
+    every_draft_option = {"jacobi_drafts": "preview", "jacobi_coupled": True, "jacobi_continued": True}
+    cases = [{"decoding": "jacobi", "jacobi_window": 4}, {"decode_step": "static"}]
+    cases.append({"decoding": "jacobi", "jacobi_window": 4, **every_draft_option})
+    for options in cases:
         _, tokens = group.run(
             functools.partial(ar_generate, prompts=PROMPTS, greedy=greedy, logits=False, **options)
         )

@@ -75,7 +75,7 @@ class Runners:
 
 def load_runners(options) -> Runners:
     """Ours, loaded and generating as ``options`` say (a ``SpeedOptions`` or ``QualityOptions``:
-    model, runtime, quantize, max_memory, ar_decoding, jacobi_window), then, with
+    model, runtime, quantize, max_memory, ar_decoding, jacobi_*), then, with
     ``options.compare_reference``, diffusers' pipeline on the same weights."""
     from ..hub import resolve_checkpoint
     from .engines import OursRunner, ReferenceRunner
@@ -85,6 +85,9 @@ def load_runners(options) -> Runners:
     generation = {
         "ar_decoding": options.ar_decoding,
         "jacobi_window": options.jacobi_window,
+        "jacobi_drafts": options.jacobi_drafts,
+        "jacobi_coupled": options.jacobi_coupled,
+        "jacobi_continued": options.jacobi_continued,
         "quantize": options.quantize,
         "max_memory": options.max_memory,
         "residency": getattr(options, "residency", None),

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..engine.choices import DEFAULT_WINDOW
+from ..engine.choices import DEFAULT_CONTINUED, DEFAULT_COUPLED, DEFAULT_DRAFTS, DEFAULT_WINDOW
 from ..errors import GlmImageError
 from ..parallel.config import ParallelConfig
 from .engines import StageTimes, on_device, on_engine
@@ -72,6 +72,9 @@ class SpeedOptions:
     dit_cache: StepCacheOptions | None = None  # also run ours with this DiT step cache
     ar_decoding: str = "sequential"  # how ours decodes (the reference: always sequential)
     jacobi_window: int = DEFAULT_WINDOW
+    jacobi_drafts: str = DEFAULT_DRAFTS
+    jacobi_coupled: bool = DEFAULT_COUPLED
+    jacobi_continued: bool = DEFAULT_CONTINUED
     quantize: str | None = None  # ours' weight format (the reference: as stored)
     max_memory: str | None = None
     residency: str | None = None  # forced (``residency.RESIDENCIES``); None: the planner's

@@ -18,6 +18,7 @@ __all__ = [
     "DIT_CACHES",
     "DRAFT_INITS",
     "MAX_WINDOW",
+    "JacobiDrafts",
     "StepCacheOptions",
     "check_decoding",
     "check_jacobi",
@@ -34,11 +35,19 @@ DECODE_STEPS = ("auto", "eager", "static", "graph")
 # Jacobi windows (the same distribution, fewer forwards; ``engine.jacobi``)
 DECODINGS = ("sequential", "jacobi")
 
-# Tokens per Jacobi forward: measured (random weights, sharp synthetic model) to flatten at 8
-DEFAULT_WINDOW = 8
+# Tokens per Jacobi forward. With continuation a wider window keeps converging drafts further
+# ahead, so it needs fewer forwards. Measured (random weights, sharpened tiny model, 512x512,
+# continued, seeds 0-1; ``benchmarks/jacobi_forwards.py``), forwards / sequential at T 0.5 / 0.9 /
+# 1.2: W 8 0.496 / 0.376 / 0.246, W 16 0.546 / 0.333 / 0.158, W 32 0.376 / 0.186 / 0.102, W 64
+# 0.533 / 0.222 / 0.071; seeds 2-5 at T 0.5: W 8 0.633, W 16 0.454, W 32 0.521. 32 never raised
+# the forwards over 8; 16 and 64 did at T 0.5. At the released depth one row's forward reads the
+# same 16 GB of weights for 32 tokens as for 8 (compute-bound only past ~300 tokens a forward on
+# an H100), so fewer forwards are less time; on a CPU the tiny model's vocabulary-sized work per
+# token grows with W instead (measure with ``bench ar``; pass ``jacobi_window=8`` there).
+DEFAULT_WINDOW = 32
 # The most a user may ask for: each forward carries the window's tokens and, per row, W draft
-# distributions over the image vocabulary (64 x 16512 floats = 4 MB a row), and acceptance
-# flattens long before (published SJD variants use 16 to 32). A window longer than the tokens
+# distributions over the image vocabulary (64 x 16512 floats = 4 MB a row), and measured it
+# helps no more than 32 (published SJD variants use 16 to 32). A window longer than the tokens
 # left is cut to them (``ArEngine.generate``).
 MAX_WINDOW = 64
 
@@ -58,8 +67,10 @@ DEFAULT_DRAFTS = "last"
 #               else redrawn from the residual (SJD-PAC's continuation; MC-SJD's maximal coupling)
 # Defaults: on only where measured never to raise the forwards. Sharpened tiny model, 512x512,
 # W = 8, 2 seeds, forwards / sequential: T 0.5 / 0.9 / 1.2 plain 0.533 / 0.477 / 0.333,
-# continued 0.496 / 0.376 / 0.246; coupled alone 0.390 at T 0.9, and with continued 0.387 (no
-# gain over continued alone: it then draws only a position's first draft), so it stays off.
+# continued 0.496 / 0.376 / 0.246; coupled alone 0.390 at T 0.9, and with continued 0.552 /
+# 0.387 / 0.251 (it then draws only a position's first draft), so it stays off. The first drafts
+# ``above`` / ``preview`` with continued: 0.482 / 0.394 / 0.315 and 0.485 / 0.417 / 0.313 (the
+# sharpened model has no spatial structure to copy), so ``last`` stays the default.
 DEFAULT_COUPLED = False
 DEFAULT_CONTINUED = True
 
@@ -75,6 +86,32 @@ def check_jacobi(
     for name, value in (("jacobi_coupled", coupled), ("jacobi_continued", continued)):
         if not isinstance(value, bool):
             raise GlmImageError(f"{name} = {value!r}; allowed: true or false")
+
+
+@dataclass(frozen=True)
+class JacobiDrafts:
+    """Where Jacobi drafts come from and how they are renewed, as one value that crosses the
+    stages (``stages.ArCall``): ``drafts`` one of ``DRAFT_INITS``, ``coupled`` and ``continued``
+    as above. ``kwargs()`` are ``ArEngine.generate``'s names for them."""
+
+    drafts: str = DEFAULT_DRAFTS
+    coupled: bool = DEFAULT_COUPLED
+    continued: bool = DEFAULT_CONTINUED
+
+    def check(self) -> None:
+        check_jacobi(DEFAULT_WINDOW, self.drafts, self.coupled, self.continued)
+
+    def kwargs(self) -> dict:
+        return {
+            "jacobi_drafts": self.drafts,
+            "jacobi_coupled": self.coupled,
+            "jacobi_continued": self.continued,
+        }
+
+    def describe(self) -> str:
+        """e.g. ``drafts last, continued`` (PNG text, logs)."""
+        renewals = [name for name, on in (("coupled", self.coupled), ("continued", self.continued)) if on]
+        return ", ".join([f"drafts {self.drafts}", *renewals])
 
 
 def check_decoding(

@@ -186,7 +186,10 @@ class JacobiLoop:
 
     def _init(self, accepted: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """The initial drafts of the next window's positions accepted + j: tokens (B, D), or
-        distributions (B, D, V); from ``sources`` where it names a token, else the last target."""
+        distributions (B, D, V); a point mass on the token ``sources`` names where that token is
+        accepted already, else the last target. Copying only accepted tokens makes the first
+        draft a function of the accepted prefix, which is all its exactness needs (a source
+        at or past ``accepted`` would be a draft: W - 1 > the grid's width)."""
         b, d = self.drafts.shape
         last = target[:, -1:]
         fallback = last.expand(b, d) if self.q is None else last.expand(b, d, self.vocab)
@@ -194,11 +197,12 @@ class JacobiLoop:
             return fallback
         position = (accepted.unsqueeze(1) + self.offsets[:d]).clamp_max(len(self.sources) - 1)
         source = self.sources[position]  # (B, D)
+        copies = (source >= 0) & (source < accepted.unsqueeze(1))
         copied = self.tokens.gather(1, source.clamp_min(0))
         if self.q is None:
-            return torch.where(source >= 0, copied, fallback)
+            return torch.where(copies, copied, fallback)
         point = target.new_zeros((b, d, self.vocab)).scatter_(-1, copied.unsqueeze(-1), 1.0)
-        return torch.where((source >= 0).unsqueeze(-1), point, fallback)
+        return torch.where(copies.unsqueeze(-1), point, fallback)
 
     def _advance(self, logits: torch.Tensor, u: torch.Tensor | None) -> None:
         """Verify a forward's (B, T, V) logits (T = 1 for the prefill's token, else W) against

@@ -26,7 +26,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..config.checkpoint import SizeLimits
-from ..engine.choices import DEFAULT_WINDOW, StepCacheOptions, check_decoding
+from ..engine.choices import (
+    DEFAULT_CONTINUED,
+    DEFAULT_COUPLED,
+    DEFAULT_DRAFTS,
+    DEFAULT_WINDOW,
+    JacobiDrafts,
+    StepCacheOptions,
+    check_decoding,
+)
 from ..errors import Cancelled, StageDied
 from ..parallel.config import ParallelConfig
 from ..pipeline import GlmImage
@@ -109,8 +117,13 @@ class ModelFront:
         jacobi_window: int = DEFAULT_WINDOW,
         dit_cache: StepCacheOptions | None = None,
         quantize: str = "none",
+        jacobi_drafts: str = DEFAULT_DRAFTS,
+        jacobi_coupled: bool = DEFAULT_COUPLED,
+        jacobi_continued: bool = DEFAULT_CONTINUED,
     ) -> None:
         check_decoding(ar_decoding, jacobi_window)
+        self.jacobi = JacobiDrafts(jacobi_drafts, jacobi_coupled, jacobi_continued)
+        self.jacobi.check()
         if dit_cache is not None:
             dit_cache.check()
         self.name, self.limits = name, limits
@@ -128,8 +141,9 @@ class ModelFront:
     @classmethod
     def of(cls, pipe) -> ModelFront:
         return cls(
-            str(pipe.name), pipe.limits, pipe.ar_decoding, pipe.jacobi_window, pipe.dit_cache, pipe.quantize
-        )
+            str(pipe.name), pipe.limits, pipe.ar_decoding, pipe.jacobi_window, pipe.dit_cache, pipe.quantize,
+            **pipe.jacobi.kwargs(),
+        )  # fmt: skip
 
 
 class InProcessExecutor:
@@ -300,7 +314,7 @@ class StagedExecutor:
 
     async def _ar(self, requests: list, abandoned: Abandon) -> tuple:
         front = self.front
-        call = plan_call(requests, front.limits, front.ar_decoding, front.jacobi_window)
+        call = plan_call(requests, front.limits, front.ar_decoding, front.jacobi_window, front.jacobi)
         return requests, await self.ar.run(call, abandoned)
 
     async def _dit(self, work: tuple, abandoned: Abandon) -> list:

@@ -205,7 +205,7 @@ class Ingress:
         settings: ServerSettings = config["settings"]
         if config["api_key_env"]:  # read here: the key never travels in the deployment's arguments
             settings = dataclasses.replace(settings, api_key=os.environ.get(config["api_key_env"], ""))
-        front = ModelFront(config["name"], config["limits"], *config["decoding"])
+        front = ModelFront(config["name"], config["limits"], *config["decoding"], **config["jacobi"])
         front.parallel = config["parallel"]  # each replica's ranks: the size rule, the PNGs' text
         ar, dit = (
             HandleRunner(stage, RayStage(stage, deployment), slots=slots)
@@ -261,6 +261,7 @@ def application(
         "limits": front.limits,
         "decoding": (front.ar_decoding, front.jacobi_window, front.dit_cache, front.quantize),
         "parallel": front.parallel,
+        "jacobi": front.jacobi.kwargs(),
         # a batch enters a stage when one of its replicas can take it (the most, when autoscaled)
         "slots": (options.ar_replicas[1], options.dit_replicas[1]),
     }

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import SizeLimits
-from ..engine.choices import DEFAULT_WINDOW, StepCacheOptions
+from ..engine.choices import DEFAULT_WINDOW, JacobiDrafts, StepCacheOptions
 from ..request import GenerationRequest
 from ..validation import load_condition_images, request_seeds
 
@@ -63,6 +63,9 @@ class ArCall:
     condition_images: list[list] | None = None  # image-to-image: one list of RGB PIL images per prompt
     decoding: str = "sequential"
     jacobi_window: int = DEFAULT_WINDOW
+    jacobi: JacobiDrafts = field(
+        default_factory=JacobiDrafts
+    )  # where Jacobi drafts come from, how they are renewed
 
 
 @dataclass(frozen=True)
@@ -107,11 +110,12 @@ def plan_call(
     limits: SizeLimits,
     decoding: str = "sequential",
     jacobi_window: int = DEFAULT_WINDOW,
+    jacobi: JacobiDrafts | None = None,
 ) -> ArCall:
     """The AR call of validated requests sharing one ``batch_key``: one request keeps its
     ``num_images`` per prompt and its condition images; several are one prompt per image, each
     image with its own seed (so each request gets the images it gets alone)."""
-    first = requests[0]
+    first, jacobi = requests[0], jacobi or JacobiDrafts()
     if len(requests) == 1:
         return ArCall(
             (first.prompt,),
@@ -122,13 +126,16 @@ def plan_call(
             load_condition_images(list(first.images) or None, 1, limits),
             decoding,
             jacobi_window,
+            jacobi,
         )
     prompts: list[str] = []
     seeds: list[int] = []
     for request in requests:
         prompts += [request.prompt] * request.num_images
         seeds += request_seeds(request.seed, request.num_images)
-    return ArCall(tuple(prompts), first.height, first.width, tuple(seeds), 1, None, decoding, jacobi_window)
+    return ArCall(
+        tuple(prompts), first.height, first.width, tuple(seeds), 1, None, decoding, jacobi_window, jacobi
+    )
 
 
 def output_of(prior: PriorTokens, made: Images) -> GenerationOutput:

@@ -34,6 +34,7 @@ def ar_stage(ar, call: ArCall, *, progress: Progress | None = None) -> PriorToke
         images=call.condition_images,
         decoding=call.decoding,
         jacobi_window=call.jacobi_window,
+        **call.jacobi.kwargs(),
     )
     conditions = None
     if call.condition_images is not None:  # the AR's codes of each prompt's images, for the DiT cache
