@@ -205,6 +205,7 @@ def _tail(path: Path, lines: int = 40) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
+@pytest.mark.docs
 @pytest.mark.parametrize(
     "block",
     [
