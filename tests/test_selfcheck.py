@@ -19,8 +19,8 @@ from fake_torch_npu import install, make_module
 from glm_image.config import CheckpointConfig
 from glm_image.device import npu_module
 from glm_image.errors import GlmImageError
-from glm_image.ops import TorchOps, selfcheck, torch_ops
-from glm_image.ops.selfcheck import CheckSizes, check_backend, format_check
+from glm_image.ops import TorchOps, check_backend, selfcheck, torch_ops
+from glm_image.ops.selfcheck import CheckSizes, format_check
 from glm_image.synthetic import preset_dir
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

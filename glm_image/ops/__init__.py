@@ -17,16 +17,15 @@ from typing import TYPE_CHECKING
 from .._lazy import lazy_attributes
 
 # The registry imports no torch: the CLI builds its `--attention-backend` choices from it.
-from .registry import BACKENDS, CHOICES, available_backends, select_ops
+from .registry import BACKENDS, CHOICES, available_backends, check_backend, select_ops
 
 if TYPE_CHECKING:
-    from .selfcheck import CheckRow, CheckSizes, check_backend, format_check
+    from .selfcheck import CheckRow, CheckSizes, format_check
     from .torch_ops import Ops, TorchOps
 
 _LAZY = {
     "CheckRow": ".selfcheck",
     "CheckSizes": ".selfcheck",
-    "check_backend": ".selfcheck",
     "format_check": ".selfcheck",
     "Ops": ".torch_ops",
     "TorchOps": ".torch_ops",

@@ -7,7 +7,9 @@ call whose shape or dtype the backend does not handle falls back to ``sdpa`` wit
 (see ``Ops.fallback``).
 
 Backends import lazily: ``triton`` needs the ``cuda`` extra, ``npu`` needs torch_npu (through
-``glm_image.device``, the only module that imports it).
+``glm_image.device``, the only module that imports it). ``check_backend`` lives here, beside the
+choice it checks: the registry is the top of ``ops`` (registry -> backends -> ``torch_ops`` ->
+``selfcheck``), so nothing below it imports it back.
 """
 
 from __future__ import annotations
@@ -25,9 +27,10 @@ from ..errors import GlmImageError
 if TYPE_CHECKING:  # this module imports torch only when a backend is chosen (`--help` stays light)
     import torch
 
+    from .selfcheck import CheckRow, CheckSizes
     from .torch_ops import Ops
 
-__all__ = ["BACKENDS", "BackendSpec", "available_backends", "select_ops"]
+__all__ = ["BACKENDS", "BackendSpec", "available_backends", "check_backend", "select_ops"]
 
 log = logging.getLogger("glm_image.ops")
 
@@ -131,3 +134,12 @@ def select_ops(name: str | None, device: torch.device | str, *, stage: str = "")
         BACKENDS[name].about,
     )
     return ops
+
+
+def check_backend(
+    name: str, device: torch.device | str, dtype: torch.dtype, sizes: CheckSizes | None = None
+) -> list[CheckRow]:
+    """The self-check of backend ``name`` (``auto`` allowed) for ``device`` and ``dtype``: its
+    rows (none for ``sdpa``, the reference; ``selfcheck.format_check`` prints them). Raises
+    ``GlmImageError`` when the backend cannot serve the device, as ``select_ops`` does."""
+    return select_ops(name, device).verify(dtype, sizes)

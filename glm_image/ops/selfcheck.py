@@ -17,8 +17,8 @@ Entry points:
 - lazily: if nobody called it, the first call of a replaced op for a (device, dtype) runs the
   check (at the sizes ``verify`` was last given, else the released model's), so a backend built
   by hand is checked too. Not while a graph is captured: the check reads results on the host.
-- ``check_backend(name, device, dtype, sizes)`` and ``format_check(rows)``: a report for the
-  command line (op, status, max abs error and its bound, tolerance, error).
+- ``format_check(rows)``: a report for the command line (op, status, max abs error and its
+  bound, tolerance, error); ``registry.check_backend`` chooses a backend by name and checks it.
 - ``verify_quant(ops, device, dtype, kind)`` (``Ops.verify_quant``): the same for the quantized
   matmuls of one weight format (``ops.quant``; every backend, ``sdpa`` included, since torch's own
   quantized matmuls take layouts we choose), against ``quant_linear_reference``, at decode and
@@ -27,6 +27,11 @@ Entry points:
 
 Status of a row: ``ok``; ``FAILED`` (raised or disagreed: switched off); ``fallback`` (the
 backend's own limits send these inputs to the reference, so there was nothing to check).
+
+Imports point one way inside ``ops``: ``registry`` -> the backends (``triton_ops``, ``npu_ops``)
+-> ``torch_ops`` (``Ops``, ``TorchOps``) -> ``selfcheck`` -> ``quant``. So this module knows a
+backend only by what it reads of it (``Backend``) and is handed the reference class
+(``Ops.verify`` passes ``TorchOps``).
 """
 
 from __future__ import annotations
@@ -35,17 +40,15 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-from .torch_ops import Ops, TorchOps
-
 __all__ = [
     "TOLERANCES",
+    "Backend",
     "CheckRow",
     "CheckSizes",
-    "check_backend",
     "format_check",
     "verify",
     "verify_quant",
@@ -112,9 +115,23 @@ class CheckRow:
     error: str = ""  # the exception, the disagreement, or the fallback's reason
 
 
+class Backend(Protocol):
+    """What the check reads and writes of a backend (``torch_ops.Ops``); the ops themselves are
+    called by name (see ``_cases``)."""
+
+    name: str
+    quant_paths: tuple[Any, ...]  # ``ops.quant.QuantPath``s
+    check_sizes: CheckSizes | None
+    _probing: list[tuple[str, str]] | None
+    _off: dict[tuple[torch.device, torch.dtype], dict[str, str]]
+    _quant_off: dict[tuple[torch.device, torch.dtype, str], dict[str, str]]
+
+    def __init__(self, device: torch.device | str = ...) -> None: ...
+
+
 # ---------------------------------------------------------------------- the cases
 
-Call = Callable[[Ops], Any]  # runs the op on a backend, returns its output tensor(s)
+Call = Callable[[Backend], Any]  # runs the op on a backend, returns its output tensor(s)
 
 
 class _Inputs:
@@ -153,7 +170,7 @@ def _ar_cases(s: CheckSizes, new: Callable[[int], _Inputs]) -> dict[str, list[Ca
     cos = torch.cat([angles.cos()] * 2, dim=-1).to(i.dtype)
     signed_sin = torch.cat([-angles.sin(), angles.sin()], dim=-1).to(i.dtype)
 
-    def rotary(ops: Ops) -> torch.Tensor:
+    def rotary(ops: Backend) -> torch.Tensor:
         x = qkv.clone()
         ops.rotary_(x[:, :, : heads + kv], cos, signed_sin)  # in place on a strided view
         return x
@@ -214,14 +231,14 @@ def _cases(sizes: CheckSizes, device: torch.device, dtype: torch.dtype) -> dict[
     return cases
 
 
-def _replaced_ops(ops: Ops) -> list[str]:
+def _replaced_ops(ops: Backend, reference: type[Backend]) -> list[str]:
     """The ops ``ops``'s backend implements itself (the rest are the reference's)."""
     return [
         name
-        for name in vars(TorchOps)
+        for name in vars(reference)
         if not name.startswith("_")
-        and callable(getattr(TorchOps, name))
-        and getattr(type(ops), name) is not getattr(TorchOps, name)
+        and callable(getattr(reference, name))
+        and getattr(type(ops), name) is not getattr(reference, name)
     ]
 
 
@@ -262,7 +279,7 @@ def _compare(got: Any, want: Any, tolerance: tuple[float, float]) -> tuple[float
 
 
 def _check_op(
-    probe: Ops, reference: Ops, op: str, calls: list[Call], tolerance: tuple[float, float]
+    probe: Backend, reference: Backend, op: str, calls: list[Call], tolerance: tuple[float, float]
 ) -> tuple[str, float | None, float | None, str]:
     """(status, max abs error, its bound, error text) of one op over its calls."""
     worst, worst_bound = 0.0, tolerance[0]
@@ -283,13 +300,15 @@ def _check_op(
     return OK, worst, worst_bound, ""
 
 
-def _run(ops: Ops, device: torch.device, dtype: torch.dtype, sizes: CheckSizes) -> list[CheckRow]:
-    ops_names = _replaced_ops(ops)
+def _run(
+    ops: Backend, reference_cls: type[Backend], device: torch.device, dtype: torch.dtype, sizes: CheckSizes
+) -> list[CheckRow]:
+    ops_names = _replaced_ops(ops, reference_cls)
     if not ops_names:
         return []
     probe = type(ops)(device)  # a private instance: its fallbacks are the check's, not the engine's
     probe._probing = []
-    reference = TorchOps(device)
+    reference = reference_cls(device)
     tolerance = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
     where = str(device), str(dtype).removeprefix("torch.")
     rows = []
@@ -316,10 +335,15 @@ def _device_key(device: torch.device) -> str:
 
 
 def verify(
-    ops: Ops, device: torch.device | str, dtype: torch.dtype, sizes: CheckSizes | None = None
+    ops: Backend,
+    reference: type[Backend],
+    device: torch.device | str,
+    dtype: torch.dtype,
+    sizes: CheckSizes | None = None,
 ) -> list[CheckRow]:
-    """``Ops.verify`` on ``device`` (see the module docstring): check once per process, switch
-    the failed ops off on ``ops``, return the rows."""
+    """``Ops.verify`` on ``device`` (see the module docstring): check once per process against
+    ``reference`` (the class of the reference backend, ``TorchOps``), switch the failed ops off
+    on ``ops``, return the rows."""
     device = torch.device(device)
     if sizes is not None:
         ops.check_sizes = sizes
@@ -327,7 +351,9 @@ def verify(
     with _LOCK:
         rows = _VERDICTS.get(key)
         if rows is None:
-            rows = _VERDICTS[key] = tuple(_run(ops, device, dtype, ops.check_sizes or CheckSizes()))
+            rows = _VERDICTS[key] = tuple(
+                _run(ops, reference, device, dtype, ops.check_sizes or CheckSizes())
+            )
             for row in rows:
                 if row.status == FAILED:
                     log.warning(
@@ -359,7 +385,7 @@ def _quant_tolerance(dtype: torch.dtype, precision: torch.dtype | None) -> tuple
 
 
 def _run_quant(
-    ops: Ops, device: torch.device, dtype: torch.dtype, kind: str, sizes: CheckSizes
+    ops: Backend, device: torch.device, dtype: torch.dtype, kind: str, sizes: CheckSizes
 ) -> list[CheckRow]:
     from glm_image_kernels import quant_linear_reference
 
@@ -401,7 +427,7 @@ def _run_quant(
 
 
 def verify_quant(
-    ops: Ops, device: torch.device | str, dtype: torch.dtype, kind: str, sizes: CheckSizes | None = None
+    ops: Backend, device: torch.device | str, dtype: torch.dtype, kind: str, sizes: CheckSizes | None = None
 ) -> list[CheckRow]:
     """``Ops.verify_quant`` on ``device`` (see the module docstring): check once per process,
     switch the failed paths off on ``ops``, return the rows."""
@@ -428,17 +454,6 @@ def verify_quant(
         if row.status == FAILED
     }
     return list(rows)
-
-
-def check_backend(
-    name: str, device: torch.device | str, dtype: torch.dtype, sizes: CheckSizes | None = None
-) -> list[CheckRow]:
-    """The self-check of backend ``name`` (``auto`` allowed) for ``device`` and ``dtype``: its
-    rows (none for ``sdpa``, the reference). Raises ``GlmImageError`` when the backend cannot
-    serve the device, as ``select_ops`` does."""
-    from .registry import select_ops
-
-    return select_ops(name, device).verify(dtype, sizes)
 
 
 def format_check(rows: list[CheckRow]) -> str:

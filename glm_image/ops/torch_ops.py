@@ -27,6 +27,7 @@ import glm_image_kernels as kernels
 import torch
 import torch.nn.functional as F
 
+from . import selfcheck
 from .quant import TORCH_PATHS
 
 if TYPE_CHECKING:
@@ -92,9 +93,7 @@ class Ops:
         and (backend, device, dtype); ops that fail are switched off here. Returns the rows (see
         ``selfcheck``). Engines call it after loading; otherwise the first call of a replaced op
         for a (device, dtype) runs it, at the sizes last given here."""
-        from .selfcheck import verify
-
-        return verify(self, self.device, dtype, sizes)
+        return selfcheck.verify(self, TorchOps, self.device, dtype, sizes)
 
     def _switched_off(self, op: str, x: torch.Tensor) -> str | None:
         """Why ``op``'s kernel must not run for x's device and dtype (the self-check failed it),
@@ -104,9 +103,7 @@ class Ops:
         if off is None:
             if self._probing is not None or capturing(x.device.type):
                 return None
-            from .selfcheck import verify
-
-            verify(self, x.device, x.dtype)
+            selfcheck.verify(self, TorchOps, x.device, x.dtype)
             off = self._off[(x.device, x.dtype)]
         return off.get(op)
 
@@ -114,9 +111,7 @@ class Ops:
         """Check this backend's quantized matmuls for format ``kind`` against the reference (once
         per process and (backend, device, dtype, format)); the ones that fail are switched off.
         Engines call it after loading a quantized model; otherwise the first call does."""
-        from .selfcheck import verify_quant
-
-        return verify_quant(self, self.device, dtype, kind, sizes)
+        return selfcheck.verify_quant(self, self.device, dtype, kind, sizes)
 
     def quant_linear(self, x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
         """``x @ dequantize(weight)^T + bias``: x (..., K), weight a ``QuantWeight`` (N, K), bias
@@ -140,9 +135,7 @@ class Ops:
         if off is None:
             if self._probing is not None or capturing(x.device.type):
                 return None
-            from .selfcheck import verify_quant
-
-            verify_quant(self, x.device, x.dtype, kind)
+            selfcheck.verify_quant(self, x.device, x.dtype, kind)
             off = self._quant_off[(x.device, x.dtype, kind)]
         return off.get(path)
 
