@@ -18,7 +18,6 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from ._version import __version__
 from .bench.cli import add_parser as add_bench_parser
@@ -41,6 +40,7 @@ from .options import (
     runtime_kwargs,
     torch_dtype,
 )
+from .outputs import display, output_paths, write_png
 from .request import MAX_IMAGES_PER_PROMPT, GenerationRequest, parse_size
 from .server.cli import add_parser as add_serve_parser
 
@@ -244,111 +244,6 @@ def _prompt_lines(path: str) -> list[tuple[int, str]]:
     return list(enumerate(text.splitlines(), 1))
 
 
-def _output_paths(output: str, count: int) -> list[Path]:
-    """The file of each image (numbered when several), each checked to be writable now."""
-    if not output.strip():
-        raise GlmImageError("-o/--output: empty; allowed: a file path such as out.png")
-    out = Path(output)
-    _check_length(out)
-    try:
-        folder = out.name in ("", "..") or out.is_dir()
-    except OSError as e:  # ELOOP, EACCES, ...: what stat says is what the write would meet
-        raise GlmImageError(f"-o {_display(out)}: cannot write there ({e.strerror})") from None
-    if folder:
-        raise GlmImageError(
-            f"-o {_display(out)}: is a folder; allowed: a file path such as {out / 'out.png'}"
-        )
-    if count == 1:
-        paths = [out]
-    else:
-        paths = [out.with_name(f"{out.stem}-{i}{out.suffix or '.png'}") for i in range(1, count + 1)]
-    for path in paths:
-        _check_writable(path)
-    return paths
-
-
-NAME_MAX = 255  # bytes in one file name, on every file system the engine writes to
-_TEMP_NAME_BYTES = 40  # the longest name written beside an output: ".<16 hex>.glm-image.tmp", the probe
-
-
-def _check_length(path: Path) -> None:
-    """A name or path the system cannot take is an error naming the limit, before any stat()
-    (which would fail with ENAMETOOLONG: a traceback, not an answer)."""
-    where = f"-o {_display(path)}"
-    for part in path.parts:
-        if len(os.fsencode(part)) > NAME_MAX:
-            raise GlmImageError(
-                f"{where}: a name of {len(os.fsencode(part))} bytes; allowed: at most {NAME_MAX} bytes a name"
-            )
-    try:
-        limit = os.pathconf(".", "PC_PATH_MAX")
-    except (OSError, ValueError, AttributeError):  # no pathconf (Windows) or no answer: Linux's
-        limit = 4096
-    # the path as the system calls get it; the temporary file beside it may have a longer name
-    size, name = len(os.fsencode(path)), len(os.fsencode(path.name))
-    allowed = limit - 1 - max(0, _TEMP_NAME_BYTES - name)  # PATH_MAX counts the final NUL
-    if size > allowed:
-        raise GlmImageError(f"{where}: a path of {size} bytes; allowed: at most {allowed} bytes here")
-
-
-def _check_writable(path: Path) -> None:
-    import tempfile
-
-    where = f"-o {_display(path)}"
-    _check_length(path)  # a numbered name is a few bytes longer than -o
-    try:
-        if path.is_dir():
-            raise GlmImageError(f"{where}: is a folder; allowed: a file path")
-        if path.exists() and not path.is_file():
-            raise GlmImageError(f"{where}: exists and is not a regular file")
-        folder = path.parent
-        while not folder.exists() and folder != folder.parent:
-            folder = folder.parent  # created when the image is written
-        if not folder.is_dir():
-            raise GlmImageError(f"{where}: {_display(folder)} is not a folder")
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".glm-image-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        raise GlmImageError(f"{where}: cannot write there ({e.strerror})") from None
-
-
-def _display(path: os.PathLike | str) -> str:
-    """A path as text that can always be printed (undecodable bytes as backslash escapes)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def _write_png(image, path: Path, text: dict[str, str]) -> None:
-    """Write atomically: a temporary file beside ``path``, then a rename. ``path`` is either the
-    whole new PNG or, after any failure or Ctrl-C, exactly what it was before."""
-    import secrets
-    import shutil
-
-    from PIL.PngImagePlugin import PngInfo
-
-    info = PngInfo()
-    for key, value in text.items():
-        info.add_itxt(key, value)
-    temp = path.with_name(f".{secrets.token_hex(8)}.glm-image.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # O_EXCL: never write through someone else's file; mode 0o666 less the umask, as open() does
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG", pnginfo=info)
-            f.flush()
-            os.fsync(f.fileno())
-        if path.is_file():
-            shutil.copymode(path, temp)  # an overwritten file keeps its permissions
-        os.replace(temp, path)
-    except BaseException as e:
-        temp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            kept = "; the old file is unchanged" if path.exists() else ""
-            raise GlmImageError(f"-o {_display(path)}: cannot write ({e.strerror or e}){kept}") from None
-        raise
-
-
 def _cmd_generate(args: argparse.Namespace) -> None:
     """Every input is checked (all requests, condition images, output paths) before the model
     loads, so a mistake costs seconds, not a generation."""
@@ -361,7 +256,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
     from .validation import IdleCacheWarning, check_request, idle_step_cache
 
     sources = _requests(args)
-    paths = iter(_output_paths(args.output, sum(s.request.num_images for s in sources)))
+    paths = iter(output_paths(args.output, sum(s.request.num_images for s in sources)))
     config = CheckpointConfig.from_dir(resolve_checkpoint(args.model))
     parallel = parallel_config(args)
     parallel.check(config)  # the device count is checked as the engine starts, before any weights
@@ -405,7 +300,7 @@ def _condition_images(args: argparse.Namespace, limits) -> tuple:
 
     return tuple(
         open_condition_image(
-            path, f"--image {_display(path)}", limits, fit=args.fit_image, fit_option="--fit-image"
+            path, f"--image {display(path)}", limits, fit=args.fit_image, fit_option="--fit-image"
         )
         for path in args.image or ()
     )
@@ -429,11 +324,11 @@ def _generate_all(pipe, requests: list[GenerationRequest], paths) -> None:
         for index, image in enumerate(result.images):
             path = next(paths)
             text = pipe.png_info(request, result, index)
-            _write_png(image, path, text)
+            write_png(image, path, text)
             cost = (
                 f"AR {text['ar_forwards']} forwards for {result.ar_tokens} tokens, DiT {text['dit_forwards']}"
             )
-            print(f"{_display(path)}  ({request.size}, seed {text['seed']}; {timing}; {cost})")
+            print(f"{display(path)}  ({request.size}, seed {text['seed']}; {timing}; {cost})")
 
 
 def build_parser() -> argparse.ArgumentParser:
