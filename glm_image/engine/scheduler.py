@@ -216,7 +216,10 @@ class ArScheduler:
                 if not self._queue and not self._running:
                     self._cv.wait(poll)
                     continue
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # a fault outside any one row: the requests in flight fail with it
+                self.cancel_all(e)
         self.cancel_all(Cancelled())
 
     def wake(self) -> None:
