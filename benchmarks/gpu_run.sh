@@ -25,6 +25,10 @@
 #   gemv       one decode row through the AR's linears: dense, torch's int8 / fp8 paths and our
 #              int8 / int4 GEMV at 48 launches (the kernel's LAUNCH defaults come from this)
 #   kernels    our Triton kernels against their torch twins, per op
+#   continuous continuous batching: AR tokens/s with 16 rows running in the scheduler against 1
+#              (bench_continuous.py), then images/s and p50/p99 latency under open-loop Poisson
+#              arrivals at 0.8 of the measured capacity, continuous against static batching
+#              (load_server.py --load); GPU_RUN_CONTINUOUS_TOKENS (256) / _REQUESTS (32) / _STEPS (10)
 #   scaling    bench speed on 2, 4 and 8 GPUs where the machine has them (skipped on one): the AR
 #              tensor parallel over all of them with the DiT CFG-parallel x Ulysses over the same
 #              ones, then the stages on separate halves; each JSON has per-stage times and the
@@ -41,7 +45,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-results/gpu}
-stages=${2:-full,tests,ar,dit,speed,fast,arquant,memory,gemv,kernels,scaling}
+stages=${2:-full,tests,ar,dit,speed,fast,arquant,memory,gemv,kernels,continuous,scaling}
 model=${GPU_RUN_MODEL:-wide}
 size=${GPU_RUN_SIZE:-1024x1024}
 device=${GPU_RUN_DEVICE:-cuda}
@@ -153,6 +157,14 @@ if want gemv; then
 fi
 if want kernels; then
     run kernels 40 python3 benchmarks/bench_kernels.py --out "$out/bench_kernels.json"
+fi
+if want continuous; then
+    run continuous-ar 90 python3 benchmarks/bench_continuous.py "${common[@]}" --size "$size" --rows 1,16 \
+        --max-tokens "${GPU_RUN_CONTINUOUS_TOKENS:-256}" --out "$out/bench_continuous_ar.json"
+    w=${size%x*} h=${size#*x}
+    run continuous-load 150 python3 benchmarks/load_server.py --model "$model" --device "$device" \
+        --load 0.8 --requests "${GPU_RUN_CONTINUOUS_REQUESTS:-32}" --steps "${GPU_RUN_CONTINUOUS_STEPS:-10}" \
+        --sizes "${size},${h}x${w}" --max-batch 4 --max-rows 16 --out "$out/bench_continuous_load.json"
 fi
 if want scaling; then
     gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")

@@ -175,3 +175,35 @@ def test_a_failing_request_fails_alone(engine, monkeypatch):
     with pytest.raises(RuntimeError, match="a kernel fault"):
         bad.wait()
     _same(good.wait(), engine.generate(*SHORT, seeds=31, **FEW))
+
+
+def test_batched_rows_at_different_positions_decode_in_one_forward(engine):
+    """``mode="batched"`` (the accelerator's default): the pooled rows share one forward per
+    iteration, each at its own position, slot and visibility. Greedy rows must write their solo
+    tokens (a row that read another row's keys, or kept a stale slot after the rows were packed
+    again, would not); a sampled row's first token comes from its solo prefill, exactly."""
+    scheduler = ArScheduler(engine, max_rows=3, mode="batched")
+    calls = [
+        (LONG, {"seeds": 1, "greedy": True, "max_new_tokens": 50}),
+        (SHORT, {"seeds": 2, "greedy": True, "max_new_tokens": 20}),  # leaves first: rows packed again
+        (("a wide field", 64, 128), {"seeds": 3, "greedy": True, "max_new_tokens": 40}),
+        (SHORT, {"seeds": 4, "max_new_tokens": 30}),  # waits for a slot, joins a packed pool
+    ]
+    tickets = []
+    for args, kwargs in calls:
+        tickets.append(scheduler.submit(*args, **kwargs))
+        scheduler.step()
+    rows = []
+    while not scheduler.idle:
+        scheduler.step()
+        rows.append(len(scheduler._pool.rows))
+    assert max(rows) == 3
+    for (args, kwargs), ticket in zip(calls, tickets, strict=True):
+        solo = engine.generate(*args, **kwargs)
+        if kwargs.get("greedy"):
+            _same(ticket.wait(), solo)
+        else:
+            assert ticket.wait().tokens[0, 0] == solo.tokens[0, 0]
+            assert bool((ticket.wait().tokens < engine.num_codes).all())
+    with pytest.raises(GlmImageError, match="mode = 'fused'; allowed: apart, batched"):
+        ArScheduler(engine, mode="fused")

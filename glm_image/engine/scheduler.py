@@ -20,10 +20,15 @@ rows run: a short request does not wait for a long batch to end, and a finished 
 while the others decode. Rows of any size, text-to-image beside image-to-image, sequential
 beside Jacobi rows (each its own window and accepted counts) run in the same iterations.
 
-Rows run one forward each per iteration (``mode="apart"``). Fusing the running rows' decode
-steps into one batched forward per iteration (per-row slots and positions through the model's
-window call) is the accelerator's throughput and is not built yet: on a CPU it would cost the
-bit-exactness above (MKL rounds a row by the batch's row count) and gains little.
+How a row's forward runs (``mode``): ``apart``, one forward per row as above (the default where
+the engine decodes rows apart: a CPU, or ``batch_invariant=True``); ``batched``, the sequential
+rows of an iteration in ONE forward over a shared KV pool (``engine.row_pool``: each row its own
+position, slot and visibility; the default on an accelerator, where batching is the throughput).
+Batched rows keep their solo distribution and seeds but not their solo bits: a GEMM of n rows
+rounds a row differently, and sampling turns that into another token now and then (greedy rows
+give the solo tokens unless logits tie). Jacobi rows always run apart. Prefills run whole, one
+per iteration (a chunked prefill would change the row's bits on a CPU); device graphs per bucket
+of running rows are not built (batched steps run eagerly).
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ from .choices import DEFAULT_CONTINUED, DEFAULT_COUPLED, DEFAULT_DRAFTS, DEFAULT
 from .decode import DecodeStats, start_sequential
 from .protocol import upsample_grid
 
-__all__ = ["ArScheduler", "ArTicket", "SchedulerStats"]
+__all__ = ["MODES", "ArScheduler", "ArTicket", "SchedulerStats"]
+
+MODES = ("apart", "batched")
 
 
 @dataclass(eq=False)
@@ -88,8 +95,10 @@ class _Row:
     ticket: ArTicket
     index: int  # the row's index in its request
     loop: object  # DecodeLoop | JacobiLoop
-    steps: object  # the iterator: one forward per next()
+    steps: object  # the iterator: one forward per next() (None: a pooled row)
     sequential: bool
+    pooled: bool = False  # decoded in the ``RowPool``'s batched forward
+    next_step: int = 0  # pooled: the step its next forward writes
 
 
 @dataclass(frozen=True)
@@ -113,12 +122,24 @@ class ArScheduler:
     (one caller); ``submit`` may be called from any thread.
     """
 
-    def __init__(self, engine, *, max_rows: int = 16, max_queued: int | None = None) -> None:
+    def __init__(
+        self, engine, *, max_rows: int = 16, max_queued: int | None = None, mode: str | None = None
+    ) -> None:
+        """``mode``: ``apart`` or ``batched`` (module docstring); None: apart where the engine
+        decodes rows apart (``ArEngine.rows_apart``: a CPU by default), else batched."""
+        if mode is not None and mode not in MODES:
+            raise GlmImageError(f"mode = {mode!r}; allowed: {', '.join(MODES)} or None (auto)")
         if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
             raise GlmImageError(f"max_rows = {max_rows!r}; allowed: an integer >= 1")
         if max_queued is not None and (not isinstance(max_queued, int) or max_queued < 0):
             raise GlmImageError(f"max_queued = {max_queued!r}; allowed: an integer >= 0, or None (no limit)")
         self.engine, self.max_rows, self.max_queued = engine, max_rows, max_queued
+        self.mode = mode or ("apart" if engine.rows_apart else "batched")
+        self._pool = None
+        if self.mode == "batched":
+            from .row_pool import RowPool
+
+            self._pool = RowPool(engine, max_rows)
         self._queue: deque[ArTicket] = deque()  # requests with rows not yet admitted
         self._running: list[_Row] = []
         self._cv = threading.Condition()
@@ -229,10 +250,10 @@ class ArScheduler:
 
     def cancel_all(self, error: BaseException) -> None:
         with self._cv:
-            tickets = {row.ticket for row in self._running} | set(self._queue)
+            rows, tickets = self._running, {row.ticket for row in self._running} | set(self._queue)
             self._running, self._queue = [], deque()
+        self._close_rows(rows)
         for ticket in tickets:
-            self._close_rows(ticket, [])
             self._finish(ticket, error=error)
 
     # ---------------------------------------------------------------- one iteration
@@ -246,7 +267,7 @@ class ArScheduler:
         joined = self._admit()
         ran = 0 if joined is None else 1
         for row in list(self._running):
-            if row is joined:
+            if row is joined or row.pooled:
                 continue
             ran += 1
             try:
@@ -255,6 +276,18 @@ class ArScheduler:
                 self._row_done(row)
             except Exception as e:  # the request fails alone; the other rows go on
                 self._fail(row.ticket, e)
+        if self._pool is not None and self._pool.rows:
+            ran += len(self._pool.rows)
+            try:
+                done = self._pool.step()
+            except Exception as e:  # one forward of every pooled row: they fail together
+                for ticket in {row.ticket for row in self._pool.rows}:
+                    self._fail(ticket, e)
+                done = []
+            for row in done:
+                self._row_done(row)
+        if joined is not None and joined.pooled and joined in self._running:
+            self._pool.join(joined)  # decodes from the next iteration on
         with self._cv:
             self.iterations += 1
             self.row_iterations += ran
@@ -322,7 +355,10 @@ class ArScheduler:
             row = _Row(ticket, index, loop, loop.iterate(), False)
         else:
             loop, done = start_sequential(engine, batch, steps, generators, greedy, constrain)
-            row = _Row(ticket, index, loop, (loop.eager_step(s) for s in range(1, steps)), True)
+            if self._pool is not None and steps > 1:
+                row = _Row(ticket, index, loop, None, True, pooled=True)
+            else:
+                row = _Row(ticket, index, loop, (loop.eager_step(s) for s in range(1, steps)), True)
         if ticket.prefill_done is None:
             ticket.prefill_done = done
         return row
@@ -330,6 +366,8 @@ class ArScheduler:
     def _row_done(self, row: _Row) -> None:
         ticket, loop = row.ticket, row.loop
         steps = ticket.plan[3]
+        if row.pooled and row in self._pool.rows:
+            self._pool.leave(row)
         if row.sequential:
             if loop.noise is not None:
                 loop.noise.close()
@@ -359,8 +397,10 @@ class ArScheduler:
         result = ArResult(tokens, prior, spec, seeds, None, conditions, prefill, "eager", stats)
         self._finish(ticket, result=result)
 
-    def _close_rows(self, ticket: ArTicket, rows: list[_Row]) -> None:
+    def _close_rows(self, rows: list[_Row]) -> None:
         for row in rows:
+            if row.pooled and row in self._pool.rows:
+                self._pool.leave(row)
             if row.sequential and row.loop.noise is not None:
                 row.loop.noise.close()
 
@@ -370,7 +410,7 @@ class ArScheduler:
             self._running = [row for row in self._running if row.ticket is not ticket]
             if ticket in self._queue:
                 self._queue.remove(ticket)
-        self._close_rows(ticket, mine)
+        self._close_rows(mine)
         ticket.rows = []
         self._finish(ticket, error=error)
 
