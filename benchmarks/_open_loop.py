@@ -8,6 +8,8 @@ meets the same arrivals, so its queue grows, as in production). Sizes cycle thro
 Per ``--batching`` mode: throughput (answered requests over the time from the first arrival to
 the last answer), latency p50/p90/p99 (arrival to answer), and for continuous the AR's slot
 occupancy (rows run per iteration over ``--max-rows``) and mean running rows from ``/metrics``.
+``continuous-batched`` forces the scheduler's batched rows (one forward per iteration over all
+rows: an accelerator's default; on a CPU not bit-exact) to show what batching the forward adds.
 Every request must get status 200 and one PNG of its size; the run fails (exit 1) otherwise.
 """
 
@@ -84,9 +86,13 @@ def _serve(pipe, args, batching: str, out_dir: Path):
         timeout=args.timeout,
         steps=args.steps,
     )
-    return ServerThread(
-        create_app(pipe, settings, executor_for(pipe, batching, args.max_rows)), startup_timeout=600
-    )
+    if batching == "continuous-batched":  # the accelerator's batched rows, forced (not exact on a CPU)
+        from glm_image.server.continuous import ContinuousExecutor
+
+        executor = ContinuousExecutor(pipe, max_rows=args.max_rows, mode="batched")
+    else:
+        executor = executor_for(pipe, batching, args.max_rows)
+    return ServerThread(create_app(pipe, settings, executor), startup_timeout=600)
 
 
 def _capacity(pipe, args) -> float:

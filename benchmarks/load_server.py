@@ -415,7 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     open_loop.add_argument("--sizes", default="64x64,96x64,64x128", help="sizes the arrivals cycle through")
     open_loop.add_argument(
-        "--batching", default="continuous,static", help="comma list of serve --batching modes"
+        "--batching",
+        default="continuous,static",
+        help="comma list: continuous, static, continuous-batched (default continuous,static)",
     )
     open_loop.add_argument(
         "--max-rows", type=int, default=16, help="continuous: AR rows at once (default 16)"

@@ -207,3 +207,44 @@ def test_batched_rows_at_different_positions_decode_in_one_forward(engine):
             assert bool((ticket.wait().tokens < engine.num_codes).all())
     with pytest.raises(GlmImageError, match="mode = 'fused'; allowed: apart, batched"):
         ArScheduler(engine, mode="fused")
+
+
+@pytest.mark.slow
+def test_gpu_run_continuous_stage_dry_run_on_the_cpu(tmp_path):
+    """``gpu_run.sh OUT continuous`` as a GPU runs it, on the CPU with the tiny model, few tokens
+    and requests, so a typo fails here rather than on a lent GPU; both JSON files must say what
+    the stage measures."""
+    import json
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {
+        **os.environ,
+        "GPU_RUN_DEVICE": "cpu",
+        "GPU_RUN_MODEL": "tiny",
+        "GPU_RUN_DTYPE": "float32",
+        "GPU_RUN_SIZE": "64x64",
+        "GPU_RUN_CONTINUOUS_TOKENS": "4",
+        "GPU_RUN_CONTINUOUS_REQUESTS": "2",
+        "GPU_RUN_CONTINUOUS_STEPS": "1",
+    }
+    out = tmp_path / "out"
+    done = subprocess.run(
+        ["bash", str(root / "benchmarks" / "gpu_run.sh"), str(out), "continuous"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        check=False,
+    )
+    assert done.returncode == 0 and "rc=0" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "rc=1" not in done.stdout and "rc=124" not in done.stdout, done.stdout[-3000:]
+    ar = json.loads((out / "bench_continuous_ar.json").read_text())
+    assert [r["rows"] for r in ar["results"]] == [1, 16]
+    assert all(r["tok_s"] > 0 and r["tokens"] == 4 * r["rows"] for r in ar["results"])
+    load = json.loads((out / "bench_continuous_load.json").read_text())
+    modes = {r["batching"]: r for r in load["results"]}
+    assert set(modes) == {"continuous", "static"} and all(r["ok"] for r in modes.values())
+    assert modes["continuous"]["ar"]["slot_occupancy"] > 0 and "throughput_vs_static" in modes["continuous"]

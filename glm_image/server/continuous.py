@@ -76,14 +76,15 @@ class ContinuousExecutor:
     name = "continuous"
     per_request = True  # the queue hands over one request per AR call
 
-    def __init__(self, pipe, *, max_rows: int = 16) -> None:
+    def __init__(self, pipe, *, max_rows: int = 16, mode: str | None = None) -> None:
+        """``mode``: how the AR's rows run (``ArScheduler``: apart, batched; None: the device's)."""
         why = continuous_supported(pipe)
         if why is not None:
             raise GlmImageError(f"--batching continuous: not available here: {why}; use --batching static")
         from ..engine.scheduler import ArScheduler
 
         self.pipe, self.front = pipe, ModelFront.of(pipe)
-        self.scheduler = ArScheduler(pipe.ar, max_rows=max_rows)
+        self.scheduler = ArScheduler(pipe.ar, max_rows=max_rows, mode=mode)
         self.stages = (Stage("ar", self._ar, max_rows), Stage("dit", self._dit, 1))
         # requests the queue may hold in flight: max_rows in the AR, as many waiting for the DiT
         self.in_flight = 2 * max_rows + 1
@@ -123,6 +124,7 @@ class ContinuousExecutor:
             "mode": self.name,
             "device": str(getattr(self.pipe, "device", "")),
             "max_rows": self.scheduler.max_rows,
+            "rows": self.scheduler.mode,
         }
 
     async def _ar(self, requests: list, abandoned) -> tuple:
