@@ -217,11 +217,14 @@ def test_gpu_run_continuous_stage_dry_run_on_the_cpu(tmp_path):
     import json
     import os
     import subprocess
+    import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
     env = {
         **os.environ,
+        # the script calls python3: this interpreter's (a virtual environment's) first on PATH
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "GPU_RUN_DEVICE": "cpu",
         "GPU_RUN_MODEL": "tiny",
         "GPU_RUN_DTYPE": "float32",
