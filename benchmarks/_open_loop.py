@@ -15,7 +15,9 @@ Every request must get status 200 and one PNG of its size; the run fails (exit 1
 
 from __future__ import annotations
 
+import json
 import random
+import sys
 import tempfile
 import threading
 import time
@@ -195,6 +197,7 @@ def run_open_loop(args) -> int:
                     **_load(url, args, arrivals),
                 }
             )
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # each mode as it ends: long runs
     static = next((r for r in results if r["batching"] == "static"), None)
     for result in results:
         if (
