@@ -33,6 +33,10 @@
 #   kernels    our Triton kernels against their torch twins, per op
 #   lora       an unmerged LoRA adapter's cost per AR token and per DiT step at rank 16 and 64
 #              (mid widths and the released widths with one layer per stack; random adapters)
+#   continuous continuous batching: AR tokens/s with 16 rows running in the scheduler against 1
+#              (bench_continuous.py), then images/s and p50/p99 latency under open-loop Poisson
+#              arrivals at 0.8 of the measured capacity, continuous against static batching
+#              (load_server.py --load); GPU_RUN_CONTINUOUS_TOKENS (256) / _REQUESTS (32) / _STEPS (10)
 #   scaling    bench speed on 2, 4 and 8 GPUs where the machine has them (skipped on one): the AR
 #              tensor parallel over all of them with the DiT CFG-parallel x Ulysses over the same
 #              ones, then the stages on separate halves; each JSON has per-stage times and the
@@ -49,7 +53,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-results/gpu}
-stages=${2:-full,tests,ar,dit,speed,fast,arquant,memory,offload,gemv,kernels,lora,scaling}
+stages=${2:-full,tests,ar,dit,speed,fast,arquant,memory,offload,gemv,kernels,lora,continuous,scaling}
 model=${GPU_RUN_MODEL:-wide}
 size=${GPU_RUN_SIZE:-1024x1024}
 device=${GPU_RUN_DEVICE:-cuda}
@@ -178,6 +182,14 @@ if want lora; then
     [ "$device" = cpu ] && lora=(--preset tiny --iters 2 --repeats 1)  # a dry run checks the script
     run lora 90 python3 benchmarks/bench_lora.py "${lora[@]}" --device "$device" --dtype "$dtype" \
         --out "$out/bench_lora.json"
+fi
+if want continuous; then
+    run continuous-ar 90 python3 benchmarks/bench_continuous.py "${common[@]}" --size "$size" --rows 1,16 \
+        --max-tokens "${GPU_RUN_CONTINUOUS_TOKENS:-256}" --out "$out/bench_continuous_ar.json"
+    w=${size%x*} h=${size#*x}
+    run continuous-load 150 python3 benchmarks/load_server.py --model "$model" --device "$device" \
+        --load 0.8 --requests "${GPU_RUN_CONTINUOUS_REQUESTS:-32}" --steps "${GPU_RUN_CONTINUOUS_STEPS:-10}" \
+        --sizes "${size},${h}x${w}" --max-batch 4 --max-rows 16 --out "$out/bench_continuous_load.json"
 fi
 if want scaling; then
     gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")

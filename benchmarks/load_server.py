@@ -5,6 +5,10 @@ that every request got exactly one distinct, valid image.
     python benchmarks/load_server.py --url http://127.0.0.1:8000 --requests 8 --size 1024x1024
     python benchmarks/load_server.py --requests 16 --bad 8 --max-batch 4   # bad requests mixed in
     python benchmarks/load_server.py --server single,stages,ray --max-batch 4 --out results/load_servers.json
+    python benchmarks/load_server.py --load 0.8 --requests 24 --sizes 64x64,96x64,64x128 --max-batch 4
+
+``--rate`` or ``--load`` switches to open-loop Poisson arrivals against continuous and static
+batching in the same run (``_open_loop.py``: throughput, p50/p99 latency, AR slot occupancy).
 
 Without ``--url`` it starts the server itself on 127.0.0.1 and a free port, on ``--model``
 (default tiny), once per ``--server`` and ``--max-batch`` value, so the executors and batching
@@ -404,7 +408,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per request (default 300)")
     parser.add_argument("--max-seconds", type=float, default=600.0, help="deadline of one load (default 600)")
     parser.add_argument("--out", help="also write the JSON report here")
+    open_loop = parser.add_argument_group("open loop (continuous against static batching; see _open_loop.py)")
+    open_loop.add_argument("--rate", type=float, help="Poisson arrivals per second (open loop)")
+    open_loop.add_argument(
+        "--load", type=float, help="arrivals as a fraction of the measured capacity (open loop)"
+    )
+    open_loop.add_argument("--sizes", default="64x64,96x64,64x128", help="sizes the arrivals cycle through")
+    open_loop.add_argument(
+        "--batching",
+        default="continuous,static",
+        help="comma list: continuous, static, continuous-batched (default continuous,static)",
+    )
+    open_loop.add_argument(
+        "--max-rows", type=int, default=16, help="continuous: AR rows at once (default 16)"
+    )
     args = parser.parse_args(argv)
+    if args.rate is not None or args.load is not None:
+        if args.url or (args.rate is None) == (args.load is None) or (args.rate or args.load) <= 0:
+            parser.error("open loop: give one of --rate or --load (> 0), without --url")
+        from _open_loop import run_open_loop
+
+        args.max_batch = int(args.max_batch.split(",")[-1])  # static: the largest of --max-batch
+        return run_open_loop(args)
     args.concurrency = args.concurrency or args.requests
     if args.requests < 1 or args.concurrency < 1 or args.bad < 0:
         parser.error("--requests and --concurrency must be >= 1, --bad >= 0")

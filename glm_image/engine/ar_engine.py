@@ -48,7 +48,6 @@ from pathlib import Path
 import torch
 
 from ..config import CheckpointConfig
-from ..device import synchronize
 from ..errors import GlmImageError
 from ..lora import narrowed
 from ..models.ar import ArModel, KVCache, rotary_tables
@@ -68,7 +67,7 @@ from .choices import (
     DEFAULT_WINDOW,
     check_decoding,
 )
-from .decode import DecodeLoop, DecodeStats, NoiseStream, TokenPicker, decide
+from .decode import DecodeLoop, DecodeStats, TokenPicker, start_sequential
 from .graphs import graph_module
 from .loading import prepare_stage, verify_ops
 from .protocol import GridSpec, decode_positions, prompt_positions, upsample_grid
@@ -537,39 +536,19 @@ class ArEngine:
         """Tokens (B, steps), the raw logits if asked for, when the prefill was done
         (``time.perf_counter``; the one device synchronisation of a call, for the timings), and
         how the later steps ran (eager, static or graph)."""
-        model, text = self.model, self.config.ar.text
-        b, prompt_len = batch.input_ids.shape
-        cache = self._cache(b, prompt_len + steps)
-        tokens = torch.empty((b, steps), dtype=torch.long, device=self.device)
-        unfinished = torch.ones(b, dtype=torch.bool, device=self.device)
         kept_logits: list[torch.Tensor] | None = [] if return_logits else None
-        picker = self._picker(greedy, constrain_grid)
-        noise = None
-        if not greedy and model.tp.leads:  # tensor parallel: only the rank that decides draws
-            noise = NoiseStream(
-                generators,
-                steps,
-                text.vision_vocab_size,
-                self.device,
-                chunk=16 if self.device.type == "cpu" else 256,
-                prefetch=self.noise_worker and self.device.type == "cpu",
-            )
-        # the generated tokens' rotary tables (the EOS step's position is the last)
-        rope = rotary_tables(batch.decode_positions[:, :, : steps - 1], text, self.dtype)
-        loop = DecodeLoop(model, cache, picker, noise, rope, batch.valid, tokens, unfinished)
+        prefetch = self.noise_worker and self.device.type == "cpu"
+        loop, prefill_done = start_sequential(
+            self, batch, steps, generators, greedy, constrain_grid, kept_logits, prefetch=prefetch
+        )
         try:
-            logits = model.logits(self._prefill(batch, cache)[:, -1])
-            if kept_logits is not None:
-                kept_logits.append(logits)
-            tokens[:, 0] = decide(model.tp, picker, logits, loop.first_noise(), unfinished)
-            synchronize(self.device)
-            prefill_done = time.perf_counter()
             if progress is not None:
                 progress("ar", 1, steps)
             how = self._run_steps(loop, steps, kept_logits, progress)
         finally:
-            if noise is not None:
-                noise.close()
+            if loop.noise is not None:
+                loop.noise.close()
+        tokens = loop.tokens
         return tokens, kept_logits, prefill_done, how
 
     def _run_steps(

@@ -24,18 +24,20 @@ from __future__ import annotations
 import contextlib
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..models.ar import ArModel, KVCache
+from ..device import synchronize
+from ..models.ar import ArModel, KVCache, rotary_tables
 from ..parallel.comm import Comm
 from ..progress import Progress
 from ..sampling import SamplingParams, apply_filters, draw_with_noise, exponential_noise
 from .graphs import capture
 
-__all__ = ["DecodeLoop", "DecodeStats", "NoiseStream", "TokenPicker", "decide"]
+__all__ = ["DecodeLoop", "DecodeStats", "NoiseStream", "TokenPicker", "decide", "start_sequential"]
 
 
 class NoiseStream:
@@ -243,25 +245,30 @@ class DecodeLoop:
         self, steps: int, on_logits: Callable[[torch.Tensor], None] | None, progress: Progress | None
     ) -> None:
         """Python ints index every table: the attention may skip the cache's unused tail."""
-        slots = torch.arange(1, device=self.device)
         for step in range(1, steps):
-            slot = self.prompt_len + step - 1
-            self.visible[:, slot] = True
-            hidden = self.model(
-                self.tokens[:, step - 1 : step],
-                (self.cos[:, step - 1 : step], self.sin[:, step - 1 : step]),
-                self.cache,
-                slots + slot,
-                visible=self.visible,
-                length=slot + 1,
-            )
-            logits = self.model.logits(hidden[:, -1])
-            if on_logits is not None:
-                on_logits(logits)
-            noise = self._noise_row(step)
-            self.tokens[:, step] = decide(self.model.tp, self.picker, logits, noise, self.unfinished)
+            self.eager_step(step, on_logits)
             if progress is not None:
                 progress("ar", step + 1, steps)
+
+    def eager_step(self, step: int, on_logits: Callable[[torch.Tensor], None] | None = None) -> None:
+        """Step ``step`` (1..steps-1) alone: the token of step - 1 in, the token of ``step`` out.
+        ``run_eager`` is these steps in order; the AR scheduler (``engine.scheduler``) runs them
+        one at a time, interleaved with other requests' rows."""
+        slot = self.prompt_len + step - 1
+        self.visible[:, slot] = True
+        hidden = self.model(
+            self.tokens[:, step - 1 : step],
+            (self.cos[:, step - 1 : step], self.sin[:, step - 1 : step]),
+            self.cache,
+            torch.arange(slot, slot + 1, device=self.device),
+            visible=self.visible,
+            length=slot + 1,
+        )
+        logits = self.model.logits(hidden[:, -1])
+        if on_logits is not None:
+            on_logits(logits)
+        noise = self._noise_row(step)
+        self.tokens[:, step] = decide(self.model.tp, self.picker, logits, noise, self.unfinished)
 
     def _noise_row(self, step: int) -> torch.Tensor | None:
         if self.noise is None:
@@ -326,3 +333,45 @@ class DecodeLoop:
 
         self.run_static(steps, paced if progress is not None else None, captured.replay)
         return None
+
+
+def start_sequential(
+    engine,
+    batch,
+    steps: int,
+    generators: list[torch.Generator],
+    greedy: bool,
+    constrain_grid: bool,
+    kept_logits: list[torch.Tensor] | None = None,
+    *,
+    prefetch: bool = False,
+) -> tuple[DecodeLoop, float]:
+    """The prefill and the first token of sequential decoding of ``batch`` (an ``ArEngine``'s
+    planned batch) on ``engine``: the loop of the later steps, and when the first token was
+    there (``time.perf_counter``, device synchronised). ``ArEngine._decode`` runs the loop's
+    steps in one go, the AR scheduler one step per iteration; the caller closes ``loop.noise``.
+    """
+    model, text, device = engine.model, engine.config.ar.text, engine.device
+    b, prompt_len = batch.input_ids.shape
+    cache = engine._cache(b, prompt_len + steps)
+    tokens = torch.empty((b, steps), dtype=torch.long, device=device)
+    unfinished = torch.ones(b, dtype=torch.bool, device=device)
+    picker = engine._picker(greedy, constrain_grid)
+    noise = None
+    if not greedy and model.tp.leads:  # tensor parallel: only the rank that decides draws
+        chunk = 16 if device.type == "cpu" else 256
+        noise = NoiseStream(generators, steps, text.vision_vocab_size, device, chunk=chunk, prefetch=prefetch)
+    # the generated tokens' rotary tables (the EOS step's position is the last)
+    rope = rotary_tables(batch.decode_positions[:, :, : steps - 1], text, engine.dtype)
+    loop = DecodeLoop(model, cache, picker, noise, rope, batch.valid, tokens, unfinished)
+    try:
+        logits = model.logits(engine._prefill(batch, cache)[:, -1])
+        if kept_logits is not None:
+            kept_logits.append(logits)
+        tokens[:, 0] = decide(model.tp, picker, logits, loop.first_noise(), unfinished)
+        synchronize(device)
+    except BaseException:
+        if noise is not None:
+            noise.close()
+        raise
+    return loop, time.perf_counter()

@@ -319,6 +319,12 @@ class JacobiLoop:
         so a row ``r`` tokens short needs at least ceil(r / window) more, which run without a
         read (at most ``MAX_UNREAD``, so progress and an abandoning caller are heard). The
         iterations and tokens are the same either way; the device is never drained to wait."""
+        for _ in self.iterate(progress, step):
+            pass
+
+    def iterate(self, progress: Progress | None = None, step=None):
+        """``_run`` as a generator that yields after each host read's iterations (eager: after
+        every iteration), so the AR scheduler can interleave rows between them."""
         iteration, self.reads = 1, 0
         while True:
             low, high = torch.stack(torch.aminmax(self.accepted)).tolist()  # the host read
@@ -337,6 +343,7 @@ class JacobiLoop:
                 else:
                     step()
                 iteration += 1
+            yield
 
     def stats(self) -> DecodeStats:
         forwards = tuple(self.forwards.tolist())
@@ -370,6 +377,23 @@ def decode(
     """``ArEngine._decode`` by Jacobi windows: tokens (B, steps), the counters, when the prefill
     was done (``time.perf_counter``, device synchronised) and how the iterations ran (the
     engine's ``decode_step``, as for sequential decoding)."""
+    loop, prefill_done = start(engine, batch, spec, steps, generators, greedy, constrain_grid, options)
+    how = engine._run_steps(loop, steps, None, progress)
+    return loop.result(), loop.stats(), prefill_done, how
+
+
+def start(
+    engine,
+    batch,
+    spec: GridSpec,
+    steps: int,
+    generators: list[torch.Generator],
+    greedy: bool,
+    constrain_grid: bool,
+    options: JacobiOptions = JacobiOptions(),
+) -> tuple[JacobiLoop, float]:
+    """The prefill and the first token of ``decode``: the loop of the later iterations and when
+    the first token was there (``time.perf_counter``, device synchronised)."""
     window = options.window
     model, text, device = engine.model, engine.config.ar.text, engine.device
     b, prompt_len = batch.input_ids.shape
@@ -393,6 +417,4 @@ def decode(
     )  # fmt: skip
     loop.first(model.logits(engine._prefill(batch, cache)[:, -1:]))
     synchronize(device)
-    prefill_done = time.perf_counter()
-    how = engine._run_steps(loop, steps, None, progress)
-    return loop.result(), loop.stats(), prefill_done, how
+    return loop, time.perf_counter()

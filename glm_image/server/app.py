@@ -516,6 +516,8 @@ def create_app(pipe, settings: ServerSettings | None = None, executor: Executor 
     @app.get("/metrics", summary="Prometheus text format")
     async def prometheus() -> Response:
         text = metrics.render(queue.depth, settings.max_queue, queue.running)
+        if hasattr(executor, "metrics_text"):  # the executor's own series (continuous: AR occupancy)
+            text += executor.metrics_text()
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/files/{name}", summary="a generated PNG, by the id a generation returned")

@@ -96,6 +96,22 @@ def add_parser(sub) -> None:
         help="images per engine call when batching same-size requests (default 4)",
     )
     serve.add_argument(
+        "--batching",
+        choices=("auto", "continuous", "static"),
+        default="static",
+        help="continuous: requests join and leave the running AR decode between iterations, each "
+        "image its solo image (docs/continuous-batching.md; no per-request LoRA, block offload or "
+        "AR progress yet); static (default): same-size requests share one engine call that runs "
+        "to its end; auto: continuous where the AR runs in the server process on one device and "
+        "nothing above rules it out, else static",
+    )
+    serve.add_argument(
+        "--max-rows",
+        type=int,
+        default=16,
+        help="continuous batching: images the AR decodes at once; more wait (default 16)",
+    )
+    serve.add_argument(
         "--timeout",
         type=float,
         default=600.0,
@@ -403,6 +419,13 @@ def _run(args: argparse.Namespace) -> None:
 
     settings = settings_from_args(args)
     stages, ray = stage_options_from_args(args), ray_options_from_args(args)
+    if args.max_rows < 1:
+        raise GlmImageError(f"--max-rows {args.max_rows}; allowed: an integer >= 1")
+    if args.batching == "continuous" and (stages is not None or ray is not None):
+        raise GlmImageError(
+            "--batching continuous drives the AR in the server process; with --stages separate or "
+            "--ray use --batching static (or auto)"
+        )
     parallel_config(args).check()  # the heads and the device count are checked as the model loads
     FileStore(settings.output_dir)  # a bad --output-dir fails now, not after the model loads
     sockets = listen(args.host, args.port)  # so does a busy --port or a wrong --host
@@ -462,11 +485,15 @@ def _run(args: argparse.Namespace) -> None:
         for name, path, scale in named:
             pipe.load_lora(name, path)
             pipe.lora_scales[name] = scale
+        from .continuous import executor_for
+
         executor = None
-        if pipe.parallel.placement == "separate":  # each stage on devices of its own: overlap them
-            from .executors import StagedExecutor
+        if pipe.parallel.placement == "separate" and args.batching != "continuous":
+            from .executors import StagedExecutor  # each stage on devices of its own: overlap them
 
             executor = StagedExecutor.in_threads(pipe)
+        else:
+            executor = executor_for(pipe, args.batching, args.max_rows)
         app = create_app(pipe, settings, executor)
     if settings.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("listening on %s with no API key: anyone who can reach it can generate", args.host)

@@ -79,7 +79,9 @@ class EngineQueue:
         # (height, width, images) -> whether one engine call of that holds in memory; None: any
         self.fits: Callable[[int, int, int], bool] | None = None
         self._slots = [asyncio.Semaphore(stage.slots) for stage in executor.stages]
-        self._in_flight = asyncio.Semaphore(sum(stage.slots for stage in executor.stages))
+        # an executor may allow more in flight than its stages' slots (continuous: a DiT backlog)
+        in_flight = getattr(executor, "in_flight", sum(stage.slots for stage in executor.stages))
+        self._in_flight = asyncio.Semaphore(in_flight)
         metrics.declare_stages(stage.name for stage in executor.stages)
 
     @property
@@ -212,8 +214,8 @@ class EngineQueue:
         """The oldest job, plus the waiting jobs that can share its engine call."""
         first = self._waiting.popleft()
         batch, images = [first], first.request.num_images
-        if first.request.images:
-            return batch
+        if first.request.images or getattr(self.executor, "per_request", False):
+            return batch  # image-to-image; or an executor that batches by itself (continuous)
         for job in list(self._waiting):
             request = job.request
             if (

@@ -16,26 +16,35 @@ from ..progress import Progress
 from ..validation import control_strings, plain_text
 from .calls import ArCall, DitCall, Images, PriorTokens
 
-__all__ = ["ar_stage", "dit_stage", "run_on"]
+__all__ = ["ar_arguments", "ar_stage", "dit_stage", "prior_tokens_of", "run_on"]
 
 
 def ar_stage(ar, call: ArCall, *, progress: Progress | None = None) -> PriorTokens:
     """Prior tokens for a checked call. A prompt is text: special-token strings in it never
     reach the tokenizer as control tokens (``validation.plain_text``)."""
     start = time.perf_counter()
-    controls = control_strings(ar.processor.tokenizer)
-    result = ar.generate(
-        [plain_text(p, controls) for p in call.prompts],
-        call.height,
-        call.width,
-        seeds=list(call.seeds),
-        num_images_per_prompt=call.num_images_per_prompt,
-        progress=progress,
-        images=call.condition_images,
-        decoding=call.decoding,
-        jacobi_window=call.jacobi_window,
-        **call.jacobi.kwargs(),
+    prompts, kwargs = ar_arguments(ar, call)
+    return prior_tokens_of(
+        call, ar.generate(prompts, call.height, call.width, progress=progress, **kwargs), start
     )
+
+
+def ar_arguments(ar, call: ArCall) -> tuple[list[str], dict]:
+    """The prompts (plain text) and the keyword arguments of ``ArEngine.generate`` for ``call``
+    (the AR scheduler's ``submit`` takes the same)."""
+    controls = control_strings(ar.processor.tokenizer)
+    return [plain_text(p, controls) for p in call.prompts], {
+        "seeds": list(call.seeds),
+        "num_images_per_prompt": call.num_images_per_prompt,
+        "images": call.condition_images,
+        "decoding": call.decoding,
+        "jacobi_window": call.jacobi_window,
+        **call.jacobi.kwargs(),
+    }
+
+
+def prior_tokens_of(call: ArCall, result, start: float) -> PriorTokens:
+    """What the DiT stage gets of ``call``'s ``ArResult`` (``start``: when the call began)."""
     conditions = None
     if call.condition_images is not None:  # the AR's codes of each prompt's images, for the DiT cache
         per_row = result.conditions[:: call.num_images_per_prompt]

@@ -1,0 +1,80 @@
+"""AR tokens/s of the continuous-batching scheduler with R rows running against one row.
+
+    python benchmarks/bench_continuous.py --model tiny --rows 1,16 --max-tokens 64 --out results/continuous_ar.json
+
+For each ``--rows`` R: R requests (distinct seeds) are submitted to one ``ArScheduler`` with
+``max_rows`` R and run to the end; tokens/s counts every row's tokens over the wall time
+(prefills included), after a warm-up. The ratio to R = 1 is the signal (absolute numbers on a
+shared CPU are noise). ``--mode``: how the rows' forwards run (``engine.scheduler``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _report import parse_size, synchronize, write_report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="default: the engine's (float32 on a CPU)")
+    parser.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT of every request")
+    parser.add_argument("--rows", default="1,16", help="comma list of running rows, one run each")
+    parser.add_argument("--max-tokens", type=int, default=256, help="tokens per row (default 256)")
+    parser.add_argument("--out", help="also write the JSON report here")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from glm_image.engine import ArEngine
+    from glm_image.engine.scheduler import ArScheduler
+    from glm_image.hub import resolve_checkpoint
+
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    engine = ArEngine.from_pretrained(resolve_checkpoint(args.model), device=args.device, dtype=dtype)
+    width, height = parse_size(args.size)
+
+    def run(rows: int) -> tuple[float, int]:
+        scheduler = ArScheduler(engine, max_rows=rows)
+        tickets = [
+            scheduler.submit(
+                "a storefront sign", height, width, seeds=100 + i, max_new_tokens=args.max_tokens
+            )
+            for i in range(rows)
+        ]
+        start = time.perf_counter()
+        scheduler.run_until_idle()
+        synchronize(engine.device)
+        seconds = time.perf_counter() - start
+        return seconds, sum(t.wait().tokens.numel() for t in tickets)
+
+    run(1)  # warm-up
+    results = []
+    for rows in (int(r) for r in args.rows.split(",")):
+        seconds, tokens = run(rows)
+        results.append(
+            {
+                "rows": rows,
+                "seconds": round(seconds, 4),
+                "tokens": tokens,
+                "tok_s": round(tokens / seconds, 2),
+            }
+        )
+    base = next((r for r in results if r["rows"] == 1), None)
+    for result in results:
+        if base is not None:
+            result["vs_one_row"] = round(result["tok_s"] / base["tok_s"], 3)
+    config = {"model": args.model, "device": args.device, "size": args.size, "max_tokens": args.max_tokens}
+    write_report("continuous_ar", results, args.out, config=config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

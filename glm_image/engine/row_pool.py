@@ -1,0 +1,102 @@
+"""The AR scheduler's batched rows: sequential rows at different positions in one forward.
+
+A ``RowPool`` holds one KV cache of ``max_rows`` rows; a row that joins copies its prompt's
+keys and values (its prefill ran alone, as its solo run's) into the first free row, and from then
+on every iteration decodes all the pool's rows in ONE model forward: each row its own token,
+position (rotary table), cache slot and visible slots, through the model's per-row window call
+(``ArModel.forward`` with ``slots`` (B, 1) and ``visible`` (B, 1, capacity)). The running rows
+stay packed in rows 0..n-1: a row that leaves is replaced by the last one (one row's K/V copied),
+so the forward is over the cache's first n rows, a view. Each row still samples from its own
+generator's noise with its own picker, so a row's tokens have its solo run's distribution; its
+logits differ from the solo run's in the last bits (a GEMM of n rows rounds differently), which
+sampling turns into another token now and then: that is why the scheduler runs rows apart on a
+CPU (``ArEngine.rows_apart``) and batches them on an accelerator, where batching is the
+throughput. Greedy rows give the solo tokens unless two logits tie to the last bit.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from .decode import decide
+
+__all__ = ["RowPool"]
+
+
+class RowPool:
+    """Sequential rows decoded together (see the module docstring). ``join`` takes a row whose
+    ``loop`` is a ``DecodeLoop`` after its prefill; ``step`` runs one forward of every row and
+    returns the rows that wrote their last token; ``leave`` frees a row's place."""
+
+    def __init__(self, engine, max_rows: int) -> None:
+        self.engine, self.max_rows = engine, max_rows
+        self.rows: list = []  # row i of the cache is self.rows[i]
+        self.cache = None
+        self.visible: torch.Tensor | None = None  # (max_rows, capacity) bool
+        self.capacity = 0
+
+    def _grow(self, capacity: int) -> None:
+        """A cache of at least ``capacity`` slots per row (rounded up to 256), the rows kept."""
+        if capacity <= self.capacity:
+            return
+        capacity = -(-capacity // 256) * 256
+        cache = self.engine._cache(self.max_rows, capacity)
+        visible = torch.zeros((self.max_rows, capacity), dtype=torch.bool, device=self.engine.device)
+        if self.cache is not None:
+            old = self.capacity
+            cache.keys[:, :, :, :old].copy_(self.cache.keys)
+            cache.values[:, :, :, :old].copy_(self.cache.values)
+            visible[:, :old].copy_(self.visible)
+        self.cache, self.visible, self.capacity = cache, visible, capacity
+
+    def join(self, row) -> None:
+        loop = row.loop
+        prompt, steps = loop.prompt_len, loop.tokens.shape[1]
+        self._grow(prompt + steps)
+        i = len(self.rows)
+        self.cache.keys[:, i, :, :prompt].copy_(loop.cache.keys[:, 0, :, :prompt])
+        self.cache.values[:, i, :, :prompt].copy_(loop.cache.values[:, 0, :, :prompt])
+        self.visible[i].zero_()
+        self.visible[i, :prompt].copy_(loop.visible[0, :prompt])
+        loop.cache = None  # the row's own cache is not read again
+        row.next_step = 1
+        self.rows.append(row)
+
+    def leave(self, row) -> None:
+        i, last = self.rows.index(row), len(self.rows) - 1
+        if i != last:
+            for kv in (self.cache.keys, self.cache.values):
+                kv[:, i].copy_(kv[:, last])
+            self.visible[i].copy_(self.visible[last])
+            self.rows[i] = self.rows[last]
+        self.rows.pop()
+
+    def step(self) -> list:
+        """One forward of every row; the rows that are done (they stay until ``leave``)."""
+        n = len(self.rows)
+        if n == 0:
+            return []
+        engine, loops = self.engine, [row.loop for row in self.rows]
+        device, steps = engine.device, [row.next_step for row in self.rows]
+        ids = torch.cat([lp.tokens[:, s - 1 : s] for lp, s in zip(loops, steps, strict=True)])  # (n, 1)
+        cos = torch.cat([lp.cos[:, s - 1 : s] for lp, s in zip(loops, steps, strict=True)])
+        sin = torch.cat([lp.sin[:, s - 1 : s] for lp, s in zip(loops, steps, strict=True)])
+        at = [lp.prompt_len + s - 1 for lp, s in zip(loops, steps, strict=True)]
+        slots = torch.tensor(at, device=device).unsqueeze(1)  # (n, 1): each row's own slot
+        self.visible[torch.arange(n, device=device), slots[:, 0]] = True
+        cache = SimpleNamespace(
+            keys=self.cache.keys[:, :n], values=self.cache.values[:, :n], capacity=self.capacity
+        )
+        visible = self.visible[:n].unsqueeze(1)  # (n, 1, capacity)
+        hidden = engine.model(ids, (cos, sin), cache, slots, visible=visible, length=max(at) + 1)
+        logits = engine.model.logits(hidden[:, -1])  # (n, V)
+        done = []
+        for i, (row, lp, s) in enumerate(zip(self.rows, loops, steps, strict=True)):
+            noise = lp._noise_row(s)
+            lp.tokens[:, s] = decide(engine.model.tp, lp.picker, logits[i : i + 1], noise, lp.unfinished)
+            row.next_step = s + 1
+            if row.next_step == lp.tokens.shape[1]:
+                done.append(row)
+        return done

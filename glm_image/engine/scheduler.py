@@ -1,0 +1,423 @@
+"""Continuous batching of the AR: requests join and leave the running decode between iterations.
+
+``ArScheduler`` holds a pool of ``max_rows`` row slots over one ``ArEngine``. A request
+(``submit``: the arguments of ``ArEngine.generate``) waits in a queue until a slot is free; its
+prompt is planned and prefilled *between* decode iterations, and its rows then take part in
+every later iteration until their grids are complete, when the request's ``ArTicket`` gets its
+``ArResult`` at once (the server hands it to the DiT while the other rows go on). A request that
+is abandoned (``abandoned()`` true: its client left, its time ran out) leaves at the next
+iteration and frees its slots. Each image row is one slot; a request of several images takes
+as many slots as are free and queues the rest.
+
+Exactness: an image's tokens do not depend on what ran with it or when it joined, because a row
+is exactly its solo run, cut into iterations. Each row has its own prompt (unpadded), its own KV
+cache of its solo capacity, its own seeded generator and noise stream, and runs the very
+functions of the solo path (``decode.start_sequential`` + ``DecodeLoop.eager_step``;
+``jacobi.start`` + ``JacobiLoop.iterate``): so on a CPU in float32 its tokens equal
+``ArEngine.generate`` with its seed bit for bit (the engine's default there decodes rows apart
+too, see ``ar_engine``'s docstring on batch invariance). What the scheduler changes is *when*
+rows run: a short request does not wait for a long batch to end, and a finished image leaves
+while the others decode. Rows of any size, text-to-image beside image-to-image, sequential
+beside Jacobi rows (each its own window and accepted counts) run in the same iterations.
+
+How a row's forward runs (``mode``): ``apart``, one forward per row as above (the default where
+the engine decodes rows apart: a CPU, or ``batch_invariant=True``); ``batched``, the sequential
+rows of an iteration in ONE forward over a shared KV pool (``engine.row_pool``: each row its own
+position, slot and visibility; the default on an accelerator, where batching is the throughput).
+Batched rows keep their solo distribution and seeds but not their solo bits: a GEMM of n rows
+rounds a row differently, and sampling turns that into another token now and then (greedy rows
+give the solo tokens unless logits tie). Jacobi rows always run apart. Prefills run whole, one
+per iteration (a chunked prefill would change the row's bits on a CPU); device graphs per bucket
+of running rows are not built (batched steps run eagerly).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import Cancelled, GlmImageError
+from ..sampling import image_seeds
+from . import jacobi
+from .choices import DEFAULT_CONTINUED, DEFAULT_COUPLED, DEFAULT_DRAFTS, DEFAULT_WINDOW, check_decoding
+from .decode import DecodeStats, start_sequential
+from .protocol import upsample_grid
+
+__all__ = ["MODES", "ArScheduler", "ArTicket", "SchedulerStats"]
+
+MODES = ("apart", "batched")
+
+
+@dataclass(eq=False)
+class ArTicket:
+    """One submitted request: its arguments, its rows' progress, then its result or error."""
+
+    prompts: list[str]
+    height: int
+    width: int
+    seeds: int | Sequence[int] | None
+    options: dict
+    abandoned: Callable[[], bool]
+    on_done: Callable[[ArTicket], None] | None
+    submitted: float = field(default_factory=time.perf_counter)
+    # filled on the scheduler's thread
+    rows: list = field(default_factory=list)  # the planned batch's rows, not yet admitted
+    parts: list = field(default_factory=list)  # per row: (tokens (1, steps), DecodeStats) when done
+    plan: tuple | None = None  # (spec, conditions, seeds, steps)
+    running: int = 0
+    admitted: float | None = None  # when its first row's prefill began
+    prefill_done: float | None = None
+    finished: float | None = None
+    result: object = None  # ArResult
+    error: BaseException | None = None
+    _event: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None):
+        """The ``ArResult`` (blocks); raises the request's error (``Cancelled`` if abandoned)."""
+        if not self._event.wait(timeout):
+            raise TimeoutError("the AR scheduler did not finish the request in time")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+@dataclass
+class _Row:
+    ticket: ArTicket
+    index: int  # the row's index in its request
+    loop: object  # DecodeLoop | JacobiLoop
+    steps: object  # the iterator: one forward per next() (None: a pooled row)
+    sequential: bool
+    pooled: bool = False  # decoded in the ``RowPool``'s batched forward
+    next_step: int = 0  # pooled: the step its next forward writes
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """A snapshot for ``/metrics`` and benchmarks."""
+
+    max_rows: int
+    running_rows: int
+    queued_requests: int
+    iterations: int
+    row_iterations: (
+        int  # sum over iterations of the rows that ran: occupancy = this / (iterations * max_rows)
+    )
+    busy_seconds: float
+
+
+class ArScheduler:
+    """Iteration-level scheduling of one ``ArEngine``'s rows (see the module docstring).
+
+    Drive it with ``run_forever`` on a thread of its own (the server) or with ``run_until_idle``
+    (one caller); ``submit`` may be called from any thread.
+    """
+
+    def __init__(
+        self, engine, *, max_rows: int = 16, max_queued: int | None = None, mode: str | None = None
+    ) -> None:
+        """``mode``: ``apart`` or ``batched`` (module docstring); None: apart where the engine
+        decodes rows apart (``ArEngine.rows_apart``: a CPU by default), else batched."""
+        if mode is not None and mode not in MODES:
+            raise GlmImageError(f"mode = {mode!r}; allowed: {', '.join(MODES)} or None (auto)")
+        if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
+            raise GlmImageError(f"max_rows = {max_rows!r}; allowed: an integer >= 1")
+        if max_queued is not None and (not isinstance(max_queued, int) or max_queued < 0):
+            raise GlmImageError(f"max_queued = {max_queued!r}; allowed: an integer >= 0, or None (no limit)")
+        self.engine, self.max_rows, self.max_queued = engine, max_rows, max_queued
+        self.mode = mode or ("apart" if engine.rows_apart else "batched")
+        self._pool = None
+        if self.mode == "batched":
+            from .row_pool import RowPool
+
+            self._pool = RowPool(engine, max_rows)
+        self._queue: deque[ArTicket] = deque()  # requests with rows not yet admitted
+        self._running: list[_Row] = []
+        self._cv = threading.Condition()
+        self.iterations = self.row_iterations = 0
+        self.busy_seconds = 0.0
+
+    # ---------------------------------------------------------------- requests
+
+    def submit(
+        self,
+        prompts: str | Sequence[str],
+        height: int,
+        width: int,
+        *,
+        seeds: int | Sequence[int] | None = None,
+        abandoned: Callable[[], bool] | None = None,
+        on_done: Callable[[ArTicket], None] | None = None,
+        greedy: bool | None = None,
+        constrain_grid: bool = True,
+        num_images_per_prompt: int = 1,
+        include_eos: bool = False,
+        max_new_tokens: int | None = None,
+        images: Sequence[Sequence] | None = None,
+        decoding: str = "sequential",
+        jacobi_window: int = DEFAULT_WINDOW,
+        jacobi_drafts: str = DEFAULT_DRAFTS,
+        jacobi_coupled: bool = DEFAULT_COUPLED,
+        jacobi_continued: bool = DEFAULT_CONTINUED,
+    ) -> ArTicket:
+        """Queue a request (checked here, before any work); its result equals
+        ``engine.generate`` with the same arguments. ``on_done(ticket)`` is called on the
+        scheduler's thread when it has a result or an error."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise GlmImageError("prompts: need at least one prompt")
+        if num_images_per_prompt < 1:
+            raise GlmImageError(f"num_images_per_prompt = {num_images_per_prompt} must be >= 1")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise GlmImageError(f"max_new_tokens = {max_new_tokens} must be >= 1")
+        check_decoding(decoding, jacobi_window, jacobi_drafts, jacobi_coupled, jacobi_continued)
+        self.engine.config.size_limits.check_size(height, width)
+        if images is not None and len(images) != len(prompts):
+            raise GlmImageError(
+                f"images: {len(images)} image lists for {len(prompts)} prompts; need one per prompt"
+            )
+        image_seeds(seeds, len(prompts) * num_images_per_prompt)  # a bad seed fails here, not later
+        options = {
+            "greedy": greedy,
+            "constrain_grid": constrain_grid,
+            "num_images_per_prompt": num_images_per_prompt,
+            "include_eos": include_eos,
+            "max_new_tokens": max_new_tokens,
+            "images": images,
+            "decoding": decoding,
+            "jacobi": jacobi.JacobiOptions(jacobi_window, jacobi_drafts, jacobi_coupled, jacobi_continued),
+        }
+        ticket = ArTicket(prompts, height, width, seeds, options, abandoned or (lambda: False), on_done)
+        with self._cv:
+            if self.max_queued is not None and len(self._queue) >= self.max_queued:
+                raise GlmImageError(
+                    f"the AR scheduler's queue is full ({self.max_queued} requests waiting); retry later"
+                )
+            self._queue.append(ticket)
+            self._cv.notify_all()
+        return ticket
+
+    def stats(self) -> SchedulerStats:
+        with self._cv:
+            return SchedulerStats(
+                self.max_rows,
+                len(self._running),
+                len(self._queue),
+                self.iterations,
+                self.row_iterations,
+                self.busy_seconds,
+            )
+
+    @property
+    def idle(self) -> bool:
+        with self._cv:
+            return not self._queue and not self._running
+
+    # ---------------------------------------------------------------- driving
+
+    def run_until_idle(self) -> None:
+        """Iterate until every submitted request is done (or failed)."""
+        while not self.idle:
+            self.step()
+
+    def run_forever(self, stop: threading.Event, poll: float = 0.05) -> None:
+        """Iterate while there is work; wait for ``submit`` otherwise; return once ``stop`` is set
+        (requests still running are cancelled)."""
+        while not stop.is_set():
+            with self._cv:
+                if not self._queue and not self._running:
+                    self._cv.wait(poll)
+                    continue
+            try:
+                self.step()
+            except Exception as e:  # a fault outside any one row: the requests in flight fail with it
+                self.cancel_all(e)
+        self.cancel_all(Cancelled())
+
+    def wake(self) -> None:
+        """Have ``run_forever`` look again now (e.g. after a request was abandoned)."""
+        with self._cv:
+            self._cv.notify_all()
+
+    def cancel_all(self, error: BaseException) -> None:
+        with self._cv:
+            rows, tickets = self._running, {row.ticket for row in self._running} | set(self._queue)
+            self._running, self._queue = [], deque()
+        self._close_rows(rows)
+        for ticket in tickets:
+            self._finish(ticket, error=error)
+
+    # ---------------------------------------------------------------- one iteration
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """One iteration: drop abandoned requests, prefill one waiting row if a slot is free,
+        then one forward of every other running row; finished requests get their result."""
+        began = time.perf_counter()
+        self._drop_abandoned()
+        joined = self._admit()
+        ran = 0 if joined is None else 1
+        for row in list(self._running):
+            if row is joined or row.pooled:
+                continue
+            ran += 1
+            try:
+                next(row.steps)
+            except StopIteration:
+                self._row_done(row)
+            except Exception as e:  # the request fails alone; the other rows go on
+                self._fail(row.ticket, e)
+        if self._pool is not None and self._pool.rows:
+            ran += len(self._pool.rows)
+            try:
+                done = self._pool.step()
+            except Exception as e:  # one forward of every pooled row: they fail together
+                for ticket in {row.ticket for row in self._pool.rows}:
+                    self._fail(ticket, e)
+                done = []
+            for row in done:
+                self._row_done(row)
+        if joined is not None and joined.pooled and joined in self._running:
+            self._pool.join(joined)  # decodes from the next iteration on
+        with self._cv:
+            self.iterations += 1
+            self.row_iterations += ran
+            self.busy_seconds += time.perf_counter() - began
+
+    def _drop_abandoned(self) -> None:
+        with self._cv:
+            gone = {t for t in [*self._queue, *(r.ticket for r in self._running)] if t.abandoned()}
+        for ticket in gone:
+            self._fail(ticket, Cancelled())
+
+    def _admit(self) -> _Row | None:
+        """Prefill the next waiting row, if a slot is free: its prefill is its forward of this
+        iteration. A request is planned (tokenized, its images encoded) when it first gets a slot."""
+        with self._cv:
+            if len(self._running) >= self.max_rows or not self._queue:
+                return None
+            ticket = self._queue[0]
+        try:
+            if ticket.plan is None:
+                self._plan(ticket)
+            index = len(ticket.parts) - len(ticket.rows)
+            batch = ticket.rows.pop(0)
+            with self._cv:
+                if not ticket.rows and self._queue and self._queue[0] is ticket:
+                    self._queue.popleft()
+            row = self._start(ticket, batch, index)
+        except Exception as e:
+            self._fail(ticket, e)
+            return None
+        with self._cv:
+            self._running.append(row)
+        ticket.running += 1
+        return row
+
+    def _plan(self, ticket: ArTicket) -> None:
+        engine, options = self.engine, ticket.options
+        ticket.admitted = time.perf_counter()
+        batch, spec, conditions = engine._plan(ticket.prompts, ticket.height, ticket.width, options["images"])
+        n = options["num_images_per_prompt"]
+        if n > 1:
+            batch = batch.repeat_rows(n)
+            if conditions is not None:
+                conditions = [c for c in conditions for _ in range(n)]
+        rows = batch.input_ids.shape[0]
+        seeds = image_seeds(ticket.seeds, rows)
+        steps = spec.num_tokens + (1 if options["include_eos"] else 0)
+        if options["max_new_tokens"] is not None:
+            steps = min(steps, options["max_new_tokens"])
+        ticket.plan = (spec, conditions, seeds, steps)
+        # a request of one row is its batch (no padding); several: each row alone (``_Batch.row``)
+        ticket.rows = [batch] if rows == 1 else [batch.row(i) for i in range(rows)]
+        ticket.parts = [None] * rows
+
+    def _start(self, ticket: ArTicket, batch, index: int) -> _Row:
+        engine, options = self.engine, ticket.options
+        spec, _, seeds, steps = ticket.plan
+        generators = [torch.Generator(engine.device).manual_seed(seeds[index])]
+        greedy = engine.greedy_default if options["greedy"] is None else options["greedy"]
+        constrain = options["constrain_grid"]
+        if options["decoding"] == "jacobi":
+            o = options["jacobi"]
+            window = jacobi.JacobiOptions(min(o.window, steps), o.drafts, o.coupled, o.continued)
+            loop, done = jacobi.start(engine, batch, spec, steps, generators, greedy, constrain, window)
+            row = _Row(ticket, index, loop, loop.iterate(), False)
+        else:
+            loop, done = start_sequential(engine, batch, steps, generators, greedy, constrain)
+            if self._pool is not None and steps > 1:
+                row = _Row(ticket, index, loop, None, True, pooled=True)
+            else:
+                row = _Row(ticket, index, loop, (loop.eager_step(s) for s in range(1, steps)), True)
+        if ticket.prefill_done is None:
+            ticket.prefill_done = done
+        return row
+
+    def _row_done(self, row: _Row) -> None:
+        ticket, loop = row.ticket, row.loop
+        steps = ticket.plan[3]
+        if row.pooled and row in self._pool.rows:
+            self._pool.leave(row)
+        if row.sequential:
+            if loop.noise is not None:
+                loop.noise.close()
+            stats = DecodeStats("sequential", steps, (steps,), steps)
+            ticket.parts[row.index] = (loop.tokens, stats)
+        else:
+            ticket.parts[row.index] = (loop.result(), loop.stats())
+        with self._cv:
+            self._running.remove(row)
+        ticket.running -= 1
+        if ticket.running == 0 and not ticket.rows:
+            self._complete(ticket)
+
+    def _complete(self, ticket: ArTicket) -> None:
+        """The request's ``ArResult``, as ``ArEngine.generate`` puts it together."""
+        from .ar_engine import ArResult
+
+        engine = self.engine
+        spec, conditions, seeds, steps = ticket.plan
+        tokens = torch.cat([p[0] for p in ticket.parts])
+        stats = DecodeStats.together([p[1] for p in ticket.parts])
+        end = spec.target_offset + spec.target[0] * spec.target[1]
+        target = tokens[:, spec.target_offset : end]
+        whole = steps >= end and bool((target < engine.num_codes).all())
+        prior = upsample_grid(target, *spec.target) if whole else None
+        prefill = ticket.prefill_done - ticket.admitted
+        result = ArResult(tokens, prior, spec, seeds, None, conditions, prefill, "eager", stats)
+        self._finish(ticket, result=result)
+
+    def _close_rows(self, rows: list[_Row]) -> None:
+        for row in rows:
+            if row.pooled and row in self._pool.rows:
+                self._pool.leave(row)
+            if row.sequential and row.loop.noise is not None:
+                row.loop.noise.close()
+
+    def _fail(self, ticket: ArTicket, error: BaseException) -> None:
+        with self._cv:
+            mine = [row for row in self._running if row.ticket is ticket]
+            self._running = [row for row in self._running if row.ticket is not ticket]
+            if ticket in self._queue:
+                self._queue.remove(ticket)
+        self._close_rows(mine)
+        ticket.rows = []
+        self._finish(ticket, error=error)
+
+    def _finish(self, ticket: ArTicket, *, result=None, error: BaseException | None = None) -> None:
+        if ticket.done:
+            return
+        ticket.result, ticket.error, ticket.finished = result, error, time.perf_counter()
+        ticket._event.set()
+        if ticket.on_done is not None:
+            ticket.on_done(ticket)
