@@ -521,7 +521,7 @@ def test_health_and_metrics(glm, tmp_path):
 
 def test_serve_settings_from_the_command_line(monkeypatch, tmp_path):
     from glm_image.cli import build_parser
-    from glm_image.server.cli import settings_from_args
+    from glm_image.server.arguments import settings_from_args
 
     argv = ["serve", "--api-key-env", "GLM_TEST_KEY", "--output-dir", str(tmp_path), "--max-queue", "3"]
     monkeypatch.delenv("GLM_TEST_KEY", raising=False)

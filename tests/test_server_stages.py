@@ -410,7 +410,7 @@ def test_a_stopped_worker_fails_its_request_and_is_replaced(tiny_checkpoint, tmp
 )
 def test_stage_and_ray_flags_are_checked(flags, message):
     from glm_image.cli import build_parser
-    from glm_image.server.cli import ray_options_from_args, stage_options_from_args
+    from glm_image.server.arguments import ray_options_from_args, stage_options_from_args
 
     args = build_parser().parse_args(["serve", *flags])
     with pytest.raises(GlmImageError, match=re.escape(message)):
@@ -420,7 +420,7 @@ def test_stage_and_ray_flags_are_checked(flags, message):
 
 def test_stage_and_ray_flags_become_options():
     from glm_image.cli import build_parser
-    from glm_image.server.cli import ray_options_from_args, stage_options_from_args
+    from glm_image.server.arguments import ray_options_from_args, stage_options_from_args
 
     parse = build_parser().parse_args
     args = parse(["serve", "--stages", "separate", "--ar-device", "cpu", "--dit-device", "cpu:0"])
@@ -452,7 +452,7 @@ def test_a_serve_config_s_yaml_values_reach_the_parser_typed():
     """A Ray Serve config's ``args`` as YAML types them (issue 23: ``dit_cache_taylor: true`` was
     ``--dit-cache-taylor True``, "unrecognized arguments"): a boolean is the bare flag or nothing,
     a number its text, parsed by ``serve``'s own parser (not the root CLI's)."""
-    from glm_image.server.cli import config_argv, serve_parser
+    from glm_image.server.arguments import config_argv, serve_parser
 
     args = {"dit_cache_taylor": True, "stage_threads": None, "ar_replicas": 2, "guidance": 2.5}
     assert config_argv({**args, "ray": False}) == [

@@ -288,7 +288,7 @@ def _from_args(args) -> tuple:
     from ..hub import SYNTHETIC_MODELS, resolve_checkpoint
     from ..options import generation_kwargs
     from ..parallel.config import ParallelConfig
-    from .cli import ray_options_from_args, settings_from_args
+    from .arguments import ray_options_from_args, settings_from_args
 
     settings = settings_from_args(args)
     options = ray_options_from_args(args) or RayOptions()
@@ -312,8 +312,8 @@ def _from_args(args) -> tuple:
 def build(args: dict):
     """The application builder of a Serve config file: ``args`` holds ``glm-image serve`` flags
     by their long names (``model``, ``dit_replicas``, ``output_dir``, ...), typed as YAML types
-    them (``server.cli.config_argv``)."""
-    from .cli import config_argv, serve_parser
+    them (``server.arguments.config_argv``)."""
+    from .arguments import config_argv, serve_parser
 
     parsed = serve_parser().parse_args(["serve", "--ray", *config_argv(args)])
     front, model, settings, options, keywords = _from_args(parsed)

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING
 
 from .._lazy import lazy_attributes
 from .calls import ArCall, DitCall, GenerationOutput, Images, PriorTokens, output_of, outputs_of, plan_call
-from .handle import LocalStage, StageHandle, StageSpec, as_handle, load_stage, open_stage
+from .handle import LocalStage, StageHandle, StageSpec, as_handle, load_stage
+from .opening import open_stage
 from .run import ar_stage, dit_stage, run_on
 
 if TYPE_CHECKING:

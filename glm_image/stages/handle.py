@@ -16,18 +16,19 @@ never ask which kind.
 - ``spmd.SpmdStage``: this rank's part under torchrun;
 - ``server.ray_app.RayStage``: a Ray Serve deployment.
 
-``open_stage`` picks local or process from the spec and the devices, the one place that does.
+``opening.open_stage`` picks local or process from the spec and the devices, the one place that
+does (a module of its own: it sits above both kinds).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from .run import run_on
 
-__all__ = ["LocalStage", "StageHandle", "StageSpec", "as_handle", "load_stage", "open_stage"]
+__all__ = ["LocalStage", "StageHandle", "StageSpec", "as_handle", "load_stage"]
 
 STAGES = ("ar", "dit")
 
@@ -126,25 +127,3 @@ def as_handle(stage: str, engine_or_handle) -> StageHandle:
     if isinstance(engine_or_handle, StageHandle):
         return engine_or_handle
     return LocalStage(stage, engine_or_handle)
-
-
-def open_stage(
-    spec: StageSpec,
-    devices: Sequence[str] | None = None,
-    *,
-    processes: bool = False,
-    threads: int | None = None,
-    answer_seconds: float | None = None,
-) -> StageHandle:
-    """The handle of ``spec`` on ``devices`` (one per rank; default: ``spec.device``, one rank):
-    rank processes when there are several ranks or ``processes`` asks for one of its own (a
-    server's stage worker), else the engine loaded here. ``threads``: torch threads per rank
-    process on a CPU; ``answer_seconds``: how long a busy rank may stay silent (``process``)."""
-    devices = list(devices) if devices is not None else [spec.device]
-    if len(devices) == 1 and not processes:
-        return LocalStage(spec.stage, load_stage(spec, devices[0]))
-    from ..device import resolve_device
-    from .process import ProcessStage
-
-    devices = [str(resolve_device(d)) for d in devices]
-    return ProcessStage(spec, devices, threads=threads, answer_seconds=answer_seconds)
