@@ -15,7 +15,8 @@
 #              A CPU dry run at released widths:
 #              GPU_RUN_DEVICE=cpu GPU_RUN_LAYERS=2 GPU_RUN_SIZE=256x256 GPU_RUN_STEPS=2 bash benchmarks/gpu_run.sh OUT full
 #   tests      the kernel, quantized-kernel, self-check, decode-step and Jacobi tests on the GPU
-#   ar         AR decode: transformers' generate, ours sequential, ours Jacobi with windows 4 and 8
+#   ar         AR decode: transformers' generate, ours sequential, ours Jacobi with windows 8 and 32;
+#              then ours sequential against Jacobi at the released depth (glm-image-random)
 #   dit        one CFG denoising step: diffusers against ours in bf16, int8 and fp8
 #   speed      end to end against diffusers' pipeline, batch 1 and 4
 #   fast       end to end, ours uncached against ours with every speed-up on (Jacobi, int8,
@@ -131,7 +132,15 @@ if want tests; then
 fi
 if want ar; then
     run ar 100 python3 -m glm_image.cli bench ar "${common[@]}" --size "$size" --max-tokens 256 \
-        --ar-decoding sequential,jacobi --jacobi-window 4,8 --out "$out/bench_ar.json"
+        --ar-decoding sequential,jacobi --jacobi-window 8,32 --out "$out/bench_ar.json"
+    # Jacobi's tokens/s against sequential at the released depth (glm-image-random: the released
+    # architecture, its weights drawn on the device: random, so acceptance is not the released
+    # model's); a CPU dry run checks the command on the stage's model instead
+    released=glm-image-random
+    [ "$device" = cpu ] && released=$model
+    run ar-released 150 python3 -m glm_image.cli bench ar --model "$released" --device "$device" \
+        --dtype "$dtype" --size "$size" --max-tokens 256 --ar-decoding sequential,jacobi \
+        --jacobi-window 8,32 --out "$out/bench_ar_released.json"
 fi
 if want dit; then
     for q in none int8 fp8; do
