@@ -8,8 +8,10 @@ docs/development.md, "The docs test"):
   ```console, none) is not run: that is where commands needing real weights, a GPU or minutes go.
 - Each block runs in a fresh subprocess, in a fresh temporary folder holding links to the
   checkout's ``benchmarks/``, ``deploy/`` and ``scripts/`` (so ``python benchmarks/x.py`` works as
-  it does from the checkout). ``python`` is the interpreter running these tests and ``glm-image``
-  a shim that runs this checkout's CLI (``python -m glm_image.cli``). No weights, no network: the
+  it does from the checkout). ``python`` is the interpreter running these tests, forked warm from
+  a server that imported torch once (``warm_python.py``: the block's own process, descriptors,
+  environment and status), and ``glm-image`` a shim that runs this checkout's CLI
+  (``python -m glm_image.cli``). No weights, no network: the
   hub is offline (tests/conftest.py) and ``--model tiny`` is built once into the test run's cache.
 - ``<!-- docs-test: skip: REASON -->`` on the line before a fence: the block is reported as
   skipped with REASON (a server that runs until Ctrl-C, a GPU, an extra that is not installed).
@@ -34,6 +36,7 @@ backquotes must exist in some ``glm-image`` command or one of the scripts it nam
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shlex
@@ -129,13 +132,37 @@ def shell_script(code: str) -> str:
 
 @pytest.fixture(scope="session")
 def docs_bin(tmp_path_factory) -> Path:
-    """A folder for PATH: ``python`` (this interpreter) and ``glm-image`` (this checkout's CLI)."""
+    """A folder for PATH: ``python`` (this interpreter, warm: ``warm_python.py`` forks each
+    command from a server that imported torch, transformers and diffusers once) and
+    ``glm-image`` (this checkout's CLI through that ``python``)."""
+    import signal
+
     bin_dir = tmp_path_factory.mktemp("docs-bin")
-    for name, command in (("python", ' "$@"'), ("glm-image", ' -m glm_image.cli "$@" $DOCS_TEST_APPEND')):
+    warm = Path(__file__).with_name("warm_python.py")
+    path = str(bin_dir / "warm.sock")
+    shims = {
+        "python": f'exec {shlex.quote(sys.executable)} {shlex.quote(str(warm))} {shlex.quote(path)} "$@"',
+        "glm-image": f'exec {shlex.quote(str(bin_dir / "python"))} -m glm_image.cli "$@" $DOCS_TEST_APPEND',
+    }
+    for name, command in shims.items():
         shim = bin_dir / name
-        shim.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)}{command}\n")
+        shim.write_text(f"#!/bin/sh\n{command}\n")
         shim.chmod(0o755)
-    return bin_dir
+    server = subprocess.Popen(
+        [sys.executable, str(warm), "serve", path],
+        env=block_env(bin_dir),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=(bin_dir / "warm.log").open("wb"),
+        start_new_session=True,  # its commands too: one killpg ends them all
+    )
+    deadline = time.monotonic() + BLOCK_TIMEOUT
+    while not os.path.exists(path) and server.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # no server: the shim runs the real interpreter (slower, same answers)
+    yield bin_dir
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.pid, signal.SIGKILL)
+    server.wait()
 
 
 def block_env(bin_dir: Path) -> dict[str, str]:
@@ -166,7 +193,18 @@ def tiny_server(docs_bin, tmp_path_factory):
     port, folder = _free_port(), tmp_path_factory.mktemp("docs-server")
     log = (folder / "server.log").open("w")
     server = subprocess.Popen(
-        ["glm-image", "serve", "--model", "tiny", "--port", str(port), "--output-dir", str(folder / "files")],
+        [
+            sys.executable,
+            "-m",
+            "glm_image.cli",
+            "serve",
+            "--model",
+            "tiny",
+            "--port",
+            str(port),
+            "--output-dir",
+            str(folder / "files"),
+        ],  # the real interpreter, so that terminate() ends it
         cwd=folder,
         env=block_env(docs_bin),
         stdout=log,
@@ -223,7 +261,7 @@ def test_block_runs(block: Block, docs_bin: Path, tmp_path: Path, request) -> No
     if RUN[block.lang] == "bash":
         command = ["bash", "-c", shell_script(code)]
     else:
-        command = [sys.executable, "-c", code]
+        command = [str(docs_bin / "python"), "-c", code]
     env = block_env(docs_bin)
     if block.directive == "append":
         env["DOCS_TEST_APPEND"] = block.why
@@ -347,9 +385,10 @@ def test_every_flag_on_a_glm_image_command_line_is_an_option_of_that_command() -
     assert not wrong, "\n".join(wrong)
 
 
-# Flags the prose names that belong to other programs (pytest, torchrun) or to our scripts.
+# Flags the prose names that belong to other programs (pytest, torchrun) or to our scripts
+# (benchmarks/*.py).
 _OTHER_PROGRAMS = {"--nproc-per-node", "-m", "-k", "-q", "--help"}
-_SCRIPTS = ("benchmarks/load_server.py",)
+_SCRIPTS = tuple(p.relative_to(ROOT).as_posix() for p in sorted((ROOT / "benchmarks").glob("*.py")))
 
 
 def _script_options(script: str) -> set[str]:
