@@ -5,11 +5,11 @@ Measured: the peak resident set of a fresh process (Linux ``VmHWM``, reset befor
 ``bench.memory.PeakMemory``), one run per row, in one child process (each row's pipeline is
 dropped and the heap trimmed before the next). What this can and cannot show: on tiny the
 weights (0.1 GB) and activations are small, and the process's libraries (~0.45 GB of torch,
-transformers, diffusers) stand where the estimate's 0.5 GB ``RESERVE`` stands; so the bound
-checks that every term the estimate adds for a row (the condition K/V, the step cache, a batch,
-a larger size) keeps it above what the process really reaches, and not far above. The terms that
-dominate at the released widths are measured on a GPU (``gpu_run.sh`` stage ``offload``:
-``torch.cuda.max_memory_allocated`` against the estimate per residency).
+transformers, diffusers, differing between machines) stand where the estimate's 0.5 GB
+``RESERVE`` stands; so the test checks that the estimate less ``RESERVE`` covers what the engine
+adds to a warm process, and that every term a row adds raises it. How tight the estimate is (1.0
+to 1.3x) is measured on a GPU (``gpu_run.sh`` stage ``offload``: ``torch.cuda.max_memory_allocated``
+against the estimate per residency).
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import sys
 import textwrap
 
 import pytest
+
+from glm_image.residency import RESERVE
 
 ROWS = [  # size, images, image-to-image, step cache, quantize, residency
     (64, 1, False, False, "none", "resident"),
@@ -57,7 +59,8 @@ for size, images, i2i, cache, quantize, residency in rows:
     ).peak(residency)
     del pipe
     print(json.dumps({"row": [size, images, i2i, cache, quantize, residency], "measured": mem.peak,
-                      "estimate": estimate, "method": mem.method}), flush=True)
+                      "start": mem.start, "increase": mem.increase, "estimate": estimate,
+                      "method": mem.method}), flush=True)
 """
 
 
@@ -73,8 +76,16 @@ def test_the_estimate_covers_the_measured_peak(tiny_checkpoint):
     assert len(results) == len(ROWS)
     if "VmHWM" not in results[0]["method"]:
         pytest.skip("needs Linux's peak RSS")
-    ratios = {tuple(r["row"]): r["estimate"] / r["measured"] for r in results}
-    # a batch: on a CPU the engine runs a call's images apart (batch-invariant), so the process
-    # grows less than the estimate, which counts them together as a GPU runs them (measured 1.30)
-    bound = {row: 1.35 if row[1] > 1 else 1.3 for row in ratios}
-    assert all(1.0 <= ratio <= bound[row] for row, ratio in ratios.items()), ratios
+    # What the engine adds to a warm process (its weights, caches, activations: the peak over the
+    # resident set it started from) must be covered by the estimate less its fixed RESERVE. The
+    # whole-process ratio (estimate / peak RSS) is not asserted: on tiny the ~0.5 GB of libraries
+    # stand where RESERVE stands, and they differ between machines (1.17-1.32 here, 0.92-1.06 on a
+    # CI machine); the tight 1.0-1.3x bound is the GPU stage's, on allocator counts.
+    covered = {tuple(r["row"]): (r["estimate"] - RESERVE) / max(1, r["increase"]) for r in results}
+    assert all(ratio >= 1.0 for ratio in covered.values()), covered
+    # and every term the rows add raises the estimate: a larger size, a batch, a condition image,
+    # the step cache (each row against the first, the same but for that term)
+    estimate = {tuple(r["row"]): r["estimate"] for r in results}
+    base = estimate[ROWS[0]]
+    for row in ROWS[1:4]:
+        assert estimate[row] > base, (row, estimate[row], base)

@@ -129,6 +129,7 @@ class ModelFront:
         self.name, self.limits = name, limits
         self.ar_decoding, self.jacobi_window, self.dit_cache = ar_decoding, jacobi_window, dit_cache
         self.quantize = quantize
+        self.lora = None  # adapters: in-process stages only (serve refuses --lora otherwise)
 
     @classmethod
     def from_checkpoint(cls, model: str, **options) -> ModelFront:
