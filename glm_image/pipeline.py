@@ -17,6 +17,7 @@ object spawns and owns (``close()``, or at exit); the other runs here. Only the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import warnings
 from collections.abc import Sequence
@@ -100,7 +101,7 @@ class GlmImage:
         self.device = ar.device
         self.offload_to = torch.device(offload_to) if offload_to is not None else None
         self.limits = ar.config.size_limits
-        self.lora = None  # a lora.LoraRegistry once an adapter is loaded (local stages only)
+        self.lora = None  # a lora.LoraRegistry once an adapter is loaded (every stage, any handle)
         self.residency = "swap" if self.offload_to is not None else "resident"
         self.streams: dict = {}  # stage -> engine.offload.BlockStream, under block offload
         self.memory = None  # (residency.MemoryPlan, checkpoint root, dtype) when the planner placed it
@@ -168,11 +169,6 @@ class GlmImage:
         """
         if lora_mode not in LORA_MODES:
             raise GlmImageError(f"lora_mode = {lora_mode!r}; allowed: {', '.join(LORA_MODES)}")
-        if lora and (ar_tp > 1 or dit_cfg_parallel or dit_sp > 1):
-            raise GlmImageError(
-                "lora: adapters on stages of several ranks are not built; allowed: ar_tp 1, dit_sp 1, "
-                "dit_cfg_parallel False with lora"
-            )
         if lora:  # every adapter file read and checked before any weights load
             from .lora import read_adapters
 
@@ -221,9 +217,12 @@ class GlmImage:
             "dit_cache": dit_cache,
         }
         if parallel.spread:  # the planner sizes one device: here it only resolves quantize="auto"
-            return cls._spread(
+            pipe = cls._spread(
                 root, model, device, dtype, attention_backend, plan.scheme, parallel, **defaults
             )
+            if lora:
+                pipe._fixed_lora(lora, lora_mode)
+            return pipe
         offload = plan.offload
         home = torch.device("cpu") if offload else device
         streamed = " and streams the blocks of " + " and ".join(plan.streamed) if plan.streamed else ""
@@ -250,22 +249,23 @@ class GlmImage:
         )
         pipe.device = device
         if lora:
-            mode = lora_mode if lora_mode != "auto" else "merged" if pipe.quantize == "none" else "unmerged"
-            pipe._fixed_lora(lora, mode)
+            pipe._fixed_lora(lora, lora_mode)
         pipe.memory = (plan, root, dtype)
         pipe._stream_blocks(plan.residency, device)
         return pipe
 
     def _registry(self):
-        if self.lora is None:
-            if self.parallel.spread or not hasattr(self.ar, "model") or not hasattr(self.dit, "model"):
-                raise GlmImageError("lora: adapters need both stages in this process (no rank processes)")
+        if self.lora is None:  # the adapters reach each stage through its handle, wherever it runs
             from .lora import LoraRegistry
 
-            self.lora = LoraRegistry(self.ar.model, self.dit.model)
+            self.lora = LoraRegistry(dict(zip(("ar", "dit"), self.handles, strict=True)))
         return self.lora
 
     def _fixed_lora(self, lora: Sequence[tuple[str | Path, float]], mode: str) -> None:
+        """``from_pretrained``'s adapters: merged into the weights (every rank merges its shard),
+        or held and applied to every call; ``auto``: merged unless the weights are quantized."""
+        if mode == "auto":
+            mode = "merged" if self.quantize == "none" else "unmerged"
         registry = self._registry()
         if mode == "merged":
             if self.quantize != "none":
@@ -281,12 +281,6 @@ class GlmImage:
     def load_lora(self, name: str, path: str | Path) -> None:
         """Hold the adapter at ``path`` as ``name`` (unmerged) for calls to pick with ``lora``."""
         self._registry().load(name, path)
-
-    def _lora_selection(self, lora) -> tuple:
-        """A call's ``lora`` (names or paths with scales) resolved and checked, before any work."""
-        if not lora:
-            return ()
-        return self._registry().resolve(lora)
 
     @classmethod
     def _spread(cls, root, model, device, dtype, attention_backend, scheme, parallel, **defaults) -> GlmImage:
@@ -465,7 +459,8 @@ class GlmImage:
         condition_images = load_condition_images(images, len(prompts), self.limits, fit=fit_images)
         count = len(prompts) * num_images_per_prompt
         seeds = request_seeds(seed, count)
-        selection = self._lora_selection(lora)
+        registry = self._registry() if lora or self.lora is not None else None  # names checked now
+        adapters = registry.for_stages(registry.resolve(lora)) if registry is not None else {}
 
         call = ArCall(
             tuple(prompts),
@@ -479,22 +474,22 @@ class GlmImage:
             jacobi,
         )
         prior, made = self._run_stages(
-            call, num_inference_steps, guidance_scale, dit_cache, progress, selection
+            call, num_inference_steps, guidance_scale, dit_cache, progress, adapters
         )
         log.info("generated %d image(s) %dx%d: %s", count, width, height, {**prior.timings, **made.timings})
         return output_of(prior, made)
 
-    def _run_stages(self, call: ArCall, steps: int, guidance: float, dit_cache, progress, lora=()):
+    def _run_stages(self, call: ArCall, steps: int, guidance: float, dit_cache, progress, adapters):
+        """``adapters``: stage -> its ``lora.StageLora`` (or None), from the registry."""
         idle = idle_step_cache(dit_cache, steps)
         if idle is not None:  # every entry point meets here before any work: one place to say so
             warnings.warn(idle, IdleCacheWarning, stacklevel=3)
         ar, dit = self.handles
         try:
-            with self.lora.selected(lora) if self.lora is not None else contextlib.nullcontext():
-                self._resident(ar, dit)
-                prior = ar.run(call, progress)
-                self._resident(dit, ar)
-                made = dit.run(DitCall(prior, steps, guidance, dit_cache), progress)
+            self._resident(ar, dit)
+            prior = ar.run(dataclasses.replace(call, lora=adapters.get("ar")), progress)
+            self._resident(dit, ar)
+            made = dit.run(DitCall(prior, steps, guidance, dit_cache, adapters.get("dit")), progress)
         except torch.OutOfMemoryError:
             self.free_after_failure()  # the call's tensors are gone with its frames; drop the cache
             raise
@@ -539,11 +534,10 @@ class GlmImage:
         if len({r.lora for r in requests}) > 1 and self.dit_cache is not None:
             # the step cache forwards some rows of a batch only: per-image adapters cannot follow
             return [self.run_batch([r], progress)[0] for r in requests]
-        chosen = {r.lora: self._lora_selection(r.lora) for r in requests}  # every name checked now
-        selection = chosen[first.lora]
-        if len(chosen) > 1:  # adapters row by row (glm_image.lora: one selection per image)
-            selection = [chosen[r.lora] for r in requests for _ in range(r.num_images)]
-        prior, made = self._run_stages(call, first.steps, first.guidance, self.dit_cache, progress, selection)
+        # every name checked now; adapters row by row where requests differ (glm_image.lora)
+        chosen = any(r.lora for r in requests) or self.lora is not None
+        adapters = self._registry().for_requests(requests) if chosen else {}
+        prior, made = self._run_stages(call, first.steps, first.guidance, self.dit_cache, progress, adapters)
         return outputs_of(requests, prior, made)
 
     def _resident(self, running, waiting) -> None:

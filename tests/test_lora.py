@@ -89,6 +89,26 @@ def test_two_adapters_in_one_batch_equal_each_alone(engine, ar_set):
     assert torch.equal(mixed[2], prompt_logits(engine, prompts, 512, 512)[0][2]), "no adapter: the base bits"
 
 
+def test_the_graph_step_applies_each_rows_adapter(engine, ar_set, monkeypatch):
+    """The decode step a device graph replays (``decode_step='static'``, run eagerly here: its
+    static buffers, device-side counters and the hooks' row indices made at the prefill) writes
+    the eager loop's tokens with a different adapter per row, in one batch that decodes together."""
+    monkeypatch.setattr(engine, "batch_invariant", False)
+    prompts = [PROMPT, "a cat", PROMPT]
+    rows = [(("full", 1.0),), (("qv", 0.7),), ()]
+    call = {"seeds": [1, 2, 3], "max_new_tokens": 24}
+    with ar_set.selected(rows):
+        eager = engine.generate(prompts, 64, 64, **call)
+        monkeypatch.setattr(engine, "decode_step", "static")
+        static = engine.generate(prompts, 64, 64, **call)
+    assert (eager.decode_step, static.decode_step) == ("eager", "static")
+    assert torch.equal(static.tokens, eager.tokens)
+    monkeypatch.setattr(engine, "decode_step", "eager")
+    assert not torch.equal(engine.generate(prompts, 64, 64, **call).tokens, eager.tokens), (
+        "adapters change tokens"
+    )
+
+
 def test_merged_equals_unmerged_and_stacks(tiny_checkpoint, engine, made, ar_set):
     merged = ArEngine.from_pretrained(tiny_checkpoint)
     for name, scale in (("ar", 0.8), ("ar_qv", -0.5)):

@@ -74,3 +74,29 @@ def test_health_lists_the_adapters_and_an_unknown_name_is_400(served):
     assert error["param"] == "lora.name" and "allowed: style" in error["message"], error
     r = requests.post(url + OPENAI, json={"prompt": "p", "lora": {"name": "style", "scale": "x"}}, timeout=30)
     assert r.status_code == 400 and "lora" in r.text
+
+
+def test_stages_on_threads_apply_each_requests_adapter(served, tmp_path):
+    """``serve --placement separate`` runs the stages on threads of their own
+    (``StagedExecutor.in_threads``): requests batched together, one with the adapter and one
+    without, each get the image the pipeline makes for it alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from glm_image.server.executors import StagedExecutor
+
+    _, pipe = served
+    executor = StagedExecutor.in_threads(pipe)
+    assert executor.mixes_adapters  # no step cache: requests with different adapters share a call
+    app = create_app(pipe, ServerSettings(output_dir=tmp_path, steps=1, max_batch=4), executor)
+    bodies = [
+        {"prompt": "p", "size": "64x64", "seed": 5, "response_format": "b64_json", "lora": {"name": "style"}},
+        {"prompt": "q", "size": "64x64", "seed": 6, "response_format": "b64_json"},
+    ]
+    with ServerThread(app) as url, ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(lambda b: _image(requests.post(url + OPENAI, json=b, timeout=120)), bodies))
+    expected = [
+        pipe.run(GenerationRequest("p", 64, 64, steps=1, seed=5, lora=(("style", 1.0),))).images[0],
+        pipe.run(GenerationRequest("q", 64, 64, steps=1, seed=6)).images[0],
+    ]
+    for ours, theirs in zip(got, expected, strict=True):
+        assert np.array_equal(ours, np.asarray(theirs))

@@ -1,57 +1,66 @@
 """The adapters of a pipeline's two stages, by name, and what one call applies.
 
 A name stands for one adapter file or folder, which may hold an AR part, a DiT part or both;
-a call's selection ((name, scale), ...) is handed to each stage's ``LoraSet`` with the names
-that stage holds. ``fixed``: applied to every call (``from_pretrained``'s adapters when they
-are not merged); a call's own selection comes on top.
+a call's selection ((name, scale), ...) becomes one ``StageLora`` per stage with the names that
+stage holds (``for_stages``), which the stage applies wherever it runs (``stage``). ``fixed``:
+applied to every call (``from_pretrained``'s adapters when they are not merged); a call's own
+selection comes on top.
+
+The registry talks to the stages only through their handles (``handle.run`` of a function of
+the engine), so the same code serves a stage in this process, on rank processes, on torchrun
+ranks and in a Ray replica.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+import functools
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from torch import nn
-
-from .apply import LoraSet, Selection, fit, merge
-from .formats import Adapter, LoraError, read_adapters
+from .formats import LoraError, read_adapters
+from .stage import StageLora, check_on, hold_on, merge_on
 
 __all__ = ["LoraRegistry"]
 
 
 class LoraRegistry:
-    def __init__(self, ar: nn.Module, dit: nn.Module) -> None:
-        self.models = {"ar": ar, "dit": dit}
-        self.sets = {"ar": LoraSet(ar), "dit": LoraSet(dit)}
+    def __init__(self, handles: Mapping[str, object]) -> None:
+        self.handles = dict(handles)  # stage -> its handle (``stages.StageHandle``)
         self.sources: dict[str, str] = {}  # name -> the file or folder it was read from
-        self.fixed: Selection = ()
+        self.stages: dict[str, tuple[str, ...]] = {}  # name -> the stages it has a part for
+        self.ranks: dict[str, list[int]] = {}  # name -> the LoRA ranks of its modules
+        self.fixed: tuple[tuple[str, float], ...] = ()
         self.merged: list[tuple[str, float]] = []
 
-    @staticmethod
-    def _read(path: str | Path) -> dict[str, Adapter]:
-        return read_adapters(path)
+    def _on_every_rank(self, stage: str, function, *args) -> None:
+        self.handles[stage].run(functools.partial(function, stage, *args))
 
     def load(self, name: str, path: str | Path) -> None:
-        """Read ``path`` and hold it as ``name`` (unmerged). Every shape is checked first."""
+        """Read ``path`` and hold it as ``name`` (unmerged). Every shape is checked on every
+        rank of both stages before either holds it."""
         if name in self.sources:
             raise LoraError(f"lora name {name!r} is already loaded (from {self.sources[name]})")
-        adapters = self._read(path)
-        for stage, adapter in adapters.items():
-            fit(self.models[stage], adapter)  # check both stages before holding either
-        for stage, adapter in adapters.items():
-            self.sets[stage].add(name, adapter)
-        self.sources[name] = str(path)
+        source = str(Path(path).expanduser())
+        adapters = read_adapters(source)
+        for stage in adapters:
+            self._on_every_rank(stage, check_on, source)
+        for stage in adapters:
+            self._on_every_rank(stage, hold_on, name, source)
+        self.sources[name] = source
+        self.stages[name] = tuple(adapters)
+        self.ranks[name] = sorted({u.rank for a in adapters.values() for u in a.modules.values()})
 
     def merge(self, path: str | Path, scale: float) -> None:
         """Merge ``path`` into the stages' weights (``W += scale * B @ A``) for good."""
-        adapters = self._read(path)
-        fitted = {stage: fit(self.models[stage], adapter) for stage, adapter in adapters.items()}
-        for stage, updates in fitted.items():
-            merge(self.models[stage], updates, scale)
+        source = str(Path(path).expanduser())
+        adapters = read_adapters(source)
+        for stage in adapters:
+            self._on_every_rank(stage, check_on, source)
+        for stage in adapters:
+            self._on_every_rank(stage, merge_on, source, scale)
         self.merged.append((str(path), scale))
 
-    def resolve(self, lora: Sequence[tuple[str, float]] | None) -> Selection:
+    def resolve(self, lora: Sequence[tuple[str, float]] | None) -> tuple[tuple[str, float], ...]:
         """A call's ``[(name or path, scale), ...]`` -> a selection of held names: a path not
         held yet is read now (and kept, named by its resolved path)."""
         selection = []
@@ -74,25 +83,34 @@ class LoraRegistry:
 
     def describe(self) -> list[dict]:
         """What ``/health`` and logs show: each held adapter, its stages and ranks."""
-        out = []
-        for name, source in self.sources.items():
-            stages = [s for s, lset in self.sets.items() if name in lset.adapters]
-            ranks = sorted({u.a.shape[0] for s in stages for u in self.sets[s].adapters[name].values()})
-            out.append({"name": name, "source": source, "stages": stages, "ranks": ranks})
-        return out
+        return [
+            {"name": name, "source": source, "stages": list(self.stages[name]), "ranks": self.ranks[name]}
+            for name, source in self.sources.items()
+        ]
 
-    @contextlib.contextmanager
-    def selected(self, selection: Selection | list[Selection]) -> Iterator[None]:
-        """Within the block both stages apply ``fixed`` + ``selection`` (one for every image, or
-        a ``list`` with one per image)."""
+    def for_requests(self, requests) -> dict[str, StageLora | None]:
+        """``for_stages`` of one call over ``requests`` (each with ``lora`` and ``num_images``):
+        one selection for all when they agree, else one per image, request by request."""
+        chosen = {r.lora: self.resolve(r.lora) for r in requests}  # every name checked now
+        selection = chosen[requests[0].lora]
+        if len(chosen) > 1:
+            selection = [chosen[r.lora] for r in requests for _ in range(r.num_images)]
+        return self.for_stages(selection)
+
+    def for_stages(self, selection) -> dict[str, StageLora | None]:
+        """Per stage, what a call applies: ``fixed`` + ``selection`` (one for every image, or a
+        ``list`` with one per image), each row narrowed to the names that stage holds; None
+        where the stage applies nothing."""
         per_image = isinstance(selection, list)
-        rows = [tuple(self.fixed) + tuple(row) for row in selection] if per_image else None
-        chosen = tuple(self.fixed) + tuple(() if per_image else selection)
-        with contextlib.ExitStack() as stack:
-            for lset in self.sets.values():
-                if rows is not None:
-                    mine = [tuple((n, s) for n, s in row if n in lset.adapters) for row in rows]
-                    stack.enter_context(lset.selected(mine))
-                else:
-                    stack.enter_context(lset.selected(tuple((n, s) for n, s in chosen if n in lset.adapters)))
-            yield
+        rows = (
+            [self.fixed + tuple(row) for row in selection] if per_image else [self.fixed + tuple(selection)]
+        )
+        out: dict[str, StageLora | None] = {}
+        for stage in self.handles:
+            mine = [tuple((n, s) for n, s in row if stage in self.stages.get(n, ())) for row in rows]
+            names = sorted({n for row in mine for n, _ in row})
+            if not names:
+                out[stage] = None
+                continue
+            out[stage] = StageLora(tuple((n, self.sources[n]) for n in names), mine if per_image else mine[0])
+        return out

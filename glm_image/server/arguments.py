@@ -218,8 +218,9 @@ def stage_options_from_args(args: argparse.Namespace):
 
     if args.lora and (args.ray or args.stages == "separate"):
         raise GlmImageError(
-            "--lora with --ray or --stages separate is not built (adapters need both stages in the "
-            "server's process); drop one"
+            "--lora with --ray or --stages separate is not built (adapters are checked and held by "
+            "a pipeline the server loads: in-process stages, --ar-tp / --dit-sp ranks or --placement "
+            "separate); drop one"
         )
     given = [flag for flag in ("ar_device", "dit_device", "stage_threads") if getattr(args, flag) is not None]
     if args.stages != "separate":

@@ -19,6 +19,7 @@ checks, PNG text): the server process of a staged or Ray executor holds no weigh
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -129,7 +130,7 @@ class ModelFront:
         self.name, self.limits = name, limits
         self.ar_decoding, self.jacobi_window, self.dit_cache = ar_decoding, jacobi_window, dit_cache
         self.quantize = quantize
-        self.lora = None  # adapters: in-process stages only (serve refuses --lora otherwise)
+        self.lora = None  # the loaded pipeline's adapters (``lora.LoraRegistry``), if any
 
     @classmethod
     def from_checkpoint(cls, model: str, **options) -> ModelFront:
@@ -141,10 +142,12 @@ class ModelFront:
 
     @classmethod
     def of(cls, pipe) -> ModelFront:
-        return cls(
+        front = cls(
             str(pipe.name), pipe.limits, pipe.ar_decoding, pipe.jacobi_window, pipe.dit_cache, pipe.quantize,
             **pipe.jacobi.kwargs(),
         )  # fmt: skip
+        front.lora = pipe.lora
+        return front
 
 
 class InProcessExecutor:
@@ -287,6 +290,9 @@ class StagedExecutor:
     def __init__(self, front: ModelFront, ar, dit, name: str = "stages") -> None:
         self.front, self.ar, self.dit, self.name = front, ar, dit, name
         self.stages = (Stage("ar", self._ar, ar.slots), Stage("dit", self._dit, dit.slots))
+        # the DiT step cache forwards a subset of a batch's rows, which per-image adapters cannot
+        # follow: then the queue batches only requests that chose the same adapters
+        self.mixes_adapters = front.dit_cache is None
 
     @classmethod
     def in_threads(cls, pipe) -> StagedExecutor:
@@ -316,12 +322,14 @@ class StagedExecutor:
     async def _ar(self, requests: list, abandoned: Abandon) -> tuple:
         front = self.front
         call = plan_call(requests, front.limits, front.ar_decoding, front.jacobi_window, front.jacobi)
-        return requests, await self.ar.run(call, abandoned)
+        adapters = front.lora.for_requests(requests) if front.lora is not None else {}
+        prior = await self.ar.run(dataclasses.replace(call, lora=adapters.get("ar")), abandoned)
+        return requests, adapters.get("dit"), prior
 
     async def _dit(self, work: tuple, abandoned: Abandon) -> list:
-        requests, prior = work
+        requests, lora, prior = work
         first = requests[0]  # one batch_key: the same steps and guidance for all
         made = await self.dit.run(
-            DitCall(prior, first.steps, first.guidance, self.front.dit_cache), abandoned
+            DitCall(prior, first.steps, first.guidance, self.front.dit_cache, lora), abandoned
         )
         return outputs_of(requests, prior, made)

@@ -216,10 +216,12 @@ class EngineQueue:
         batch, images = [first], first.request.num_images
         if first.request.images or getattr(self.executor, "per_request", False):
             return batch  # image-to-image; or an executor that batches by itself (continuous)
+        mixes = getattr(self.executor, "mixes_adapters", True)
         for job in list(self._waiting):
             request = job.request
             if (
                 request.batch_key == first.request.batch_key
+                and (mixes or request.lora == first.request.lora)
                 and images + request.num_images <= self.settings.max_batch
                 and (
                     self.fits is None or self.fits(request.height, request.width, images + request.num_images)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,6 +24,9 @@ from ..config import SizeLimits
 from ..engine.choices import DEFAULT_WINDOW, JacobiDrafts, StepCacheOptions
 from ..request import GenerationRequest
 from ..validation import load_condition_images, request_seeds
+
+if TYPE_CHECKING:
+    from ..lora import StageLora
 
 __all__ = [
     "ArCall",
@@ -66,6 +70,7 @@ class ArCall:
     jacobi: JacobiDrafts = field(
         default_factory=JacobiDrafts
     )  # where Jacobi drafts come from, how they are renewed
+    lora: StageLora | None = None  # the adapters the AR applies (``glm_image.lora.stage``)
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,7 @@ class DitCall:
     steps: int
     guidance: float
     dit_cache: StepCacheOptions | None = None  # DiT step caching (``engine.step_cache``); None: off
+    lora: StageLora | None = None  # the adapters the DiT applies (``glm_image.lora.stage``)
 
 
 @dataclass(frozen=True)

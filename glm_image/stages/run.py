@@ -101,7 +101,13 @@ def dit_stage(dit, call: DitCall, *, progress: Progress | None = None) -> Images
 
 def run_on(stage: str, engine, payload, progress: Progress | None = None):
     """``payload`` on a loaded engine of ``stage`` ("ar" or "dit"): ``ar_stage`` of an
-    ``ArCall``, ``dit_stage`` of a ``DitCall``, or ``payload(engine)`` for a function."""
+    ``ArCall``, ``dit_stage`` of a ``DitCall`` (with the call's adapters applied), or
+    ``payload(engine)`` for a function."""
     if callable(payload):
         return payload(engine)
-    return (ar_stage if stage == "ar" else dit_stage)(engine, payload, progress=progress)
+    if payload.lora is None:
+        return (ar_stage if stage == "ar" else dit_stage)(engine, payload, progress=progress)
+    from ..lora import applied
+
+    with applied(engine, stage, payload.lora):  # the call's adapters, held on first use
+        return (ar_stage if stage == "ar" else dit_stage)(engine, payload, progress=progress)
