@@ -18,6 +18,9 @@ Session fixtures (built once per worker process; use them instead of loading you
   options), read-only like ``glm``.
 - ``reference_pipeline``: diffusers' ``GlmImagePipeline`` on it, the oracle; read-only.
 - ``cli``: runs the ``glm-image`` command in a subprocess, as a user would.
+- ``warm_path``: a PATH whose ``python`` / ``python3`` are this interpreter, each command forked
+  from a server that imported torch, transformers and diffusers once (``warm_python.py``): for
+  scripts that call ``python3`` many times (``benchmarks/gpu_run.sh``'s dry runs).
 """
 
 from __future__ import annotations
@@ -143,3 +146,16 @@ def tiny_dit(tiny_checkpoint: Path):
     from glm_image.engine import DitEngine
 
     return DitEngine.from_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def warm_path(tmp_path_factory):
+    """PATH with a warm ``python`` / ``python3`` first (see the module docstring), then this
+    interpreter's folder (a virtual environment's scripts), then the rest."""
+    import sys
+
+    from warm_python import warm_bin
+
+    rest = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    with warm_bin(tmp_path_factory.mktemp("warm-bin"), {**os.environ, "PATH": rest}) as bin_dir:
+        yield f"{bin_dir}{os.pathsep}{rest}"

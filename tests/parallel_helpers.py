@@ -28,7 +28,7 @@ def _everyone(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- AR
 
 
-def ar_generate(engine, prompts, height=256, width=256, seed=3, logits=True, decode_step=None, **kwargs):
+def ar_generate(engine, prompts, height=128, width=128, seed=3, logits=True, decode_step=None, **kwargs):
     """(logits (steps, B, V) or None, tokens of every rank (ranks, B, steps)) of ``engine.generate``."""
     saved = engine.decode_step
     engine.decode_step = decode_step or saved

@@ -210,21 +210,20 @@ def test_batched_rows_at_different_positions_decode_in_one_forward(engine):
 
 
 @pytest.mark.slow
-def test_gpu_run_continuous_stage_dry_run_on_the_cpu(tmp_path):
+def test_gpu_run_continuous_stage_dry_run_on_the_cpu(tmp_path, warm_path):
     """``gpu_run.sh OUT continuous`` as a GPU runs it, on the CPU with the tiny model, few tokens
     and requests, so a typo fails here rather than on a lent GPU; both JSON files must say what
     the stage measures."""
     import json
     import os
     import subprocess
-    import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
     env = {
         **os.environ,
-        # the script calls python3: this interpreter's (a virtual environment's) first on PATH
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        # the script calls python3: this interpreter, forked warm (conftest's warm_path)
+        "PATH": warm_path,
         "GPU_RUN_DEVICE": "cpu",
         "GPU_RUN_MODEL": "tiny",
         "GPU_RUN_DTYPE": "float32",

@@ -36,7 +36,6 @@ backquotes must exist in some ``glm-image`` command or one of the scripts it nam
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import shlex
@@ -135,34 +134,16 @@ def docs_bin(tmp_path_factory) -> Path:
     """A folder for PATH: ``python`` (this interpreter, warm: ``warm_python.py`` forks each
     command from a server that imported torch, transformers and diffusers once) and
     ``glm-image`` (this checkout's CLI through that ``python``)."""
-    import signal
+    from warm_python import warm_bin
 
     bin_dir = tmp_path_factory.mktemp("docs-bin")
-    warm = Path(__file__).with_name("warm_python.py")
-    path = str(bin_dir / "warm.sock")
-    shims = {
-        "python": f'exec {shlex.quote(sys.executable)} {shlex.quote(str(warm))} {shlex.quote(path)} "$@"',
-        "glm-image": f'exec {shlex.quote(str(bin_dir / "python"))} -m glm_image.cli "$@" $DOCS_TEST_APPEND',
-    }
-    for name, command in shims.items():
-        shim = bin_dir / name
-        shim.write_text(f"#!/bin/sh\n{command}\n")
-        shim.chmod(0o755)
-    server = subprocess.Popen(
-        [sys.executable, str(warm), "serve", path],
-        env=block_env(bin_dir),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=(bin_dir / "warm.log").open("wb"),
-        start_new_session=True,  # its commands too: one killpg ends them all
+    shim = bin_dir / "glm-image"
+    shim.write_text(
+        f'#!/bin/sh\nexec {shlex.quote(str(bin_dir / "python"))} -m glm_image.cli "$@" $DOCS_TEST_APPEND\n'
     )
-    deadline = time.monotonic() + BLOCK_TIMEOUT
-    while not os.path.exists(path) and server.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.1)  # no server: the shim runs the real interpreter (slower, same answers)
-    yield bin_dir
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(server.pid, signal.SIGKILL)
-    server.wait()
+    shim.chmod(0o755)
+    with warm_bin(bin_dir, block_env(bin_dir), BLOCK_TIMEOUT):
+        yield bin_dir
 
 
 def block_env(bin_dir: Path) -> dict[str, str]:

@@ -134,20 +134,19 @@ def test_the_residency_flag_on_every_command(cli, tmp_path):
     assert "--residency" in out.stdout
 
 
-def test_the_gpu_run_offload_stage_dry_run(tmp_path):
+def test_the_gpu_run_offload_stage_dry_run(tmp_path, warm_path):
     """``gpu_run.sh OUT offload`` on the CPU (tiny, 64x64, one step, block offload only: the
     script, not the numbers): the plans of the released preset are written, and the residency's
     measured peak and estimate."""
     import json
     import os
     import subprocess
-    import sys
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     env = {
         **os.environ,
-        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PATH": warm_path,  # each python3 the script calls: this interpreter, forked warm
         "GPU_RUN_MODEL": "tiny",
         "GPU_RUN_DEVICE": "cpu",
         "GPU_RUN_SIZE": "64x64",

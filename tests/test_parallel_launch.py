@@ -159,7 +159,7 @@ def test_generate_writes_the_image_of_one_process(cli, glm, tiny_checkpoint, tmp
         "--model",
         str(tiny_checkpoint),
         "--size",
-        "256x256",
+        "128x128",
         "--steps",
         "3",
         "--seed",
@@ -171,7 +171,7 @@ def test_generate_writes_the_image_of_one_process(cli, glm, tiny_checkpoint, tmp
         *flags,
     )
     assert done.returncode == 0, done.stderr
-    expected = glm.generate(prompt, 256, 256, num_inference_steps=3, seed=5).images[0]
+    expected = glm.generate(prompt, 128, 128, num_inference_steps=3, seed=5).images[0]
     ours = Image.open(out)
     assert np.abs(np.asarray(ours, dtype=int) - np.asarray(expected, dtype=int)).max() <= 1
     assert "x2" in ours.text["parallel"]
@@ -184,7 +184,7 @@ def test_torchrun_ranks_write_the_image_of_one_process_once(glm, tiny_checkpoint
     generate = ["-m", "glm_image.cli", "generate", prompt, "--model", str(tiny_checkpoint), "--seed", "5"]
     options = [
         "--size",
-        "256x256",
+        "128x128",
         "--steps",
         "3",
         "--device",
@@ -204,7 +204,7 @@ def test_torchrun_ranks_write_the_image_of_one_process_once(glm, tiny_checkpoint
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.count("out.png") == 1  # written and reported by the first rank alone
-    expected = glm.generate(prompt, 256, 256, num_inference_steps=3, seed=5).images[0]
+    expected = glm.generate(prompt, 128, 128, num_inference_steps=3, seed=5).images[0]
     ours = np.asarray(Image.open(out), dtype=int)
     assert np.abs(ours - np.asarray(expected, dtype=int)).max() <= 1
 

@@ -16,6 +16,7 @@ slower one. The server runs no torch operation, so its forks start with no threa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -64,6 +65,43 @@ def serve(path: str):
         _, status = os.waitpid(pid, 0)
         conn.sendall(f"{os.waitstatus_to_exitcode(status)}\n".encode())
         os._exit(0)
+
+
+@contextlib.contextmanager
+def warm_bin(bin_dir, env: dict[str, str], timeout: float = 120.0):
+    """Within the block, ``bin_dir`` (a folder for the front of PATH) holds ``python`` and
+    ``python3``: this interpreter, each command forked warm from a server started here with
+    ``env`` (what a command reads at import time is the server's; everything else, its own).
+    Yields ``bin_dir``; the server and every command it forked are killed at the end."""
+    import shlex
+    import subprocess
+    import time
+    from pathlib import Path
+
+    bin_dir = Path(bin_dir)
+    path = str(bin_dir / "warm.sock")
+    command = f'exec {shlex.quote(sys.executable)} {shlex.quote(__file__)} {shlex.quote(path)} "$@"'
+    for name in ("python", "python3"):
+        shim = bin_dir / name
+        shim.write_text(f"#!/bin/sh\n{command}\n")
+        shim.chmod(0o755)
+    server = subprocess.Popen(
+        [sys.executable, __file__, "serve", path],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=(bin_dir / "warm.log").open("wb"),
+        start_new_session=True,  # its commands too: one killpg ends them all
+    )
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path) and server.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)  # no server: the shims run the real interpreter (slower, same answers)
+    try:
+        yield bin_dir
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
 
 
 def run(request: dict, fds: list[int]) -> None:
