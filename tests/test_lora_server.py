@@ -9,6 +9,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from lora_helpers import peft_ar, peft_dit
 from PIL import Image
 
@@ -100,3 +101,62 @@ def test_stages_on_threads_apply_each_requests_adapter(served, tmp_path):
     ]
     for ours, theirs in zip(got, expected, strict=True):
         assert np.array_equal(ours, np.asarray(theirs))
+
+
+def test_stage_workers_apply_the_adapter_a_request_names_and_a_new_worker_too(
+    served, tiny_checkpoint, tmp_path
+):
+    """``serve --stages separate --lora style=PATH``: the adapter is checked on both workers
+    before the first request and applied to the requests that name it; a worker that died and
+    was replaced reads it at its first call (the call carries its source). A bad adapter stops
+    the server at start, naming the module."""
+    import os
+    import signal
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+    from test_server_stages import alive, command, free_port, serve_command, wait_until, worker_pids
+
+    _, pipe = served
+    style = pipe.lora.sources["style"]
+    port = free_port()
+    body = {
+        "prompt": "p",
+        "size": "64x64",
+        "seed": 3,
+        "response_format": "b64_json",
+        "lora": {"name": "style"},
+    }
+    expected = np.asarray(
+        pipe.run(GenerationRequest("p", 64, 64, steps=1, seed=3, lora=(("style", 1.0),))).images[0]
+    )
+    with serve_command(command(tiny_checkpoint, port, tmp_path, "--lora", f"style={style}"), port) as (
+        _,
+        url,
+    ):
+        assert requests.get(url + "/health", timeout=10).json()["lora"] == [{"name": "style", "scale": 1.0}]
+        assert np.array_equal(_image(requests.post(url + OPENAI, json=body, timeout=120)), expected)
+        pids = worker_pids(url).values()
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)  # idle: both found dead and replaced at the next call
+        wait_until(lambda: not any(alive(pid) for pid in pids), timeout=10)
+        assert np.array_equal(_image(requests.post(url + OPENAI, json=body, timeout=180)), expected)
+        assert requests.get(url + "/health", timeout=10).json()["executor"]["ar"]["restarts"] == 1
+
+    broken = tmp_path / "broken"
+    (broken / "transformer").mkdir(parents=True)
+    source = Path(style) / "transformer"
+    (broken / "transformer" / "adapter_config.json").write_text((source / "adapter_config.json").read_text())
+    tensors = load_file(source / "adapter_model.safetensors")
+    key = next(k for k in tensors if k.endswith("to_q.lora_A.weight"))
+    tensors[key] = torch.zeros(tensors[key].shape[0], tensors[key].shape[1] + 8)
+    save_file(tensors, broken / "transformer" / "adapter_model.safetensors")
+    import subprocess
+
+    done = subprocess.run(
+        command(tiny_checkpoint, free_port(), tmp_path, "--lora", f"bad={broken}"),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode != 0 and "to_q" in done.stderr + done.stdout, done.stderr[-2000:]

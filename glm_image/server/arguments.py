@@ -216,10 +216,10 @@ def stage_options_from_args(args: argparse.Namespace):
     """``--stages separate`` and its devices; a stage flag without it is a one-line error."""
     from .settings import StageOptions
 
-    if args.lora and (args.ray or args.stages == "separate"):
+    if args.lora and args.ray:
         raise GlmImageError(
-            "--lora with --ray or --stages separate is not built (adapters are checked and held by "
-            "a pipeline the server loads: in-process stages, --ar-tp / --dit-sp ranks or --placement "
+            "--lora with --ray is not built (adapters are checked and held by the server's own "
+            "stages: in-process, --ar-tp / --dit-sp ranks, --placement separate or --stages "
             "separate); drop one"
         )
     given = [flag for flag in ("ar_device", "dit_device", "stage_threads") if getattr(args, flag) is not None]

@@ -173,6 +173,7 @@ def _run(args: argparse.Namespace) -> None:
                 "device; allowed: resident or none"
             )
         pipe = ModelFront.from_checkpoint(args.model, quantize=quantize or "none", **generation_kwargs(args))
+        named, fixed = _checked_loras(args)
         runtime = runtime_kwargs(args)
         executor = staged_processes(
             pipe,
@@ -184,16 +185,15 @@ def _run(args: argparse.Namespace) -> None:
             ar_device=stages.ar_device,
             dit_device=stages.dit_device,
             threads=stages.threads,
+            named_lora=named,
+            fixed_lora=fixed,
         )
+        pipe.lora_scales = {name: scale for name, _, scale in named}
         app = create_app(pipe, settings, executor)
     else:
         from ..pipeline import GlmImage
 
-        named = named_loras(args)  # a bad NAME=PATH or adapter file fails before the model loads
-        from ..lora import read_adapters
-
-        for _, path, _ in named:
-            read_adapters(path)
+        named, _ = _checked_loras(args)
         pipe = GlmImage.from_pretrained(
             args.model,
             **runtime_kwargs(args),
@@ -232,3 +232,14 @@ def _run(args: argparse.Namespace) -> None:
             sock.close()  # a stage on several ranks: its worker processes stop with the server
         if hasattr(pipe, "close"):
             pipe.close()
+
+
+def _checked_loras(args) -> tuple[list[tuple[str, str, float]], list[tuple[str, float]]]:
+    """``--lora``: the named adapters (name, path, scale) and the unnamed ones (path, scale),
+    every file read, so a bad flag or adapter fails before any model loads."""
+    from ..lora import read_adapters
+
+    named, fixed = named_loras(args), lora_kwargs(args)["lora"]
+    for path in [p for _, p, _ in named] + [p for p, _ in fixed]:
+        read_adapters(path)
+    return named, fixed

@@ -293,6 +293,7 @@ class StagedExecutor:
         # the DiT step cache forwards a subset of a batch's rows, which per-image adapters cannot
         # follow: then the queue batches only requests that chose the same adapters
         self.mixes_adapters = front.dit_cache is None
+        self.hold_adapters: Callable[[], None] | None = None  # run once the stages are up
 
     @classmethod
     def in_threads(cls, pipe) -> StagedExecutor:
@@ -309,6 +310,11 @@ class StagedExecutor:
         # both load at once; if one fails the other is stopped, so nothing is left running
         results = await asyncio.gather(self.ar.start(), self.dit.start(), return_exceptions=True)
         failed = [r for r in results if isinstance(r, BaseException)]
+        if not failed and self.hold_adapters is not None:
+            try:  # every adapter checked on the workers before the first request
+                await asyncio.to_thread(self.hold_adapters)
+            except Exception as e:
+                failed = [e]
         if failed:
             await self.stop()
             raise failed[0]

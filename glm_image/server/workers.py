@@ -30,10 +30,14 @@ def staged_processes(
     ar_device: str | None = None,
     dit_device: str | None = None,
     threads: int | None = None,
+    named_lora: list[tuple[str, str, float]] = (),
+    fixed_lora: list[tuple[str, float]] = (),
 ):
     """A ``StagedExecutor`` whose AR and DiT run in two worker processes. The devices are
     checked here, before any worker starts; on a CPU (both stages) the cores are split between
-    the two workers unless ``threads`` says otherwise."""
+    the two workers unless ``threads`` says otherwise. ``named_lora``: (name, path, scale) of
+    ``serve --lora NAME=PATH``, held for requests to pick; ``fixed_lora``: (path, scale) of the
+    unnamed ``--lora``, on every request (unmerged)."""
     from ..device import resolve_device
     from .executors import HandleRunner, StagedExecutor
 
@@ -53,7 +57,42 @@ def staged_processes(
         )
         for stage in ("ar", "dit")
     ]
-    return StagedExecutor(front, *runners, name="stages")
+    executor = StagedExecutor(front, *runners, name="stages")
+    if named_lora or fixed_lora:
+        _adapters(executor, runners, named_lora, fixed_lora)
+    return executor
+
+
+class _Current:
+    """A runner's handle as it is now (a replaced worker's successor once there is one): what
+    the adapter registry runs its checks on. A worker that never saw ``load`` reads an adapter
+    at its first call naming it (the call carries the source: ``lora.StageLora``)."""
+
+    def __init__(self, runner) -> None:
+        self.runner = runner
+
+    def run(self, payload, progress=None):
+        if self.runner.handle is None:
+            raise GlmImageError(f"the {self.runner.stage} stage is not running")
+        return self.runner.handle.run(payload, progress)
+
+
+def _adapters(executor, runners, named, fixed) -> None:
+    """The workers' adapters: the front's registry talks to the runners' handles; once both
+    workers are up (``StagedExecutor.start``) each named adapter is checked on them and held,
+    and the unnamed ones (``fixed``, unmerged: a replaced worker's weights are the checkpoint's)
+    apply to every request."""
+    from ..lora import LoraRegistry
+
+    registry = LoraRegistry({runner.stage: _Current(runner) for runner in runners})
+    executor.front.lora = registry
+
+    def hold() -> None:
+        for name, path, _ in named:
+            registry.load(name, path)
+        registry.fixed = registry.resolve(fixed)
+
+    executor.hold_adapters = hold
 
 
 def stage_quantize(quantize: str | None) -> str | None:
