@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import re
 import signal
@@ -279,6 +280,31 @@ def test_a_replica_of_two_gloo_ranks_writes_the_image_of_one_process(ray_server,
         image = b64_image(item)
         assert same_pixels(image, expected)
         assert image.text["parallel"] == "AR tensor parallel x2, DiT CFG x2 (placement: same)"
+
+
+def test_a_request_through_ray_gets_the_adapter_it_names(ray_server, tiny_checkpoint, tmp_path_factory):
+    """Redeployed with ``lora: [style=PATH:0.8]`` (a YAML list: the flag once per entry): the
+    adapter is checked on a replica of each stage at start, /health lists it, and a request that
+    names it gets the image one process makes with it."""
+    from lora_helpers import peft_ar, peft_dit
+
+    from glm_image import GlmImage
+
+    root = tmp_path_factory.mktemp("ray-lora") / "style"
+    peft_ar(tiny_checkpoint, root / "vision_language_encoder")
+    peft_dit(tiny_checkpoint, root / "transformer", lora_alpha=8)
+    url, out = ray_server
+    deploy(tiny_checkpoint, out, lora=[f"style={root}:0.8"], dit_replicas=1)
+    assert requests.get(url + "/health", timeout=10).json()["lora"] == [{"name": "style", "scale": 0.8}]
+    body = {"prompt": "p", "size": "64x64", "seed": 3, "response_format": "b64_json"}
+    chosen = post(url, OPENAI, {**body, "lora": {"name": "style"}})
+    plain = post(url, OPENAI, body)
+    assert chosen.status_code == 200 and plain.status_code == 200, chosen.text + plain.text
+    pipe = GlmImage.from_pretrained(tiny_checkpoint, device="cpu")  # the session's glm keeps no adapter
+    request = GenerationRequest("p", 64, 64, steps=2, seed=3)
+    expected = pipe.run(dataclasses.replace(request, lora=((str(root), 0.8),))).images[0]
+    assert same_pixels(b64_image(chosen.json()["data"][0]), expected)
+    assert same_pixels(b64_image(plain.json()["data"][0]), pipe.run(request).images[0])
 
 
 # ---------------------------------------------------------------------------------------- the runner alone

@@ -15,11 +15,14 @@ from ..options import (
     add_lora_arguments,
     add_parallel_arguments,
     add_runtime_arguments,
+    lora_kwargs,
+    named_loras,
     parallel_config,
 )
 
 __all__ = [
     "add_serve_arguments",
+    "checked_loras",
     "config_argv",
     "ray_options_from_args",
     "serve_parser",
@@ -35,10 +38,15 @@ def serve_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# serve's flags that repeat, one value each (argparse ``append``)
+REPEATED = frozenset({"lora"})
+
+
 def config_argv(args: dict) -> list[str]:
     """``glm-image serve`` arguments of a Serve config's ``args`` (YAML values, typed): ``true`` is
     the bare flag and ``false`` leaves it out (``dit_cache_taylor: true``), a list gives its
-    values one after another, a number or a string is the flag's value."""
+    values one after another (the flag once per value for a repeated flag: ``lora``), a number
+    or a string is the flag's value."""
     argv = []
     for key, value in (args or {}).items():
         flag = f"--{str(key).replace('_', '-')}"
@@ -46,6 +54,9 @@ def config_argv(args: dict) -> list[str]:
             argv.append(flag)
         elif value is False or value is None:
             continue
+        elif isinstance(value, list | tuple) and key in REPEATED:
+            for v in value:  # a flag given once per value (``lora: [a=x, b=y]``)
+                argv += [flag, str(v)]
         elif isinstance(value, list | tuple):
             argv += [flag, *(str(v) for v in value)]
         else:
@@ -216,12 +227,6 @@ def stage_options_from_args(args: argparse.Namespace):
     """``--stages separate`` and its devices; a stage flag without it is a one-line error."""
     from .settings import StageOptions
 
-    if args.lora and args.ray:
-        raise GlmImageError(
-            "--lora with --ray is not built (adapters are checked and held by the server's own "
-            "stages: in-process, --ar-tp / --dit-sp ranks, --placement separate or --stages "
-            "separate); drop one"
-        )
     given = [flag for flag in ("ar_device", "dit_device", "stage_threads") if getattr(args, flag) is not None]
     if args.stages != "separate":
         if given:
@@ -300,3 +305,19 @@ def _replica_ranks(args: argparse.Namespace) -> tuple[int, int, int]:
         dit_cfg = 2 if gpus % 2 == 0 else 1
         dit_sp = gpus // dit_cfg
     return ar_tp, dit_cfg, dit_sp
+
+
+def checked_loras(args: argparse.Namespace) -> tuple[list[tuple[str, str, float]], list[tuple[str, float]]]:
+    """``--lora``: the named adapters (name, path, scale) and the unnamed ones (path, scale), each
+    path absolute (a stage worker or a Ray replica reads it from its own folder), every file
+    read, so a bad flag or adapter fails before any model loads."""
+    from ..lora import read_adapters
+
+    def absolute(path: str) -> str:
+        return str(Path(path).expanduser().resolve())
+
+    named = [(name, absolute(path), scale) for name, path, scale in named_loras(args)]
+    fixed = [(absolute(path), scale) for path, scale in lora_kwargs(args)["lora"]]
+    for path in [p for _, p, _ in named] + [p for p, _ in fixed]:
+        read_adapters(path)
+    return named, fixed

@@ -13,12 +13,17 @@ from ..hub import resolve_checkpoint
 from ..options import (
     generation_kwargs,
     lora_kwargs,
-    named_loras,
     parallel_config,
     parallel_kwargs,
     runtime_kwargs,
 )
-from .arguments import add_serve_arguments, ray_options_from_args, settings_from_args, stage_options_from_args
+from .arguments import (
+    add_serve_arguments,
+    checked_loras,
+    ray_options_from_args,
+    settings_from_args,
+    stage_options_from_args,
+)
 
 __all__ = ["add_parser", "listen", "uvicorn_server"]
 
@@ -173,7 +178,7 @@ def _run(args: argparse.Namespace) -> None:
                 "device; allowed: resident or none"
             )
         pipe = ModelFront.from_checkpoint(args.model, quantize=quantize or "none", **generation_kwargs(args))
-        named, fixed = _checked_loras(args)
+        named, fixed = checked_loras(args)
         runtime = runtime_kwargs(args)
         executor = staged_processes(
             pipe,
@@ -193,7 +198,7 @@ def _run(args: argparse.Namespace) -> None:
     else:
         from ..pipeline import GlmImage
 
-        named, _ = _checked_loras(args)
+        named, _ = checked_loras(args)
         pipe = GlmImage.from_pretrained(
             args.model,
             **runtime_kwargs(args),
@@ -232,14 +237,3 @@ def _run(args: argparse.Namespace) -> None:
             sock.close()  # a stage on several ranks: its worker processes stop with the server
         if hasattr(pipe, "close"):
             pipe.close()
-
-
-def _checked_loras(args) -> tuple[list[tuple[str, str, float]], list[tuple[str, float]]]:
-    """``--lora``: the named adapters (name, path, scale) and the unnamed ones (path, scale),
-    every file read, so a bad flag or adapter fails before any model loads."""
-    from ..lora import read_adapters
-
-    named, fixed = named_loras(args), lora_kwargs(args)["lora"]
-    for path in [p for _, p, _ in named] + [p for p, _ in fixed]:
-        read_adapters(path)
-    return named, fixed

@@ -45,6 +45,7 @@ from ..errors import Cancelled, GlmImageError, StageDied
 from ..stages import StageSpec, open_stage
 from .executors import HandleRunner, ModelFront, StagedExecutor
 from .settings import RayOptions, ServerSettings
+from .workers import hold_adapters_on
 
 __all__ = ["APP_NAME", "RayStage", "application", "build", "serve_with_ray"]
 
@@ -214,6 +215,10 @@ class Ingress:
             )
         )
         executor = StagedExecutor(front, ar, dit, name="ray")
+        named, fixed = config["lora"]
+        if named or fixed:  # checked on one replica of each stage at start; the others read them at a call
+            hold_adapters_on(executor, (ar, dit), named, fixed)
+        front.lora_scales = {name: scale for name, _, scale in named}
         return create_app(front, settings, executor)
 
 
@@ -243,10 +248,12 @@ def application(
     quantize: str | None = None,
     api_key_env: str | None = None,
     gpus: tuple[float, float] = (0, 0),
+    lora: tuple = ((), ()),
 ):
     """The Serve application: ``Ingress`` bound to the two stage deployments. ``model`` is what
     every stage replica loads (a path each node can read, or a hub id); ``gpus``: per replica;
-    ``options`` also says each replica's ranks (``RayOptions.ranks``)."""
+    ``options`` also says each replica's ranks (``RayOptions.ranks``); ``lora``: (named, unnamed)
+    adapters as ``server.arguments.checked_loras`` gives them (paths every node can read)."""
     common = (model, device, dtype, attention_backend, quantize)
     ar = ArStage.options(**_stage_options(options.ar_replicas, options.ar_cpus, gpus[0])).bind(
         StageSpec("ar", *common, tp=options.ar_tp)
@@ -264,6 +271,7 @@ def application(
         "jacobi": front.jacobi.kwargs(),
         # a batch enters a stage when one of its replicas can take it (the most, when autoscaled)
         "slots": (options.ar_replicas[1], options.dit_replicas[1]),
+        "lora": (tuple(lora[0]), tuple(lora[1])),
     }
     return Ingress.bind(ar, dit, config)
 
@@ -288,7 +296,7 @@ def _from_args(args) -> tuple:
     from ..hub import SYNTHETIC_MODELS, resolve_checkpoint
     from ..options import generation_kwargs
     from ..parallel.config import ParallelConfig
-    from .arguments import ray_options_from_args, settings_from_args
+    from .arguments import checked_loras, ray_options_from_args, settings_from_args
 
     settings = settings_from_args(args)
     options = ray_options_from_args(args) or RayOptions()
@@ -305,6 +313,7 @@ def _from_args(args) -> tuple:
         "attention_backend": args.attention_backend,
         "quantize": quantize,
         "api_key_env": args.api_key_env,
+        "lora": checked_loras(args),
     }
     return front, model, settings, options, keywords
 

@@ -16,7 +16,7 @@ import os
 from ..errors import GlmImageError
 from ..stages import StageSpec, open_stage
 
-__all__ = ["stage_quantize", "staged_processes"]
+__all__ = ["hold_adapters_on", "stage_quantize", "staged_processes"]
 
 
 def staged_processes(
@@ -59,7 +59,7 @@ def staged_processes(
     ]
     executor = StagedExecutor(front, *runners, name="stages")
     if named_lora or fixed_lora:
-        _adapters(executor, runners, named_lora, fixed_lora)
+        hold_adapters_on(executor, runners, named_lora, fixed_lora)
     return executor
 
 
@@ -77,11 +77,13 @@ class _Current:
         return self.runner.handle.run(payload, progress)
 
 
-def _adapters(executor, runners, named, fixed) -> None:
-    """The workers' adapters: the front's registry talks to the runners' handles; once both
-    workers are up (``StagedExecutor.start``) each named adapter is checked on them and held,
-    and the unnamed ones (``fixed``, unmerged: a replaced worker's weights are the checkpoint's)
-    apply to every request."""
+def hold_adapters_on(executor, runners, named, fixed) -> None:
+    """The adapters of stages the server does not load itself (worker processes, Ray replicas):
+    the front's registry talks to the runners' handles; once both stages are up
+    (``StagedExecutor.start``) each named adapter is checked on them and held, and the unnamed
+    ones (``fixed``, unmerged: a replaced worker's weights are the checkpoint's) apply to every
+    request. A stage that never saw them (a new worker, another replica) reads them at its first
+    call naming them."""
     from ..lora import LoraRegistry
 
     registry = LoraRegistry({runner.stage: _Current(runner) for runner in runners})
