@@ -148,7 +148,12 @@ def test_one_requests_ar_runs_while_another_requests_dit_runs(staged):
     before = metrics(url)["glm_image_stage_overlap_seconds_total"]
     bodies = [{"prompt": f"overlap {i}", "size": "96x64", "seed": i, "steps": 8} for i in range(4)]
     with ThreadPoolExecutor(len(bodies)) as pool:
-        responses = list(pool.map(lambda body: post(url, OPENAI, body), bodies))
+        # the first request is taken alone (a batch of its own) before the others arrive: they
+        # queue during its AR and are batched when the AR is free, while its DiT runs (had all
+        # four arrived at once, as a loaded machine can make them, they would share one call)
+        first = pool.submit(post, url, OPENAI, bodies[0])
+        wait_until(lambda: metrics(url)["glm_image_running_jobs"] >= 1 or first.done(), timeout=60)
+        responses = [first.result(), *pool.map(lambda body: post(url, OPENAI, body), bodies[1:])]
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
     # each call went through both stages, once
     calls = {stage: sorted(p for s, _, _, ps in spans if s == stage for p in ps) for stage in ("ar", "dit")}
