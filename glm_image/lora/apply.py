@@ -199,6 +199,12 @@ class LoraSet:
         self._index: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
         _SETS[model] = self
 
+    @classmethod
+    def of(cls, model: nn.Module) -> LoraSet:
+        """The model's ``LoraSet``, made on first use (one per model: its hooks are the model's)."""
+        found = _SETS.get(model)
+        return found if found is not None else cls(model)
+
     def add(self, name: str, adapter: Adapter) -> None:
         """Fit ``adapter`` to the model (shapes checked) and keep it as ``name``."""
         fitted = fit(self.model, adapter)

@@ -32,32 +32,29 @@ class LoraRegistry:
         self.fixed: tuple[tuple[str, float], ...] = ()
         self.merged: list[tuple[str, float]] = []
 
-    def _on_every_rank(self, stage: str, function, *args) -> None:
-        self.handles[stage].run(functools.partial(function, stage, *args))
+    def _checked_then(self, path: str | Path, action, *args) -> tuple[str, dict]:
+        """Read ``path``, check it on every rank of each stage it has a part for, and only then
+        run ``action(stage, source, *args, engine)`` there; (the source, its adapters)."""
+        source = str(Path(path).expanduser())
+        adapters = read_adapters(source)
+        for function, extra in ((check_on, ()), (action, args)):
+            for stage in adapters:
+                self.handles[stage].run(functools.partial(function, stage, source, *extra))
+        return source, adapters
 
     def load(self, name: str, path: str | Path) -> None:
         """Read ``path`` and hold it as ``name`` (unmerged). Every shape is checked on every
         rank of both stages before either holds it."""
         if name in self.sources:
             raise LoraError(f"lora name {name!r} is already loaded (from {self.sources[name]})")
-        source = str(Path(path).expanduser())
-        adapters = read_adapters(source)
-        for stage in adapters:
-            self._on_every_rank(stage, check_on, source)
-        for stage in adapters:
-            self._on_every_rank(stage, hold_on, name, source)
+        source, adapters = self._checked_then(path, hold_on, name)
         self.sources[name] = source
         self.stages[name] = tuple(adapters)
         self.ranks[name] = sorted({u.rank for a in adapters.values() for u in a.modules.values()})
 
     def merge(self, path: str | Path, scale: float) -> None:
         """Merge ``path`` into the stages' weights (``W += scale * B @ A``) for good."""
-        source = str(Path(path).expanduser())
-        adapters = read_adapters(source)
-        for stage in adapters:
-            self._on_every_rank(stage, check_on, source)
-        for stage in adapters:
-            self._on_every_rank(stage, merge_on, source, scale)
+        self._checked_then(path, merge_on, scale)
         self.merged.append((str(path), scale))
 
     def resolve(self, lora: Sequence[tuple[str, float]] | None) -> tuple[tuple[str, float], ...]:

@@ -24,7 +24,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .apply import _SETS, LoraSet, Selection, fit, merge
+from .apply import LoraSet, Selection, fit, merge
 from .formats import LoraError, read_adapters
 
 __all__ = ["StageLora", "applied", "check_on", "hold_on", "merge_on"]
@@ -54,22 +54,14 @@ def _adapter(stage: str, source: str):
     return adapters[stage]
 
 
-def lora_set(model) -> LoraSet:
-    """The model's ``LoraSet`` (one per model: its hooks are the model's)."""
-    found = _SETS.get(model)
-    return found if found is not None else LoraSet(model)
-
-
 def hold(model, stage: str, name: str, source: str) -> LoraSet:
     """``model``'s adapters with ``name`` among them, read from ``source`` (and checked) if not
     held yet."""
-    lset = lora_set(model)
+    lset = LoraSet.of(model)
     if name not in lset.adapters:
         adapter = _adapter(stage, source)
-        whole = _whole(model)
-        if whole is not None:
-            fit(whole, adapter)
-        lset.add(name, adapter)
+        _fit_whole(model, adapter)
+        lset.add(name, adapter)  # fits the shard
     return lset
 
 
@@ -80,42 +72,39 @@ def applied(engine, stage: str, lora: StageLora | None) -> Iterator[None]:
         yield
         return
     model = _model(engine)
-    lset = lora_set(model)
     for name, source in lora.sources:
         hold(model, stage, name, source)
-    with lset.selected(lora.selection):
+    with LoraSet.of(model).selected(lora.selection):
         yield
 
 
-def _whole(model):
-    """A tensor-parallel rank's model as one process holds it, on ``meta`` (no storage), or None
-    for a model that is not a shard. A shard takes a slice of A or B, so only the whole model
-    says whether the adapter's full shapes fit."""
+def _fit_whole(model, adapter) -> None:
+    """On a tensor-parallel rank, raise ``LoraError`` unless ``adapter`` fits the whole model
+    (built on ``meta``, no storage): a shard takes a slice of A or B, so only the whole model
+    says whether the adapter's full shapes fit. Nothing to check on a model that is no shard."""
     shard = getattr(model, "shard", None)
     if shard is None or shard.size == 1:
-        return None
+        return
     from ..weights import build_on_meta
 
-    return build_on_meta(lambda: type(model)(model.config))
+    fit(build_on_meta(lambda: type(model)(model.config)), adapter)
 
 
 def check_on(stage: str, source: str, engine) -> None:
     """Raise ``LoraError`` unless the adapter at ``source`` fits this engine's weights: the whole
     model's shapes, and a rank's shard; holds nothing."""
     model, adapter = _model(engine), _adapter(stage, source)
-    whole = _whole(model)
-    if whole is not None:
-        fit(whole, adapter)
+    _fit_whole(model, adapter)
     fit(model, adapter)
 
 
-def hold_on(stage: str, name: str, source: str, engine) -> None:
+def hold_on(stage: str, source: str, name: str, engine) -> None:
     """Hold the adapter at ``source`` as ``name`` on this engine (unmerged; shapes checked)."""
     hold(_model(engine), stage, name, source)
 
 
 def merge_on(stage: str, source: str, scale: float, engine) -> None:
-    """Merge the adapter at ``source`` into this engine's weights for good (a rank: its shard)."""
-    check_on(stage, source, engine)
+    """Merge the adapter at ``source`` into this engine's weights for good (a rank: its shard);
+    the caller has run ``check_on`` on every rank of both stages first (``LoraRegistry.merge``)."""
     model = _model(engine)
     merge(model, fit(model, _adapter(stage, source)), scale)
