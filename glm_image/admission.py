@@ -50,6 +50,7 @@ class Admission:
                 width=width,
                 batch=images,
                 conditions=conditions,
+                parallel=self.plan.parallel,
             )
             self._peaks[key] = estimate.peak(self.plan.residency)
         return self._peaks[key]

@@ -60,9 +60,11 @@ def _cmd_info(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)  # a bad --device or --max-memory: one line, before any work
     parse_memory(args.max_memory)
     check_residency(args.residency)
+    parallel = parallel_config(args)
+    parallel.check()
     root = preset_dir(args.preset) if args.preset else resolve_checkpoint(args.model)
     report = None
-    if args.json or args.quantize or args.max_memory or args.residency:
+    if args.json or args.quantize or args.max_memory or args.residency or parallel.spread:
         report = memory_report(
             root,
             args.quantize,
@@ -71,6 +73,7 @@ def _cmd_info(args: argparse.Namespace) -> None:
             detected=args.device is None,
             max_memory=args.max_memory,
             residency=args.residency,
+            parallel=parallel,
         )
     if args.json:
         print(json.dumps(report, indent=2))
@@ -432,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the ops backend's self-check (each kernel against its torch twin) and print a table",
     )
     add_runtime_arguments(info)
+    add_parallel_arguments(info)
     info.set_defaults(func=_cmd_info)
 
     make = sub.add_parser(

@@ -165,6 +165,7 @@ def memory_report(
     width: int = 1024,
     batch: int = 1,
     residency: str | None = None,
+    parallel=None,
 ) -> dict:
     """The JSON object of ``glm-image info --json`` (the text output renders it with
     ``format_memory_report``, so the two cannot disagree)::
@@ -183,7 +184,9 @@ def memory_report(
     ``quantize="auto"`` the plan picks the scheme and the components follow it. A scheme the
     device cannot run is planned all the same: ``plan.runs_on_device`` is false and
     ``plan.device_error`` is the error ``generate`` would give. ``residency``: force one (a key of
-    ``plan.estimate.peak_bytes``); None: the planner chooses.
+    ``plan.estimate.peak_bytes``); None: the planner chooses. ``parallel``: a
+    ``parallel.ParallelConfig`` over several devices: the plan is then one device's (the
+    busiest), ``plan.parallel`` says the layout and ``plan.estimate.ranks`` the ranks.
     """
     import torch
 
@@ -202,6 +205,7 @@ def memory_report(
         batch=batch,
         max_memory=max_memory,
         residency=residency,
+        parallel=parallel,
     )
     dtype_name = str(chosen).removeprefix("torch.")
     if where.type == "meta":
@@ -215,7 +219,7 @@ def memory_report(
         "dtype": dtype_name,
         "plan_for": f"{device_words}, {dtype_words}",
         "quantize": str(plan.scheme),
-        "components": weight_bytes(root, plan.scheme, chosen),
+        "components": weight_bytes(root, plan.scheme, chosen),  # whole: a rank's are in the plan
         "plan": plan.to_json(),
     }
 

@@ -209,17 +209,27 @@ class GlmImage:
                 )
         if residency is None and offload is not None:
             residency = "swap" if offload else "resident"
-        plan = plan_memory(root, device, dtype, quantize=scheme, max_memory=max_memory, residency=residency)
+        plan = plan_memory(
+            root,
+            device,
+            dtype,
+            quantize=scheme,
+            max_memory=max_memory,
+            residency=residency,
+            parallel=parallel if parallel.spread else None,
+        )
         defaults = {
             "ar_decoding": ar_decoding,
             "jacobi_window": jacobi_window,
             "jacobi": jacobi,
             "dit_cache": dit_cache,
         }
-        if parallel.spread:  # the planner sizes one device: here it only resolves quantize="auto"
+        if parallel.spread:  # the plan (per device) resolves quantize="auto"; the ranks load it
             pipe = cls._spread(
                 root, model, device, dtype, attention_backend, plan.scheme, parallel, **defaults
             )
+            if device.type != "cpu":  # a CPU's ranks share the host: the per-device plan is not its
+                pipe.memory = (plan, root, dtype)
             if lora:
                 pipe._fixed_lora(lora, lora_mode)
             return pipe
@@ -344,7 +354,8 @@ class GlmImage:
     def admission(self, max_side: int, batch: int, conditions: int):
         """The largest request this pipeline's memory plan holds (``admission.plan_admission``),
         starting from ``max_side`` square, ``batch`` images per call and ``conditions``
-        condition images per prompt; None when it was not placed by the planner (several ranks)."""
+        condition images per prompt (on several devices, per device); None when it was not placed
+        by the planner (ranks on a CPU, which share the host's memory)."""
         if self.memory is None:
             return None
         from .admission import plan_admission

@@ -37,16 +37,17 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .budget import MAX_MEMORY, device_budget, parse_memory
 from .errors import GlmImageError
 from .quant import QuantScheme, check_device, parse_quantize
 
 __all__ = [
+    "MAX_MEMORY",
     "RESIDENCIES",
     "STREAMED",
     "MemoryEstimate",
@@ -79,42 +80,6 @@ _AUTO = (
     (QuantScheme("int4", "int8"), "dit_offload"),
     (QuantScheme("int4", "int8"), "offload"),
 )
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
-_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40})
-
-
-MAX_MEMORY = 10**18  # 1 EB: above any device; a larger value is a typo, not a budget
-_MEMORY_ALLOWED = (
-    "allowed: a positive size up to 1000000TB with a unit of B, KB, MB, GB, TB (powers of 1000) or "
-    "KiB, MiB, GiB, TiB (powers of 1024), e.g. 16GB"
-)
-
-
-def parse_memory(value: str | int | None, field: str = "max_memory") -> int | None:
-    """ "16GB" (10**9), "16GiB" (2**30), "512MB", or a number of bytes -> bytes; None stays None.
-
-    At least one byte and at most ``MAX_MEMORY``; anything else (garbage, a sign, an exponent,
-    inf, nan, a number past the float range) is a ``GlmImageError`` starting with ``field``."""
-    from decimal import Decimal
-
-    if value is None:
-        return None
-    if isinstance(value, int) and not isinstance(value, bool):
-        if not 0 < value <= MAX_MEMORY:  # (str() of a 5000-digit integer raises: not written out)
-            shown = value if abs(value) < 10**40 else f"an integer of {value.bit_length()} bits"
-            raise GlmImageError(f"{field} = {shown}; {_MEMORY_ALLOWED}")
-        return value
-    text = str(value)
-    shown = repr(text) if len(text) <= 40 else repr(text[:37] + "...")
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text) if len(text) <= 100 else None
-    unit = match.group(2).lower() if match else None
-    # Decimal, not float: a string of 400 digits is exact here, where float() would give inf
-    size = int(Decimal(match.group(1)) * _UNITS[unit]) if match and unit in _UNITS else 0
-    if not 0 < size <= MAX_MEMORY:
-        raise GlmImageError(f"{field} = {shown}; {_MEMORY_ALLOWED}")
-    return size
-
-
 # ---------------------------------------------------------------------- weights
 
 
@@ -155,24 +120,34 @@ def _module_bytes(
 
 
 def weight_bytes(
-    root: str | Path, scheme: QuantScheme | str | None, dtype: torch.dtype, *, vision: bool = True
+    root: str | Path,
+    scheme: QuantScheme | str | None,
+    dtype: torch.dtype,
+    *,
+    vision: bool = True,
+    ar_tp: int = 1,
 ) -> dict[str, dict[str, int]]:
     """Every component as loaded under ``scheme`` in ``dtype``: ``{name: {"params", "bytes"}}``,
     for ar_text_decoder, ar_vision (the ViT + VQ tokenizer of image-to-image, if ``vision``), dit,
     glyph_encoder and vae; the AR decoder and the DiT also give ``units`` and ``unit_bytes``, what
     block offload streams. Built on ``meta`` from the configs: no weights are read (the result
-    is remembered per checkpoint folder, scheme, dtype: a server plans many sizes)."""
-    counted = _weight_bytes(str(Path(root).resolve()), str(parse_quantize(scheme)), dtype, vision)
+    is remembered per checkpoint folder, scheme, dtype: a server plans many sizes). ``ar_tp``:
+    the AR decoder is one tensor-parallel rank's shard of ``ar_tp`` (``parallel.layout.ArShard``:
+    its heads, its MLP slice, its slice of the lm_head; the embedding whole)."""
+    counted = _weight_bytes(str(Path(root).resolve()), str(parse_quantize(scheme)), dtype, vision, ar_tp)
     return {name: dict(c) for name, c in counted.items()}
 
 
 @functools.lru_cache(maxsize=32)
-def _weight_bytes(root: str, scheme: str, dtype: torch.dtype, vision: bool) -> dict[str, dict[str, int]]:
+def _weight_bytes(
+    root: str, scheme: str, dtype: torch.dtype, vision: bool, ar_tp: int
+) -> dict[str, dict[str, int]]:
     from .config import CheckpointConfig
     from .engine.offload import ar_units, dit_units
     from .models.ar import ArModel
     from .models.dit import DitModel
     from .models.vision import VisionEncoder
+    from .parallel.comm import Comm
     from .quant import quantized_linears
     from .synthetic.reference import build_reference
     from .weights import build_on_meta
@@ -196,7 +171,7 @@ def _weight_bytes(root: str, scheme: str, dtype: torch.dtype, vision: bool) -> d
                 _module_bytes(part, load_dtype, _within(module, part, quantized))[1] for part in streamed[0]
             )
 
-    ar_model = build_on_meta(lambda: ArModel(config.ar.text))
+    ar_model = build_on_meta(lambda: ArModel(config.ar.text, tp=Comm(size=ar_tp, ranks=range(ar_tp))))
     add("ar_text_decoder", ar_model, dtype, scheme.ar, ar_units)
     if vision:
         add("ar_vision", build_on_meta(lambda: VisionEncoder(config.ar.vision, config.ar.vq)), dtype)
@@ -252,6 +227,15 @@ class MemoryEstimate:
     vae_activations: int
     units: dict[str, tuple[int, int]] = field(default_factory=dict)  # "ar" / "dit" -> (count, bytes)
     parts: dict[str, int] = field(default_factory=dict)  # the activation terms, for the JSON
+    # several devices: {"ar_tp", "dit_cfg", "dit_sp", "placement"}, and every number above is one
+    # rank's (the busiest: the first, which decides the tokens and decodes the VAE); {}: one device
+    ranks: dict = field(default_factory=dict)
+
+    @property
+    def residencies(self) -> tuple[str, ...]:
+        """The residencies this estimate prices: all of them on one device; on several, the
+        stages stay on their devices (the engine swaps and streams on one device only)."""
+        return ("resident",) if self.ranks else RESIDENCIES
 
     @property
     def ar_stage(self) -> int:
@@ -277,7 +261,16 @@ class MemoryEstimate:
     def peak(self, residency: str) -> int:
         """The estimated peak on the device under ``residency``."""
         check_residency(residency)
-        if residency == "resident":
+        if residency not in self.residencies:
+            raise GlmImageError(
+                f"residency = {residency!r}: the stages run on several devices ({self.ranks}); allowed: "
+                + ", ".join(self.residencies)
+            )
+        if self.ranks.get("placement") == "separate":  # the AR's ranks, then the DiT's, apart
+            ar = self.ar_stage + self.ar_activations
+            dit = self.dit_stage + max(self.dit_activations, self.vae_activations)
+            return max(ar, dit) + RESERVE
+        if residency == "resident":  # several ranks: the first device holds a rank of each stage
             run = max(self.ar_activations, self.dit_activations, self.vae_activations)
             return self.ar_stage + self.dit_stage + run + RESERVE
         return max(self.stage_peaks(residency)) + RESERVE
@@ -291,7 +284,8 @@ class MemoryEstimate:
             "activation_parts_bytes": dict(self.parts),
             "streamed_units": {stage: {"count": c, "bytes": b} for stage, (c, b) in self.units.items()},
             "reserve_bytes": RESERVE,
-            "peak_bytes": {r: self.peak(r) for r in RESIDENCIES},
+            "peak_bytes": {r: self.peak(r) for r in self.residencies},
+            **({"ranks": dict(self.ranks)} if self.ranks else {}),
         }
 
 
@@ -318,19 +312,28 @@ def estimate_memory(
     conditions: int = 0,
     step_cache: bool = False,
     jacobi_window: int = 0,
+    parallel=None,
 ) -> MemoryEstimate:
     """The estimate for one generation call of ``batch`` images at ``height`` x ``width`` (see
     the module docstring). ``images``: the ViT is loaded (image-to-image served);
     ``conditions``: condition images per prompt (each counted at ``height`` x ``width``, the
     largest a request may give; implies ``images``; the DiT's K/V counted for every image of the
     batch, exact at one image per prompt); ``step_cache``: the DiT step cache is on;
-    ``jacobi_window``: Jacobi decoding's window (0: sequential)."""
+    ``jacobi_window``: Jacobi decoding's window (0: sequential); ``parallel``: a
+    ``parallel.ParallelConfig`` whose stages run on several devices (None: one device), which
+    makes the estimate one device's: the AR's first tensor-parallel rank (its heads, KV heads,
+    MLP and lm_head slices; the sampling noise and the gathered logits whole, since it decides
+    the tokens) and the DiT's first rank (one CFG branch's rows with ``dit_cfg_parallel``, 1 /
+    ``dit_sp`` of the tokens under Ulysses; the weights, the glyph encoder and the VAE whole)."""
     from .config import CheckpointConfig
+    from .parallel.layout import ArShard
 
     scheme = parse_quantize(scheme)
     config = CheckpointConfig.from_dir(root)
     images = images or conditions > 0
-    components = weight_bytes(root, scheme, dtype, vision=images)
+    spread = parallel is not None and parallel.spread
+    tp, cfg, sp = (parallel.ar_tp, parallel.dit_cfg, parallel.dit_sp) if spread else (1, 1, 1)
+    components = weight_bytes(root, scheme, dtype, vision=images, ar_tp=tp)
     weights = {name: c["bytes"] for name, c in components.items()}
     act = torch.finfo(dtype).bits // 8
     text, dit = config.ar.text, config.dit
@@ -345,15 +348,14 @@ def estimate_memory(
     prompt = PROMPT_TOKENS + conditions * image_tokens
     tokens = (height // 32) * (width // 32) + 256 + 1
     capacity = prompt + tokens
-    parts["ar_kv_cache"] = (
-        2 * text.num_hidden_layers * batch * text.num_key_value_heads * capacity * text.head_dim * act
-    )
-    parts["ar_prefill"] = batch * prompt * (3 * text.intermediate_size + 3 * text.hidden_size) * act
-    parts["ar_scores"] = batch * text.num_attention_heads * prompt**2 * 4
+    shard = ArShard.of(text, 0, tp)  # one device's heads and MLP slice (all of them at tp 1)
+    kv_heads, heads = shard.kv_heads[1] - shard.kv_heads[0], shard.q_heads[1] - shard.q_heads[0]
+    mlp = shard.mlp[1] - shard.mlp[0]
+    parts["ar_kv_cache"] = 2 * text.num_hidden_layers * batch * kv_heads * capacity * text.head_dim * act
+    parts["ar_prefill"] = batch * prompt * (3 * mlp + 3 * text.hidden_size) * act
+    parts["ar_scores"] = batch * heads * prompt**2 * 4
     parts["ar_noise"] = batch * 256 * text.vision_vocab_size * 4
-    parts["ar_dequantized"] = (
-        2 * text.intermediate_size * text.hidden_size * act if scheme.ar != "none" else 0
-    )
+    parts["ar_dequantized"] = 2 * mlp * text.hidden_size * act if scheme.ar != "none" else 0
     # Jacobi: each forward carries the window per row; its logits, draft probabilities and noise
     parts["ar_jacobi"] = 4 * batch * (jacobi_window + 1) * text.vision_vocab_size * 4 if jacobi_window else 0
     ar_activations = sum(v for k, v in parts.items() if k.startswith("ar_"))
@@ -366,15 +368,17 @@ def estimate_memory(
         ar_activations = max(ar_activations, parts["ar_vit"] + parts["ar_kv_cache"])
 
     # DiT: both CFG branches of every image through a block, and the dequantized widest weight
-    rows = 2 * batch
-    seq = image_tokens + GLYPH_TOKENS
+    # (a DiT rank: one CFG branch's rows under CFG parallel, 1 / sp of the tokens under Ulysses)
+    rows = 2 * batch // cfg
+    seq = -(-(image_tokens + GLYPH_TOKENS) // sp)
+    rank_tokens = -(-image_tokens // sp)
     parts["dit_block"] = DIT_ACTIVATION * rows * seq * dit.hidden_size * act
     parts["dit_dequantized"] = 4 * dit.hidden_size * dit.hidden_size * act if scheme.dit != "none" else 0
     # condition K/V: every layer's K and V over each condition image's tokens, held all the call
-    parts["dit_condition_kv"] = 2 * dit.num_layers * batch * conditions * image_tokens * dit.hidden_size * act
+    parts["dit_condition_kv"] = 2 * dit.num_layers * batch * conditions * rank_tokens * dit.hidden_size * act
     # the step cache: per row the probe, the last probe and the residual (+ the residual's
     # previous value for the Taylor extrapolation): 4 image streams per row
-    parts["dit_step_cache"] = 4 * rows * image_tokens * dit.hidden_size * act if step_cache else 0
+    parts["dit_step_cache"] = 4 * rows * rank_tokens * dit.hidden_size * act if step_cache else 0
     dit_activations = sum(v for k, v in parts.items() if k.startswith("dit_"))
 
     vae_act = torch.finfo(_vae_dtype(config, dtype)).bits // 8
@@ -388,7 +392,8 @@ def estimate_memory(
         stage: (components[name]["units"], components[name]["unit_bytes"])
         for stage, name in (("ar", "ar_text_decoder"), ("dit", "dit"))
     }
-    return MemoryEstimate(weights, ar_activations, dit_activations, vae_activations, units, parts)
+    ranks = {"ar_tp": tp, "dit_cfg": cfg, "dit_sp": sp, "placement": parallel.placement} if spread else {}
+    return MemoryEstimate(weights, ar_activations, dit_activations, vae_activations, units, parts, ranks)
 
 
 # ---------------------------------------------------------------------- the plan
@@ -409,6 +414,7 @@ class MemoryPlan:
     # Why the device cannot run the scheme: the error loading would raise (quant.check_device),
     # None when it can or when no device is named (meta)
     device_error: str | None = None
+    parallel: object = None  # a parallel.ParallelConfig over several devices (None: one device)
 
     @property
     def offload(self) -> bool:
@@ -428,7 +434,9 @@ class MemoryPlan:
         return (
             f"memory plan on {self.device}: quantize {self.scheme}, {self.residency}; estimated peak "
             f"{self.peak_bytes / gb:.1f} GB of {budget} for {width}x{height} batch {self.batch} "
-            f"(weights AR {self.estimate.ar_stage / gb:.1f} GB + DiT/glyph/VAE {self.estimate.dit_stage / gb:.1f} GB): "
+            f"{' on the busiest device' if self.parallel is not None else ''} (weights AR "
+            f"{'rank ' if self.parallel is not None else ''}{self.estimate.ar_stage / gb:.1f} GB + "
+            f"DiT/glyph/VAE {self.estimate.dit_stage / gb:.1f} GB): "
             f"{self.reason}" + (f"; CANNOT RUN here: {self.device_error}" if self.device_error else "")
         )
 
@@ -445,23 +453,9 @@ class MemoryPlan:
             "reason": self.reason,
             "runs_on_device": None if self.device == "meta" else self.device_error is None,
             "device_error": self.device_error,
+            "parallel": self.parallel.describe() if self.parallel is not None else None,
             "estimate": self.estimate.to_json(),
         }
-
-
-def device_budget(device: torch.device | str) -> int | None:
-    """Free bytes on ``device``: CUDA / NPU free memory, the host's available memory for a CPU
-    (psutil), or None when it cannot be read."""
-    device = torch.device(device)
-    if device.type in ("cuda", "npu"):
-        module = getattr(torch, device.type, None)
-        info = getattr(module, "mem_get_info", None)
-        return int(info(device)[0]) if callable(info) else None
-    try:
-        import psutil
-    except ImportError:
-        return None
-    return int(psutil.virtual_memory().available)
 
 
 def plan_memory(
@@ -479,6 +473,7 @@ def plan_memory(
     conditions: int = 0,
     step_cache: bool = False,
     jacobi_window: int = 0,
+    parallel=None,
 ) -> MemoryPlan:
     """The residency (and, for ``quantize="auto"``, the scheme) for generating ``batch`` images of
     ``height`` x ``width`` from the checkpoint at ``root`` on ``device`` (see the module docstring).
@@ -490,7 +485,10 @@ def plan_memory(
     would raise. ``residency``: force one of ``RESIDENCIES`` (the plan says whether it fits; on a
     CPU too, where every residency runs the same code path synchronously). ``images``,
     ``conditions``, ``step_cache``, ``jacobi_window``: what the calls will hold (see
-    ``estimate_memory``). Logs ``MemoryPlan.describe()``."""
+    ``estimate_memory``). ``parallel``: a ``parallel.ParallelConfig`` whose stages run on several
+    devices: the plan is then for the busiest device (its budget the device's free memory or
+    ``max_memory``), and ``resident`` the one residency (the engine swaps and streams on one
+    device only). Logs ``MemoryPlan.describe()``."""
     from .device import default_dtype
 
     device = torch.device(device)
@@ -502,7 +500,14 @@ def plan_memory(
     budget = min(x for x in (cap, free) if x is not None) if (cap or free) else None
     source = "max_memory" if cap is not None and (free is None or cap <= free) else "free memory"
 
-    residencies = (forced,) if forced else ("resident",) if device.type == "cpu" else RESIDENCIES
+    spread = parallel is not None and parallel.spread
+    if spread and forced not in (None, "resident"):
+        raise GlmImageError(
+            f"residency = {forced!r}: the stages run on several devices ({parallel.describe()}); "
+            "allowed: resident or none"
+        )
+    one_place = device.type == "cpu" or spread
+    residencies = (forced,) if forced else ("resident",) if one_place else RESIDENCIES
     candidates = (
         [(s, r) for s, r in _AUTO if r in residencies] if scheme.auto else [(scheme, r) for r in residencies]
     )
@@ -521,6 +526,7 @@ def plan_memory(
                 conditions=conditions,
                 step_cache=step_cache,
                 jacobi_window=jacobi_window,
+                parallel=parallel,
             )
         peak = estimates[candidate].peak(residency)
         if budget is None or peak <= budget:
@@ -541,6 +547,8 @@ def plan_memory(
         reason = "no memory budget known for this device: both stages stay"
     elif not fits:
         reason = f"does NOT fit the {source} ({budget / 1e9:.1f} GB) even so; expect out-of-memory errors"
+    elif spread:
+        reason = f"fits the {source} ({budget / 1e9:.1f} GB) of each device: {parallel.describe()}"
     elif device.type == "cpu":
         reason = f"the stages share host memory ({source} {budget / 1e9:.1f} GB)"
     else:
@@ -567,6 +575,7 @@ def plan_memory(
         (height, width),
         batch,
         device_error,
+        parallel if spread else None,
     )
     log.info(plan.describe())
     return plan
