@@ -30,6 +30,7 @@ needs_kernels = pytest.mark.skipif(
 )
 KERNEL_OPS = {
     "decode_attention",
+    "window_attention",
     "rms_norm",
     "add_rms_norm",
     "layer_norm_modulate",
@@ -115,9 +116,11 @@ def test_every_npu_op_passes_against_the_documented_contracts(monkeypatch, dtype
         npu_module.cache_clear()
     statuses = {row.op: row.status for row in rows}
     fused = {"attention", "decode_attention", "rms_norm", "add_rms_norm", "rotary_", "qk_norm_rope", "swiglu"}
+    fused.add("window_attention")  # its dense mask through npu attention
     assert set(statuses) == fused  # layer_norm_modulate is the reference's: nothing to check
     if dtype == torch.float32:  # outside the documented attention dtypes: the backend's own fallback
         assert statuses.pop("attention") == statuses.pop("decode_attention") == "fallback"
+        assert statuses.pop("window_attention") == "fallback"
     assert set(statuses.values()) == {"ok"}
     assert ops.fallbacks == []  # the check's fallbacks are its own, not the engine's
 

@@ -4,7 +4,7 @@ A ``RowPool`` holds one KV cache of ``max_rows`` rows; a row that joins copies i
 keys and values (its prefill ran alone, as its solo run's) into the first free row, and from then
 on every iteration decodes all the pool's rows in ONE model forward: each row its own token,
 position (rotary table), cache slot and visible slots, through the model's per-row window call
-(``ArModel.forward`` with ``slots`` (B, 1) and ``visible`` (B, 1, capacity)). The running rows
+(``ArModel.forward`` with ``slots`` (B, 1) and ``visible`` (B, capacity)). The running rows
 stay packed in rows 0..n-1: a row that leaves is replaced by the last one (one row's K/V copied),
 so the forward is over the cache's first n rows, a view. Each row still samples from its own
 generator's noise with its own picker, so a row's tokens have its solo run's distribution; its
@@ -89,7 +89,7 @@ class RowPool:
         cache = SimpleNamespace(
             keys=self.cache.keys[:, :n], values=self.cache.values[:, :n], capacity=self.capacity
         )
-        visible = self.visible[:n].unsqueeze(1)  # (n, 1, capacity)
+        visible = self.visible[:n]  # (n, capacity)
         hidden = engine.model(ids, (cos, sin), cache, slots, visible=visible, length=max(at) + 1)
         logits = engine.model.logits(hidden[:, -1])  # (n, V)
         done = []

@@ -113,7 +113,7 @@ class Attention(nn.Module):
         layer: int,
         slots: torch.Tensor,  # (T,) cache slots written by this step; window: (B, KV, T, D) per row
         mask: torch.Tensor | None,  # prefill: (B, 1, T, T) True = may attend
-        visible: torch.Tensor | None,  # decode (T = 1): (B, capacity); window: (B, T, capacity)
+        visible: torch.Tensor | None,  # decode, window: (B, capacity) the row's open slots
         length: int | torch.Tensor | None,  # decode, window: no visible slot at or past it (see Ops)
     ) -> torch.Tensor:
         b, t, _ = x.shape
@@ -134,12 +134,11 @@ class Attention(nn.Module):
         scale = self.head_dim**-0.5
         if visible is None:
             out = ops.attention(q, keys[:, :, :t], values[:, :, :t], mask=mask, scale=scale)
-        elif visible.dim() == 2:
+        elif slots.dim() == 1:
             out = ops.decode_attention(q, keys, values, visible, scale=scale, length=length)
-        else:  # a window: T queries per row, each with its own visibility (causal, per-row offsets)
-            if isinstance(length, int):
-                keys, values, visible = keys[:, :, :length], values[:, :, :length], visible[..., :length]
-            out = ops.attention(q, keys, values, mask=visible[:, None], scale=scale)
+        else:  # a window: query t of row b sees the open slots up to its own (causal, per-row offsets)
+            query_slots = slots[:, 0, :, 0]  # (B, T): a view of the scatter index, no copy
+            out = ops.window_attention(q, keys, values, visible, query_slots, scale=scale, length=length)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, heads * self.head_dim))
 
 
@@ -230,15 +229,17 @@ class ArModel(nn.Module):
         slots: torch.Tensor,  # (T,) cache slots this step writes; window: (B, T), per row
         *,
         mask: torch.Tensor | None = None,  # prefill (slots 0..T-1): (B, 1, T, T) bool, True = attend
-        visible: torch.Tensor | None = None,  # decode (T = 1): (B, capacity); window: (B, T, capacity)
+        visible: torch.Tensor | None = None,  # decode, window: (B, capacity), the row's open slots
         length: int | torch.Tensor | None = None,  # decode, window: a bound on the visible slots
     ) -> torch.Tensor:
         """Hidden states after the final norm, (B, T, hidden); K/V written into ``cache``.
 
         Three kinds of call: the prefill (``mask``; the prompt at slots 0..T-1), a decode step
         (one token per row at shared ``slots``, ``visible`` (B, capacity)), and a window (T
-        tokens per row at per-row ``slots`` (B, T), ``visible`` (B, T, capacity): speculative
-        decoding, where rows have accepted different numbers of tokens). An int ``length`` lets
+        tokens per row at per-row ``slots`` (B, T): speculative decoding, where rows have
+        accepted different numbers of tokens, and the scheduler's rows at their own positions).
+        A window's token t of row b sees the slots ``visible[b]`` holds up to its own,
+        ``slots[b, t]`` (``ops.window_attention``: causal, no dense mask). An int ``length`` lets
         decode and window attention skip the cache's tail.
         """
         ops, eps, layers, tp = self.ops, self.config.rms_norm_eps, self.layers, self.tp

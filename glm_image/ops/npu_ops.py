@@ -21,6 +21,8 @@ Where each op comes from (documentation cited at each call):
   (B, H, S, D)), GQA through ``num_key_value_heads``, the scale always passed, our mask inverted.
   float16/bfloat16 only, so float32 falls back; so do per-head masks (``atten_mask`` has no head
   axis) and additive biases with finite non-zero entries (see ``_ascend_mask``).
+  ``window_attention`` (a Jacobi window) has no operator of its own: its dense mask
+  (``window_mask``, as the reference's) goes through ``attention``.
 - ``rms_norm``: ``npu_rms_norm``; ``add_rms_norm``: ``npu_rms_norm`` for GLM's sandwich norm,
   then ``npu_add_rms_norm`` for the residual add and the next norm in one kernel.
 - ``rotary_`` (M-RoPE): ``npu_rotary_mul`` on the first ``rot`` channels. ``npu_mrope`` does not
@@ -45,6 +47,7 @@ import inspect
 from collections.abc import Callable
 from types import ModuleType
 
+import glm_image_kernels as kernels
 import torch
 import torch.nn.functional as F
 
@@ -317,6 +320,24 @@ class NpuOps(TorchOps):
         # graph's) would need a host read, so then the mask alone bounds the attention.
         lengths = [min(length, keys.shape[2])] if isinstance(length, int) else None
         return self._fia(q, keys, values, blocked, scale, lengths)
+
+    def window_attention(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        visible: torch.Tensor,
+        query_slots: torch.Tensor,
+        *,
+        scale: float,
+        length: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """No window kernel here: the window's dense mask (B, 1, W, C) through ``attention``
+        (npu_fused_infer_attention_score, the PromptFlashAttention branch), as the reference
+        builds it (an int ``length`` slices the cache); ``attention`` falls back on its own."""
+        if isinstance(length, int):
+            keys, values, visible = keys[:, :, :length], values[:, :, :length], visible[:, :length]
+        return self.attention(q, keys, values, mask=kernels.window_mask(visible, query_slots), scale=scale)
 
     # ------------------------------------------------------------------ normalisation
 

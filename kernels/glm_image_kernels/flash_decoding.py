@@ -9,7 +9,7 @@ handled by separate programs, then combines their partial results:
    [s * split_size, (s + 1) * split_size) below the bound, for the G = H / KV query heads that
    share KV head g: each K/V tile is loaded once for all G heads (a (G, D) x (D, N) product), the
    softmax is online in float32 (exp2, scale folded with log2 e). The chunk is TILES tiles of
-   BLOCK_N slots, a compile-time trip count (pipelined on GPU); tiles past the bound load
+   BLOCK_N slots, a compile-time trip count; tiles past the bound load
    nothing. It writes the normalised partial output (G, D) and its log2-sum-exp (G,) in float32;
    a chunk starting at or past the bound writes nothing.
 2. ``_reduce_kernel``, grid (B * H,): weights each active chunk by exp2(lse - max) and writes
@@ -21,6 +21,12 @@ once, so one launch can be captured in a CUDA graph and replayed with a changing
 
 Invisible slots are never read: K and V loads are masked by ``visible``, so NaN or inf left in
 unused cache slots cannot leak into the result.
+
+A Jacobi window (W queries per row, causal with per-row offsets) is ``window_attention``'s: the
+same split / reduce structure with W x G rows per program. The two kernels share the tile step
+of the online softmax (``_attend_tile``), its end (``_finish``), the reduce and the launch plan
+(``launch_plan``); decode's results are bit for bit what they were before the window kernel
+(compared in Triton's interpreter).
 
 Products, both float32-accurate: with 16-bit inputs on CUDA (``NATIVE_DOT``) the tensor cores
 take q, K, V as they are (exact products, float32 accumulation) and P as hi + lo halves in the
@@ -55,6 +61,42 @@ def _bound(len_ptr, length, capacity, LENGTH_IN_TENSOR: tl.constexpr):
     """No slot at or past the bound is visible: ``length`` (or the device tensor), at most C."""
     bound = tl.load(len_ptr).to(tl.int32) if LENGTH_IN_TENSOR else length
     return tl.minimum(bound, capacity)
+
+
+@triton.jit
+def _attend_tile(q, k, v, allowed, m, denom, acc, scale_log2, NATIVE_DOT: tl.constexpr):
+    """One tile of the online softmax: q (M, D) against k, v (N, D); ``allowed`` (M or 1, N)
+    says which scores count (the loads of k and v are masked by the caller, so slots no row may
+    see were never read). Running max ``m`` (log2 units), ``denom`` (M,), ``acc`` (M, D) in
+    float32; returns them updated."""
+    if NATIVE_DOT:  # 16-bit operands, float32 accumulation: the products are exact
+        s = tl.dot(q, tl.trans(k))
+    else:
+        s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="tf32x3")
+    s = s * scale_log2  # (M, BLOCK_N), log2 units
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all-hidden tile: exp2(-inf) = 0
+    alpha = tl.exp2(m - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    denom = denom * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None]
+    if NATIVE_DOT:  # p = hi + lo in the cache dtype: ~16 significant bits, two products
+        p_hi = p.to(v.dtype)
+        acc = tl.dot(p_hi, v, acc)
+        acc = tl.dot((p - p_hi.to(tl.float32)).to(v.dtype), v, acc)
+    else:
+        acc = tl.dot(p, v.to(tl.float32), acc, input_precision="tf32x3")
+    return m_new, denom, acc
+
+
+@triton.jit
+def _finish(m, denom, acc):
+    """A chunk's normalised partial output (M, D) and its log2-sum-exp (M,); -inf where the
+    chunk held nothing a row may see (its weight in the reduce is then 0)."""
+    seen_any = denom > 0
+    safe = tl.where(seen_any, denom, 1.0)
+    return acc / safe[:, None], tl.where(seen_any, m + tl.log2(safe), float("-inf"))
 
 
 @triton.jit
@@ -109,34 +151,15 @@ def _split_kernel(
         m = tl.full([BLOCK_G], float("-inf"), tl.float32)
         denom = tl.zeros([BLOCK_G], tl.float32)
         acc = tl.zeros([BLOCK_G, HEAD_DIM], tl.float32)
-        for i in range(TILES):  # a static trip count: pipelined on GPU; tiles past ``end`` load nothing
+        # a static trip count (Triton 3.9 does not pipeline these loads on sm_90); tiles past
+        # ``end`` load nothing
+        for i in range(TILES):
             slots = start + i * BLOCK_N + tl.arange(0, BLOCK_N)
             seen = tl.load(vis_ptr + b * svis_b + slots * svis_c, mask=slots < end, other=0) != 0
             k = tl.load(k_base + slots[:, None] * sk_c + dims[None, :], mask=seen[:, None], other=0.0)
             v = tl.load(v_base + slots[:, None] * sv_c + dims[None, :], mask=seen[:, None], other=0.0)
-            if NATIVE_DOT:  # 16-bit operands, float32 accumulation: the products are exact
-                s = tl.dot(q, tl.trans(k))
-            else:
-                s = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="tf32x3")
-            s = s * scale_log2  # (BLOCK_G, BLOCK_N), log2 units
-            s = tl.where(seen[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all-hidden tile: exp2(-inf) = 0
-            alpha = tl.exp2(m - m_use)
-            p = tl.exp2(s - m_use[:, None])
-            denom = denom * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            if NATIVE_DOT:  # p = hi + lo in the cache dtype: ~16 significant bits, two products
-                p_hi = p.to(v.dtype)
-                acc = tl.dot(p_hi, v, acc)
-                acc = tl.dot((p - p_hi.to(tl.float32)).to(v.dtype), v, acc)
-            else:
-                acc = tl.dot(p, v.to(tl.float32), acc, input_precision="tf32x3")
-            m = m_new
-        seen_any = denom > 0
-        safe = tl.where(seen_any, denom, 1.0)
-        out = acc / safe[:, None]
-        lse = tl.where(seen_any, m + tl.log2(safe), float("-inf"))
+            m, denom, acc = _attend_tile(q, k, v, seen[None, :], m, denom, acc, scale_log2, NATIVE_DOT)
+        out, lse = _finish(m, denom, acc)
         part = (b * kv_heads * GROUP + heads) * num_splits + split  # (B, H, num_splits) index
         tl.store(part_o_ptr + part[:, None] * HEAD_DIM + dims[None, :], out, mask=row_ok[:, None])
         tl.store(part_lse_ptr + part, lse, mask=row_ok)
@@ -223,6 +246,22 @@ def decode_attention_plan(
 ) -> dict:
     """The launch ``decode_attention`` makes for these inputs: split_size, block_n, splits (the
     number of chunks) and native_dot, defaults filled in and overrides checked."""
+    return launch_plan("decode_attention", q, keys, values, length, split_size, block_n, native_dot)
+
+
+def launch_plan(
+    op: str,
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    length: int | torch.Tensor | None,
+    split_size: int | None,
+    block_n: int | None,
+    native_dot: bool | None,
+    blocks: int = 1,
+) -> dict:
+    """``decode_attention_plan`` for ``op`` (named in errors), whose grid has ``blocks``
+    programs per (row, KV head, chunk): the default chunking counts them."""
     b, kv, capacity, d = keys.shape
     # a device-tensor bound can change between graph replays: chunk the whole capacity
     span = (
@@ -233,17 +272,17 @@ def decode_attention_plan(
         if split_size is not None:  # the largest tile that divides the chunk
             block_n = next((n for n in (block_n, 32, 16) if split_size % n == 0), block_n)
     if block_n not in (16, 32, 64):
-        raise ValueError(f"decode_attention: block_n = {block_n} must be 16, 32 or 64")
+        raise ValueError(f"{op}: block_n = {block_n} must be 16, 32 or 64")
     if split_size is None:
-        split_size = default_split_size(b * kv, span, block_n, keys.device)
+        split_size = default_split_size(b * kv * blocks, span, block_n, keys.device)
     elif split_size % block_n:
-        raise ValueError(f"decode_attention: split_size = {split_size} must be a multiple of {block_n}")
+        raise ValueError(f"{op}: split_size = {split_size} must be a multiple of {block_n}")
     sixteen_bit = keys.element_size() == 2 and q.dtype == keys.dtype == values.dtype
     gpu = q.is_cuda and not interpreted()
     if native_dot is None:
         native_dot = sixteen_bit and gpu
     elif native_dot and not (sixteen_bit and gpu):
-        raise ValueError("decode_attention: native_dot needs 16-bit inputs on CUDA (not the interpreter)")
+        raise ValueError(f"{op}: native_dot needs 16-bit inputs on CUDA (not the interpreter)")
     return {
         "split_size": split_size,
         "block_n": block_n,
