@@ -1,11 +1,21 @@
 """Quantized weights: speed, memory and quality against the unquantized engine, in one run.
 
     python benchmarks/bench_quant.py gemv                     # one 13696x4096 GEMV per path, 1 and 2 threads
-    python benchmarks/bench_quant.py gemv --device cuda       # the AR's linears at one row: every GPU path, 48 GEMV launches
+    python benchmarks/bench_quant.py gemv --device cuda       # the AR's linears at 1-128 rows: decode GEMM vs dense bf16, % of HBM
+    python benchmarks/bench_quant.py gemv --dry-run           # the same code at small widths in Triton's interpreter (CPU)
     python benchmarks/bench_quant.py speed --model wide       # AR decode tok/s and DiT s/step per dtype / scheme
     python benchmarks/bench_quant.py memory --model wide      # measured peaks against the planner's estimate (--device cuda)
     python benchmarks/bench_quant.py quality --model tiny     # logits KL / top-1, velocity error, image PSNR
     ... --out results/quant_<mode>.json                      # the shared JSON layout (benchmarks/README.md)
+
+``gemv`` on a GPU (or ``--dry-run``) times ``glm_image_kernels.quant_linear``, the int8 / int4 decode
+GEMM, at each launch of ``GEMM_LAUNCHES`` and each row count of ``--rows`` against dense bf16
+(``F.linear`` on the dequantized bf16 weight), fp8 ``_scaled_mm`` and torch's int8 path. Its JSON
+rows (linear, rows, format, path, launch) hold ``us``, ``bytes`` (weight + activations read),
+``tb_per_s``, ``hbm_fraction`` (of the card's peak: ``HBM_PEAK_TBPS`` by device name, or
+``--peak-tbps``) and ``max_rel_error`` against the twin in float32; rows with linear ``layer``
+add up a layer's four linears, and the notes set the default launch against the issue's targets
+(75% of HBM bandwidth at one row, 60% at 64) and name the fastest single launch over all rows.
 
 ``speed`` and ``memory`` run every configuration in a fresh child process, one after the other
 and in rounds (``--repeats``), so each peak is that configuration's own and a machine that drifts
@@ -21,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -315,77 +326,202 @@ def run_gemv(args) -> dict:
 
 # The AR's quantized linears at the released sizes (out, in): q/k/v fused, o_proj, gate/up fused, down_proj.
 AR_LINEARS = {"qkv": (4608, 4096), "o": (4096, 4096), "gate_up": (27392, 4096), "down": (4096, 13696)}
-GEMV_LAUNCHES = [
-    (bn, bk, w, st) for bn in (16, 32, 64, 128) for bk in (128, 256, 512) for w in (4, 8) for st in (2, 4)
-]
+DRY_LINEARS = {"qkv": (96, 128), "o": (64, 128), "gate_up": (160, 128), "down": (64, 256)}  # --dry-run
+GEMM_ROWS = (1, 4, 16, 64, 128)  # decode rows: a batch times its Jacobi window
+GEMM_TARGETS = {1: 0.75, 64: 0.60}  # issue 24: share of HBM bandwidth the kernel should reach
+# HBM peak (TB/s) by a substring of torch.cuda.get_device_name, most specific first (GH200: ask)
+HBM_PEAK_TBPS = (("GH200", None), ("H200", 4.8), ("H100 NVL", 3.9), ("H100 PCIe", 2.0), ("H100", 3.35),
+                 ("A100-SXM4-80GB", 2.039), ("A100", 1.555))  # fmt: skip
+# Launches (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) timed at every row count: one launch serves
+# every M (row invariance), so the one to pick is the best over all of them. The kernel's default
+# (``LAUNCH``) is timed first; these probe wider N tiles (fewer re-reads of the activations at 64
+# rows and more), larger M tiles (one weight read up to 64 rows) and the old GEMV's narrow tiles.
+GEMM_LAUNCHES = {
+    "int8": [(16, 16, 512, 8, 2), (16, 32, 512, 4, 3), (16, 64, 256, 4, 4), (32, 64, 256, 4, 3),
+             (64, 64, 128, 4, 3), (64, 128, 128, 8, 3)],
+    "int4": [(16, 16, 256, 4, 4), (16, 32, 512, 8, 3), (16, 64, 256, 4, 4), (32, 64, 256, 4, 3),
+             (64, 64, 256, 4, 3), (64, 128, 128, 8, 3)],
+}  # fmt: skip
 
 
-def run_gemv_gpu(args) -> dict:
-    """One decode row through each AR linear on a GPU: dense bf16, torch's int8 path where it
-    has one, fp8 ``_scaled_mm``, and our Triton int8 / int4 GEMV at every launch of
-    ``GEMV_LAUNCHES`` (the fastest per shape is what the kernel's defaults should be). Times:
-    ``triton.testing.do_bench`` medians (L2 flushed); GB/s = bytes of weights read / time."""
+def hbm_peak(device: torch.device, override: float | None) -> tuple[float | None, str]:
+    """The card's HBM bandwidth in TB/s and where it came from (``--peak-tbps`` wins)."""
+    if override:
+        return override, "--peak-tbps"
+    if device.type != "cuda":
+        return None, "not a GPU (give --peak-tbps)"
+    name = torch.cuda.get_device_name(device)
+    peak = next((tbps for key, tbps in HBM_PEAK_TBPS if key in name), None)
+    return peak, f"{name} (table)" if peak else f"{name}: not in the table (give --peak-tbps)"
+
+
+def _timer(device: torch.device, repeats: int):
+    """fn -> milliseconds: ``triton.testing.do_bench``'s median on a GPU (L2 flushed between
+    calls), the best of ``repeats`` wall-clock calls on a CPU (a dry run: it checks the code)."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=10, rep=30, return_mode="median")
+
+    def wall(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return min(times) * 1e3
+
+    return wall
+
+
+def run_gemm_gpu(args) -> dict:
+    """The decode GEMM (``glm_image_kernels.quant_linear``) against dense bf16 at the AR's linears,
+    for each row count in ``--rows``: time, bytes read (weight + activations), achieved bandwidth
+    and its share of the card's HBM peak. ``--dry-run``: small widths, the default launch only,
+    on a CPU in Triton's interpreter (checks the code and the JSON, not the speed)."""
     device = torch.device(args.device)
-    results = [r for name, (n, k) in AR_LINEARS.items() for r in _gemv_shape(name, n, k, device)]
-    best = {}
-    for r in results:
-        if "us" in r and r["path"].startswith("triton"):
-            key = (r["linear"], r["format"])
-            best[key] = min(best.get(key, r), r, key=lambda x: x["us"])
-    notes = [f"fastest {kind} launch for {linear}: {r['path']} {r['us']} us, {r['gb_per_s']} GB/s"
-             for (linear, kind), r in best.items()]  # fmt: skip
-    config = {"linears": AR_LINEARS, "launches": len(GEMV_LAUNCHES), "batch_rows": 1}
+    if args.dry_run and device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before glm_image_kernels is imported
+    import glm_image_kernels as gk
+    from glm_image_kernels.quant_linear import LAUNCH
+
+    if device.type == "cpu" and not gk.interpreted():
+        raise SystemExit("gemv --device cpu runs the kernel in Triton's interpreter: set TRITON_INTERPRET=1")
+    linears = DRY_LINEARS if args.dry_run else AR_LINEARS
+    rows = (
+        [int(r) for r in args.rows.split(",")]
+        if args.rows
+        else ([1, 17] if args.dry_run else list(GEMM_ROWS))
+    )
+    launches = {k: [LAUNCH[k]] + ([] if args.dry_run else [x for x in GEMM_LAUNCHES[k] if x != LAUNCH[k]])
+                for k in ("int8", "int4")}  # fmt: skip
+    peak, peak_source = hbm_peak(device, args.peak_tbps)
+    timer = _timer(device, 1 if args.dry_run else args.repeats)
+    results = []
+    for name, (n, k) in linears.items():
+        results += _gemm_shape(name, n, k, rows, launches, device, timer, peak)
+    results += _layer_rows(results, peak)
+    notes = _gemm_notes(results, launches, rows, peak_source)
+    config = {"linears": linears, "rows": rows, "launches": launches, "default_launch": LAUNCH,
+              "hbm_peak_tbps": peak, "hbm_peak_source": peak_source, "targets": GEMM_TARGETS,
+              "dry_run": args.dry_run}  # fmt: skip
     return build_report("quant_gemv_gpu", results, config=config, notes=notes, device=device)
 
 
-def _gemv_shape(name: str, n: int, k: int, device: torch.device) -> list[dict]:
-    import triton.testing
+def _gemm_shape(name, n, k, rows, launches, device, timer, peak) -> list[dict]:
     from glm_image_kernels import quant_linear
 
     from glm_image.ops.quant import TORCH_PATHS
     from glm_image.quant.formats import quantize
 
-    scaled_mm = next(p for p in TORCH_PATHS if p.name == "scaled-mm")
+    scaled_mm = next((p for p in TORCH_PATHS if p.name == "scaled-mm"), None)
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(n, k, generator=g) / 64).to(device)
-    x = torch.randn(1, k, generator=g).to(device, torch.bfloat16)
-    w16 = w.to(torch.bfloat16)
-    int8, int4, fp8 = (quantize(w, kind) for kind in ("int8", "int4", "fp8"))
-    cases = {
-        ("bf16", "dense"): (lambda: torch.nn.functional.linear(x, w16), w16.numel() * 2),
-        ("fp8", "scaled-mm"): (lambda: scaled_mm.run(x, fp8, None), n * k),
-    }
-    scale16 = int8.scale.to(torch.bfloat16)
-    try:  # torch's own int8 weight-only matmul, where this build has it for the device
-        torch._weight_int8pack_mm(x, int8.data, scale16)
-        cases[("int8", "torch _weight_int8pack_mm")] = (
-            lambda: torch._weight_int8pack_mm(x, int8.data, scale16),
-            n * k,
-        )
-    except (RuntimeError, NotImplementedError) as e:
-        print(f"{name}: torch._weight_int8pack_mm unavailable: {str(e).splitlines()[0]}")
-    for kind, weight in (("int8", int8), ("int4", int4)):
-        for bn, bk, warps, stages in GEMV_LAUNCHES:
-            if kind == "int4" and bk != 128:
-                continue  # int4 walks one group (128) per block
-            launch = {"block_n": bn, "block_k": bk, "num_warps": warps, "num_stages": stages}
-            cases[(kind, f"triton bn{bn} bk{bk} w{warps} s{stages}")] = (
-                lambda wt=weight, lk=launch: quant_linear(x, wt, **lk),
-                weight.nbytes,
+    weights = {kind: quantize(w, kind) for kind in ("int8", "int4", "fp8")}
+    w16 = weights["int8"].dequantize(torch.bfloat16)  # dense bf16: the same values, so errors compare
+    scale16 = weights["int8"].scale.to(torch.bfloat16)
+    exact = {kind: weight.dequantize() for kind, weight in weights.items()}  # the twin's float32 weights
+    out = []
+    for m in rows:
+        x = torch.randn(m, k, generator=g).to(device, torch.bfloat16)
+        x_bytes = x.numel() * x.element_size()
+        cases = {("bf16", "dense", None): (lambda x=x: torch.nn.functional.linear(x, w16), w16.numel() * 2)}
+        if scaled_mm is not None and scaled_mm.unfit(x, weights["fp8"]) is None:
+            cases[("fp8", "scaled-mm", None)] = (lambda x=x: scaled_mm.run(x, weights["fp8"], None), n * k)
+        try:  # torch's own int8 weight-only matmul, where this build has it for the device
+            torch._weight_int8pack_mm(x, weights["int8"].data, scale16)
+            cases[("int8", "torch _weight_int8pack_mm", None)] = (
+                lambda x=x: torch._weight_int8pack_mm(x, weights["int8"].data, scale16),
+                weights["int8"].nbytes,
             )
-    expected = torch.nn.functional.linear(x.float(), w).float()
-    results = []
-    for (kind, path), (fn, nbytes) in cases.items():
-        row = {"linear": name, "shape": [n, k], "format": kind, "path": path}
-        try:
-            error = ((fn().float() - expected).abs().max() / expected.abs().max()).item()
-            ms = triton.testing.do_bench(fn, warmup=10, rep=40)
-        except Exception as e:  # a launch this GPU cannot take: recorded, not fatal
-            results.append({**row, "error": str(e)[:200]})
-            continue
-        results.append({**row, "us": round(ms * 1e3, 2), "gb_per_s": round(nbytes / ms / 1e6, 1),
-                        "max_rel_error": round(error, 5)})  # fmt: skip
-    return results
+        except (RuntimeError, NotImplementedError) as e:
+            print(f"{name}: torch._weight_int8pack_mm unavailable: {str(e).splitlines()[0]}")
+        for kind in ("int8", "int4"):
+            for launch in launches[kind]:
+                bm, bn, bk, warps, stages = launch
+                lk = {"block_m": bm, "block_n": bn, "block_k": bk, "num_warps": warps, "num_stages": stages}
+                cases[(kind, "triton", launch)] = (
+                    lambda x=x, wt=weights[kind], lk=lk: quant_linear(x, wt, **lk),
+                    weights[kind].nbytes,
+                )
+        expected = {kind: torch.nn.functional.linear(x.float(), w32) for kind, w32 in exact.items()}
+        expected["bf16"] = expected["int8"]
+        for (kind, path, launch), (fn, w_bytes) in cases.items():
+            row = {"linear": name, "shape": [n, k], "rows": m, "format": kind, "path": path,
+                   "launch": list(launch) if launch else None}  # fmt: skip
+            try:
+                want = expected[kind]
+                error = ((fn().float() - want).abs().max() / want.abs().max()).item()
+                ms = timer(fn)
+            except Exception as e:  # a launch this GPU cannot take: recorded, not fatal
+                out.append({**row, "error": str(e)[:200]})
+                continue
+            out.append({**row, **_speed(w_bytes + x_bytes, ms, peak), "max_rel_error": round(error, 5)})
+    return out
+
+
+def _speed(nbytes: int, ms: float, peak: float | None) -> dict:
+    tbps = nbytes / ms / 1e9
+    return {"us": round(ms * 1e3, 2), "bytes": nbytes, "tb_per_s": float(f"{tbps:.4g}"),
+            "hbm_fraction": float(f"{tbps / peak:.4g}") if peak else None}  # fmt: skip
+
+
+def _layer_rows(results: list[dict], peak: float | None) -> list[dict]:
+    """One row per (rows, format, path, launch) over all the linears: a layer's linears in one
+    figure (total bytes / total time), as a decode step spends it."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in results:
+        if "us" in r:
+            key = (r["rows"], r["format"], r["path"], tuple(r["launch"] or ()))
+            groups.setdefault(key, []).append(r)
+    linears = len({r["linear"] for r in results})
+    out = []
+    for (m, kind, path, launch), rs in groups.items():
+        if len(rs) == linears:
+            ms = sum(r["us"] for r in rs) / 1e3
+            out.append({"linear": "layer", "rows": m, "format": kind, "path": path,
+                        "launch": list(launch) or None, **_speed(sum(r["bytes"] for r in rs), ms, peak)})  # fmt: skip
+    return out
+
+
+def _gemm_notes(results, launches, rows, peak_source) -> list[str]:
+    layer = {(r["rows"], r["format"], r["path"], tuple(r["launch"] or ())): r for r in results if r["linear"] == "layer"}  # fmt: skip
+
+    def timed(m: int, kind: str, launch) -> dict | None:
+        return layer.get((m, kind, "triton", tuple(launch)))
+
+    notes = [f"HBM peak: {peak_source}"]
+    for m in rows:
+        dense = layer.get((m, "bf16", "dense", ()))
+        for kind in ("int8", "int4"):
+            runs = [r for launch in launches[kind] if (r := timed(m, kind, launch))]
+            default = timed(m, kind, launches[kind][0])
+            if default is None:
+                continue
+            best = min(runs, key=lambda r: r["us"])
+            text = f"{m} rows, {kind}: default launch {default['us']} us per layer's linears"
+            if default["hbm_fraction"] is not None:
+                target = f", target {GEMM_TARGETS[m]:.0%}" if m in GEMM_TARGETS else ""
+                text += f" ({default['hbm_fraction']:.0%} of HBM{target})"
+            if dense:
+                text += f", dense bf16 {dense['us']} us"
+            if best is not default:
+                text += f"; fastest launch {best['launch']} {best['us']} us"
+            notes.append(text)
+    for kind in ("int8", "int4"):  # one launch serves every M: rank them by their time over all rows
+        totals = {}
+        for launch in launches[kind]:
+            runs = [timed(m, kind, launch) for m in rows]
+            if all(runs):
+                totals[tuple(launch)] = sum(r["us"] for r in runs)
+        if totals:
+            best = min(totals, key=totals.get)
+            default = totals.get(tuple(launches[kind][0]))
+            notes.append(
+                f"{kind}: fastest single launch over rows {rows}: {list(best)}, {totals[best]:.1f} us in all"
+                + (f" (default {list(launches[kind][0])}: {default:.1f} us)" if default else "")
+            )
+    return notes
 
 
 def main(argv=None) -> None:
@@ -415,14 +551,23 @@ def main(argv=None) -> None:
         default="cpu",
         help="memory: cpu (peak RSS) or cuda / npu (allocator peak); gemv: cuda sweeps the GPU paths",
     )
+    parser.add_argument(
+        "--rows", help="gemv on a GPU: activation rows, ','-separated (default 1,4,16,64,128)"
+    )
+    parser.add_argument(
+        "--peak-tbps", type=float, help="gemv on a GPU: the card's HBM TB/s (default: by its name)"
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="gemv: the GPU benchmark at small widths (CPU: interpreter)"
+    )
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     args.ar_configs = [c for c in args.ar_configs.split(",") if c]
     args.dit_configs = [c for c in args.dit_configs.split(",") if c]
     args.schemes = [s for s in args.schemes.split(";") if s]
     modes = {"gemv": run_gemv, "speed": run_speed, "memory": run_memory, "quality": run_quality}
-    if args.mode == "gemv" and args.device != "cpu":
-        modes["gemv"] = run_gemv_gpu
+    if args.mode == "gemv" and (args.device != "cpu" or args.dry_run):
+        modes["gemv"] = run_gemm_gpu
     report = modes[args.mode](args)
     if args.out:
         save_report(report, args.out)

@@ -1,9 +1,12 @@
 """The ``triton`` backend: our fused kernels (``glm_image_kernels``) where they fit, torch elsewhere.
 
-Kernels: decode attention over the static KV cache (flash-decoding, GQA), M-RoPE in place,
+Kernels: decode attention over the static KV cache (flash-decoding, GQA) and its Jacobi-window
+form (W queries per row, causal with per-row offsets), M-RoPE in place,
 RMSNorm and the fused residual step, LayerNorm + AdaLN modulation, QK LayerNorm + 2D RoPE, and
-the weight-only int8 / int4 GEMV of quantized linears at decode batch sizes (``quant_paths``;
-larger batches and fp8 take torch's paths, ``ops.quant``). Each
+the weight-only int8 / int4 decode GEMM of quantized linears for 1 to ``MAX_QUANT_ROWS`` (128)
+activation rows, a batch times its Jacobi window (``quant_paths``: the path keeps its first name,
+``triton-gemv``; a row's bits do not depend on the other rows, ``glm_image_kernels.quant_linear``;
+more rows and fp8 take torch's paths, ``ops.quant``). Each
 op checks its inputs per call (device, dtype, strides, sizes) and, when a kernel cannot take
 them, runs the ``sdpa`` method instead after ``Ops.fallback`` records the reason (logged once).
 
@@ -37,7 +40,7 @@ def _power_of_two(n: int) -> bool:
 
 
 def _gemv_unfit(x: torch.Tensor, weight) -> str | None:
-    """Why the quantized GEMV kernel cannot take x (M, K) and ``weight``, or None."""
+    """Why the quantized decode GEMM kernel cannot take x (M, K) and ``weight``, or None."""
     if not kernels.HAVE_TRITON:
         return "Triton is not installed"
     kinds = {x.device.type, weight.data.device.type}
@@ -48,10 +51,10 @@ def _gemv_unfit(x: torch.Tensor, weight) -> str | None:
     if x.dtype not in _DTYPES:
         return f"activations in {x.dtype}"
     if x.shape[0] > kernels.MAX_QUANT_ROWS:
-        return f"more than {kernels.MAX_QUANT_ROWS} rows (a GEMM: dequantize + tensor cores)"
+        return f"more than {kernels.MAX_QUANT_ROWS} rows (compute-bound: dequantize + tensor-core GEMM)"
     if x.shape[1] != weight.in_features or x.stride(-1) != 1:
         return "activations not (M, in_features) with a unit last stride"
-    if not all(t.is_contiguous() for t in (weight.data, weight.scale)):
+    if not all(t.is_contiguous() for t in (weight.data, weight.scale, weight.zero) if t is not None):
         return "a weight that is not contiguous"
     if weight.kind == "int4" and not (_power_of_two(weight.group) and weight.group <= 256):
         return f"int4 group {weight.group} (kernel needs a power of two up to 256)"
@@ -61,7 +64,9 @@ def _gemv_unfit(x: torch.Tensor, weight) -> str | None:
 
 
 def _gemv(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
-    return kernels.quant_linear(x, weight, bias)
+    if bias is not None and bias.stride(-1) != 1:  # the kernel reads a contiguous bias
+        bias = bias.contiguous()
+    return kernels.quant_linear(x, weight, bias)  # one launch for every row count (LAUNCH)
 
 
 GEMV_PATH = QuantPath("triton-gemv", ("int8", "int4"), _gemv_unfit, _gemv)
@@ -141,6 +146,51 @@ class TritonOps(TorchOps):
             # the mask alone bounds the attention, as the contract allows
             return self._reference.decode_attention(q, keys, values, visible, scale=scale, length=length)
         return kernels.decode_attention(q, keys, values, visible, scale=scale, length=length)
+
+    def window_attention(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        visible: torch.Tensor,
+        query_slots: torch.Tensor,
+        *,
+        scale: float,
+        length: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``TorchOps.window_attention`` (a Jacobi window: W queries per row, causal with per-row
+        offsets); ``length`` may be a one-element integer tensor on the device, as for decode."""
+        reason = self._unfit(q, keys, values)
+        if reason is None and (q.dim() != 4 or keys.dim() != 4):
+            reason = f"q {tuple(q.shape)}, keys {tuple(keys.shape)} (need (B, H, W, D), (B, KV, C, D))"
+        if reason is None:
+            b, h, w, d = q.shape
+            kv = keys.shape[1]
+            if h % kv or keys.shape != values.shape or keys.shape[0] != b or keys.shape[3] != d:
+                reason = f"shapes q {tuple(q.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}"
+            elif not 1 <= w <= kernels.MAX_WINDOW:
+                reason = f"a window of {w} queries (kernel serves 1 to {kernels.MAX_WINDOW})"
+            elif not (_power_of_two(d) and 16 <= d <= 256):
+                reason = f"head_dim {d} (kernel needs a power of two in [16, 256])"
+            elif h // kv > _MAX_GROUP:
+                reason = f"{h // kv} query heads per KV head (kernel serves up to {_MAX_GROUP})"
+            elif visible.dtype != torch.bool or visible.shape != (b, keys.shape[2]):
+                reason = f"visible {visible.dtype} {tuple(visible.shape)} (needs bool (B, capacity))"
+            elif query_slots.dtype.is_floating_point or query_slots.shape != (b, w):
+                reason = f"query_slots {query_slots.dtype} {tuple(query_slots.shape)} (needs integers (B, W))"
+            elif visible.device != q.device or query_slots.device != q.device:
+                reason = "visible or query_slots on another device"
+            elif isinstance(length, torch.Tensor) and (
+                length.numel() != 1 or length.dtype.is_floating_point or length.device != q.device
+            ):
+                reason = "a length tensor that is not one integer on the device"
+        reason = reason or self._switched_off("window_attention", q)
+        if reason is not None:
+            self.fallback("window_attention", reason)
+            return self._reference.window_attention(
+                q, keys, values, visible, query_slots, scale=scale, length=length
+            )
+        return kernels.window_attention(q, keys, values, visible, query_slots, scale=scale, length=length)
 
     # ------------------------------------------------------------------ normalisation
 
