@@ -39,7 +39,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import torch
@@ -185,6 +185,11 @@ def _ar_cases(s: CheckSizes, new: Callable[[int], _Inputs]) -> dict[str, list[Ca
     visible[:, bound:] = False
     visible[:, bound - 1] = True
     length = torch.tensor([bound], dtype=torch.int32, device=i.device)
+    # a Jacobi window: 2 queries per row (a strided view), the rows at their own slots below the bound
+    wq = i.randn(b, 2, heads + 2 * kv, d)[:, :, :heads].transpose(1, 2)  # (B, H, 2, D)
+    query_slots = torch.tensor([[bound - 2, bound - 1], [30, 31]], device=i.device)
+    window_open = visible.clone()
+    window_open[torch.arange(b, device=i.device)[:, None], query_slots] = True
 
     # prefill: causal over a left-padded batch, grouped-query heads
     p = i.randn(b, heads + 2 * kv, 7, d)
@@ -198,6 +203,14 @@ def _ar_cases(s: CheckSizes, new: Callable[[int], _Inputs]) -> dict[str, list[Ca
         "decode_attention": [
             lambda ops: ops.decode_attention(q, keys, values, visible, scale=d**-0.5, length=bound),
             lambda ops: ops.decode_attention(q, keys, values, visible, scale=d**-0.5, length=length),
+        ],
+        "window_attention": [
+            lambda ops: ops.window_attention(
+                wq, keys, values, window_open, query_slots, scale=d**-0.5, length=bound
+            ),
+            lambda ops: ops.window_attention(
+                wq, keys, values, window_open, query_slots, scale=d**-0.5, length=length
+            ),
         ],
         "attention": [lambda ops: ops.attention(pq, pk, pv, mask=mask, scale=d**-0.5)],
     }
@@ -369,17 +382,17 @@ def verify(
 
 # ---------------------------------------------------------------------- quantized matmuls
 
-_QUANT_ROWS = (1, 3, 37)  # a decode step, a small batch, a prefill (past the GEMV's 16 rows)
+_QUANT_ROWS = (1, 3, 37)  # a decode step, a small batch, 3 row blocks of the decode GEMM (past int8pack's 16)
 _QUANT_OUT = 96  # output channels of the check's weight (a multiple of 16, not of 64)
 _COARSER = (torch.float32, torch.float16, torch.bfloat16)  # by increasing rounding error
 
 
 def _quant_tolerance(dtype: torch.dtype, precision: torch.dtype | None) -> tuple[float, float]:
     """The tolerance of a path whose activations are computed in ``precision`` for inputs of ``dtype``."""
-    from .quant import FP8_TOLERANCE
+    from .quant import QUANTIZED_TOLERANCES
 
-    if precision == torch.float8_e4m3fn:
-        return FP8_TOLERANCE
+    if precision in QUANTIZED_TOLERANCES:  # quantized activations (W8A8)
+        return QUANTIZED_TOLERANCES[precision]
     ranks = [_COARSER.index(d) if d in _COARSER else 0 for d in (dtype, precision or dtype)]
     return TOLERANCES[_COARSER[max(ranks)]]
 
@@ -387,15 +400,17 @@ def _quant_tolerance(dtype: torch.dtype, precision: torch.dtype | None) -> tuple
 def _run_quant(
     ops: Backend, device: torch.device, dtype: torch.dtype, kind: str, sizes: CheckSizes
 ) -> list[CheckRow]:
-    from glm_image_kernels import quant_linear_reference
+    from glm_image_kernels import MAX_QUANT_ROWS, quant_linear_reference
 
     from ..quant.formats import quantize
 
     inputs = _Inputs(device, dtype, 4)
     k = sizes.hidden
     weight = quantize(inputs.randn(_QUANT_OUT, k, scale=k**-0.5, dtype=torch.float32), kind)
+    weight = replace(weight, w8a8=kind == "int8")  # the W8A8 path is checked too
     bias = inputs.randn(_QUANT_OUT, scale=0.1)
-    xs = [inputs.randn(m, k) for m in _QUANT_ROWS]
+    # and a prefill past the decode GEMV's rows, where the W8A8 GEMMs serve
+    xs = [inputs.randn(m, k) for m in (*_QUANT_ROWS, MAX_QUANT_ROWS + 21)]
     where = str(device), str(dtype).removeprefix("torch.")
     rows = []
     with torch.inference_mode():

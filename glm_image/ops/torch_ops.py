@@ -113,19 +113,48 @@ class Ops:
         Engines call it after loading a quantized model; otherwise the first call does."""
         return selfcheck.verify_quant(self, self.device, dtype, kind, sizes)
 
-    def quant_linear(self, x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def quant_linear(
+        self, x: torch.Tensor, weight, bias: torch.Tensor | None = None, *, choices: dict | None = None
+    ) -> torch.Tensor:
         """``x @ dequantize(weight)^T + bias``: x (..., K), weight a ``QuantWeight`` (N, K), bias
         (N,) or None; returns (..., N) in x's dtype. The first of ``quant_paths`` that takes the
-        inputs and passed its self-check runs; otherwise the reference (``quant_linear_reference``)."""
+        inputs and passed its self-check runs; otherwise the reference (``quant_linear_reference``).
+
+        ``choices``: a dict the caller keeps (a ``QuantLinear`` keeps one), where the choice is
+        remembered per kind of call, so a linear chooses once, not per call. A kind of call is
+        what the paths' conditions read: device, dtype, whether the rows fit a decode GEMM
+        (``MAX_QUANT_ROWS``), a unit last stride, and whether gradients are on; within one kind
+        every path takes the inputs or refuses them alike. Nothing is remembered while a device
+        graph is captured or a check probes (the check's outcome is not known yet)."""
         rows = x.reshape(-1, x.shape[-1])
+        key = None
+        if choices is not None:
+            key = (
+                rows.device,
+                rows.dtype,
+                rows.shape[0] <= kernels.MAX_QUANT_ROWS,
+                rows.stride(-1) == 1,
+                torch.is_grad_enabled() and rows.requires_grad,
+            )
+            if key in choices:
+                path = choices[key]
+                if path is None:
+                    return kernels.quant_linear_reference(x, weight, bias)
+                return path.run(rows, weight, bias).view(*x.shape[:-1], weight.out_features)
         why = []
+        chosen = None
         for path in self.quant_paths:
             if weight.kind not in path.kinds:
                 continue
             reason = path.unfit(rows, weight) or self._quant_switched_off(path.name, rows, weight.kind)
             if reason is None:
-                return path.run(rows, weight, bias).view(*x.shape[:-1], weight.out_features)
+                chosen = path
+                break
             why.append(f"{path.name}: {reason}")
+        if key is not None and self._probing is None and not capturing(rows.device.type):
+            choices[key] = chosen
+        if chosen is not None:
+            return chosen.run(rows, weight, bias).view(*x.shape[:-1], weight.out_features)
         if why:
             self.fallback(f"quant_linear[{weight.kind}]", "; ".join(why))
         return kernels.quant_linear_reference(x, weight, bias)
@@ -154,6 +183,7 @@ class TorchOps(Ops):
 
     attention = staticmethod(kernels.attention_reference)
     decode_attention = staticmethod(kernels.decode_attention_reference)
+    window_attention = staticmethod(kernels.window_attention_reference)
     rms_norm = staticmethod(kernels.rms_norm_reference)
     add_rms_norm = staticmethod(kernels.add_rms_norm_reference)
     layer_norm_modulate = staticmethod(kernels.layer_norm_modulate_reference)

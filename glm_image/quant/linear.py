@@ -45,25 +45,33 @@ _QUANTIZED = {
 }
 
 
+# The models whose int8 linears may quantize their activations too where a GEMM path does (W8A8:
+# CUDA, more rows than a decode step; ``ops.quant``): the DiT. The AR's stay weight-only: LLM
+# activations have outlier channels that per-token int8 rounds coarsely (LLM.int8(), SmoothQuant),
+# and its time is decoding, which never takes a W8A8 path.
+W8A8_MODELS = ("DitModel",)
+
+
 class QuantLinear(nn.Module):
     """``y = x @ dequantize(weight)^T + bias`` through ``ops.quant_linear``."""
 
-    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None, ops) -> None:
+    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None, ops, *, w8a8: bool = False) -> None:
         super().__init__()
-        self.kind, self.group = weight.kind, weight.group
+        self.kind, self.group, self.w8a8 = weight.kind, weight.group, w8a8 and weight.kind == "int8"
         self.in_features, self.out_features = weight.in_features, weight.out_features
         self.q = nn.Parameter(weight.data, requires_grad=False)
         self.scale = nn.Parameter(weight.scale, requires_grad=False)
         self.zero = nn.Parameter(weight.zero, requires_grad=False) if weight.zero is not None else None
         self.bias = bias
         self.ops = ops
+        self.paths: dict = {}  # the path chosen per kind of call (``Ops.quant_linear``'s ``choices``)
 
     @property
     def weight_q(self) -> QuantWeight:
-        return QuantWeight(self.kind, self.q, self.scale, self.zero, self.group)
+        return QuantWeight(self.kind, self.q, self.scale, self.zero, self.group, self.w8a8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ops.quant_linear(x, self.weight_q, self.bias)
+        return self.ops.quant_linear(x, self.weight_q, self.bias, choices=self.paths)
 
     def extra_repr(self) -> str:
         group = f", group={self.group}" if self.kind == "int4" else ""
@@ -102,10 +110,11 @@ def linear_quantizers(
 
     def plan(model: nn.Module) -> dict[str, Callable[[nn.Linear, torch.Tensor], nn.Module]]:
         ops = model.ops
+        w8a8 = type(model).__name__ in W8A8_MODELS
 
         def convert(linear: nn.Linear, weight: torch.Tensor, columns: tuple[int, int] | None = None):
             q = quantize(weight, kind) if columns is None else shard_columns(weight, kind, *columns)
-            return QuantLinear(q, linear.bias, ops)
+            return QuantLinear(q, linear.bias, ops, w8a8=w8a8)
 
         return dict.fromkeys(quantized_linears(model), convert)
 
