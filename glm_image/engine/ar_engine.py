@@ -31,6 +31,11 @@ its shard of the decoder, with the same call; the prompt ids and every token are
 group's first rank and sent to the others, so the ranks cannot diverge, and only that rank draws
 sampling noise (seeded sampling gives the tokens of one process).
 
+Device graphs (``decode_step`` auto on CUDA or Ascend): the decode step is captured once per
+bucket (batch, KV capacity, sampling, LoRA; ``engine.graphs``) and kept, ``graph_buckets`` of
+them; a later call of a bucket refills its buffers and replays. ``ArResult.graph_captures``: what
+a call captured (0 when it replayed); ``graph_captures``: the engine's total.
+
 ``constrain_grid=True`` (default) masks EOS and the special tokens while a grid is incomplete,
 *after* temperature/top-k/top-p, so whenever the reference would have written a valid grid we
 write the same one, and where it would have cut the grid short we cannot. ``False`` reproduces
@@ -67,8 +72,8 @@ from .choices import (
     DEFAULT_WINDOW,
     check_decoding,
 )
-from .decode import DecodeLoop, DecodeStats, TokenPicker, start_sequential
-from .graphs import graph_module
+from .decode import DecodeStats, TokenPicker, start_sequential
+from .graphs import DEFAULT_BUCKETS, GraphCache, run_steps, step_mode
 from .loading import prepare_stage, verify_ops
 from .protocol import GridSpec, decode_positions, prompt_positions, upsample_grid
 
@@ -91,6 +96,7 @@ class ArResult:
     prefill_seconds: float = 0.0  # planning + prefill + the first token, device synchronised
     decode_step: str = "eager"  # how the steps after the first ran: eager, static or graph
     stats: DecodeStats | None = None  # model forwards (the prefill included), tokens per forward
+    graph_captures: int = 0  # device graphs this call captured (0: none, or it replayed kept ones)
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,7 @@ class _Decoded:
     prefill_done: float  # time.perf_counter() when the prefill's token was there
     how: str  # eager | static | graph
     stats: DecodeStats
+    captures: int = 0  # device graphs captured
 
 
 def _apart(
@@ -153,6 +160,7 @@ def _apart(
         start + prefill,
         parts[0].how,
         DecodeStats.together([p.stats for p in parts]),
+        sum(p.captures for p in parts),
     )
 
 
@@ -170,9 +178,12 @@ class ArEngine:
         decode_step: str = "auto",
         noise_worker: bool = False,
         batch_invariant: bool | None = None,
+        graph_buckets: int = DEFAULT_BUCKETS,
     ) -> None:
-        """``batch_invariant``: decode a batch's rows apart, so that each row's tokens equal its
-        solo run's bit for bit (see the module docstring); None: on a CPU only.
+        """``graph_buckets``: the device graphs (with their buffers) kept for later calls, least
+        recently used out (``engine.graphs``); 0 captures per call. ``batch_invariant``: decode
+        a batch's rows apart, so that each row's tokens equal its solo run's bit for bit (see the
+        module docstring); None: on a CPU only.
         ``decode_step``: see ``DECODE_STEPS``. ``noise_worker``: draw the sampling noise on a
         worker thread (CPU; it overlaps the draw with the step). The engine never changes torch's
         thread count: for a small decoder on a CPU, give the worker its core yourself with
@@ -182,6 +193,9 @@ class ArEngine:
             raise GlmImageError(f"decode_step = {decode_step!r}; allowed: {', '.join(DECODE_STEPS)}")
         if batch_invariant is not None and not isinstance(batch_invariant, bool):
             raise GlmImageError(f"batch_invariant = {batch_invariant!r}; allowed: true, false or none (auto)")
+        if not isinstance(graph_buckets, int) or isinstance(graph_buckets, bool) or graph_buckets < 0:
+            raise GlmImageError(f"graph_buckets = {graph_buckets!r}; allowed: an integer >= 0")
+        self.graphs = GraphCache(graph_buckets)
         self.decode_step = decode_step
         self.noise_worker = noise_worker
         self.batch_invariant = batch_invariant
@@ -211,6 +225,7 @@ class ArEngine:
         quantize: str | QuantScheme | None = None,
         tp: Comm = SINGLE,
         batch_invariant: bool | None = None,
+        graph_buckets: int = DEFAULT_BUCKETS,
     ) -> ArEngine:
         """``attention_backend``: an ops backend name (auto, sdpa, triton, npu; see
         ``glm_image.ops``) chosen for ``device``, or a backend already chosen by the caller (e.g.
@@ -251,6 +266,7 @@ class ArEngine:
             decode_step=decode_step,
             noise_worker=noise_worker,
             batch_invariant=batch_invariant,
+            graph_buckets=graph_buckets,
         )
 
     @property
@@ -263,10 +279,16 @@ class ArEngine:
     def to(self, device: str | torch.device) -> ArEngine:
         """Move the stage's weights (the ViT too, once loaded); used to take turns on a small GPU."""
         self.device = torch.device(device)
+        self.graphs.clear()  # their buffers and graphs are the old device's
         self.model.to(self.device)
         if self._vision is not None:
             self._vision.to(self.device)
         return self
+
+    @property
+    def graph_captures(self) -> int:
+        """Device graphs this engine captured since it was made (``ArResult.graph_captures`` per call)."""
+        return self.graphs.captures
 
     @property
     def vision(self) -> VisionEncoder:
@@ -431,17 +453,16 @@ class ArEngine:
 
         def run(rows: _Batch, gens: list[torch.Generator], report: Progress | None) -> _Decoded:
             if decoding == "jacobi":
-                tokens, stats, done, how = jacobi.decode(
+                tokens, stats, done, how, captures = jacobi.decode(
                     self, rows, spec, steps, gens, greedy, constrain_grid,
                     options=options, progress=report,
                 )  # fmt: skip
-                return _Decoded(tokens, None, done, how, stats)
-            tokens, logits, done, how = self._decode(
+                return _Decoded(tokens, None, done, how, stats, captures)
+            tokens, logits, done, how, captures = self._decode(
                 rows, steps, gens, greedy, constrain_grid, return_logits, report
             )
-            return _Decoded(
-                tokens, logits, done, how, DecodeStats("sequential", steps, (steps,) * len(gens), steps)
-            )
+            stats = DecodeStats("sequential", steps, (steps,) * len(gens), steps)
+            return _Decoded(tokens, logits, done, how, stats, captures)
 
         if self.rows_apart and len(generators) > 1:
             decoded = _apart(batch, generators, run, progress, self.model)
@@ -453,7 +474,9 @@ class ArEngine:
         target = tokens[:, spec.target_offset : end]
         whole = steps >= end and bool((target < self.num_codes).all())
         prior = upsample_grid(target, *spec.target) if whole else None
-        return ArResult(tokens, prior, spec, seeds, logits, conditions, prefill_done - start, how, stats)
+        return ArResult(
+            tokens, prior, spec, seeds, logits, conditions, prefill_done - start, how, stats, decoded.captures
+        )
 
     def generate_prior_tokens(
         self,
@@ -532,51 +555,25 @@ class ArEngine:
         constrain_grid: bool,
         return_logits: bool,
         progress: Progress | None,
-    ) -> tuple[torch.Tensor, list[torch.Tensor] | None, float, str]:
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None, float, str, int]:
         """Tokens (B, steps), the raw logits if asked for, when the prefill was done
-        (``time.perf_counter``; the one device synchronisation of a call, for the timings), and
-        how the later steps ran (eager, static or graph)."""
+        (``time.perf_counter``; the one device synchronisation of a call, for the timings), how
+        the later steps ran (eager, static or graph) and the device graphs captured."""
         kept_logits: list[torch.Tensor] | None = [] if return_logits else None
         prefetch = self.noise_worker and self.device.type == "cpu"
-        loop, prefill_done = start_sequential(
-            self, batch, steps, generators, greedy, constrain_grid, kept_logits, prefetch=prefetch
-        )
-        try:
-            if progress is not None:
-                progress("ar", 1, steps)
-            how = self._run_steps(loop, steps, kept_logits, progress)
-        finally:
-            if loop.noise is not None:
-                loop.noise.close()
-        tokens = loop.tokens
-        return tokens, kept_logits, prefill_done, how
-
-    def _run_steps(
-        self,
-        loop: DecodeLoop | jacobi.JacobiLoop,
-        steps: int,
-        kept_logits: list | None,
-        progress: Progress | None,
-    ) -> str:
-        """The steps after the prefill's token (sequential steps or Jacobi iterations) as
-        ``decode_step`` says; returns how they ran."""
-        mode = self.decode_step
-        if kept_logits is not None:  # the raw logits are collected on the host, step by step
-            if mode in ("static", "graph"):
-                raise GlmImageError(f"return_logits needs decode_step 'eager' or 'auto', not {mode!r}")
-            mode = "eager"
-        if mode == "auto":
-            mode = "graph" if graph_module(self.device) is not None else "eager"
-        if mode == "graph":
-            reason = loop.run_graph(steps, progress)
-            if reason is None:
-                return "graph"
-            if self.decode_step == "graph":
-                raise GlmImageError(f"decode_step = 'graph': the decode step cannot be captured ({reason})")
-            log.warning("decoding without a device graph: %s", reason)
-            mode = "eager"
-        if mode == "static":
-            loop.run_static(steps, progress)
-        else:
-            loop.run_eager(steps, kept_logits.append if kept_logits is not None else None, progress)
-        return mode
+        mode, leasing = step_mode(self, kept_logits is not None)
+        with leasing as lease:
+            loop, prefill_done = start_sequential(
+                self, batch, steps, generators, greedy, constrain_grid, kept_logits,
+                prefetch=prefetch, lease=lease,
+            )  # fmt: skip
+            try:
+                if progress is not None:
+                    progress("ar", 1, steps)
+                how = run_steps(self, loop, steps, kept_logits, progress, mode, lease)
+            finally:
+                if loop.noise is not None:
+                    loop.noise.close()
+            # a bucket's buffer is the next call's: the tokens are copied out before it is let go
+            tokens = loop.tokens if lease is None else loop.tokens[:, :steps].clone()
+        return tokens, kept_logits, prefill_done, how, loop.captures

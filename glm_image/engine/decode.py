@@ -6,8 +6,12 @@ counter, the visibility of the cache slots, the rotary tables of every step, the
 noise), so the same step runs two ways:
 
 - eagerly (CPU, NPU, or CUDA with graphs off);
-- captured once per call as a device graph (CUDA graphs, Ascend NPUGraph: ``engine.graphs``) and
-  replayed per token: one launch instead of the step's few hundred.
+- captured as a device graph (CUDA graphs, Ascend NPUGraph: ``engine.graphs``) and replayed per
+  token: one launch instead of the step's few hundred. The graph and its buffers are kept per
+  bucket (batch, KV capacity rounded up, sampling): a later call of the bucket refills the
+  buffers in place (``DecodeLoop.load``) and replays, capturing nothing. What a call changes is
+  in the buffers, never in the graph: the prompt's length is a device tensor (``base``), the
+  step counter is reset, the rotary tables and noise are copied in.
 
 Under tensor parallel (``ArModel.tp`` of several ranks) the next token is decided once: the
 group's first rank picks it from the gathered logits and sends it to the others (``decide``), so
@@ -35,7 +39,7 @@ from ..models.ar import ArModel, KVCache, rotary_tables
 from ..parallel.comm import Comm
 from ..progress import Progress
 from ..sampling import SamplingParams, apply_filters, draw_with_noise, exponential_noise
-from .graphs import capture
+from .graphs import Bucket, CallLease, bucket_capacity, capture, step_context
 
 __all__ = ["DecodeLoop", "DecodeStats", "NoiseStream", "TokenPicker", "decide", "start_sequential"]
 
@@ -43,8 +47,10 @@ __all__ = ["DecodeLoop", "DecodeStats", "NoiseStream", "TokenPicker", "decide", 
 class NoiseStream:
     """Exp(1) noise per step, ``chunk`` steps at a time, row ``i`` from ``generators[i]``.
 
-    ``buffer`` (B, chunk, V) is allocated once and refilled in place (a CUDA graph reads it);
-    ``refill(step)`` makes it hold steps [step, step + chunk). On a CPU with ``prefetch``, a
+    ``buffer`` (B, chunk, V) is allocated once and refilled in place (a CUDA graph reads it), or
+    given (a graph bucket's: its chunk is then the buffer's); ``refill(step)`` makes it hold steps
+    [step, step + chunk). The numbers do not depend on the chunk on a CPU; on a device a chunk
+    draws min(chunk, steps) steps at once either way. On a CPU with ``prefetch``, a
     worker thread draws the next chunk while the current one is in use (torch releases the GIL
     while it samples), so the draw costs the decode loop a copy, not the sampling.
     """
@@ -58,10 +64,13 @@ class NoiseStream:
         *,
         chunk: int = 64,
         prefetch: bool = False,
+        buffer: torch.Tensor | None = None,
     ) -> None:
         self.generators, self.steps, self.vocab, self.device = generators, steps, vocab, device
-        self.chunk = max(1, min(chunk, steps))
-        self.buffer = torch.empty((len(generators), self.chunk, vocab), device=device)
+        if buffer is None:
+            self.chunk = max(1, min(chunk, steps))
+            buffer = torch.empty((len(generators), self.chunk, vocab), device=device)
+        self.chunk, self.buffer = buffer.shape[1], buffer
         self._ready: queue.Queue | None = None
         if prefetch and steps > self.chunk:
             self._ready = queue.Queue(maxsize=1)
@@ -215,7 +224,8 @@ class DecodeLoop:
 
     ``rope``: (B, steps - 1, rot) tables of the generated tokens' positions; ``valid``: (B, P)
     the prompt's real (non-padding) slots. Tokens go to ``tokens`` (B, steps); column 0 holds
-    the prefill's token.
+    the prefill's token. A graph bucket's loop (``allocate``) holds ``cache.capacity`` steps in
+    every buffer instead, and ``load`` makes it a new call's.
     """
 
     def __init__(
@@ -232,12 +242,63 @@ class DecodeLoop:
         self.model, self.cache, self.picker, self.noise = model, cache, picker, noise
         self.cos, self.sin = rope
         self.tokens, self.unfinished = tokens, unfinished
-        b, self.prompt_len = valid.shape
+        b = tokens.shape[0]
         self.device = tokens.device
         self.visible = torch.zeros((b, cache.capacity), dtype=torch.bool, device=self.device)
-        self.visible[:, : self.prompt_len] = valid
-        # the graph's inputs: the step counter (index of the input token), and what derives from it
+        # the graph's inputs: the step counter (index of the input token), and the cache slot of
+        # generated index 0 (the prompt's length, which a bucket's calls change)
         self.step = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.base = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.noise_buffer = None if noise is None else noise.buffer
+        self.captures = 0  # device graphs this call captured (run_graph)
+        self._prompt(valid)
+
+    def _prompt(self, valid: torch.Tensor) -> None:
+        self.prompt_len = valid.shape[1]
+        self.visible[:, : self.prompt_len] = valid
+        self.base.fill_(self.prompt_len)
+
+    @classmethod
+    def allocate(
+        cls,
+        model: ArModel,
+        cache: KVCache,
+        picker: TokenPicker,
+        dtype: torch.dtype,
+        noise: tuple[int, int] | None,
+    ) -> DecodeLoop:
+        """A graph bucket's loop: every per-step buffer holds ``cache.capacity`` steps, the noise
+        buffer (B, chunk, V) for ``noise`` = (chunk, V); ``load`` fills it for each call."""
+        b, c, device = cache.keys.shape[1], cache.capacity, cache.keys.device
+        rot = model.config.rotary_dim
+        rope = tuple(torch.zeros((b, c, rot), dtype=dtype, device=device) for _ in range(2))
+        tokens = torch.zeros((b, c), dtype=torch.long, device=device)
+        unfinished = torch.ones(b, dtype=torch.bool, device=device)
+        valid = torch.zeros((b, 0), dtype=torch.bool, device=device)
+        loop = cls(model, cache, picker, None, rope, valid, tokens, unfinished)
+        if noise is not None:
+            loop.noise_buffer = torch.empty((b, *noise), device=device)
+        return loop
+
+    def load(
+        self, valid: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], noise: NoiseStream | None
+    ) -> None:
+        """Make a bucket's loop the next call's: every buffer refilled in place (a captured graph
+        holds their addresses), the step counter at 0, every row unfinished. ``noise`` must draw
+        into ``noise_buffer``."""
+        if (noise is None) != (self.noise_buffer is None) or (
+            noise is not None and noise.buffer is not self.noise_buffer
+        ):
+            raise ValueError("a bucket's noise stream must fill the bucket's noise buffer")
+        steps = rope[0].shape[1]
+        self.cos[:, :steps].copy_(rope[0])
+        self.sin[:, :steps].copy_(rope[1])
+        self.visible.zero_()
+        self._prompt(valid)
+        self.step.zero_()
+        self.unfinished.fill_(True)
+        self.tokens.zero_()
+        self.noise, self.captures = noise, 0
 
     # ---------------------------------------------------------------- eager
 
@@ -286,7 +347,7 @@ class DecodeLoop:
     def _static_step(self) -> None:
         """One step on device tensors only (capturable): reads ``step``, advances it."""
         idx = self.step  # (1,): the input token's index; its cache slot is prompt_len + idx
-        slot = idx + self.prompt_len
+        slot = idx + self.base
         self.visible.index_fill_(1, slot, True)
         token = self.tokens.index_select(1, idx)  # (B, 1)
         rope = (self.cos.index_select(1, idx), self.sin.index_select(1, idx))
@@ -314,14 +375,29 @@ class DecodeLoop:
             if progress is not None:
                 progress("ar", step + 1, steps)
 
-    def run_graph(self, steps: int, progress: Progress | None, *, sync_every: int = 64) -> str | None:
-        """Capture the static step once and replay it; the reason (nothing changed) if it cannot
-        be captured. The eager run before capture computes step 1 exactly as the first replay
-        will, so only the counter is reset."""
+    def run_graph(
+        self, steps: int, progress: Progress | None, bucket: Bucket | None = None, *, sync_every: int = 64
+    ) -> str | None:
+        """Replay the static step: ``bucket``'s graph (captured at its first call, the loop being
+        the bucket's), or one captured now; the reason (nothing changed) if it cannot be
+        captured. The eager run before capture computes step 1 exactly as the first replay will;
+        the reset puts back what it changed of the loop's state (the counter, the visible slots,
+        the rows' ``unfinished``), so a replay of a capture that ran for real starts right too."""
         if steps < 3:
             return f"{steps} tokens leave nothing to replay"
         self._noise_row(1)
-        captured = capture(self._static_step, self.device, reset=self.step.zero_)
+        state = (self.step, self.visible, self.unfinished)
+        saved = [x.clone() for x in state]
+
+        def reset() -> None:
+            for x, s in zip(state, saved, strict=True):
+                x.copy_(s)
+
+        if bucket is None:
+            captured = capture(self._static_step, self.device, reset=reset)
+            self.captures = 0 if isinstance(captured, str) else 1
+        else:
+            captured, self.captures = bucket.graph_for(self._static_step, self.device, reset)
         if isinstance(captured, str):
             return captured
 
@@ -345,30 +421,49 @@ def start_sequential(
     kept_logits: list[torch.Tensor] | None = None,
     *,
     prefetch: bool = False,
+    lease: CallLease | None = None,
 ) -> tuple[DecodeLoop, float]:
     """The prefill and the first token of sequential decoding of ``batch`` (an ``ArEngine``'s
     planned batch) on ``engine``: the loop of the later steps, and when the first token was
     there (``time.perf_counter``, device synchronised). ``ArEngine._decode`` runs the loop's
     steps in one go, the AR scheduler one step per iteration; the caller closes ``loop.noise``.
+
+    ``lease`` (device graphs): ``lease(key, make)`` gives the graph bucket of ``key``, whose
+    ``state`` (``make()`` on its first call) is the loop this call refills and returns; its
+    ``tokens`` then hold the bucket's capacity of steps.
     """
     model, text, device = engine.model, engine.config.ar.text, engine.device
     b, prompt_len = batch.input_ids.shape
-    cache = engine._cache(b, prompt_len + steps)
-    tokens = torch.empty((b, steps), dtype=torch.long, device=device)
-    unfinished = torch.ones(b, dtype=torch.bool, device=device)
     picker = engine._picker(greedy, constrain_grid)
-    noise = None
-    if not greedy and model.tp.leads:  # tensor parallel: only the rank that decides draws
-        chunk = 16 if device.type == "cpu" else 256
-        noise = NoiseStream(generators, steps, text.vision_vocab_size, device, chunk=chunk, prefetch=prefetch)
+    draws = not greedy and model.tp.leads  # tensor parallel: only the rank that decides draws
+    chunk = 16 if device.type == "cpu" else 256
     # the generated tokens' rotary tables (the EOS step's position is the last)
     rope = rotary_tables(batch.decode_positions[:, :, : steps - 1], text, engine.dtype)
-    loop = DecodeLoop(model, cache, picker, noise, rope, batch.valid, tokens, unfinished)
+    vocab = text.vision_vocab_size
+    if lease is None:
+        cache = engine._cache(b, prompt_len + steps)
+        tokens = torch.empty((b, steps), dtype=torch.long, device=device)
+        unfinished = torch.ones(b, dtype=torch.bool, device=device)
+        noise = (
+            NoiseStream(generators, steps, vocab, device, chunk=chunk, prefetch=prefetch) if draws else None
+        )
+        loop = DecodeLoop(model, cache, picker, noise, rope, batch.valid, tokens, unfinished)
+    else:
+        capacity = bucket_capacity(prompt_len + steps)
+        shape = (chunk, vocab) if draws else None
+        key = ("sequential", b, capacity, picker, shape, *step_context(model))
+        loop = lease(
+            key, lambda: DecodeLoop.allocate(model, engine._cache(b, capacity), picker, engine.dtype, shape)
+        ).state
+        noise = None
+        if draws:
+            noise = NoiseStream(generators, steps, vocab, device, prefetch=prefetch, buffer=loop.noise_buffer)
+        loop.load(batch.valid, rope, noise)
     try:
-        logits = model.logits(engine._prefill(batch, cache)[:, -1])
+        logits = model.logits(engine._prefill(batch, loop.cache)[:, -1])
         if kept_logits is not None:
             kept_logits.append(logits)
-        tokens[:, 0] = decide(model.tp, picker, logits, loop.first_noise(), unfinished)
+        loop.tokens[:, 0] = decide(model.tp, picker, logits, loop.first_noise(), loop.unfinished)
         synchronize(device)
     except BaseException:
         if noise is not None:

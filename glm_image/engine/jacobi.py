@@ -11,13 +11,18 @@ Data layout (B rows, capacity C = P + steps + W, generated index i lives in cach
 - ``accepted`` n (B,), ``drafts`` (B, W - 1), ``q`` (B, W - 1, V): the draft distributions;
 - the window of row b reads generated indices n_b - 1 .. n_b + W - 2 and writes their K/V at
   slots P + n_b - 1 + j (``ArModel`` scatters per row); query j sees the prompt's real slots and
-  the generated slots up to its own (causal within the window). Slots past it hold K/V of drafts
-  an earlier window rejected; they are hidden, then overwritten.
+  the generated slots up to its own (causal within the window): the model gets the row's open
+  slots ``open`` (B, C) and the query slots, and ``ops.window_attention`` applies the causal
+  bound per query (no dense (B, W, C) mask). Slots past it hold K/V of drafts an earlier window
+  rejected; they are hidden, then overwritten.
 
 Every row advances by its own count; a finished row (n_b = steps) still runs (static shapes)
 but writes only scratch slots and counts nothing. One iteration reads and writes only buffers
 allocated before the first, so it is a static step that a device graph can capture like
-``DecodeLoop``'s. The host reads one small tensor (the row counts) before every eager iteration,
+``DecodeLoop``'s, and keep per bucket (``engine.graphs``): a bucket's loop (``allocate``) holds
+the bucket's capacity in every per-index buffer, and ``load`` refills it in place for each call
+(the prompt's length ``base`` and the tokens per row ``limit`` are device tensors the step
+reads). The host reads one small tensor (the row counts) before every eager iteration,
 to know how much of the cache to read; the static step reads it only when the slowest row could
 be done, so a device queues graph replays without draining between them. Each row draws its uniforms (2W - 1 per
 iteration) from its own seeded generator (``UniformStream``).
@@ -62,12 +67,13 @@ from ..progress import Progress
 from ..sampling.speculative import greedy_drafts, greedy_verify, jacobi_drafts, verify
 from .choices import DEFAULT_CONTINUED, DEFAULT_COUPLED, DEFAULT_DRAFTS, DEFAULT_WINDOW
 from .decode import DecodeStats, TokenPicker
-from .graphs import capture
+from .graphs import Bucket, CallLease, bucket_capacity, capture, run_steps, step_context, step_mode
 from .protocol import GridSpec
 
 __all__ = ["JacobiLoop", "JacobiOptions", "UniformStream", "decode", "draft_sources"]
 
 MAX_UNREAD = 64  # static-step iterations the host queues without reading (sequential: 64 too)
+UNIFORM_CHUNK = 256  # iterations of uniforms drawn at a time
 
 
 @dataclass(frozen=True)
@@ -110,14 +116,25 @@ class UniformStream:
     """Uniforms in [0, 1), ``width`` per iteration, drawn ``chunk`` iterations at a time; row
     ``i`` from ``generators[i]``. float64: an inverse-CDF draw resolves probabilities down to the
     uniform's step. ``buffer`` (B, chunk, width) is allocated once and refilled in place (a
-    device graph reads it); ``refill(i)`` makes it hold iterations [i, i + chunk)."""
+    device graph reads it), or given (a graph bucket's; its chunk is then the buffer's: the draws
+    are the same, min(chunk, iterations) iterations at a time); ``refill(i)`` makes it hold
+    iterations [i, i + chunk)."""
 
     def __init__(
-        self, generators: list[torch.Generator], iterations: int, width: int, device: torch.device, chunk: int
+        self,
+        generators: list[torch.Generator],
+        iterations: int,
+        width: int,
+        device: torch.device,
+        chunk: int,
+        *,
+        buffer: torch.Tensor | None = None,
     ) -> None:
         self.generators, self.iterations = generators, iterations
-        self.chunk = max(1, min(chunk, iterations))
-        self.buffer = torch.empty((len(generators), self.chunk, width), dtype=torch.float64, device=device)
+        if buffer is None:
+            chunk = max(1, min(chunk, iterations))
+            buffer = torch.empty((len(generators), chunk, width), dtype=torch.float64, device=device)
+        self.chunk, self.buffer = buffer.shape[1], buffer
 
     def refill(self, iteration: int) -> None:
         count = min(self.chunk, self.iterations - iteration)
@@ -167,11 +184,86 @@ class JacobiLoop:
         self.iterations = 1  # forwards of the batch, the prefill's included
         self.iteration = torch.zeros(1, dtype=torch.long, device=device)  # the uniforms' row
         self.offsets = torch.arange(window, device=device)
-        self.slot_ids = torch.arange(cache.capacity, device=device)
+        # the row's open slots (the model's ``visible``): padding stays hidden; the generated
+        # slots are all open, and attention hides those past each query's own slot
         self.open = torch.ones((b, cache.capacity), dtype=torch.bool, device=device)
-        self.open[:, : self.prompt_len] = valid  # padding stays hidden; generated slots by position
+        self.open[:, : self.prompt_len] = valid
         self.sources = sources.to(device)
         self.structured = bool((sources >= 0).any())
+        # what a graph bucket's calls change, as device tensors the static step reads: the slot
+        # of generated index 0 (the prompt's length) and the tokens each row writes
+        self.base = torch.full((1,), self.prompt_len, dtype=torch.long, device=device)
+        self.limit = torch.full((1,), steps, dtype=torch.long, device=device)
+        self.captures = 0  # device graphs this call captured (run_graph)
+
+    @classmethod
+    def allocate(
+        cls,
+        model: ArModel,
+        cache: KVCache,
+        picker: TokenPicker,
+        window: int,
+        dtype: torch.dtype,
+        *,
+        uniforms: int | None,
+        coupled: bool,
+        continued: bool,
+        structured: bool,
+    ) -> JacobiLoop:
+        """A graph bucket's loop: every per-index buffer (tokens, rotary tables, draft sources,
+        coupled noise) holds ``cache.capacity`` indices, ``uniforms`` per iteration (None: greedy
+        or not the deciding rank) in chunks of ``UNIFORM_CHUNK``; ``load`` fills it per call."""
+        b, c, device = cache.keys.shape[1], cache.capacity, cache.keys.device
+        rot = model.config.rotary_dim
+        rope = tuple(torch.zeros((b, c, rot), dtype=dtype, device=device) for _ in range(2))
+        stream = None
+        if uniforms is not None:
+            buffer = torch.zeros((b, UNIFORM_CHUNK, uniforms), dtype=torch.float64, device=device)
+            stream = UniformStream([], 0, uniforms, device, UNIFORM_CHUNK, buffer=buffer)
+        valid = torch.zeros((b, 0), dtype=torch.bool, device=device)
+        sources = torch.full((c,), -1, dtype=torch.long)
+        noise = torch.zeros((b, c), dtype=torch.float64, device=device) if coupled else None
+        loop = cls(
+            model, cache, picker, stream, rope, valid, c - window, window, sources,
+            noise=noise, continued=continued,
+        )  # fmt: skip
+        loop.structured = structured
+        return loop
+
+    def load(
+        self,
+        valid: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        steps: int,
+        sources: torch.Tensor,
+        uniforms: UniformStream | None,
+        noise: torch.Tensor | None,
+    ) -> None:
+        """Make a bucket's loop the next call's (``start``'s arguments): every buffer refilled in
+        place (a captured graph holds their addresses), every counter at 0. ``uniforms`` must draw
+        into the bucket's uniform buffer."""
+        mine = None if self.uniforms is None else self.uniforms.buffer
+        if (uniforms is None) != (mine is None) or (uniforms is not None and uniforms.buffer is not mine):
+            raise ValueError("a bucket's uniform stream must fill the bucket's uniform buffer")
+        if bool((sources >= 0).any()) != self.structured or (noise is None) != (self.noise is None):
+            raise ValueError("the call's draft options are not its bucket's")
+        indices = rope[0].shape[1]  # steps + W
+        self.cos[:, :indices].copy_(rope[0])
+        self.sin[:, :indices].copy_(rope[1])
+        self.steps, self.prompt_len = steps, valid.shape[1]
+        self.limit.fill_(steps)
+        self.base.fill_(self.prompt_len)
+        self.open.fill_(True)
+        self.open[:, : self.prompt_len] = valid
+        self.sources.fill_(-1)
+        self.sources[: len(sources)].copy_(sources)
+        if noise is not None:
+            self.noise.zero_()
+            self.noise[:, : noise.shape[1]].copy_(noise)
+        state = [self.tokens, self.accepted, self.drafts, self.forwards, self.histogram, self.iteration]
+        for x in state + ([self.q] if self.q is not None else []):
+            x.zero_()
+        self.uniforms, self.iterations, self.captures = uniforms, 1, 0
 
     # ---------------------------------------------------------------- one iteration
 
@@ -215,9 +307,9 @@ class JacobiLoop:
             count, tokens = greedy_verify(target, drafts)
         else:
             count, tokens = verify(target, self.q[:, : t - 1], drafts, u[:, : t - 1], u[:, t - 1])
-        count = torch.minimum(count, (self.steps - n).clamp_min(0))  # finished rows: 0
+        count = torch.minimum(count, (self.limit - n).clamp_min(0))  # finished rows: 0
         self.tokens.scatter_(1, n.unsqueeze(1) + self.offsets[:t], tokens)
-        running = n < self.steps
+        running = n < self.limit
         self.forwards += running
         self.histogram.scatter_add_(1, count.unsqueeze(1), running.long().unsqueeze(1))
         n = n + count
@@ -274,9 +366,8 @@ class JacobiLoop:
         ids = torch.cat([self.tokens.gather(1, index[:, :1]), self.drafts], dim=1)
         at = index.unsqueeze(-1).expand(-1, -1, self.cos.shape[-1])
         rope = (self.cos.gather(1, at), self.sin.gather(1, at))
-        slots = index + self.prompt_len
-        visible = self.open.unsqueeze(1) & (self.slot_ids <= slots.unsqueeze(-1))  # (B, W, C)
-        hidden = self.model(ids, rope, self.cache, slots, visible=visible, length=length)
+        slots = index + self.base  # (B, W): query j sees the open slots up to slots[:, j]
+        hidden = self.model(ids, rope, self.cache, slots, visible=self.open, length=length)
         self._verify(self.model.logits(hidden))
         self.iteration.add_(1)
 
@@ -295,9 +386,10 @@ class JacobiLoop:
         """Iterate with the capturable step (``replay``: its captured graph), the whole cache."""
         self._run(progress, replay or self.step)
 
-    def run_graph(self, steps: int, progress: Progress | None) -> str | None:
-        """Capture the iteration once and replay it; the reason (nothing changed) if it cannot
-        be captured. Capture runs one iteration eagerly, which the reset undoes."""
+    def run_graph(self, steps: int, progress: Progress | None, bucket: Bucket | None = None) -> str | None:
+        """Replay the iteration: ``bucket``'s graph (``engine.graphs``: captured at its first
+        call, this loop being the bucket's), or one captured now; the reason (nothing changed)
+        if it cannot be captured. Capture runs one iteration eagerly, which the reset undoes."""
         if self.steps < 2:
             return f"{self.steps} tokens leave nothing to replay"
         saved = [x.clone() for x in self._snapshot()]
@@ -306,7 +398,11 @@ class JacobiLoop:
             for x, s in zip(self._snapshot(), saved, strict=True):
                 x.copy_(s)
 
-        captured = capture(self.step, self.device, reset=restore)
+        if bucket is None:
+            captured = capture(self.step, self.device, reset=restore)
+            self.captures = 0 if isinstance(captured, str) else 1
+        else:
+            captured, self.captures = bucket.graph_for(self.step, self.device, restore)
         if isinstance(captured, str):
             return captured
         self._run(progress, captured.replay)
@@ -373,13 +469,17 @@ def decode(
     *,
     options: JacobiOptions = JacobiOptions(),
     progress: Progress | None = None,
-) -> tuple[torch.Tensor, DecodeStats, float, str]:
+) -> tuple[torch.Tensor, DecodeStats, float, str, int]:
     """``ArEngine._decode`` by Jacobi windows: tokens (B, steps), the counters, when the prefill
-    was done (``time.perf_counter``, device synchronised) and how the iterations ran (the
-    engine's ``decode_step``, as for sequential decoding)."""
-    loop, prefill_done = start(engine, batch, spec, steps, generators, greedy, constrain_grid, options)
-    how = engine._run_steps(loop, steps, None, progress)
-    return loop.result(), loop.stats(), prefill_done, how
+    was done (``time.perf_counter``, device synchronised), how the iterations ran (the
+    engine's ``decode_step``, as for sequential decoding) and the device graphs captured."""
+    mode, leasing = step_mode(engine, False)
+    with leasing as lease:
+        loop, prefill_done = start(
+            engine, batch, spec, steps, generators, greedy, constrain_grid, options, lease=lease
+        )
+        how = run_steps(engine, loop, steps, None, progress, mode, lease)
+        return loop.result(), loop.stats(), prefill_done, how, loop.captures
 
 
 def start(
@@ -391,30 +491,54 @@ def start(
     greedy: bool,
     constrain_grid: bool,
     options: JacobiOptions = JacobiOptions(),
+    *,
+    lease: CallLease | None = None,
 ) -> tuple[JacobiLoop, float]:
     """The prefill and the first token of ``decode``: the loop of the later iterations and when
-    the first token was there (``time.perf_counter``, device synchronised)."""
+    the first token was there (``time.perf_counter``, device synchronised). ``lease`` (device
+    graphs): the loop is the state of the graph bucket it gives (``decode.start_sequential``)."""
     window = options.window
     model, text, device = engine.model, engine.config.ar.text, engine.device
     b, prompt_len = batch.input_ids.shape
-    cache = engine._cache(b, prompt_len + steps + window)
     picker = engine._picker(greedy, constrain_grid)
     positions = batch.decode_positions[:, :, :steps]
     positions = torch.cat([positions, positions[:, :, -1:].expand(-1, -1, window)], dim=2)
     rope = rotary_tables(positions, text, engine.dtype)  # past the last token: scratch only
     # at most one forward per token: ``steps`` iterations, the prefill's included
     draws = not greedy and model.tp.leads  # only the rank that verifies draws
-    uniforms = UniformStream(generators, steps, options.uniforms(), device, 256) if draws else None
+    width = options.uniforms() if draws else None
     noise = None
     if draws and options.coupled:  # drawn before the iterations' uniforms, from each row's generator
         noise = torch.empty((b, steps + window), dtype=torch.float64, device=device)
         for row, generator in enumerate(generators):
             noise[row].uniform_(generator=generator)
     sources = draft_sources(spec, steps + window, options.drafts)
-    loop = JacobiLoop(
-        model, cache, picker, uniforms, rope, batch.valid, steps, window, sources,
-        noise=noise, continued=options.continued and draws,
-    )  # fmt: skip
-    loop.first(model.logits(engine._prefill(batch, cache)[:, -1:]))
+    continued = options.continued and draws
+    if lease is None:
+        cache = engine._cache(b, prompt_len + steps + window)
+        uniforms = UniformStream(generators, steps, width, device, UNIFORM_CHUNK) if draws else None
+        loop = JacobiLoop(
+            model, cache, picker, uniforms, rope, batch.valid, steps, window, sources,
+            noise=noise, continued=continued,
+        )  # fmt: skip
+    else:
+        capacity = bucket_capacity(prompt_len + steps + window)
+        structured = bool((sources >= 0).any())
+        shape = (window, picker, structured, noise is not None, continued, width)
+        key = ("jacobi", b, capacity, *shape, *step_context(model))
+
+        def make() -> JacobiLoop:
+            return JacobiLoop.allocate(
+                model, engine._cache(b, capacity), picker, window, engine.dtype,
+                uniforms=width, coupled=noise is not None, continued=continued, structured=structured,
+            )  # fmt: skip
+
+        loop = lease(key, make).state
+        uniforms = None
+        if draws:
+            buffer = loop.uniforms.buffer
+            uniforms = UniformStream(generators, steps, width, device, UNIFORM_CHUNK, buffer=buffer)
+        loop.load(batch.valid, rope, steps, sources, uniforms, noise)
+    loop.first(model.logits(engine._prefill(batch, loop.cache)[:, -1:]))
     synchronize(device)
     return loop, time.perf_counter()

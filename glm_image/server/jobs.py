@@ -308,7 +308,9 @@ class EngineQueue:
                 if not job.abandoned:
                     await self._run([job])
         else:
-            self.metrics.count_engine_call(len(batch), outputs[0].timings)
+            self.metrics.count_engine_call(
+                len(batch), outputs[0].timings, graphs=outputs[0].ar_graph_captures
+            )
             self.metrics.count_images(sum(len(output.images) for output in outputs))
             for job, output in zip(batch, outputs, strict=True):
                 if not job.future.done():

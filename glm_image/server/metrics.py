@@ -70,6 +70,7 @@ class Metrics:
         self.engine_failures = 0
         self.engine_stopped = 0
         self.batches_split = 0  # calls of several requests that raised; each request ran again alone
+        self.ar_graph_captures = 0  # AR decode graphs captured (a bucket's first call; engine.graphs)
         self.requests: dict[tuple[str, int], int] = defaultdict(int)
         self.dropped: dict[str, int] = defaultdict(int)  # reason -> queued jobs removed before they ran
         self.stages = {stage: _Histogram() for stage in STAGES}
@@ -112,11 +113,13 @@ class Metrics:
             self.requests[(endpoint_label(path), status)] += 1
 
     def count_engine_call(
-        self, requests: int, timings: dict[str, float] | None, stopped: bool = False
+        self, requests: int, timings: dict[str, float] | None, stopped: bool = False, graphs: int = 0
     ) -> None:
-        """``timings`` None: the call raised; ``stopped``: on purpose, every request abandoned."""
+        """``timings`` None: the call raised; ``stopped``: on purpose, every request abandoned;
+        ``graphs``: the AR decode graphs the call captured."""
         with self._lock:
             self.engine_calls += 1
+            self.ar_graph_captures += graphs
             self.batch_sizes.observe(requests)
             if timings is None:
                 if stopped:
@@ -199,6 +202,13 @@ class Metrics:
                 "counter",
                 "Engine calls stopped early because every request in them was abandoned.",
                 [("", self.engine_stopped)],
+            )
+            metric(
+                "glm_image_ar_graph_captures_total",
+                "counter",
+                "AR decode graphs captured: once per bucket (batch, KV capacity, sampling) kept by the "
+                "engine; a request of a shape seen before replays its graph and adds nothing.",
+                [("", self.ar_graph_captures)],
             )
             metric(
                 "glm_image_requests_total",

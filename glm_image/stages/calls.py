@@ -53,6 +53,7 @@ class GenerationOutput:
     ar_forwards: tuple[int, ...] = ()
     # DiT transformer passes per image (2 per step with guidance; fewer with a step cache)
     dit_forwards: tuple[float, ...] = ()
+    ar_graph_captures: int = 0  # AR decode graphs the call captured (0: replayed kept ones, or none)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class PriorTokens:
     ar_tokens: int = 0  # tokens the AR model wrote per image
     ar_forwards: tuple[int, ...] = ()  # AR forwards per image, the prefill included
     timings: dict[str, float] = field(default_factory=dict)  # "ar", "ar_prefill"
+    ar_graph_captures: int = 0  # ``ArResult.graph_captures``
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ def output_of(prior: PriorTokens, made: Images) -> GenerationOutput:
         prior.ar_tokens,
         prior.ar_forwards,
         made.dit_forwards,
+        prior.ar_graph_captures,
     )
 
 
@@ -174,6 +177,7 @@ def outputs_of(
                 whole.ar_tokens,
                 whole.ar_forwards[part],
                 whole.dit_forwards[part],
+                whole.ar_graph_captures,
             )
         )
         at = part.stop

@@ -63,6 +63,7 @@ def prior_tokens_of(call: ArCall, result, start: float) -> PriorTokens:
         result.tokens.shape[1],
         result.stats.image_forwards,
         {"ar": time.perf_counter() - start, "ar_prefill": result.prefill_seconds},
+        result.graph_captures,
     )
 
 
