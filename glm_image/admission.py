@@ -51,6 +51,7 @@ class Admission:
                 batch=images,
                 conditions=conditions,
                 parallel=self.plan.parallel,
+                graph_buckets=self.plan.graph_buckets,
             )
             self._peaks[key] = estimate.peak(self.plan.residency)
         return self._peaks[key]

@@ -230,6 +230,9 @@ class MemoryEstimate:
     # several devices: {"ar_tp", "dit_cfg", "dit_sp", "placement"}, and every number above is one
     # rank's (the busiest: the first, which decides the tokens and decodes the VAE); {}: one device
     ranks: dict = field(default_factory=dict)
+    # what the AR keeps on its device between calls while it stays there (resident, or its own
+    # devices): its device-graph buckets (``engine.graphs``: KV cache and noise each)
+    kept: int = 0
 
     @property
     def residencies(self) -> tuple[str, ...]:
@@ -267,12 +270,12 @@ class MemoryEstimate:
                 + ", ".join(self.residencies)
             )
         if self.ranks.get("placement") == "separate":  # the AR's ranks, then the DiT's, apart
-            ar = self.ar_stage + self.ar_activations
+            ar = self.ar_stage + self.kept + self.ar_activations
             dit = self.dit_stage + max(self.dit_activations, self.vae_activations)
             return max(ar, dit) + RESERVE
         if residency == "resident":  # several ranks: the first device holds a rank of each stage
             run = max(self.ar_activations, self.dit_activations, self.vae_activations)
-            return self.ar_stage + self.dit_stage + run + RESERVE
+            return self.ar_stage + self.dit_stage + self.kept + run + RESERVE
         return max(self.stage_peaks(residency)) + RESERVE
 
     def to_json(self) -> dict:
@@ -284,6 +287,7 @@ class MemoryEstimate:
             "activation_parts_bytes": dict(self.parts),
             "streamed_units": {stage: {"count": c, "bytes": b} for stage, (c, b) in self.units.items()},
             "reserve_bytes": RESERVE,
+            "kept_bytes": self.kept,
             "peak_bytes": {r: self.peak(r) for r in self.residencies},
             **({"ranks": dict(self.ranks)} if self.ranks else {}),
         }
@@ -313,6 +317,7 @@ def estimate_memory(
     step_cache: bool = False,
     jacobi_window: int = 0,
     parallel=None,
+    graph_buckets: int = 0,
 ) -> MemoryEstimate:
     """The estimate for one generation call of ``batch`` images at ``height`` x ``width`` (see
     the module docstring). ``images``: the ViT is loaded (image-to-image served);
@@ -324,7 +329,10 @@ def estimate_memory(
     makes the estimate one device's: the AR's first tensor-parallel rank (its heads, KV heads,
     MLP and lm_head slices; the sampling noise and the gathered logits whole, since it decides
     the tokens) and the DiT's first rank (one CFG branch's rows with ``dit_cfg_parallel``, 1 /
-    ``dit_sp`` of the tokens under Ulysses; the weights, the glyph encoder and the VAE whole)."""
+    ``dit_sp`` of the tokens under Ulysses; the weights, the glyph encoder and the VAE whole);
+    ``graph_buckets``: the device-graph buckets the AR keeps between calls (``engine.graphs``;
+    0 where the device has no graphs), each counted at this call's KV cache and noise (an
+    upper bound: a bucket is one call's shape), held while the AR stays on its device."""
     from .config import CheckpointConfig
     from .parallel.layout import ArShard
 
@@ -393,7 +401,10 @@ def estimate_memory(
         for stage, name in (("ar", "ar_text_decoder"), ("dit", "dit"))
     }
     ranks = {"ar_tp": tp, "dit_cfg": cfg, "dit_sp": sp, "placement": parallel.placement} if spread else {}
-    return MemoryEstimate(weights, ar_activations, dit_activations, vae_activations, units, parts, ranks)
+    kept = graph_buckets * (parts["ar_kv_cache"] + parts["ar_noise"])
+    return MemoryEstimate(
+        weights, ar_activations, dit_activations, vae_activations, units, parts, ranks, kept
+    )
 
 
 # ---------------------------------------------------------------------- the plan
@@ -415,6 +426,7 @@ class MemoryPlan:
     # None when it can or when no device is named (meta)
     device_error: str | None = None
     parallel: object = None  # a parallel.ParallelConfig over several devices (None: one device)
+    graph_buckets: int = 0  # the AR's device-graph buckets the estimate counts (engine.graphs)
 
     @property
     def offload(self) -> bool:
@@ -490,6 +502,7 @@ def plan_memory(
     ``max_memory``), and ``resident`` the one residency (the engine swaps and streams on one
     device only). Logs ``MemoryPlan.describe()``."""
     from .device import default_dtype
+    from .engine.graphs import DEFAULT_BUCKETS
 
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
@@ -507,6 +520,8 @@ def plan_memory(
             "allowed: resident or none"
         )
     one_place = device.type == "cpu" or spread
+    # the AR keeps its graph buckets where graphs exist (meta: an accelerator, as planned for)
+    buckets = DEFAULT_BUCKETS if device.type in ("cuda", "npu", "meta") else 0
     residencies = (forced,) if forced else ("resident",) if one_place else RESIDENCIES
     candidates = (
         [(s, r) for s, r in _AUTO if r in residencies] if scheme.auto else [(scheme, r) for r in residencies]
@@ -527,6 +542,7 @@ def plan_memory(
                 step_cache=step_cache,
                 jacobi_window=jacobi_window,
                 parallel=parallel,
+                graph_buckets=buckets,
             )
         peak = estimates[candidate].peak(residency)
         if budget is None or peak <= budget:
@@ -576,6 +592,7 @@ def plan_memory(
         batch,
         device_error,
         parallel if spread else None,
+        buckets,
     )
     log.info(plan.describe())
     return plan

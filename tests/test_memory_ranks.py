@@ -109,10 +109,30 @@ def test_the_plan_is_one_devices_and_fits_where_one_device_would_not():
 
 
 def test_info_json_gives_the_plan_of_one_device(cli):
-    out = cli("info", "--preset", "glm-image", "--quantize", "int8", "--json", "--ar-tp", "2", "--dit-sp", "2")
+    out = cli(
+        "info", "--preset", "glm-image", "--quantize", "int8", "--json", "--ar-tp", "2", "--dit-sp", "2"
+    )
     plan = json.loads(out.stdout)["plan"]
     assert plan["parallel"] == "AR tensor parallel x2, DiT Ulysses SP x2 (placement: same)"
     assert plan["estimate"]["ranks"] == {"ar_tp": 2, "dit_cfg": 1, "dit_sp": 2, "placement": "same"}
     assert list(plan["estimate"]["peak_bytes"]) == ["resident"]
     whole = json.loads(out.stdout)["components"]["ar_text_decoder"]["bytes"]
     assert plan["estimate"]["weights_bytes"]["ar_text_decoder"] < 0.7 * whole
+
+
+def test_the_graph_buckets_the_ar_keeps_count_while_it_stays_on_the_device(tiny_checkpoint):
+    """``engine.graphs`` keeps up to ``DEFAULT_BUCKETS`` buckets (a KV cache and noise each) after
+    a call: resident and on the AR's own devices they stay through the DiT; a residency that
+    moves the AR off the device clears them (``ArEngine.to``)."""
+    from glm_image.engine.graphs import DEFAULT_BUCKETS
+
+    plain = estimate_memory(tiny_checkpoint, "none", F32, height=256, width=256)
+    kept = estimate_memory(tiny_checkpoint, "none", F32, height=256, width=256, graph_buckets=DEFAULT_BUCKETS)
+    bucket = plain.parts["ar_kv_cache"] + plain.parts["ar_noise"]
+    assert kept.kept == DEFAULT_BUCKETS * bucket > 0
+    assert kept.peak("resident") == plain.peak("resident") + DEFAULT_BUCKETS * bucket
+    for residency in ("swap", "dit_offload", "offload"):
+        assert kept.peak(residency) == plain.peak(residency)
+    # planned for an accelerator (meta) they are counted; on a CPU (no graphs) they are not
+    assert plan_memory(tiny_checkpoint, "meta", F32).graph_buckets == DEFAULT_BUCKETS
+    assert plan_memory(tiny_checkpoint, "cpu", F32).estimate.kept == 0
