@@ -29,8 +29,21 @@
 #              released preset's plans at 12GB / 16GB / 24GiB int8 on this device (plan_*.json).
 #              GPU_RUN_OFFLOAD_STEPS (default 4), GPU_RUN_OFFLOAD_RESIDENCIES (default all). A CPU
 #              dry run: GPU_RUN_MODEL=tiny GPU_RUN_DEVICE=cpu GPU_RUN_SIZE=64x64 ... OUT offload
-#   gemv       one decode row through the AR's linears: dense, torch's int8 / fp8 paths and our
-#              int8 / int4 GEMV at 48 launches (the kernel's LAUNCH defaults come from this)
+#   gemv       the decode GEMM (issue 24) through the AR's linears at 1, 4, 16, 64 and 128 rows:
+#              dense bf16, torch's paths and our int8 / int4 kernel at each launch of its sweep,
+#              with the share of the card's HBM bandwidth (goal: 75% at 1 row, 60% at 64); the
+#              kernel's LAUNCH default should be the fastest launch it names
+#   w8a8       the DiT's linears at 8192 rows (1024x1024 with guidance): bf16 against int8 W8A8,
+#              fp8 with the fused activation quantization, the old paths, torchao's configs and
+#              torch.compile (benchmarks/bench_w8a8.py; goal: fp8 1.25x, int8 1.15x a DiT step)
+#   graphs     device graphs kept per bucket (issue 24): four AR calls through GlmImage per
+#              decoding, a new shape's first call against its second (captures expected 1, 1, 0,
+#              0; benchmarks/bench_graph_reuse.py)
+#   window     Jacobi window attention (issue 24): the window kernel at W = 4, 8, 16 against
+#              decode attention and the dense-mask path it replaced (released heads, a 4608-slot
+#              cache), then a W=8 window forward against a sequential one at the released widths
+#              with 4 layers, bf16 and int8, graphs and eager (benchmarks/bench_window.py; goal:
+#              ratio <= 1.2 at batch 1 and 4)
 #   kernels    our Triton kernels against their torch twins, per op
 #   lora       an unmerged LoRA adapter's cost per AR token and per DiT step at rank 16 and 64
 #              (mid widths and the released widths with one layer per stack; random adapters)
@@ -54,7 +67,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-results/gpu}
-stages=${2:-full,tests,ar,dit,speed,fast,arquant,memory,offload,gemv,kernels,lora,continuous,scaling}
+stages=${2:-full,tests,ar,dit,speed,fast,arquant,memory,offload,gemv,w8a8,window,graphs,kernels,lora,continuous,scaling}
 model=${GPU_RUN_MODEL:-wide}
 size=${GPU_RUN_SIZE:-1024x1024}
 device=${GPU_RUN_DEVICE:-cuda}
@@ -126,8 +139,9 @@ fi
 # The preset's random checkpoint is written once (tens of seconds for wide), outside any stage's cap.
 [ "$stages" = full ] || run checkpoint 150 python3 -c "from glm_image.hub import resolve_checkpoint; print(resolve_checkpoint('$model'))"
 if want tests; then
-    run tests 110 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_ops_triton.py \
-        tests/test_quant_kernels.py tests/test_selfcheck.py tests/test_device_and_ops.py
+    run tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_ops_triton.py \
+        tests/test_quant_kernels.py tests/test_selfcheck.py tests/test_device_and_ops.py \
+        tests/test_window_attention.py tests/test_w8a8.py tests/test_quant_choice.py
     run tests-graphs 40 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_decode.py tests/test_jacobi.py
 fi
 if want ar; then
@@ -181,7 +195,23 @@ if want offload; then
         ${GPU_RUN_OFFLOAD_RESIDENCIES:+--residencies "$GPU_RUN_OFFLOAD_RESIDENCIES"}
 fi
 if want gemv; then
-    run gemv 120 python3 benchmarks/bench_quant.py gemv --device "$device" --out "$out/bench_gemv.json"
+    gemv=(--device "$device")
+    [ "$device" = cpu ] && gemv=(--dry-run)  # small widths, the kernel in Triton's interpreter
+    run gemv 120 python3 benchmarks/bench_quant.py gemv "${gemv[@]}" --out "$out/bench_gemv.json"
+fi
+if want w8a8; then
+    w8a8=(--device "$device")
+    [ "$device" = cpu ] && w8a8=(--dry-run)  # tiny widths, the kernels' torch twins
+    run w8a8 120 python3 benchmarks/bench_w8a8.py "${w8a8[@]}" --out "$out/bench_w8a8.json"
+fi
+if want window; then
+    window=(--sweep 128,256,512,1024)
+    [ "$device" = cpu ] && window=(--dry-run --batch 2 --windows 8)  # the script, in the interpreter
+    run window 150 python3 benchmarks/bench_window.py "${window[@]}" --out "$out/bench_window.json"
+fi
+if want graphs; then
+    run graphs 90 python3 benchmarks/bench_graph_reuse.py "${common[@]}" --size "$size" \
+        --out "$out/bench_graph_reuse.json"
 fi
 if want kernels; then
     run kernels 40 python3 benchmarks/bench_kernels.py --out "$out/bench_kernels.json"
