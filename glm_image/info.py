@@ -243,6 +243,11 @@ def format_memory_report(report: dict) -> str:
         f"of {budget}: {plan['reason']}",
         f"{pad}weights AR {gb(ar)} + DiT/glyph/VAE {gb(rest)}; peak by residency: {peaks}",
     ]
+    if plan.get("parallel"):
+        lines.append(
+            f"{pad}one device's share (the busiest) of {plan['parallel']}"
+            + ("; a CPU's ranks share its memory" if plan["device"] == "cpu" else "")
+        )
     if plan["device_error"]:
         lines.append(f"{pad}CANNOT RUN on {plan['device']}: {plan['device_error']}")
     return "\n".join(lines)
