@@ -211,6 +211,9 @@ def _measure(name: str, run, options: ArBenchOptions, tokens: int, device, progr
         "seconds": seconds,
         "tokens_per_s": round(tps, 2),
         "decode_step": None if out is None else out.decode_step,
+        # the warm-up's captures: the timed calls replay its kept graph (engine.graphs), where
+        # results before graph buckets paid a capture in every timed call
+        "warmup_graph_captures": None if out is None else out.graph_captures,
         "accepted_histogram": _histogram(None if out is None else out.stats.accepted),
     }
 
