@@ -81,10 +81,11 @@ without a workspace, which picked Ampere-era kernels on a GB300 (pytorch issue 1
 it beats bf16 on an H100 / H200 is the benchmark's first question. No GPU was available when
 these paths were written: nothing here is timed, and which way is kept awaits that run.
 
-Backend paths: ``triton`` adds its int8/int4 GEMV for decode (``glm_image_kernels.quant_linear``);
-``npu`` adds ``npu_weight_quant_batchmatmul`` for int8 (``npu_ops``). On CUDA int4 past the GEMV's
-rows (and int8 where ``int8-w8a8`` cannot take the shape) dequantizes the weight into the
-activations' dtype and runs a tensor-core GEMM (the reference). int4 on a CPU has no fast path
+Backend paths: ``triton`` adds its int8/int4 decode GEMM, up to ``MAX_QUANT_ROWS`` rows
+(``glm_image_kernels.quant_linear``); ``npu`` adds ``npu_weight_quant_batchmatmul`` for int8
+(``npu_ops``). On CUDA, past the decode GEMM's rows, int4 and the AR's weight-only int8 (and the
+DiT's int8 where ``int8-w8a8`` cannot take the shape) dequantize the weight into the activations'
+dtype and run a tensor-core GEMM (the reference): the AR's prefill, a small share of its time. int4 on a CPU has no fast path
 (torch's CPU int4 kernel wants a layout that depends on the CPU's vector width): it runs the
 reference, saving memory, not time.
 """
