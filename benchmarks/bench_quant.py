@@ -41,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import build_report, markdown_table, median, save_report
+from _report import build_report, median, print_report, save_report
 
 PROMPTS = ("A vintage poster with the title 'SUMMER SALE' in bold red letters", "a red car on a quiet street")
 AR_CONFIGS = (
@@ -571,11 +571,7 @@ def main(argv=None) -> None:
     report = modes[args.mode](args)
     if args.out:
         save_report(report, args.out)
-    rows = report["results"]
-    headers = list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, list)))
-    print(markdown_table(headers, [[r.get(h) for h in headers] for r in rows]))
-    for note in report.get("notes", []):
-        print(note)
+    print_report(report)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import build_report, markdown_table, median, save_report
+from _report import build_report, median, print_report, save_report
 
 PRESETS = Path(__file__).resolve().parents[1] / "glm_image" / "presets"
 
@@ -292,11 +292,7 @@ def main(argv=None) -> None:
     report = run(args)
     if args.out:
         save_report(report, args.out)
-    rows = report["results"]
-    headers = list(dict.fromkeys(k for r in rows for k, v in r.items() if not isinstance(v, list)))
-    print(markdown_table(headers, [[r.get(h) for h in headers] for r in rows]))
-    for note in report.get("notes", []):
-        print(note)
+    print_report(report)
 
 
 if __name__ == "__main__":

@@ -35,9 +35,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -45,6 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import build_report, save_report
+from bench_kernels import Bench  # do_bench's median on CUDA, a wall-clock median of 3 elsewhere
 
 RELEASED = {"heads": 32, "kv": 2, "head_dim": 128, "capacity": 4608, "fill": 4500}
 TINY = {"heads": 4, "kv": 2, "head_dim": 32, "capacity": 96, "fill": 80}
@@ -52,25 +51,6 @@ TINY = {"heads": 4, "kv": 2, "head_dim": 32, "capacity": 96, "fill": 80}
 
 def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(","))
-
-
-class Bench:
-    """do_bench's median on CUDA; on a CPU the wall-clock median of 3 calls."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def __call__(self, fn) -> float:
-        if self.device.type == "cuda":
-            from triton.testing import do_bench
-
-            return round(float(do_bench(fn, warmup=25, rep=100, return_mode="median")), 4)
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return round(statistics.median(times) * 1e3, 4)
 
 
 def _graph(fn, device: torch.device):

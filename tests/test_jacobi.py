@@ -123,6 +123,7 @@ def test_a_captured_iteration_replays_the_eager_tokens(engine, greedy, monkeypat
     """The graph path without a GPU: a stand-in for ``graphs.capture`` that keeps its contract
     (the step runs for real before the reset, here twice: warm-up and capture) and replays the
     step. The reset must undo both, so the replays write the eager tokens."""
+    from glm_image.engine import graphs
     from glm_image.engine.graphs import Captured
 
     def capture(step, device, *, reset):
@@ -133,7 +134,7 @@ def test_a_captured_iteration_replays_the_eager_tokens(engine, greedy, monkeypat
 
     call = {"seeds": [5, 6], "greedy": greedy, "max_new_tokens": 30, "window": 4}
     eager = _jacobi(engine, PROMPTS, 128, 192, **call)
-    monkeypatch.setattr(jacobi, "capture", capture)
+    monkeypatch.setattr(graphs, "capture", capture)
     monkeypatch.setattr(engine, "decode_step", "graph")
     replayed = _jacobi(engine, PROMPTS, 128, 192, **call)
     assert replayed.decode_step == "graph" and torch.equal(replayed.tokens, eager.tokens)
@@ -141,7 +142,7 @@ def test_a_captured_iteration_replays_the_eager_tokens(engine, greedy, monkeypat
         eager.stats, host_reads=None
     )
     assert replayed.stats.host_reads < eager.stats.host_reads  # the host queues replays unread
-    monkeypatch.setattr(jacobi, "capture", lambda step, device, reset: "capture failed: not here")
+    monkeypatch.setattr(graphs, "capture", lambda step, device, reset: "capture failed: not here")
     with pytest.raises(GlmImageError, match=r"cannot be captured \(capture failed: not here\)"):
         _jacobi(engine, PROMPTS, 128, 192, **call)
 

@@ -39,7 +39,7 @@ from ..models.ar import ArModel, KVCache, rotary_tables
 from ..parallel.comm import Comm
 from ..progress import Progress
 from ..sampling import SamplingParams, apply_filters, draw_with_noise, exponential_noise
-from .graphs import Bucket, CallLease, bucket_capacity, capture, step_context
+from .graphs import Bucket, CallLease, bucket_capacity, capture_step, step_context
 
 __all__ = ["DecodeLoop", "DecodeStats", "NoiseStream", "TokenPicker", "decide", "start_sequential"]
 
@@ -387,17 +387,7 @@ class DecodeLoop:
             return f"{steps} tokens leave nothing to replay"
         self._noise_row(1)
         state = (self.step, self.visible, self.unfinished)
-        saved = [x.clone() for x in state]
-
-        def reset() -> None:
-            for x, s in zip(state, saved, strict=True):
-                x.copy_(s)
-
-        if bucket is None:
-            captured = capture(self._static_step, self.device, reset=reset)
-            self.captures = 0 if isinstance(captured, str) else 1
-        else:
-            captured, self.captures = bucket.graph_for(self._static_step, self.device, reset)
+        captured, self.captures = capture_step(self._static_step, self.device, state, bucket)
         if isinstance(captured, str):
             return captured
 

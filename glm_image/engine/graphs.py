@@ -39,7 +39,7 @@ import contextlib
 import logging
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -57,6 +57,7 @@ __all__ = [
     "GraphCache",
     "bucket_capacity",
     "capture",
+    "capture_step",
     "graph_module",
     "run_steps",
     "step_context",
@@ -132,6 +133,30 @@ def capture(step: Callable[[], None], device: torch.device, *, reset: Callable[[
         reset()
     # a later call may replay from another thread: wait for the stream current then
     return Captured(graph.replay, lambda: module.current_stream(device).synchronize())
+
+
+def capture_step(
+    step: Callable[[], None],
+    device: torch.device,
+    state: Sequence[torch.Tensor],
+    bucket: Bucket | None = None,
+) -> tuple[Captured | str, int]:
+    """``step``'s graph and the captures that made (0 or 1), or the reason it cannot be captured:
+    ``bucket``'s graph (captured at its first call), or one captured for this call alone. The
+    eager run before a capture is undone by restoring ``state``, the step's own tensors (copied
+    only when a capture happens)."""
+    if bucket is not None and (bucket.graph is not None or bucket.failed is not None):
+        return bucket.graph_for(step, device, lambda: None)
+    saved = [x.clone() for x in state]
+
+    def reset() -> None:
+        for x, s in zip(state, saved, strict=True):
+            x.copy_(s)
+
+    if bucket is not None:
+        return bucket.graph_for(step, device, reset)
+    captured = capture(step, device, reset=reset)
+    return captured, 0 if isinstance(captured, str) else 1
 
 
 @dataclass(eq=False)

@@ -67,7 +67,7 @@ from ..progress import Progress
 from ..sampling.speculative import greedy_drafts, greedy_verify, jacobi_drafts, verify
 from .choices import DEFAULT_CONTINUED, DEFAULT_COUPLED, DEFAULT_DRAFTS, DEFAULT_WINDOW
 from .decode import DecodeStats, TokenPicker
-from .graphs import Bucket, CallLease, bucket_capacity, capture, run_steps, step_context, step_mode
+from .graphs import Bucket, CallLease, bucket_capacity, capture_step, run_steps, step_context, step_mode
 from .protocol import GridSpec
 
 __all__ = ["JacobiLoop", "JacobiOptions", "UniformStream", "decode", "draft_sources"]
@@ -392,17 +392,7 @@ class JacobiLoop:
         if it cannot be captured. Capture runs one iteration eagerly, which the reset undoes."""
         if self.steps < 2:
             return f"{self.steps} tokens leave nothing to replay"
-        saved = [x.clone() for x in self._snapshot()]
-
-        def restore() -> None:
-            for x, s in zip(self._snapshot(), saved, strict=True):
-                x.copy_(s)
-
-        if bucket is None:
-            captured = capture(self.step, self.device, reset=restore)
-            self.captures = 0 if isinstance(captured, str) else 1
-        else:
-            captured, self.captures = bucket.graph_for(self.step, self.device, restore)
+        captured, self.captures = capture_step(self.step, self.device, self._snapshot(), bucket)
         if isinstance(captured, str):
             return captured
         self._run(progress, captured.replay)

@@ -107,25 +107,27 @@ class TritonOps(TorchOps):
 
     # ------------------------------------------------------------------ attention
 
-    def decode_attention(
+    def _cache_unfit(
         self,
         q: torch.Tensor,
         keys: torch.Tensor,
         values: torch.Tensor,
         visible: torch.Tensor,
+        length: int | torch.Tensor | None,
         *,
-        scale: float,
-        length: int | torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """``TorchOps.decode_attention``; ``length`` may also be a one-element integer tensor on
-        the device (a bound that changes between replays of a CUDA graph)."""
+        queries: str,
+    ) -> str | None:
+        """Why the attention kernels over the static KV cache (decode, window) cannot take q
+        (B, H, ``queries``, D) over keys / values (B, KV, C, D) with ``visible`` (B, C), or None."""
         reason = self._unfit(q, keys, values)
         if reason is None and (q.dim() != 4 or keys.dim() != 4):
-            reason = f"q {tuple(q.shape)}, keys {tuple(keys.shape)} (need (B, H, 1, D), (B, KV, C, D))"
+            reason = (
+                f"q {tuple(q.shape)}, keys {tuple(keys.shape)} (need (B, H, {queries}, D), (B, KV, C, D))"
+            )
         if reason is None:
-            b, h, t, d = q.shape
+            b, h, _, d = q.shape
             kv = keys.shape[1]
-            if t != 1 or h % kv or keys.shape != values.shape or keys.shape[0] != b or keys.shape[3] != d:
+            if h % kv or keys.shape != values.shape or keys.shape[0] != b or keys.shape[3] != d:
                 reason = f"shapes q {tuple(q.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}"
             elif not (_power_of_two(d) and 16 <= d <= 256):
                 reason = f"head_dim {d} (kernel needs a power of two in [16, 256])"
@@ -139,6 +141,23 @@ class TritonOps(TorchOps):
                 length.numel() != 1 or length.dtype.is_floating_point or length.device != q.device
             ):
                 reason = "a length tensor that is not one integer on the device"
+        return reason
+
+    def decode_attention(
+        self,
+        q: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        visible: torch.Tensor,
+        *,
+        scale: float,
+        length: int | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``TorchOps.decode_attention``; ``length`` may also be a one-element integer tensor on
+        the device (a bound that changes between replays of a CUDA graph)."""
+        reason = self._cache_unfit(q, keys, values, visible, length, queries="1")
+        if reason is None and q.shape[2] != 1:
+            reason = f"shapes q {tuple(q.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}"
         reason = reason or self._switched_off("decode_attention", q)
         if reason is not None:
             self.fallback("decode_attention", reason)
@@ -160,30 +179,15 @@ class TritonOps(TorchOps):
     ) -> torch.Tensor:
         """``TorchOps.window_attention`` (a Jacobi window: W queries per row, causal with per-row
         offsets); ``length`` may be a one-element integer tensor on the device, as for decode."""
-        reason = self._unfit(q, keys, values)
-        if reason is None and (q.dim() != 4 or keys.dim() != 4):
-            reason = f"q {tuple(q.shape)}, keys {tuple(keys.shape)} (need (B, H, W, D), (B, KV, C, D))"
+        reason = self._cache_unfit(q, keys, values, visible, length, queries="W")
         if reason is None:
-            b, h, w, d = q.shape
-            kv = keys.shape[1]
-            if h % kv or keys.shape != values.shape or keys.shape[0] != b or keys.shape[3] != d:
-                reason = f"shapes q {tuple(q.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}"
-            elif not 1 <= w <= kernels.MAX_WINDOW:
+            b, _, w, _ = q.shape
+            if not 1 <= w <= kernels.MAX_WINDOW:
                 reason = f"a window of {w} queries (kernel serves 1 to {kernels.MAX_WINDOW})"
-            elif not (_power_of_two(d) and 16 <= d <= 256):
-                reason = f"head_dim {d} (kernel needs a power of two in [16, 256])"
-            elif h // kv > _MAX_GROUP:
-                reason = f"{h // kv} query heads per KV head (kernel serves up to {_MAX_GROUP})"
-            elif visible.dtype != torch.bool or visible.shape != (b, keys.shape[2]):
-                reason = f"visible {visible.dtype} {tuple(visible.shape)} (needs bool (B, capacity))"
             elif query_slots.dtype.is_floating_point or query_slots.shape != (b, w):
                 reason = f"query_slots {query_slots.dtype} {tuple(query_slots.shape)} (needs integers (B, W))"
-            elif visible.device != q.device or query_slots.device != q.device:
+            elif query_slots.device != q.device:
                 reason = "visible or query_slots on another device"
-            elif isinstance(length, torch.Tensor) and (
-                length.numel() != 1 or length.dtype.is_floating_point or length.device != q.device
-            ):
-                reason = "a length tensor that is not one integer on the device"
         reason = reason or self._switched_off("window_attention", q)
         if reason is not None:
             self.fallback("window_attention", reason)
