@@ -5,7 +5,12 @@
 For each ``--rows`` R: R requests (distinct seeds) are submitted to one ``ArScheduler`` with
 ``max_rows`` R and run to the end; tokens/s counts every row's tokens over the wall time
 (prefills included), after a warm-up. The ratio to R = 1 is the signal (absolute numbers on a
-shared CPU are noise). ``--mode``: how the rows' forwards run (``engine.scheduler``).
+shared CPU are noise). ``--modes``: how the rows' forwards run (``engine.scheduler``: ``apart``,
+one forward per row; ``invariant``, one forward, each row its solo bits; ``batched``, one
+forward sharing each GEMM; ``auto``, the device's default), each mode against ``apart`` at the
+same R in the same run (``vs_apart``).
+
+    python benchmarks/bench_continuous.py --size 64x64 --rows 1,4,16 --modes apart,invariant --max-tokens 200
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", default="1024x1024", help="WIDTHxHEIGHT of every request")
     parser.add_argument("--rows", default="1,16", help="comma list of running rows, one run each")
     parser.add_argument("--max-tokens", type=int, default=256, help="tokens per row (default 256)")
+    parser.add_argument(
+        "--modes", default="auto", help="comma list of auto, apart, invariant, batched (default auto)"
+    )
     parser.add_argument("--out", help="also write the JSON report here")
     args = parser.parse_args(argv)
 
@@ -41,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = ArEngine.from_pretrained(resolve_checkpoint(args.model), device=args.device, dtype=dtype)
     width, height = parse_size(args.size)
 
-    def run(rows: int) -> tuple[float, int]:
-        scheduler = ArScheduler(engine, max_rows=rows)
+    def run(rows: int, mode: str) -> tuple[float, int, str]:
+        scheduler = ArScheduler(engine, max_rows=rows, mode=None if mode == "auto" else mode)
         tickets = [
             scheduler.submit(
                 "a storefront sign", height, width, seeds=100 + i, max_new_tokens=args.max_tokens
@@ -53,25 +61,38 @@ def main(argv: list[str] | None = None) -> int:
         scheduler.run_until_idle()
         synchronize(engine.device)
         seconds = time.perf_counter() - start
-        return seconds, sum(t.wait().tokens.numel() for t in tickets)
+        return seconds, sum(t.wait().tokens.numel() for t in tickets), scheduler.mode
 
-    run(1)  # warm-up
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    run(1, "apart")  # warm-up
     results = []
     for rows in (int(r) for r in args.rows.split(",")):
-        seconds, tokens = run(rows)
-        results.append(
-            {
-                "rows": rows,
-                "seconds": round(seconds, 4),
-                "tokens": tokens,
-                "tok_s": round(tokens / seconds, 2),
-            }
-        )
-    base = next((r for r in results if r["rows"] == 1), None)
+        for mode in modes:
+            seconds, tokens, ran = run(rows, mode)
+            results.append(
+                {
+                    "rows": rows,
+                    "mode": mode,
+                    "ran_as": ran,
+                    "seconds": round(seconds, 4),
+                    "tokens": tokens,
+                    "tok_s": round(tokens / seconds, 2),
+                }
+            )
     for result in results:
+        base = next((r for r in results if r["rows"] == 1 and r["mode"] == result["mode"]), None)
         if base is not None:
             result["vs_one_row"] = round(result["tok_s"] / base["tok_s"], 3)
-    config = {"model": args.model, "device": args.device, "size": args.size, "max_tokens": args.max_tokens}
+        apart = next((r for r in results if r["rows"] == result["rows"] and r["ran_as"] == "apart"), None)
+        if apart is not None:
+            result["vs_apart"] = round(result["tok_s"] / apart["tok_s"], 3)
+    config = {
+        "model": args.model,
+        "device": args.device,
+        "size": args.size,
+        "max_tokens": args.max_tokens,
+        "weights": "random (the tiny model)" if args.model == "tiny" else args.model,
+    }
     write_report("continuous_ar", results, args.out, config=config)
     return 0
 

@@ -158,23 +158,35 @@ def test_limits_and_bad_requests_fail_before_any_work(engine):
     scheduler.run_until_idle()
 
 
-def test_a_failing_request_fails_alone(engine, monkeypatch):
-    scheduler = ArScheduler(engine, max_rows=2)
+@pytest.mark.parametrize("mode", ["apart", "invariant"])
+def test_a_failing_request_fails_alone(engine, mode):
+    """A fault in one row's step (apart: its forward; pooled: its own sampling) fails its
+    request alone; the other rows, pooled with it, go on to their solo tokens."""
+    scheduler = ArScheduler(engine, max_rows=3, mode=mode)
     good = scheduler.submit(*SHORT, seeds=31, **FEW)
     bad = scheduler.submit(*LONG, seeds=32, **SOME)
-    scheduler.step()
-    scheduler.step()
+    other = scheduler.submit(*LONG, seeds=33, **FEW)
+    for _ in range(4):
+        scheduler.step()
     row = next(r for r in scheduler._running if r.ticket is bad)
 
-    def broken():
+    def fault(*args):
         raise RuntimeError("a kernel fault")
+
+    def broken():
+        fault()
         yield
 
-    row.steps = broken()
+    if mode == "apart":
+        row.steps = broken()
+    else:
+        assert row.pooled and len(scheduler._pool.rows) == 3
+        row.loop.picker = fault
     scheduler.run_until_idle()
     with pytest.raises(RuntimeError, match="a kernel fault"):
         bad.wait()
     _same(good.wait(), engine.generate(*SHORT, seeds=31, **FEW))
+    _same(other.wait(), engine.generate(*LONG, seeds=33, **FEW))
 
 
 def test_batched_rows_at_different_positions_decode_in_one_forward(engine):
@@ -205,7 +217,7 @@ def test_batched_rows_at_different_positions_decode_in_one_forward(engine):
         else:
             assert ticket.wait().tokens[0, 0] == solo.tokens[0, 0]
             assert bool((ticket.wait().tokens < engine.num_codes).all())
-    with pytest.raises(GlmImageError, match="mode = 'fused'; allowed: apart, batched"):
+    with pytest.raises(GlmImageError, match="mode = 'fused'; allowed: apart, invariant, batched"):
         ArScheduler(engine, mode="fused")
 
 

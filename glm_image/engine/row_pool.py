@@ -7,11 +7,13 @@ position (rotary table), cache slot and visible slots, through the model's per-r
 (``ArModel.forward`` with ``slots`` (B, 1) and ``visible`` (B, capacity)). The running rows
 stay packed in rows 0..n-1: a row that leaves is replaced by the last one (one row's K/V copied),
 so the forward is over the cache's first n rows, a view. Each row still samples from its own
-generator's noise with its own picker, so a row's tokens have its solo run's distribution; its
-logits differ from the solo run's in the last bits (a GEMM of n rows rounds differently), which
-sampling turns into another token now and then: that is why the scheduler runs rows apart on a
-CPU (``ArEngine.rows_apart``) and batches them on an accelerator, where batching is the
-throughput. Greedy rows give the solo tokens unless two logits tie to the last bit.
+generator's noise with its own picker, so a row's tokens have its solo run's distribution.
+Its bits: with ``invariant`` the forward is ``rows.rows_twin(model)`` (each row's products its
+own one-row product, its attention its solo call), and a row's logits and tokens are its solo
+run's bit for bit (the scheduler's default where rows decode apart: a CPU). Without, the rows
+share each GEMM, which rounds a row's logits differently in the last bits (a GEMM of n rows is
+another kernel than one row's), and sampling turns that into another token now and then: what an
+accelerator trades for throughput. Greedy rows give the solo tokens unless two logits tie.
 """
 
 from __future__ import annotations
@@ -30,12 +32,28 @@ class RowPool:
     ``loop`` is a ``DecodeLoop`` after its prefill; ``step`` runs one forward of every row and
     returns the rows that wrote their last token; ``leave`` frees a row's place."""
 
-    def __init__(self, engine, max_rows: int) -> None:
+    def __init__(self, engine, max_rows: int, *, invariant: bool = False) -> None:
+        """``invariant``: the forward runs through ``rows.rows_twin`` (each row the bits of its
+        solo step; the caller checked it with ``rows.check_rows``), else through the model."""
         self.engine, self.max_rows = engine, max_rows
+        self.model = engine.model
+        if invariant:
+            from .rows import rows_twin
+
+            self.model = rows_twin(engine.model)
         self.rows: list = []  # row i of the cache is self.rows[i]
         self.cache = None
         self.visible: torch.Tensor | None = None  # (max_rows, capacity) bool
         self.capacity = 0
+
+    def check(self) -> str | None:
+        """None if this pool's rows get their solo bits (``invariant``: ``rows.check_rows``);
+        else why not. A pool that is not invariant never claims to."""
+        if self.model is self.engine.model:
+            return "the rows share each GEMM (mode 'batched')"
+        from .rows import check_rows
+
+        return check_rows(self.model)
 
     def _grow(self, capacity: int) -> None:
         """A cache of at least ``capacity`` slots per row (rounded up to 256), the rows kept."""
@@ -73,8 +91,10 @@ class RowPool:
             self.rows[i] = self.rows[last]
         self.rows.pop()
 
-    def step(self) -> list:
-        """One forward of every row; the rows that are done (they stay until ``leave``)."""
+    def step(self) -> tuple[list, list]:
+        """One forward of every row: the rows that are done (they stay until ``leave``), and
+        (row, error) for the rows whose own sampling failed (a fault in the shared forward
+        raises: it is every row's)."""
         n = len(self.rows)
         if n == 0:
             return []
@@ -90,13 +110,17 @@ class RowPool:
             keys=self.cache.keys[:, :n], values=self.cache.values[:, :n], capacity=self.capacity
         )
         visible = self.visible[:n]  # (n, capacity)
-        hidden = engine.model(ids, (cos, sin), cache, slots, visible=visible, length=max(at) + 1)
-        logits = engine.model.logits(hidden[:, -1])  # (n, V)
-        done = []
+        hidden = self.model(ids, (cos, sin), cache, slots, visible=visible, length=max(at) + 1)
+        logits = self.model.logits(hidden[:, -1])  # (n, V)
+        done, failed = [], []
         for i, (row, lp, s) in enumerate(zip(self.rows, loops, steps, strict=True)):
-            noise = lp._noise_row(s)
-            lp.tokens[:, s] = decide(engine.model.tp, lp.picker, logits[i : i + 1], noise, lp.unfinished)
+            try:  # a row's own sampling: a fault there is the row's alone
+                noise = lp._noise_row(s)
+                lp.tokens[:, s] = decide(engine.model.tp, lp.picker, logits[i : i + 1], noise, lp.unfinished)
+            except Exception as e:
+                failed.append((row, e))
+                continue
             row.next_step = s + 1
             if row.next_step == lp.tokens.shape[1]:
                 done.append(row)
-        return done
+        return done, failed

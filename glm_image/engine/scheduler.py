@@ -20,10 +20,13 @@ rows run: a short request does not wait for a long batch to end, and a finished 
 while the others decode. Rows of any size, text-to-image beside image-to-image, sequential
 beside Jacobi rows (each its own window and accepted counts) run in the same iterations.
 
-How a row's forward runs (``mode``): ``apart``, one forward per row as above (the default where
-the engine decodes rows apart: a CPU, or ``batch_invariant=True``); ``batched``, the sequential
-rows of an iteration in ONE forward over a shared KV pool (``engine.row_pool``: each row its own
-position, slot and visibility; the default on an accelerator, where batching is the throughput).
+How a row's forward runs (``mode``): ``apart``, one forward per row as above; ``invariant``,
+the sequential rows of an iteration in ONE forward over a shared KV pool (``engine.row_pool``:
+each row its own position, slot and visibility) whose products are each row's own one-row
+product and whose attention is each row's solo call (``engine.rows``): bit for bit ``apart``,
+checked on the engine's weights first (the default where the engine decodes rows apart: a CPU,
+or ``batch_invariant=True``; ``apart`` where the check fails); ``batched``, the same pool with
+GEMMs shared by the rows (the default on an accelerator, where batching is the throughput).
 Batched rows keep their solo distribution and seeds but not their solo bits: a GEMM of n rows
 rounds a row differently, and sampling turns that into another token now and then (greedy rows
 give the solo tokens unless logits tie). Jacobi rows always run apart. Prefills run whole, one
@@ -33,6 +36,7 @@ of running rows are not built (batched steps run eagerly).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -50,7 +54,9 @@ from .protocol import upsample_grid
 
 __all__ = ["MODES", "ArScheduler", "ArTicket", "SchedulerStats"]
 
-MODES = ("apart", "batched")
+_log = logging.getLogger(__name__)
+
+MODES = ("apart", "invariant", "batched")
 
 
 @dataclass(eq=False)
@@ -125,8 +131,10 @@ class ArScheduler:
     def __init__(
         self, engine, *, max_rows: int = 16, max_queued: int | None = None, mode: str | None = None
     ) -> None:
-        """``mode``: ``apart`` or ``batched`` (module docstring); None: apart where the engine
-        decodes rows apart (``ArEngine.rows_apart``: a CPU by default), else batched."""
+        """``mode``: ``apart``, ``invariant`` or ``batched`` (module docstring); None: where the
+        engine decodes rows apart (``ArEngine.rows_apart``: a CPU by default) ``invariant`` if
+        ``rows.check_rows`` passes on this engine's weights, else ``apart``; elsewhere ``batched``.
+        ``invariant`` asked for where the check fails is an error that says why."""
         if mode is not None and mode not in MODES:
             raise GlmImageError(f"mode = {mode!r}; allowed: {', '.join(MODES)} or None (auto)")
         if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
@@ -134,12 +142,19 @@ class ArScheduler:
         if max_queued is not None and (not isinstance(max_queued, int) or max_queued < 0):
             raise GlmImageError(f"max_queued = {max_queued!r}; allowed: an integer >= 0, or None (no limit)")
         self.engine, self.max_rows, self.max_queued = engine, max_rows, max_queued
-        self.mode = mode or ("apart" if engine.rows_apart else "batched")
+        self.mode = mode or ("invariant" if engine.rows_apart else "batched")
         self._pool = None
-        if self.mode == "batched":
+        if self.mode != "apart":
             from .row_pool import RowPool
 
-            self._pool = RowPool(engine, max_rows)
+            invariant = self.mode == "invariant"
+            self._pool = RowPool(engine, max_rows, invariant=invariant)
+            why = self._pool.check() if invariant else None
+            if why is not None and mode == "invariant":
+                raise GlmImageError(f"mode = 'invariant' is not exact on {engine.device}: {why}")
+            if why is not None:  # the default: rows apart are exact everywhere
+                _log.info("AR scheduler: rows decode apart (%s)", why)
+                self.mode, self._pool = "apart", None
         self._queue: deque[ArTicket] = deque()  # requests with rows not yet admitted
         self._running: list[_Row] = []
         self._cv = threading.Condition()
@@ -279,13 +294,14 @@ class ArScheduler:
         if self._pool is not None and self._pool.rows:
             ran += len(self._pool.rows)
             try:
-                done = self._pool.step()
+                done, failed = self._pool.step()
             except Exception as e:  # one forward of every pooled row: they fail together
-                for ticket in {row.ticket for row in self._pool.rows}:
-                    self._fail(ticket, e)
-                done = []
+                done, failed = [], [(row, e) for row in self._pool.rows]
+            for row, error in failed:  # a row's own fault (its sampling) fails its request alone
+                self._fail(row.ticket, error)
             for row in done:
-                self._row_done(row)
+                if row in self._running:  # not a request that failed in this iteration
+                    self._row_done(row)
         if joined is not None and joined.pooled and joined in self._running:
             self._pool.join(joined)  # decodes from the next iteration on
         with self._cv:
