@@ -81,7 +81,7 @@ class ContinuousExecutor:
     per_request = True  # the queue hands over one request per AR call
 
     def __init__(self, pipe, *, max_rows: int = 16, mode: str | None = None) -> None:
-        """``mode``: how the AR's rows run (``ArScheduler``: apart, batched; None: the device's)."""
+        """``mode``: how the AR's rows run (``ArScheduler``: apart, invariant, batched; None: the device's)."""
         why = continuous_supported(pipe)
         if why is not None:
             raise GlmImageError(f"--batching continuous: not available here: {why}; use --batching static")
