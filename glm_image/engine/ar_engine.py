@@ -529,6 +529,17 @@ class ArEngine:
         slots = torch.arange(prompt_len, device=self.device)
         return self.model(batch.input_ids, rope, cache, slots, mask=mask[:, None])
 
+    def _prefill_chunk(
+        self, batch: _Batch, cache: KVCache, visible: torch.Tensor, start: int, end: int
+    ) -> torch.Tensor:
+        """Prompt tokens [start, end) of rows without padding, after [0, start) are in ``cache``:
+        one window call, each token seeing the slots ``visible`` opens up to its own (causal);
+        hidden states (B, end - start, hidden). ``decode.start_sequential_chunked`` runs these."""
+        b = batch.input_ids.shape[0]
+        rope = rotary_tables(batch.positions[:, :, start:end], self.config.ar.text, self.dtype)
+        slots = torch.arange(start, end, device=self.device).repeat(b, 1)  # (B, T): each row's slots
+        return self.model(batch.input_ids[:, start:end], rope, cache, slots, visible=visible, length=end)
+
     def _cache(self, batch: int, capacity: int) -> KVCache:
         """A static KV cache of ``capacity`` slots per row for this process's KV heads."""
         text = self.config.ar.text

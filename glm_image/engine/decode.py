@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ..device import synchronize
+from ..errors import GlmImageError
 from ..models.ar import ArModel, KVCache, rotary_tables
 from ..parallel.comm import Comm
 from ..progress import Progress
@@ -422,6 +423,47 @@ def start_sequential(
     ``state`` (``make()`` on its first call) is the loop this call refills and returns; its
     ``tokens`` then hold the bucket's capacity of steps.
     """
+    loop = _sequential_loop(engine, batch, steps, generators, greedy, constrain_grid, prefetch, lease)
+    with _closing_noise(loop):
+        hidden = engine._prefill(batch, loop.cache)
+        return loop, _first_token(engine, loop, hidden, kept_logits)
+
+
+def start_sequential_chunked(
+    engine,
+    batch,
+    steps: int,
+    generators: list[torch.Generator],
+    greedy: bool,
+    constrain_grid: bool,
+    chunk: int,
+):
+    """``start_sequential`` with the prompt's prefill in chunks of ``chunk`` tokens: a generator
+    that runs one chunk per ``next()``, yields after each chunk but the last, and returns what
+    ``start_sequential`` returns (``StopIteration.value``). The AR scheduler runs one chunk per
+    iteration, so a long prompt (an edit's condition image) does not stall the running rows.
+
+    Each chunk is one window call (``ArModel.forward`` with per-row ``slots``): its tokens see
+    the prompt's earlier slots and their own causal prefix, as the whole prefill's do, but its
+    GEMMs have ``chunk`` rows, not the prompt's, so a row's logits differ from the whole
+    prefill's in the last bits (the scheduler chunks only where rows share GEMMs anyway, its
+    ``batched`` mode). For rows without padding (the scheduler's: one unpadded row each). Closing
+    the generator early closes the loop's noise stream."""
+    if not bool(batch.valid.all()):
+        raise GlmImageError("a chunked prefill takes rows without padding (one row per call)")
+    loop = _sequential_loop(engine, batch, steps, generators, greedy, constrain_grid, False, None)
+    prompt_len = batch.input_ids.shape[1]
+    with _closing_noise(loop):
+        for start in range(0, prompt_len, chunk):
+            end = min(start + chunk, prompt_len)
+            hidden = engine._prefill_chunk(batch, loop.cache, loop.visible, start, end)
+            if end < prompt_len:
+                yield
+        return loop, _first_token(engine, loop, hidden, None)
+
+
+def _sequential_loop(engine, batch, steps, generators, greedy, constrain_grid, prefetch, lease) -> DecodeLoop:
+    """A ``DecodeLoop`` for ``batch``'s ``steps`` (its cache, tokens, noise, rotary tables)."""
     model, text, device = engine.model, engine.config.ar.text, engine.device
     b, prompt_len = batch.input_ids.shape
     picker = engine._picker(greedy, constrain_grid)
@@ -437,26 +479,37 @@ def start_sequential(
         noise = (
             NoiseStream(generators, steps, vocab, device, chunk=chunk, prefetch=prefetch) if draws else None
         )
-        loop = DecodeLoop(model, cache, picker, noise, rope, batch.valid, tokens, unfinished)
-    else:
-        capacity = bucket_capacity(prompt_len + steps)
-        shape = (chunk, vocab) if draws else None
-        key = ("sequential", b, capacity, picker, shape, *step_context(model))
-        loop = lease(
-            key, lambda: DecodeLoop.allocate(model, engine._cache(b, capacity), picker, engine.dtype, shape)
-        ).state
-        noise = None
-        if draws:
-            noise = NoiseStream(generators, steps, vocab, device, prefetch=prefetch, buffer=loop.noise_buffer)
-        loop.load(batch.valid, rope, noise)
+        return DecodeLoop(model, cache, picker, noise, rope, batch.valid, tokens, unfinished)
+    capacity = bucket_capacity(prompt_len + steps)
+    shape = (chunk, vocab) if draws else None
+    key = ("sequential", b, capacity, picker, shape, *step_context(model))
+    loop = lease(
+        key, lambda: DecodeLoop.allocate(model, engine._cache(b, capacity), picker, engine.dtype, shape)
+    ).state
+    noise = None
+    if draws:
+        noise = NoiseStream(generators, steps, vocab, device, prefetch=prefetch, buffer=loop.noise_buffer)
+    loop.load(batch.valid, rope, noise)
+    return loop
+
+
+@contextlib.contextmanager
+def _closing_noise(loop: DecodeLoop):
+    """Close the loop's noise stream (its worker thread) if what the block does fails."""
     try:
-        logits = model.logits(engine._prefill(batch, loop.cache)[:, -1])
-        if kept_logits is not None:
-            kept_logits.append(logits)
-        loop.tokens[:, 0] = decide(model.tp, picker, logits, loop.first_noise(), loop.unfinished)
-        synchronize(device)
+        yield
     except BaseException:
-        if noise is not None:
-            noise.close()
+        if loop.noise is not None:
+            loop.noise.close()
         raise
-    return loop, time.perf_counter()
+
+
+def _first_token(engine, loop: DecodeLoop, hidden: torch.Tensor, kept_logits) -> float:
+    """The prefill's token (step 0) from its hidden states; when it was there."""
+    model = engine.model
+    logits = model.logits(hidden[:, -1])
+    if kept_logits is not None:
+        kept_logits.append(logits)
+    loop.tokens[:, 0] = decide(model.tp, loop.picker, logits, loop.first_noise(), loop.unfinished)
+    synchronize(engine.device)
+    return time.perf_counter()

@@ -29,9 +29,12 @@ or ``batch_invariant=True``; ``apart`` where the check fails); ``batched``, the 
 GEMMs shared by the rows (the default on an accelerator, where batching is the throughput).
 Batched rows keep their solo distribution and seeds but not their solo bits: a GEMM of n rows
 rounds a row differently, and sampling turns that into another token now and then (greedy rows
-give the solo tokens unless logits tie). Jacobi rows always run apart. Prefills run whole, one
-per iteration (a chunked prefill would change the row's bits on a CPU); device graphs per bucket
-of running rows are not built (batched steps run eagerly).
+give the solo tokens unless logits tie). Jacobi rows always run apart. A prefill runs between
+two iterations, one per iteration; in ``batched`` mode a prompt longer than ``prefill_chunk``
+(an edit's condition image) runs in chunks, one per iteration, while the other rows decode
+(``decode.start_sequential_chunked``: a chunk's GEMMs change the row's last bits, so the exact
+modes prefill whole). Device graphs per bucket of running rows are not built (batched steps run
+eagerly).
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from ..errors import Cancelled, GlmImageError
 from ..sampling import image_seeds
 from . import jacobi
 from .choices import DEFAULT_CONTINUED, DEFAULT_COUPLED, DEFAULT_DRAFTS, DEFAULT_WINDOW, check_decoding
-from .decode import DecodeStats, start_sequential
+from .decode import DecodeStats, start_sequential, start_sequential_chunked
 from .protocol import upsample_grid
 
 __all__ = ["MODES", "ArScheduler", "ArTicket", "SchedulerStats"]
@@ -57,6 +60,9 @@ __all__ = ["MODES", "ArScheduler", "ArTicket", "SchedulerStats"]
 _log = logging.getLogger(__name__)
 
 MODES = ("apart", "invariant", "batched")
+# tokens per chunk of a long prompt's prefill in ``batched`` mode: an edit's 1024x1024 condition
+# image (4096 tokens) takes 8 iterations, each about a 512-token forward beside the decoding rows
+PREFILL_CHUNK = 512
 
 
 @dataclass(eq=False)
@@ -105,6 +111,7 @@ class _Row:
     sequential: bool
     pooled: bool = False  # decoded in the ``RowPool``'s batched forward
     next_step: int = 0  # pooled: the step its next forward writes
+    prefill: object = None  # a chunked prefill under way (``decode.start_sequential_chunked``)
 
 
 @dataclass(frozen=True)
@@ -129,12 +136,23 @@ class ArScheduler:
     """
 
     def __init__(
-        self, engine, *, max_rows: int = 16, max_queued: int | None = None, mode: str | None = None
+        self,
+        engine,
+        *,
+        max_rows: int = 16,
+        max_queued: int | None = None,
+        mode: str | None = None,
+        prefill_chunk: int | None = None,
     ) -> None:
         """``mode``: ``apart``, ``invariant`` or ``batched`` (module docstring); None: where the
         engine decodes rows apart (``ArEngine.rows_apart``: a CPU by default) ``invariant`` if
         ``rows.check_rows`` passes on this engine's weights, else ``apart``; elsewhere ``batched``.
-        ``invariant`` asked for where the check fails is an error that says why."""
+        ``invariant`` asked for where the check fails is an error that says why.
+
+        ``prefill_chunk``: a sequential row's prompt longer than this is prefilled in chunks of
+        this many tokens, one per iteration, while the other rows decode (``batched`` mode only: a
+        chunk's GEMMs change a row's bits, which the exact modes keep); None: ``PREFILL_CHUNK``
+        in ``batched`` mode, whole prefills otherwise."""
         if mode is not None and mode not in MODES:
             raise GlmImageError(f"mode = {mode!r}; allowed: {', '.join(MODES)} or None (auto)")
         if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
@@ -155,6 +173,15 @@ class ArScheduler:
             if why is not None:  # the default: rows apart are exact everywhere
                 _log.info("AR scheduler: rows decode apart (%s)", why)
                 self.mode, self._pool = "apart", None
+        if prefill_chunk is not None:
+            if not isinstance(prefill_chunk, int) or isinstance(prefill_chunk, bool) or prefill_chunk < 1:
+                raise GlmImageError(f"prefill_chunk = {prefill_chunk!r}; allowed: an integer >= 1, or None")
+            if self.mode != "batched":
+                raise GlmImageError(
+                    f"prefill_chunk = {prefill_chunk}: needs mode 'batched' (this scheduler's is "
+                    f"{self.mode!r}, whose rows keep their solo bits; a chunked prefill changes them)"
+                )
+        self.prefill_chunk = prefill_chunk or (PREFILL_CHUNK if self.mode == "batched" else None)
         self._queue: deque[ArTicket] = deque()  # requests with rows not yet admitted
         self._running: list[_Row] = []
         self._cv = threading.Condition()
@@ -281,11 +308,16 @@ class ArScheduler:
         self._drop_abandoned()
         joined = self._admit()
         ran = 0 if joined is None else 1
+        to_pool = [joined] if joined is not None and joined.pooled else []
         for row in list(self._running):
             if row is joined or row.pooled:
                 continue
             ran += 1
             try:
+                if row.prefill is not None:
+                    if self._prefill_step(row) and row.pooled:
+                        to_pool.append(row)
+                    continue
                 next(row.steps)
             except StopIteration:
                 self._row_done(row)
@@ -302,8 +334,9 @@ class ArScheduler:
             for row in done:
                 if row in self._running:  # not a request that failed in this iteration
                     self._row_done(row)
-        if joined is not None and joined.pooled and joined in self._running:
-            self._pool.join(joined)  # decodes from the next iteration on
+        for row in to_pool:
+            if row in self._running:
+                self._pool.join(row)  # decodes from the next iteration on
         with self._cv:
             self.iterations += 1
             self.row_iterations += ran
@@ -368,16 +401,41 @@ class ArScheduler:
             o = options["jacobi"]
             window = jacobi.JacobiOptions(min(o.window, steps), o.drafts, o.coupled, o.continued)
             loop, done = jacobi.start(engine, batch, spec, steps, generators, greedy, constrain, window)
-            row = _Row(ticket, index, loop, loop.iterate(), False)
+            if ticket.prefill_done is None:
+                ticket.prefill_done = done
+            return _Row(ticket, index, loop, loop.iterate(), False)
+        row = _Row(ticket, index, None, None, True)
+        if self.prefill_chunk is not None and batch.input_ids.shape[1] > self.prefill_chunk:
+            row.prefill = start_sequential_chunked(
+                engine, batch, steps, generators, greedy, constrain, self.prefill_chunk
+            )
+            self._prefill_step(row)  # its first chunk is its forward of this iteration
         else:
-            loop, done = start_sequential(engine, batch, steps, generators, greedy, constrain)
-            if self._pool is not None and steps > 1:
-                row = _Row(ticket, index, loop, None, True, pooled=True)
-            else:
-                row = _Row(ticket, index, loop, (loop.eager_step(s) for s in range(1, steps)), True)
-        if ticket.prefill_done is None:
-            ticket.prefill_done = done
+            row.loop, done = start_sequential(engine, batch, steps, generators, greedy, constrain)
+            self._decode_next(row, done)
         return row
+
+    def _decode_next(self, row: _Row, prefill_done: float) -> None:
+        """A sequential row whose prefill is done: pooled (it joins the pool at the end of this
+        iteration) or stepped apart."""
+        loop, steps, ticket = row.loop, row.ticket.plan[3], row.ticket
+        if self._pool is not None and steps > 1:
+            row.pooled = True
+        else:
+            row.steps = (loop.eager_step(s) for s in range(1, steps))
+        if ticket.prefill_done is None:
+            ticket.prefill_done = prefill_done
+
+    def _prefill_step(self, row: _Row) -> bool:
+        """One chunk of the row's prefill; True when that was the last (the row then decodes)."""
+        try:
+            next(row.prefill)
+            return False
+        except StopIteration as stop:
+            row.prefill = None
+            row.loop, done = stop.value
+            self._decode_next(row, done)
+            return True
 
     def _row_done(self, row: _Row) -> None:
         ticket, loop = row.ticket, row.loop
@@ -417,7 +475,9 @@ class ArScheduler:
         for row in rows:
             if row.pooled and row in self._pool.rows:
                 self._pool.leave(row)
-            if row.sequential and row.loop.noise is not None:
+            if row.prefill is not None:  # a chunked prefill under way: closing it closes its noise
+                row.prefill.close()
+            elif row.sequential and row.loop.noise is not None:
                 row.loop.noise.close()
 
     def _fail(self, ticket: ArTicket, error: BaseException) -> None:
