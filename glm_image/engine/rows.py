@@ -56,7 +56,7 @@ class RowsLinear(nn.Module):
         if n == 1:
             return self.linear(x)
         if not self.batched:
-            out = torch.cat([self.linear(rows[i]) for i in range(n)])
+            out = torch.cat([self.linear(rows[i : i + 1]) for i in range(n)])  # (1, 1, K): the solo shape
             return out.reshape(*lead, out.shape[-1])
         weight, bias = self.linear.weight, self.linear.bias
         w = weight.t().expand(n, k, weight.shape[0])
@@ -110,7 +110,9 @@ def _twin(module: nn.Module) -> nn.Module:
 def rows_twin(model: nn.Module) -> nn.Module:
     """``model`` (an ``ArModel``) over the same parameters, its linears ``RowsLinear`` and its ops
     ``RowsOps``: one forward of rows at their own positions (``slots`` (n, 1)) gives each row the
-    bits of its solo decode step. Built again after the model's weights are replaced."""
+    bits of its solo decode step. It shares the model's modules as they are now: build it again
+    after modules are replaced (an adapter wrapped in, weights quantized); weights changed in place
+    are seen."""
     twin = _twin(model)
     twin.ops = RowsOps(model.ops)
     return twin
