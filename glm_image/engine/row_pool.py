@@ -18,13 +18,36 @@ accelerator trades for throughput. Greedy rows give the solo tokens unless two l
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 
+from . import graphs
 from .decode import decide
 
-__all__ = ["RowPool"]
+__all__ = ["ROW_BUCKETS", "RowPool"]
+
+log = logging.getLogger(__name__)
+
+# running rows a step graph is captured for: n rows replay the graph of the smallest bucket that
+# holds them (capped at the pool's rows), the rows past n padding that compute and are not read
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+@dataclass(eq=False)
+class _StepGraph:
+    """One bucket of running rows: the buffers its graph reads (refilled in place every step,
+    never rebound: the graph holds their addresses), the logits it writes, and the graph."""
+
+    ids: torch.Tensor  # (rows, 1)
+    cos: torch.Tensor  # (rows, 1, rotary)
+    sin: torch.Tensor
+    slots: torch.Tensor  # (rows, 1)
+    length: torch.Tensor  # (1,) int32: the visible slots' bound
+    logits: torch.Tensor | None = None
+    graph: graphs.Captured | None = None
 
 
 class RowPool:
@@ -45,6 +68,14 @@ class RowPool:
         self.cache = None
         self.visible: torch.Tensor | None = None  # (max_rows, capacity) bool
         self.capacity = 0
+        # device graphs per bucket of running rows (``batched`` on a device with graphs, unless
+        # the engine's decode_step says eager or static): bucket -> graph, or why none
+        self.use_graphs = (
+            not invariant
+            and graphs.graph_module(engine.device) is not None
+            and engine.decode_step in ("auto", "graph")
+        )
+        self.graphs: dict[int, _StepGraph | str] = {}
 
     def check(self) -> str | None:
         """None if this pool's rows get their solo bits (``invariant``: ``rows.check_rows``);
@@ -68,6 +99,7 @@ class RowPool:
             cache.values[:, :, :, :old].copy_(self.cache.values)
             visible[:, :old].copy_(self.visible)
         self.cache, self.visible, self.capacity = cache, visible, capacity
+        self.graphs.clear()  # they read the old cache
 
     def join(self, row) -> None:
         loop = row.loop
@@ -106,12 +138,9 @@ class RowPool:
         at = [lp.prompt_len + s - 1 for lp, s in zip(loops, steps, strict=True)]
         slots = torch.tensor(at, device=device).unsqueeze(1)  # (n, 1): each row's own slot
         self.visible[torch.arange(n, device=device), slots[:, 0]] = True
-        cache = SimpleNamespace(
-            keys=self.cache.keys[:, :n], values=self.cache.values[:, :n], capacity=self.capacity
-        )
-        visible = self.visible[:n]  # (n, capacity)
-        hidden = self.model(ids, (cos, sin), cache, slots, visible=visible, length=max(at) + 1)
-        logits = self.model.logits(hidden[:, -1])  # (n, V)
+        logits = self._replay(ids, cos, sin, slots, max(at) + 1) if self.use_graphs else None
+        if logits is None:
+            logits = self._forward(n, ids, (cos, sin), slots, max(at) + 1)  # (n, V)
         done, failed = [], []
         for i, (row, lp, s) in enumerate(zip(self.rows, loops, steps, strict=True)):
             try:  # a row's own sampling: a fault there is the row's alone
@@ -124,3 +153,59 @@ class RowPool:
             if row.next_step == lp.tokens.shape[1]:
                 done.append(row)
         return done, failed
+
+    def _forward(self, rows: int, ids, rope, slots, length) -> torch.Tensor:
+        """The logits (rows, V) of one forward over the cache's first ``rows`` rows."""
+        cache = SimpleNamespace(
+            keys=self.cache.keys[:, :rows], values=self.cache.values[:, :rows], capacity=self.capacity
+        )
+        hidden = self.model(ids, rope, cache, slots, visible=self.visible[:rows], length=length)
+        return self.model.logits(hidden[:, -1])
+
+    # ---------------------------------------------------------------- device graphs
+
+    def _replay(self, ids, cos, sin, slots, length: int) -> torch.Tensor | None:
+        """The step through its bucket's graph (captured at the bucket's first step); None where
+        it cannot be captured (logged once per bucket; the step then runs eagerly)."""
+        n = ids.shape[0]
+        rows = min(next((b for b in ROW_BUCKETS if b >= n), n), self.max_rows)
+        graph = self.graphs.get(rows)
+        if isinstance(graph, str):
+            return None
+        if graph is None:
+            graph = self.graphs[rows] = self._buffers(rows, cos.shape[-1], cos.dtype)
+        self._fill(graph, n, ids, cos, sin, slots, length)
+        if rows > n:  # padding rows: free slots of the pool, each seeing one slot (no empty row)
+            self.visible[n:rows].zero_()
+            self.visible[n:rows, 0] = True
+        if graph.graph is None:
+
+            def step() -> None:
+                rope = (graph.cos, graph.sin)
+                graph.logits = self._forward(rows, graph.ids, rope, graph.slots, graph.length)
+
+            captured = graphs.capture(step, self.engine.device, reset=lambda: None)
+            if isinstance(captured, str):
+                log.warning("AR scheduler: %d rows decode without a device graph: %s", rows, captured)
+                self.graphs[rows] = captured
+                return None
+            graph.graph = captured
+            self.engine.graphs.count_capture()
+        graph.graph.replay()
+        return graph.logits[:n]
+
+    def _buffers(self, rows: int, rotary: int, dtype: torch.dtype) -> _StepGraph:
+        device = self.engine.device
+        ids = torch.zeros((rows, 1), dtype=torch.long, device=device)
+        cos = torch.zeros((rows, 1, rotary), dtype=dtype, device=device)
+        length = torch.ones(1, dtype=torch.int32, device=device)
+        return _StepGraph(ids, cos, torch.zeros_like(cos), torch.zeros_like(ids), length)
+
+    @staticmethod
+    def _fill(graph: _StepGraph, n: int, ids, cos, sin, slots, length: int) -> None:
+        """This step's inputs into the bucket's buffers, in place; the padding rows zero
+        (token 0 at slot 0)."""
+        for buffer, value in ((graph.ids, ids), (graph.cos, cos), (graph.sin, sin), (graph.slots, slots)):
+            buffer[:n].copy_(value)
+            buffer[n:].zero_()
+        graph.length.fill_(length)

@@ -33,8 +33,8 @@ give the solo tokens unless logits tie). Jacobi rows always run apart. A prefill
 two iterations, one per iteration; in ``batched`` mode a prompt longer than ``prefill_chunk``
 (an edit's condition image) runs in chunks, one per iteration, while the other rows decode
 (``decode.start_sequential_chunked``: a chunk's GEMMs change the row's last bits, so the exact
-modes prefill whole). Device graphs per bucket of running rows are not built (batched steps run
-eagerly).
+modes prefill whole). On a device with graphs, ``batched`` steps replay a graph per bucket of
+running rows (``row_pool.ROW_BUCKETS``).
 """
 
 from __future__ import annotations
