@@ -8,7 +8,8 @@ For each ``--rows`` R: R requests (distinct seeds) are submitted to one ``ArSche
 shared CPU are noise). ``--modes``: how the rows' forwards run (``engine.scheduler``: ``apart``,
 one forward per row; ``invariant``, one forward, each row its solo bits; ``batched``, one
 forward sharing each GEMM; ``auto``, the device's default), each mode against ``apart`` at the
-same R in the same run (``vs_apart``).
+same R in the same run (``vs_apart``). ``--decode-steps``: ``auto`` (a device graph per bucket
+of running rows where the device has graphs) and/or ``eager``, each a run of its own.
 
     python benchmarks/bench_continuous.py --size 64x64 --rows 1,4,16 --modes apart,invariant --max-tokens 200
 """
@@ -36,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--modes", default="auto", help="comma list of auto, apart, invariant, batched (default auto)"
     )
+    parser.add_argument(
+        "--decode-steps", default="auto", help="comma list of auto, eager (the engine's decode_step)"
+    )
     parser.add_argument("--out", help="also write the JSON report here")
     args = parser.parse_args(argv)
 
@@ -49,8 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     engine = ArEngine.from_pretrained(resolve_checkpoint(args.model), device=args.device, dtype=dtype)
     width, height = parse_size(args.size)
 
-    def run(rows: int, mode: str) -> tuple[float, int, str]:
-        scheduler = ArScheduler(engine, max_rows=rows, mode=None if mode == "auto" else mode)
+    def scheduler_for(rows: int, mode: str) -> ArScheduler:
+        return ArScheduler(engine, max_rows=rows, mode=None if mode == "auto" else mode)
+
+    def run(scheduler: ArScheduler) -> tuple[float, int, str]:
+        rows = scheduler.max_rows
         tickets = [
             scheduler.submit(
                 "a storefront sign", height, width, seeds=100 + i, max_new_tokens=args.max_tokens
@@ -64,26 +71,42 @@ def main(argv: list[str] | None = None) -> int:
         return seconds, sum(t.wait().tokens.numel() for t in tickets), scheduler.mode
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    run(1, "apart")  # warm-up
+    steps = [m.strip() for m in args.decode_steps.split(",") if m.strip()]
+    run(scheduler_for(1, "apart"))  # warm-up
     results = []
     for rows in (int(r) for r in args.rows.split(",")):
         for mode in modes:
-            seconds, tokens, ran = run(rows, mode)
-            results.append(
-                {
-                    "rows": rows,
-                    "mode": mode,
-                    "ran_as": ran,
-                    "seconds": round(seconds, 4),
-                    "tokens": tokens,
-                    "tok_s": round(tokens / seconds, 2),
-                }
-            )
+            for step in steps:
+                engine.decode_step = step
+                scheduler = scheduler_for(rows, mode)  # one scheduler, as a server keeps one:
+                run(scheduler)  # its warm-up captures its buckets' graphs, the timed run replays
+                seconds, tokens, ran = run(scheduler)
+                results.append(
+                    {
+                        "rows": rows,
+                        "mode": mode,
+                        "ran_as": ran,
+                        "decode_step": step,
+                        "seconds": round(seconds, 4),
+                        "tokens": tokens,
+                        "tok_s": round(tokens / seconds, 2),
+                    }
+                )
     for result in results:
-        base = next((r for r in results if r["rows"] == 1 and r["mode"] == result["mode"]), None)
+        same = (result["mode"], result["decode_step"])
+        base = next((r for r in results if r["rows"] == 1 and (r["mode"], r["decode_step"]) == same), None)
         if base is not None:
             result["vs_one_row"] = round(result["tok_s"] / base["tok_s"], 3)
-        apart = next((r for r in results if r["rows"] == result["rows"] and r["ran_as"] == "apart"), None)
+        apart = next(
+            (
+                r
+                for r in results
+                if r["rows"] == result["rows"]
+                and r["ran_as"] == "apart"
+                and r["decode_step"] == result["decode_step"]
+            ),
+            None,
+        )
         if apart is not None:
             result["vs_apart"] = round(result["tok_s"] / apart["tok_s"], 3)
     config = {

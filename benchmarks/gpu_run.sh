@@ -47,8 +47,9 @@
 #   kernels    our Triton kernels against their torch twins, per op
 #   lora       an unmerged LoRA adapter's cost per AR token and per DiT step at rank 16 and 64
 #              (mid widths and the released widths with one layer per stack; random adapters)
-#   continuous continuous batching: AR tokens/s with 16 rows running in the scheduler against 1
-#              (bench_continuous.py), then images/s and p50/p99 latency under open-loop Poisson
+#   continuous continuous batching: AR tokens/s with 16 rows running in the scheduler against 1,
+#              batched rows with a graph per bucket of rows and eager (bench_continuous.py; goal:
+#              16 rows >= 8x one), then images/s and p50/p99 latency under open-loop Poisson
 #              arrivals at 0.8 of the measured capacity, continuous against static batching
 #              (load_server.py --load); GPU_RUN_CONTINUOUS_TOKENS (256) / _REQUESTS (32) / _STEPS (10)
 #   scaling    bench speed on 2, 4 and 8 GPUs where the machine has them (skipped on one): the AR
@@ -223,7 +224,8 @@ if want lora; then
         --out "$out/bench_lora.json"
 fi
 if want continuous; then
-    run continuous-ar 90 python3 benchmarks/bench_continuous.py "${common[@]}" --size "$size" --rows 1,16 \
+    run continuous-ar 150 python3 benchmarks/bench_continuous.py "${common[@]}" --size "$size" --rows 1,16 \
+        --modes batched --decode-steps auto,eager \
         --max-tokens "${GPU_RUN_CONTINUOUS_TOKENS:-256}" --out "$out/bench_continuous_ar.json"
     w=${size%x*} h=${size#*x}
     run continuous-load 150 python3 benchmarks/load_server.py --model "$model" --device "$device" \

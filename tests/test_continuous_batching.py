@@ -256,7 +256,10 @@ def test_gpu_run_continuous_stage_dry_run_on_the_cpu(tmp_path, warm_path):
     assert done.returncode == 0 and "rc=0" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
     assert "rc=1" not in done.stdout and "rc=124" not in done.stdout, done.stdout[-3000:]
     ar = json.loads((out / "bench_continuous_ar.json").read_text())
-    assert [r["rows"] for r in ar["results"]] == [1, 16]
+    assert [(r["rows"], r["decode_step"]) for r in ar["results"]] == [
+        (1, "auto"), (1, "eager"), (16, "auto"), (16, "eager")
+    ]  # fmt: skip
+    assert all(r["ran_as"] == "batched" for r in ar["results"])
     assert all(r["tok_s"] > 0 and r["tokens"] == 4 * r["rows"] for r in ar["results"])
     load = json.loads((out / "bench_continuous_load.json").read_text())
     modes = {r["batching"]: r for r in load["results"]}
