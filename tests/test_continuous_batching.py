@@ -162,6 +162,8 @@ def test_limits_and_bad_requests_fail_before_any_work(engine):
 def test_a_failing_request_fails_alone(engine, mode):
     """A fault in one row's step (apart: its forward; pooled: its own sampling) fails its
     request alone; the other rows, pooled with it, go on to their solo tokens."""
+    if mode == "invariant" and ArScheduler(engine).mode != "invariant":
+        pytest.skip("this machine's BLAS does not give pooled rows their solo bits (rows run apart)")
     scheduler = ArScheduler(engine, max_rows=3, mode=mode)
     good = scheduler.submit(*SHORT, seeds=31, **FEW)
     bad = scheduler.submit(*LONG, seeds=32, **SOME)

@@ -25,6 +25,15 @@ def engine(tiny_checkpoint):
     return ArEngine.from_pretrained(tiny_checkpoint)
 
 
+@pytest.fixture(scope="module")
+def exact(engine):
+    """Skip where this machine's BLAS does not give a row its one-row bits inside a ``bmm`` (the
+    scheduler then runs rows apart, which ``test_the_check_finds_...`` covers)."""
+    why = check_rows(rows_twin(engine.model))
+    if why is not None:
+        pytest.skip(f"this machine's BLAS: {why}")
+
+
 def _image(seed: int) -> Image.Image:
     g = torch.Generator().manual_seed(seed)
     return Image.fromarray((torch.rand(64, 64, 3, generator=g) * 255).to(torch.uint8).numpy())
@@ -71,7 +80,7 @@ def _same_logits(a: list, b: list) -> bool:
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
-def test_pooled_sampled_rows_write_their_solo_bits(engine, logits_of):
+def test_pooled_sampled_rows_write_their_solo_bits(engine, exact, logits_of):
     solos = []
     for args, kwargs in CALLS:
         logits_of.clear()
@@ -95,7 +104,7 @@ def test_pooled_sampled_rows_write_their_solo_bits(engine, logits_of):
     assert not any(_same_logits(solo_logits, row) for _, solo_logits in solos for row in rows)
 
 
-def test_rows_linear_is_each_rows_own_product():
+def test_rows_linear_is_each_rows_own_product(exact):
     torch.manual_seed(0)
     for bias in (True, False):
         linear = nn.Linear(96, 160, bias=bias)
@@ -125,7 +134,7 @@ def test_rows_attention_bounds_each_row_by_its_own_position():
         assert torch.equal(out[i : i + 1], alone)
 
 
-def test_the_check_finds_a_shared_gemm_and_the_scheduler_falls_back(engine, monkeypatch):
+def test_the_check_finds_a_shared_gemm_and_the_scheduler_falls_back(engine, exact, monkeypatch):
     twin = rows_twin(engine.model)
     assert check_rows(twin) is None
     assert twin.layers[0].mlp.down_proj.linear is engine.model.layers[0].mlp.down_proj  # no copy
