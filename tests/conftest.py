@@ -148,6 +148,30 @@ def tiny_dit(tiny_checkpoint: Path):
     return DitEngine.from_pretrained(tiny_checkpoint)
 
 
+@pytest.fixture
+def gpu_run(warm_path):
+    """``gpu_run(out, stages, timeout=..., **env)``: ``benchmarks/gpu_run.sh OUT STAGES`` as a dry
+    run on the CPU (``GPU_RUN_DEVICE=cpu`` and the ``GPU_RUN_*`` settings given), each ``python3``
+    it calls forked warm (``warm_path``); the ``subprocess.CompletedProcess``, output captured.
+    What a GPU session runs, so a typo in the script fails here rather than on a lent GPU."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_run.sh"
+
+    def run(out: Path, stages: str, *, timeout: float = 900, **env: str) -> subprocess.CompletedProcess:
+        environ = {**os.environ, "PATH": warm_path, "GPU_RUN_DEVICE": "cpu", **env}
+        return subprocess.run(
+            ["bash", str(script), str(out), stages],
+            env=environ,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def warm_path(tmp_path_factory):
     """PATH with a warm ``python`` / ``python3`` first (see the module docstring), then this

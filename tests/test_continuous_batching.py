@@ -224,36 +224,23 @@ def test_batched_rows_at_different_positions_decode_in_one_forward(engine):
 
 
 @pytest.mark.slow
-def test_gpu_run_continuous_stage_dry_run_on_the_cpu(tmp_path, warm_path):
+def test_gpu_run_continuous_stage_dry_run_on_the_cpu(tmp_path, gpu_run):
     """``gpu_run.sh OUT continuous`` as a GPU runs it, on the CPU with the tiny model, few tokens
     and requests, so a typo fails here rather than on a lent GPU; both JSON files must say what
     the stage measures."""
     import json
-    import os
-    import subprocess
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
-    env = {
-        **os.environ,
-        # the script calls python3: this interpreter, forked warm (conftest's warm_path)
-        "PATH": warm_path,
-        "GPU_RUN_DEVICE": "cpu",
-        "GPU_RUN_MODEL": "tiny",
-        "GPU_RUN_DTYPE": "float32",
-        "GPU_RUN_SIZE": "64x64",
-        "GPU_RUN_CONTINUOUS_TOKENS": "4",
-        "GPU_RUN_CONTINUOUS_REQUESTS": "2",
-        "GPU_RUN_CONTINUOUS_STEPS": "1",
-    }
     out = tmp_path / "out"
-    done = subprocess.run(
-        ["bash", str(root / "benchmarks" / "gpu_run.sh"), str(out), "continuous"],
-        env=env,
-        capture_output=True,
-        text=True,
+    done = gpu_run(
+        out,
+        "continuous",
         timeout=1500,
-        check=False,
+        GPU_RUN_MODEL="tiny",
+        GPU_RUN_DTYPE="float32",
+        GPU_RUN_SIZE="64x64",
+        GPU_RUN_CONTINUOUS_TOKENS="4",
+        GPU_RUN_CONTINUOUS_REQUESTS="2",
+        GPU_RUN_CONTINUOUS_STEPS="1",
     )
     assert done.returncode == 0 and "rc=0" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
     assert "rc=1" not in done.stdout and "rc=124" not in done.stdout, done.stdout[-3000:]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -19,8 +18,6 @@ from glm_image.synthetic.random import (
     make_random_checkpoint,
     reference_module,
 )
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -106,37 +103,27 @@ def test_the_model_name_resolves(monkeypatch, tmp_path: Path) -> None:
         resolve_checkpoint("glm-image-random")
 
 
-def _dry_run(out: Path, path: str, *, size: str, steps: str, parts: str) -> subprocess.CompletedProcess:
-    """``gpu_run.sh OUT full`` on the CPU at tiny widths, one layer per stack; it must exit 0.
-    ``path``: PATH (the ``warm_path`` fixture: each ``python3`` it calls forked warm)."""
-    env = {
-        **os.environ,
-        "PATH": path,
-        "GPU_RUN_DEVICE": "cpu",
-        "GPU_RUN_PRESET": "tiny",
-        "GPU_RUN_LAYERS": "1",
-        "GPU_RUN_SIZE": size,
-        "GPU_RUN_STEPS": steps,
-        "GPU_RUN_FULL_PARTS": parts,
-    }
-    done = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), str(out), "full"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
+def _dry_run(gpu_run, out: Path, *, size: str, steps: str, parts: str) -> subprocess.CompletedProcess:
+    """``gpu_run.sh OUT full`` on the CPU at tiny widths, one layer per stack; it must exit 0."""
+    done = gpu_run(
+        out,
+        "full",
+        GPU_RUN_PRESET="tiny",
+        GPU_RUN_LAYERS="1",
+        GPU_RUN_SIZE=size,
+        GPU_RUN_STEPS=steps,
+        GPU_RUN_FULL_PARTS=parts,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done
 
 
 @pytest.mark.slow
-def test_cpu_dry_run_writes_full_json(tmp_path: Path, warm_path: str) -> None:
+def test_cpu_dry_run_writes_full_json(tmp_path: Path, gpu_run) -> None:
     """The stage as gpu_run.sh runs it, at tiny widths so it fits the CI's CPUs; the issue's own
     command (released widths, 2 layers) takes the same path with bigger tensors."""
     out = tmp_path / "out"
-    _dry_run(out, warm_path, size="256x256", steps="2", parts="exact")
+    _dry_run(gpu_run, out, size="256x256", steps="2", parts="exact")
     report = json.loads((out / "full.json").read_text())
     for engine in ("ours", "reference"):
         missing = [f for f in ENGINE_FIELDS if f not in report[engine]]
@@ -152,11 +139,11 @@ def test_cpu_dry_run_writes_full_json(tmp_path: Path, warm_path: str) -> None:
 
 
 @pytest.mark.slow
-def test_cpu_dry_run_runs_every_other_part(tmp_path: Path, warm_path: str) -> None:
+def test_cpu_dry_run_runs_every_other_part(tmp_path: Path, gpu_run) -> None:
     """fast, batch, large and memory as gpu_run.sh runs them (tiny widths, 64x64, one step), so
     a typo in any part fails here rather than on a lent GPU; each writes its part of full.json."""
     out = tmp_path / "out"
-    done = _dry_run(out, warm_path, size="64x64", steps="1", parts="fast,batch,large,memory")
+    done = _dry_run(gpu_run, out, size="64x64", steps="1", parts="fast,batch,large,memory")
     assert "rc=124" not in done.stdout and "skipped" not in done.stdout, done.stdout[-3000:]
     for part in ("fast", "batch", "large", "memory"):
         assert (out / "full" / f"{part}.json").is_file(), (part, done.stdout[-3000:])

@@ -7,29 +7,15 @@ second call at a shape captures nothing). A GPU minute is never lost to a typo i
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_fast_path_stages_dry_run(tmp_path, warm_path):
-    env = {
-        **os.environ,
-        "PATH": warm_path,  # each python3 the script calls: this interpreter, forked warm
-        "GPU_RUN_MODEL": "tiny",
-        "GPU_RUN_DEVICE": "cpu",
-        "GPU_RUN_SIZE": "64x64",
-        "GPU_RUN_DTYPE": "float32",
-    }
-    done = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_run.sh"), str(tmp_path), "gemv,w8a8,window,graphs"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
+def test_the_fast_path_stages_dry_run(tmp_path, gpu_run):
+    done = gpu_run(
+        tmp_path,
+        "gemv,w8a8,window,graphs",
+        GPU_RUN_MODEL="tiny",
+        GPU_RUN_SIZE="64x64",
+        GPU_RUN_DTYPE="float32",
     )
     assert done.returncode == 0 and "rc=0" in done.stdout, done.stdout[-3000:]
     assert "rc=1" not in done.stdout and "stopped at its cap" not in done.stdout, done.stdout[-3000:]

@@ -134,32 +134,20 @@ def test_the_residency_flag_on_every_command(cli, tmp_path):
     assert "--residency" in out.stdout
 
 
-def test_the_gpu_run_offload_stage_dry_run(tmp_path, warm_path):
+def test_the_gpu_run_offload_stage_dry_run(tmp_path, gpu_run):
     """``gpu_run.sh OUT offload`` on the CPU (tiny, 64x64, one step, block offload only: the
     script, not the numbers): the plans of the released preset are written, and the residency's
     measured peak and estimate."""
     import json
-    import os
-    import subprocess
-    from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
-    env = {
-        **os.environ,
-        "PATH": warm_path,  # each python3 the script calls: this interpreter, forked warm
-        "GPU_RUN_MODEL": "tiny",
-        "GPU_RUN_DEVICE": "cpu",
-        "GPU_RUN_SIZE": "64x64",
-        "GPU_RUN_OFFLOAD_STEPS": "1",
-        "GPU_RUN_OFFLOAD_RESIDENCIES": "dit_offload",
-    }
-    done = subprocess.run(
-        ["bash", str(root / "benchmarks" / "gpu_run.sh"), str(tmp_path), "offload"],
-        env=env,
-        capture_output=True,
-        text=True,
+    done = gpu_run(
+        tmp_path,
+        "offload",
         timeout=1200,
-        check=False,
+        GPU_RUN_MODEL="tiny",
+        GPU_RUN_SIZE="64x64",
+        GPU_RUN_OFFLOAD_STEPS="1",
+        GPU_RUN_OFFLOAD_RESIDENCIES="dit_offload",
     )
     assert done.returncode == 0, done.stdout[-3000:]
     plan = json.loads((tmp_path / "plan_12GB.json").read_text())["plan"]
