@@ -335,9 +335,9 @@ class NpuOps(TorchOps):
         """No window kernel here: the window's dense mask (B, 1, W, C) through ``attention``
         (npu_fused_infer_attention_score, the PromptFlashAttention branch), as the reference
         builds it (an int ``length`` slices the cache); ``attention`` falls back on its own."""
-        if isinstance(length, int):
-            keys, values, visible = keys[:, :, :length], values[:, :, :length], visible[:, :length]
-        return self.attention(q, keys, values, mask=kernels.window_mask(visible, query_slots), scale=scale)
+        return kernels.window_attention_reference(
+            q, keys, values, visible, query_slots, scale=scale, length=length, attention=self.attention
+        )
 
     # ------------------------------------------------------------------ normalisation
 

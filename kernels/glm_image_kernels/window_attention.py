@@ -288,9 +288,11 @@ def window_attention_reference(
     *,
     scale: float,
     length: int | torch.Tensor | None = None,
+    attention=attention_reference,
 ) -> torch.Tensor:
     """The twin, and the reference ``window_attention`` op: W queries per row over a layer's
-    static KV cache, ``attention_reference`` with the dense mask of the window.
+    static KV cache, ``attention`` (``attention_reference``, or a backend's own dense-mask
+    attention) with the dense mask of the window.
 
     q (B, H, W, D); keys, values (B, KV, C, D): the whole cache; visible (B, C) bool, the row's
     open slots (True = may attend); query_slots (B, W) integer: the slot query w of row b was
@@ -303,7 +305,7 @@ def window_attention_reference(
     """
     if isinstance(length, int):
         keys, values, visible = keys[:, :, :length], values[:, :, :length], visible[:, :length]
-    return attention_reference(q, keys, values, mask=window_mask(visible, query_slots), scale=scale)
+    return attention(q, keys, values, mask=window_mask(visible, query_slots), scale=scale)
 
 
 def window_mask(visible: torch.Tensor, query_slots: torch.Tensor) -> torch.Tensor:
