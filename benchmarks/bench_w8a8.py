@@ -48,7 +48,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import build_report, median, print_report, save_report
+from _report import build_report, median, print_report, ratio, save_report
 
 PRESETS = Path(__file__).resolve().parents[1] / "glm_image" / "presets"
 
@@ -223,7 +223,7 @@ def _shape_rows(name: str, n: int, k: int, m: int, args, device: torch.device) -
     base = next(r["ms"] for r in results if r["case"] == "bf16 F.linear")
     for r in results:
         if "ms" in r:
-            r["vs_bf16"] = round(base / r["ms"], 3)
+            r["vs_bf16"] = ratio(base, r["ms"])
     return results
 
 
@@ -247,7 +247,7 @@ def _summaries(results: list[dict], part: str, blocks: int, count: int) -> list[
                 "per_step_ms": round(ms * blocks, 3),
             }
             if base:
-                row["vs_bf16"] = round(base / ms, 3)
+                row["vs_bf16"] = ratio(base, ms)
             out.append(row)
     return out
 

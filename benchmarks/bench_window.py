@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _report import build_report, save_report
+from _report import build_report, ratio, save_report
 from bench_kernels import Bench  # do_bench's median on CUDA, a wall-clock median of 3 elsewhere
 
 RELEASED = {"heads": 32, "kv": 2, "head_dim": 128, "capacity": 4608, "fill": 4500}
@@ -132,7 +132,7 @@ def _row(what, b, w, dtype, ms, decode_ms, moved, diff=None, note="") -> dict:
         "window": w,
         "dtype": str(dtype).removeprefix("torch."),
         "ms": ms,
-        "ratio": round(ms / decode_ms, 3) if decode_ms else None,
+        "ratio": ratio(ms, decode_ms),
         "gb_per_s": round(moved / (ms * 1e-3) / 1e9, 1) if ms else None,
         "max_abs_diff": diff,
         "note": note,
@@ -194,8 +194,8 @@ def forward_rows(bench: Bench, args, shapes: dict, dtype: torch.dtype) -> list[d
                         "layers": args.layers,
                         "graph_ms": graph_ms,
                         "eager_ms": eager_ms,
-                        "ratio": round(graph_ms / base[0], 3),
-                        "eager_ratio": round(eager_ms / base[1], 3),
+                        "ratio": ratio(graph_ms, base[0]),
+                        "eager_ratio": ratio(eager_ms, base[1]),
                         "fallbacks": sorted({op for op, _ in ops.fallbacks}),
                     }
                 )

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from glm_image.bench.memory import PeakMemory
-from glm_image.bench.report import SCHEMA, build_report, markdown_table, parse_sizes, save_report
+from glm_image.bench.report import SCHEMA, build_report, markdown_table, parse_sizes, ratio, save_report
 from glm_image.bench.roofline import (
     DEVICES,
     ar_weight_bytes_per_token,
@@ -113,6 +113,13 @@ def test_peak_memory_sees_a_transient_allocation(use_proc):
         block.close()
     assert memory.increase > 150 * 2**20, (memory.method, memory.start, memory.peak)
     assert ("VmHWM" in memory.method) if use_proc else ("psutil" in memory.method)
+
+
+def test_ratios_keep_three_significant_digits():
+    # a kernel 4000x faster than its baseline (an interpreted kernel on a CPU dry run) is not 0
+    assert ratio(0.5, 2000.0) == 0.00025
+    assert ratio(2.0, 3.0) == 0.667 and ratio(3000.0, 7.0) == 429.0
+    assert ratio(1.0, 0.0) is None and ratio(1.0, None) is None
 
 
 def test_report_layout(tmp_path):

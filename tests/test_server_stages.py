@@ -146,14 +146,19 @@ def test_one_requests_ar_runs_while_another_requests_dit_runs(staged):
     url, app = staged
     spans = record_spans(app.state.executor)
     before = metrics(url)["glm_image_stage_overlap_seconds_total"]
-    bodies = [{"prompt": f"overlap {i}", "size": "96x64", "seed": i, "steps": 8} for i in range(4)]
+    # 40 steps: the first request's DiT runs long enough (~0.2 s here) that the next AR call
+    # starts inside it however late the event loop dispatches it
+    bodies = [{"prompt": f"overlap {i}", "size": "96x64", "seed": i, "steps": 40} for i in range(4)]
     with ThreadPoolExecutor(len(bodies)) as pool:
         # the first request is taken alone (a batch of its own) before the others arrive: they
         # queue during its AR and are batched when the AR is free, while its DiT runs (had all
-        # four arrived at once, as a loaded machine can make them, they would share one call)
+        # four arrived at once, as a loaded machine can make them, they would share one call).
+        # The others are sent while the first runs, not after it is done: sent after, they can
+        # all arrive before the AR is free and share one call with nothing left to overlap.
         first = pool.submit(post, url, OPENAI, bodies[0])
         wait_until(lambda: metrics(url)["glm_image_running_jobs"] >= 1 or first.done(), timeout=60)
-        responses = [first.result(), *pool.map(lambda body: post(url, OPENAI, body), bodies[1:])]
+        rest = [pool.submit(post, url, OPENAI, body) for body in bodies[1:]]
+        responses = [first.result(), *(r.result() for r in rest)]
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
     # each call went through both stages, once
     calls = {stage: sorted(p for s, _, _, ps in spans if s == stage for p in ps) for stage in ("ar", "dit")}

@@ -122,6 +122,17 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def ratio(numerator: float, denominator: float | None, digits: int = 3) -> float | None:
+    """``numerator / denominator`` to ``digits`` significant digits (None without a denominator).
+
+    Significant digits, not decimals: a ratio far below 1 (an interpreted kernel against a
+    library call, on a CPU dry run) stays a positive number instead of rounding to 0.
+    """
+    if not denominator:
+        return None
+    return float(f"{numerator / denominator:.{digits}g}")
+
+
 def build_report(
     benchmark: str,
     results: list[dict[str, Any]],
