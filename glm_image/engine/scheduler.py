@@ -29,7 +29,8 @@ or ``batch_invariant=True``; ``apart`` where the check fails); ``batched``, the 
 GEMMs shared by the rows (the default on an accelerator, where batching is the throughput).
 Batched rows keep their solo distribution and seeds but not their solo bits: a GEMM of n rows
 rounds a row differently, and sampling turns that into another token now and then (greedy rows
-give the solo tokens unless logits tie). Jacobi rows always run apart. A prefill runs between
+give the solo tokens unless logits tie). Jacobi rows, and rows with LoRA adapters (``submit``'s
+``lora``: each row its own selection), always run apart. A prefill runs between
 two iterations, one per iteration; in ``batched`` mode a prompt longer than ``prefill_chunk``
 (an edit's condition image) runs in chunks, one per iteration, while the other rows decode
 (``decode.start_sequential_chunked``: a chunk's GEMMs change the row's last bits, so the exact
@@ -39,6 +40,7 @@ running rows (``row_pool.ROW_BUCKETS``).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -80,7 +82,7 @@ class ArTicket:
     # filled on the scheduler's thread
     rows: list = field(default_factory=list)  # the planned batch's rows, not yet admitted
     parts: list = field(default_factory=list)  # per row: (tokens (1, steps), DecodeStats) when done
-    plan: tuple | None = None  # (spec, conditions, seeds, steps)
+    plan: tuple | None = None  # (spec, conditions, seeds, steps, each row's adapters)
     running: int = 0
     admitted: float | None = None  # when its first row's prefill began
     prefill_done: float | None = None
@@ -112,6 +114,7 @@ class _Row:
     pooled: bool = False  # decoded in the ``RowPool``'s batched forward
     next_step: int = 0  # pooled: the step its next forward writes
     prefill: object = None  # a chunked prefill under way (``decode.start_sequential_chunked``)
+    lora: tuple = ()  # the row's adapters, ((name, scale), ...); a row with any runs apart
 
 
 @dataclass(frozen=True)
@@ -210,10 +213,14 @@ class ArScheduler:
         jacobi_drafts: str = DEFAULT_DRAFTS,
         jacobi_coupled: bool = DEFAULT_COUPLED,
         jacobi_continued: bool = DEFAULT_CONTINUED,
+        lora=None,
     ) -> ArTicket:
         """Queue a request (checked here, before any work); its result equals
         ``engine.generate`` with the same arguments. ``on_done(ticket)`` is called on the
-        scheduler's thread when it has a result or an error."""
+        scheduler's thread when it has a result or an error. ``lora``: the request's adapters
+        (a ``lora.StageLora``: one selection for every image, or one per image), held on the
+        engine when the request is planned; its rows run apart, each with its own selection
+        (what ``engine.generate`` inside ``lora.applied`` gives), beside the pooled rows."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise GlmImageError("prompts: need at least one prompt")
@@ -228,6 +235,7 @@ class ArScheduler:
                 f"images: {len(images)} image lists for {len(prompts)} prompts; need one per prompt"
             )
         image_seeds(seeds, len(prompts) * num_images_per_prompt)  # a bad seed fails here, not later
+        _check_lora(lora, len(prompts) * num_images_per_prompt)
         options = {
             "greedy": greedy,
             "constrain_grid": constrain_grid,
@@ -237,6 +245,7 @@ class ArScheduler:
             "images": images,
             "decoding": decoding,
             "jacobi": jacobi.JacobiOptions(jacobi_window, jacobi_drafts, jacobi_coupled, jacobi_continued),
+            "lora": lora,
         }
         ticket = ArTicket(prompts, height, width, seeds, options, abandoned or (lambda: False), on_done)
         with self._cv:
@@ -314,11 +323,12 @@ class ArScheduler:
                 continue
             ran += 1
             try:
-                if row.prefill is not None:
-                    if self._prefill_step(row) and row.pooled:
-                        to_pool.append(row)
-                    continue
-                next(row.steps)
+                with self._adapters(row.lora):
+                    if row.prefill is not None:
+                        if self._prefill_step(row) and row.pooled:
+                            to_pool.append(row)
+                        continue
+                    next(row.steps)
             except StopIteration:
                 self._row_done(row)
             except Exception as e:  # the request fails alone; the other rows go on
@@ -386,14 +396,41 @@ class ArScheduler:
         steps = spec.num_tokens + (1 if options["include_eos"] else 0)
         if options["max_new_tokens"] is not None:
             steps = min(steps, options["max_new_tokens"])
-        ticket.plan = (spec, conditions, seeds, steps)
+        ticket.plan = (spec, conditions, seeds, steps, self._hold(options["lora"], rows))
         # a request of one row is its batch (no padding); several: each row alone (``_Batch.row``)
         ticket.rows = [batch] if rows == 1 else [batch.row(i) for i in range(rows)]
         ticket.parts = [None] * rows
 
+    def _hold(self, lora, rows: int) -> list[tuple]:
+        """Each row's adapters (() for none), the request's adapters held on the engine's model
+        (read from their sources on first use, as ``lora.applied`` does)."""
+        if lora is None:
+            return [()] * rows
+        from ..lora.apply import LoraSet
+        from ..lora.stage import hold
+
+        for name, source in lora.sources:
+            hold(self.engine.model, "ar", name, source)
+        LoraSet.of(self.engine.model).check(lora.selection)
+        chosen = lora.selection if isinstance(lora.selection, list) else [lora.selection] * rows
+        return [tuple(row) for row in chosen]
+
+    def _adapters(self, selection: tuple):
+        """Within the block the model's forwards apply ``selection`` (nothing for ())."""
+        if not selection:
+            return contextlib.nullcontext()
+        from ..lora.apply import LoraSet
+
+        return LoraSet.of(self.engine.model).selected(selection)
+
     def _start(self, ticket: ArTicket, batch, index: int) -> _Row:
+        """The row's prefill (with its adapters): its forward of this iteration."""
+        with self._adapters(ticket.plan[4][index]):
+            return self._start_row(ticket, batch, index)
+
+    def _start_row(self, ticket: ArTicket, batch, index: int) -> _Row:
         engine, options = self.engine, ticket.options
-        spec, _, seeds, steps = ticket.plan
+        spec, _, seeds, steps, adapters = ticket.plan
         generators = [torch.Generator(engine.device).manual_seed(seeds[index])]
         greedy = engine.greedy_default if options["greedy"] is None else options["greedy"]
         constrain = options["constrain_grid"]
@@ -403,8 +440,8 @@ class ArScheduler:
             loop, done = jacobi.start(engine, batch, spec, steps, generators, greedy, constrain, window)
             if ticket.prefill_done is None:
                 ticket.prefill_done = done
-            return _Row(ticket, index, loop, loop.iterate(), False)
-        row = _Row(ticket, index, None, None, True)
+            return _Row(ticket, index, loop, loop.iterate(), False, lora=adapters[index])
+        row = _Row(ticket, index, None, None, True, lora=adapters[index])
         if self.prefill_chunk is not None and batch.input_ids.shape[1] > self.prefill_chunk:
             row.prefill = start_sequential_chunked(
                 engine, batch, steps, generators, greedy, constrain, self.prefill_chunk
@@ -419,7 +456,7 @@ class ArScheduler:
         """A sequential row whose prefill is done: pooled (it joins the pool at the end of this
         iteration) or stepped apart."""
         loop, steps, ticket = row.loop, row.ticket.plan[3], row.ticket
-        if self._pool is not None and steps > 1:
+        if self._pool is not None and steps > 1 and not row.lora:
             row.pooled = True
         else:
             row.steps = (loop.eager_step(s) for s in range(1, steps))
@@ -460,7 +497,7 @@ class ArScheduler:
         from .ar_engine import ArResult
 
         engine = self.engine
-        spec, conditions, seeds, steps = ticket.plan
+        spec, conditions, seeds, steps, _ = ticket.plan
         tokens = torch.cat([p[0] for p in ticket.parts])
         stats = DecodeStats.together([p[1] for p in ticket.parts])
         end = spec.target_offset + spec.target[0] * spec.target[1]
@@ -497,3 +534,17 @@ class ArScheduler:
         ticket._event.set()
         if ticket.on_done is not None:
             ticket.on_done(ticket)
+
+
+def _check_lora(lora, rows: int) -> None:
+    """A request's ``lora`` before any work: a ``StageLora`` (or None) whose per-image selection,
+    if it has one, covers the request's ``rows`` images."""
+    if lora is None:
+        return
+    if not hasattr(lora, "sources") or not hasattr(lora, "selection"):
+        raise GlmImageError(f"lora = {lora!r}; allowed: a glm_image.lora.StageLora or None")
+    if isinstance(lora.selection, list) and len(lora.selection) != rows:
+        raise GlmImageError(
+            f"lora: a selection for {len(lora.selection)} images; the request has {rows} "
+            "(allowed: one selection for every image, or one per image)"
+        )

@@ -21,6 +21,10 @@ queue's 499 or 504) is given once, by the queue.
 ``/metrics`` adds where the time goes: the rows running in the AR and its ``max_rows``, the AR's
 iterations and row-iterations (occupancy = row-iterations / (iterations x max rows)), its busy
 seconds, and the requests waiting for the DiT.
+
+A request's LoRA adapters (``serve --lora NAME=PATH``, picked per request) are its own: the
+scheduler applies them to its rows alone (which run apart, beside the pooled rows) and its DiT
+call carries them, so its image is the one a static call gives it.
 """
 
 from __future__ import annotations
@@ -58,8 +62,6 @@ def continuous_supported(pipe) -> str | None:
         return "the AR is tensor parallel"
     if getattr(pipe, "streams", None):
         return "blocks stream from host memory (--residency dit_offload or offload)"
-    if getattr(pipe, "lora", None) is not None:
-        return "LoRA adapters are loaded (an adapter is chosen per engine call, around both stages)"
     return None
 
 
@@ -135,23 +137,33 @@ class ContinuousExecutor:
         front, loop = self.front, asyncio.get_running_loop()
         call = plan_call(requests, front.limits, front.ar_decoding, front.jacobi_window, front.jacobi)
         prompts, kwargs = ar_arguments(self.pipe.ar, call)
+        # the request's adapters per stage (names checked now); the scheduler holds the AR's
+        adapters = front.lora.for_requests(requests) if front.lora is not None else {}
         answer = loop.create_future()
 
         def done(ticket) -> None:  # on the scheduler's thread
             loop.call_soon_threadsafe(_settle, answer, ticket)
 
         start = time.perf_counter()
-        self.scheduler.submit(prompts, call.height, call.width, abandoned=abandoned, on_done=done, **kwargs)
+        self.scheduler.submit(
+            prompts,
+            call.height,
+            call.width,
+            abandoned=abandoned,
+            on_done=done,
+            lora=adapters.get("ar"),
+            **kwargs,
+        )
         result = await answer
         self._dit_waiting.append(abandoned)
-        return requests, prior_tokens_of(call, result, start), abandoned
+        return requests, prior_tokens_of(call, result, start), abandoned, adapters.get("dit")
 
     async def _dit(self, work: tuple, abandoned) -> list:
-        requests, prior, mine = work
+        requests, prior, mine, lora = work
         if mine in self._dit_waiting:
             self._dit_waiting.remove(mine)
         first = requests[0]
-        call = DitCall(prior, first.steps, first.guidance, self.front.dit_cache)
+        call = DitCall(prior, first.steps, first.guidance, self.front.dit_cache, lora)
         dit = self.pipe.handles[1]
         loop = asyncio.get_running_loop()
         made = await loop.run_in_executor(self._dit_thread, dit.run, call, _stop_when(abandoned))
