@@ -254,3 +254,45 @@ def test_gpu_run_continuous_stage_dry_run_on_the_cpu(tmp_path, gpu_run):
     modes = {r["batching"]: r for r in load["results"]}
     assert set(modes) == {"continuous", "static"} and all(r["ok"] for r in modes.values())
     assert modes["continuous"]["ar"]["slot_occupancy"] > 0 and "throughput_vs_static" in modes["continuous"]
+
+
+def test_each_request_hears_its_own_progress_per_iteration(engine):
+    """``submit(progress=)``: after each iteration its images' mean tokens written, only when it
+    advanced, ending at its total; a Jacobi row's numbers are its solo run's."""
+    scheduler = ArScheduler(engine, max_rows=4)
+    heard = {"long": [], "twins": [], "jacobi": []}
+
+    def hear(name):
+        return lambda stage, done, total: heard[name].append((stage, done, total))
+
+    scheduler.submit(*LONG, seeds=1, progress=hear("long"), **SOME)
+    for _ in range(3):
+        scheduler.step()
+    scheduler.submit(*SHORT, seeds=2, num_images_per_prompt=2, progress=hear("twins"), **FEW)
+    jacobi_call = {"seeds": 3, "decoding": "jacobi", "jacobi_window": 4, **FEW}
+    scheduler.submit(*SHORT, progress=hear("jacobi"), **jacobi_call)
+    scheduler.run_until_idle()
+    steps = SOME["max_new_tokens"]
+    assert heard["long"] == [("ar", done, steps) for done in range(1, steps + 1)]  # a token an iteration
+    twins = [done for _, done, _ in heard["twins"]]
+    # the second image is prefilled one iteration after the first: the mean lags by half a token
+    assert twins == sorted(set(twins)) and twins[-1] == FEW["max_new_tokens"] and len(twins) >= 20
+    assert {(stage, total) for stage, _, total in heard["twins"]} == {("ar", FEW["max_new_tokens"])}
+    solo = []
+    engine.generate(*SHORT, progress=lambda *report: solo.append(report), **jacobi_call)
+    assert heard["jacobi"] == [r for i, r in enumerate(solo) if r not in solo[:i]]
+    assert len(heard["jacobi"]) < FEW["max_new_tokens"]  # it accepted more than a token somewhere
+
+
+def test_a_progress_callback_that_raises_fails_its_request_alone(engine):
+    scheduler = ArScheduler(engine, max_rows=2)
+
+    def broken(stage, done, total):
+        raise RuntimeError("the listener broke")
+
+    bad = scheduler.submit(*SHORT, seeds=1, progress=broken, **FEW)
+    good = scheduler.submit(*SHORT, seeds=2, **FEW)
+    scheduler.run_until_idle()
+    with pytest.raises(RuntimeError, match="the listener broke"):
+        bad.wait()
+    _same(good.wait(), engine.generate(*SHORT, seeds=2, **FEW))

@@ -144,3 +144,24 @@ def test_batching_choices_are_checked(glm):
     assert executor_for(Staged(), "auto") is None
     with pytest.raises(GlmImageError, match="not available here: the AR stage does not run in this process"):
         executor_for(Staged(), "continuous")
+
+
+def test_progress_shows_the_ar_tokens_of_a_continuous_request(glm, tmp_path):
+    """The page's AR bar (``X-Progress-Id``): the request's tokens as the scheduler writes them."""
+    tag = "c" * 32
+    with _serve(glm, tmp_path, max_rows=2) as (url, _), ThreadPoolExecutor(1) as pool:
+        body = {"prompt": "a tall 'SIGN'", "size": "128x96", "seed": 4}
+        answer = pool.submit(
+            requests.post, url + OPENAI, json=body, headers={"X-Progress-Id": tag}, timeout=300
+        )
+        seen = []
+        while not answer.done():
+            stages = requests.get(f"{url}/v1/progress/{tag}", timeout=10).json().get("stages", {})
+            if "ar" in stages:
+                seen.append((stages["ar"]["done"], stages["ar"]["total"]))
+            time.sleep(0.005)
+        assert answer.result().status_code == 200, answer.result().text
+    total = 234 + 12  # tiny at 128x96: the preview grid, then the target grid
+    assert {t for _, t in seen} == {total}, seen
+    done = [d for d, _ in seen]
+    assert done == sorted(done) and len(set(done)) >= 3 and done[-1] <= total, seen

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import Cancelled, GlmImageError
+from ..progress import Progress
 from ..sampling import image_seeds
 from . import jacobi
 from .choices import DEFAULT_CONTINUED, DEFAULT_COUPLED, DEFAULT_DRAFTS, DEFAULT_WINDOW, check_decoding
@@ -78,6 +79,7 @@ class ArTicket:
     options: dict
     abandoned: Callable[[], bool]
     on_done: Callable[[ArTicket], None] | None
+    progress: Progress | None = None  # ("ar", tokens done per image, tokens per image), per iteration
     submitted: float = field(default_factory=time.perf_counter)
     # filled on the scheduler's thread
     rows: list = field(default_factory=list)  # the planned batch's rows, not yet admitted
@@ -89,6 +91,7 @@ class ArTicket:
     finished: float | None = None
     result: object = None  # ArResult
     error: BaseException | None = None
+    reported: int = 0  # the tokens per image last given to ``progress``
     _event: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -115,6 +118,7 @@ class _Row:
     next_step: int = 0  # pooled: the step its next forward writes
     prefill: object = None  # a chunked prefill under way (``decode.start_sequential_chunked``)
     lora: tuple = ()  # the row's adapters, ((name, scale), ...); a row with any runs apart
+    done: int = 0  # tokens written so far (its prefill writes the first)
 
 
 @dataclass(frozen=True)
@@ -214,13 +218,17 @@ class ArScheduler:
         jacobi_coupled: bool = DEFAULT_COUPLED,
         jacobi_continued: bool = DEFAULT_CONTINUED,
         lora=None,
+        progress: Progress | None = None,
     ) -> ArTicket:
         """Queue a request (checked here, before any work); its result equals
         ``engine.generate`` with the same arguments. ``on_done(ticket)`` is called on the
         scheduler's thread when it has a result or an error. ``lora``: the request's adapters
         (a ``lora.StageLora``: one selection for every image, or one per image), held on the
         engine when the request is planned; its rows run apart, each with its own selection
-        (what ``engine.generate`` inside ``lora.applied`` gives), beside the pooled rows."""
+        (what ``engine.generate`` inside ``lora.applied`` gives), beside the pooled rows.
+        ``progress("ar", done, total)``: after each iteration in which the request's tokens
+        advanced, on the scheduler's thread, its images' mean tokens written (as
+        ``engine.generate`` reports a batch); an exception from it fails the request."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not prompts:
             raise GlmImageError("prompts: need at least one prompt")
@@ -247,7 +255,9 @@ class ArScheduler:
             "jacobi": jacobi.JacobiOptions(jacobi_window, jacobi_drafts, jacobi_coupled, jacobi_continued),
             "lora": lora,
         }
-        ticket = ArTicket(prompts, height, width, seeds, options, abandoned or (lambda: False), on_done)
+        ticket = ArTicket(
+            prompts, height, width, seeds, options, abandoned or (lambda: False), on_done, progress
+        )
         with self._cv:
             if self.max_queued is not None and len(self._queue) >= self.max_queued:
                 raise GlmImageError(
@@ -329,6 +339,7 @@ class ArScheduler:
                             to_pool.append(row)
                         continue
                     next(row.steps)
+                    row.done += row.sequential  # a Jacobi row counts through its loop's progress
             except StopIteration:
                 self._row_done(row)
             except Exception as e:  # the request fails alone; the other rows go on
@@ -341,16 +352,43 @@ class ArScheduler:
                 done, failed = [], [(row, e) for row in self._pool.rows]
             for row, error in failed:  # a row's own fault (its sampling) fails its request alone
                 self._fail(row.ticket, error)
+            for row in self._pool.rows:
+                row.done = row.next_step
             for row in done:
                 if row in self._running:  # not a request that failed in this iteration
                     self._row_done(row)
         for row in to_pool:
             if row in self._running:
                 self._pool.join(row)  # decodes from the next iteration on
+        self._report()
         with self._cv:
             self.iterations += 1
             self.row_iterations += ran
             self.busy_seconds += time.perf_counter() - began
+
+    def _report(self) -> None:
+        """Each running request's progress, where it advanced: its images' mean tokens written."""
+        mine: dict[ArTicket, list[_Row]] = {}
+        for row in self._running:
+            if row.ticket.progress is not None:
+                mine.setdefault(row.ticket, []).append(row)
+        for ticket, rows in mine.items():
+            steps = ticket.plan[3]
+            finished = sum(steps for part in ticket.parts if part is not None)
+            self._tell(ticket, (finished + sum(min(r.done, steps) for r in rows)) // len(ticket.parts))
+
+    def _tell(self, ticket: ArTicket, done: int) -> bool:
+        """``ticket.progress("ar", done, steps)`` if ``done`` is news; False if it raised (the
+        request then fails with its error)."""
+        if ticket.progress is None or done <= ticket.reported:
+            return True
+        ticket.reported = done
+        try:
+            ticket.progress("ar", done, ticket.plan[3])
+        except Exception as e:
+            self._fail(ticket, e)
+            return False
+        return True
 
     def _drop_abandoned(self) -> None:
         with self._cv:
@@ -440,7 +478,9 @@ class ArScheduler:
             loop, done = jacobi.start(engine, batch, spec, steps, generators, greedy, constrain, window)
             if ticket.prefill_done is None:
                 ticket.prefill_done = done
-            return _Row(ticket, index, loop, loop.iterate(), False, lora=adapters[index])
+            row = _Row(ticket, index, loop, None, False, lora=adapters[index], done=1)
+            row.steps = loop.iterate(lambda stage, written, total: setattr(row, "done", written))
+            return row
         row = _Row(ticket, index, None, None, True, lora=adapters[index])
         if self.prefill_chunk is not None and batch.input_ids.shape[1] > self.prefill_chunk:
             row.prefill = start_sequential_chunked(
@@ -456,6 +496,7 @@ class ArScheduler:
         """A sequential row whose prefill is done: pooled (it joins the pool at the end of this
         iteration) or stepped apart."""
         loop, steps, ticket = row.loop, row.ticket.plan[3], row.ticket
+        row.done = 1
         if self._pool is not None and steps > 1 and not row.lora:
             row.pooled = True
         else:
@@ -489,7 +530,7 @@ class ArScheduler:
         with self._cv:
             self._running.remove(row)
         ticket.running -= 1
-        if ticket.running == 0 and not ticket.rows:
+        if ticket.running == 0 and not ticket.rows and self._tell(ticket, steps):
             self._complete(ticket)
 
     def _complete(self, ticket: ArTicket) -> None:

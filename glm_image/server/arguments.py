@@ -96,9 +96,8 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         choices=("auto", "continuous", "static"),
         default="static",
         help="continuous: requests join and leave the running AR decode between iterations, each "
-        "image its solo image (docs/continuous-batching.md; no block offload or AR progress yet); "
-        "static (default): same-size requests share one engine call that runs "
-        "to its end; auto: continuous where the AR runs in the server process on one device and "
+        "image its solo image (docs/continuous-batching.md; no block offload yet); static "
+        "(default): same-size requests share one engine call that runs to its end; auto: continuous where the AR runs in the server process on one device and "
         "nothing above rules it out, else static",
     )
     serve.add_argument(

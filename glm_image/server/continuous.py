@@ -38,7 +38,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ..errors import Cancelled, GlmImageError
 from ..stages import DitCall, outputs_of, plan_call
 from ..stages.run import ar_arguments, prior_tokens_of
-from .executors import ModelFront, Stage, _stop_when
+from .executors import ModelFront, Stage, Watch, _stop_when
 from .metrics import _number
 
 __all__ = ["BATCHING", "ContinuousExecutor", "continuous_supported", "executor_for"]
@@ -152,6 +152,7 @@ class ContinuousExecutor:
             abandoned=abandoned,
             on_done=done,
             lora=adapters.get("ar"),
+            progress=abandoned.report if isinstance(abandoned, Watch) else None,  # the page's AR bar
             **kwargs,
         )
         result = await answer
