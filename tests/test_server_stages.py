@@ -404,6 +404,8 @@ def test_a_stopped_worker_fails_its_request_and_is_replaced(tiny_checkpoint, tmp
         (["--stage-threads", "2"], "--stage-threads needs --stages separate"),
         (["--stages", "separate", "--ray"], "Ray always runs the stages as separate deployments"),
         (["--stages", "separate", "--stage-threads", "0"], "--stage-threads 0; allowed: an integer >= 1"),
+        (["--stages", "separate", "--residency", "swap"], "--residency swap: with --stages separate"),
+        (["--stages", "separate", "--max-memory", "12GB"], "--max-memory 12GB: with --stages separate"),
         (["--dit-replicas", "3"], "--dit-replicas needs --ray"),
         (["--ray", "--dit-replicas", "4-2"], "--dit-replicas '4-2'; allowed: N"),
         (["--ray", "--ar-gpus", "-1"], "--ar-gpus -1.0; allowed: a number >= 0"),

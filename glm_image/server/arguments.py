@@ -232,6 +232,17 @@ def stage_options_from_args(args: argparse.Namespace):
             raise GlmImageError(f"--{given[0].replace('_', '-')} needs --stages separate")
         return None
     _single_device_stages(args, "--stages separate")
+    if args.residency not in (None, "resident"):  # each worker holds its stage on its own device
+        raise GlmImageError(
+            f"--residency {args.residency}: with --stages separate each stage stays on its own "
+            "device; allowed: resident or none"
+        )
+    if args.max_memory is not None:  # the workers load their stage whole: nothing is planned
+        raise GlmImageError(
+            f"--max-memory {args.max_memory}: with --stages separate each worker loads its stage "
+            "whole on its own device and plans nothing; allowed: drop it, or serve without "
+            "--stages separate (--placement separate plans the memory of both devices)"
+        )
     if args.ray:
         raise GlmImageError(
             "--stages separate and --ray: Ray always runs the stages as separate deployments; pick one"

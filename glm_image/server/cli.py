@@ -172,11 +172,6 @@ def _run(args: argparse.Namespace) -> None:
         from .workers import stage_quantize, staged_processes
 
         quantize = stage_quantize(args.quantize)
-        if args.residency not in (None, "resident"):  # each worker holds its stage on its own device
-            raise GlmImageError(
-                f"--residency {args.residency}: with --stages separate each stage stays on its own "
-                "device; allowed: resident or none"
-            )
         pipe = ModelFront.from_checkpoint(args.model, quantize=quantize or "none", **generation_kwargs(args))
         named, fixed = checked_loras(args)
         runtime = runtime_kwargs(args)
