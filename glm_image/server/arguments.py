@@ -97,8 +97,9 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
         default="static",
         help="continuous: requests join and leave the running AR decode between iterations, each "
         "image its solo image (docs/continuous-batching.md; no block offload yet); static "
-        "(default): same-size requests share one engine call that runs to its end; auto: continuous where the AR runs in the server process on one device and "
-        "nothing above rules it out, else static",
+        "(default): same-size requests share one engine call that runs to its end; auto: "
+        "continuous where the AR runs on one device, in the server process or a --stages "
+        "separate worker, and nothing above rules it out, else static",
     )
     serve.add_argument(
         "--max-rows",

@@ -146,10 +146,10 @@ def _run(args: argparse.Namespace) -> None:
     stages, ray = stage_options_from_args(args), ray_options_from_args(args)
     if args.max_rows < 1:
         raise GlmImageError(f"--max-rows {args.max_rows}; allowed: an integer >= 1")
-    if args.batching == "continuous" and (stages is not None or ray is not None):
+    if args.batching == "continuous" and ray is not None:
         raise GlmImageError(
-            "--batching continuous drives the AR in the server process; with --stages separate or "
-            "--ray use --batching static (or auto)"
+            "--batching continuous drives the AR in the server process or a --stages separate "
+            "worker; with --ray use --batching static (or auto)"
         )
     parallel_config(args).check()  # the heads and the device count are checked as the model loads
     FileStore(settings.output_dir)  # a bad --output-dir fails now, not after the model loads
@@ -187,6 +187,8 @@ def _run(args: argparse.Namespace) -> None:
             threads=stages.threads,
             named_lora=named,
             fixed_lora=fixed,
+            batching=args.batching,
+            max_rows=args.max_rows,
         )
         pipe.lora_scales = {name: scale for name, _, scale in named}
         app = create_app(pipe, settings, executor)

@@ -30,15 +30,16 @@ call carries them, so its image is the one a static call gives it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 
 from ..errors import Cancelled, GlmImageError
 from ..stages import DitCall, outputs_of, plan_call
 from ..stages.run import ar_arguments, prior_tokens_of
-from .executors import ModelFront, Stage, Watch, _stop_when
+from .executors import HandleRunner, ModelFront, Stage, Watch
 from .metrics import _number
 
 __all__ = ["BATCHING", "ContinuousExecutor", "continuous_supported", "executor_for"]
@@ -76,36 +77,27 @@ def executor_for(pipe, batching: str = "auto", max_rows: int = 16):
     return ContinuousExecutor(pipe, max_rows=max_rows)
 
 
-class ContinuousExecutor:
-    """The AR as an ``ArScheduler`` on its own thread, the DiT one request at a time on another."""
+class _LocalRows:
+    """The AR side of a ``ContinuousExecutor`` in this process: an ``ArScheduler`` over the
+    pipeline's AR engine, driven by a thread of its own."""
 
-    name = "continuous"
-    per_request = True  # the queue hands over one request per AR call
-
-    def __init__(self, pipe, *, max_rows: int = 16, mode: str | None = None) -> None:
-        """``mode``: how the AR's rows run (``ArScheduler``: apart, invariant, batched; None: the device's)."""
-        why = continuous_supported(pipe)
-        if why is not None:
-            raise GlmImageError(f"--batching continuous: not available here: {why}; use --batching static")
+    def __init__(self, engine, max_rows: int, mode: str | None) -> None:
         from ..engine.scheduler import ArScheduler
 
-        self.pipe, self.front = pipe, ModelFront.of(pipe)
-        self.scheduler = ArScheduler(pipe.ar, max_rows=max_rows, mode=mode)
-        self.stages = (Stage("ar", self._ar, max_rows), Stage("dit", self._dit, 1))
-        # requests the queue may hold in flight: max_rows in the AR, as many waiting for the DiT
-        self.in_flight = 2 * max_rows + 1
-        self._dit_waiting: list = []  # abandoned() of each request done with the AR, not yet in the DiT
+        self.engine = engine
+        self.scheduler = ArScheduler(engine, max_rows=max_rows, mode=mode)
+        self.max_rows, self.mode = self.scheduler.max_rows, self.scheduler.mode
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._dit_thread: ThreadPoolExecutor | None = None
-        self._died: str | None = None
+        self.broken: str | None = None
 
-    @property
-    def broken(self) -> str | None:
-        return self._died
+    def stats(self):
+        return self.scheduler.stats()
+
+    def describe(self) -> dict:
+        return {"device": str(self.engine.device), "max_rows": self.max_rows, "rows": self.mode}
 
     async def start(self) -> None:
-        self._dit_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="glm-image-dit")
         self._thread = threading.Thread(target=self._drive, name="glm-image-ar-scheduler", daemon=True)
         self._thread.start()
 
@@ -113,7 +105,7 @@ class ContinuousExecutor:
         try:
             self.scheduler.run_forever(self._stop)
         except BaseException as e:  # a fault outside any one request: every request fails, said in /health
-            self._died = f"the AR scheduler stopped ({type(e).__name__})"
+            self.broken = f"the AR scheduler stopped ({type(e).__name__})"
             log.error("the AR scheduler stopped", exc_info=e)
             self.scheduler.cancel_all(e)
 
@@ -122,23 +114,11 @@ class ContinuousExecutor:
         self.scheduler.wake()
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 30)
-        if self._dit_thread is not None:
-            self._dit_thread.shutdown(wait=False, cancel_futures=True)
 
-    def describe(self) -> dict:
-        return {
-            "mode": self.name,
-            "device": str(getattr(self.pipe, "device", "")),
-            "max_rows": self.scheduler.max_rows,
-            "rows": self.scheduler.mode,
-        }
-
-    async def _ar(self, requests: list, abandoned) -> tuple:
-        front, loop = self.front, asyncio.get_running_loop()
-        call = plan_call(requests, front.limits, front.ar_decoding, front.jacobi_window, front.jacobi)
-        prompts, kwargs = ar_arguments(self.pipe.ar, call)
-        # the request's adapters per stage (names checked now); the scheduler holds the AR's
-        adapters = front.lora.for_requests(requests) if front.lora is not None else {}
+    async def run(self, call, abandoned):
+        """``call``'s ``PriorTokens`` once the scheduler has decoded it."""
+        loop = asyncio.get_running_loop()
+        prompts, kwargs = ar_arguments(self.engine, call)
         answer = loop.create_future()
 
         def done(ticket) -> None:  # on the scheduler's thread
@@ -151,28 +131,102 @@ class ContinuousExecutor:
             call.width,
             abandoned=abandoned,
             on_done=done,
-            lora=adapters.get("ar"),
+            lora=call.lora,
             progress=abandoned.report if isinstance(abandoned, Watch) else None,  # the page's AR bar
             **kwargs,
         )
-        result = await answer
+        return prior_tokens_of(call, await answer, start)
+
+
+class ContinuousExecutor:
+    """The AR as an ``ArScheduler`` (in this process on a thread of its own, or in a stage worker
+    driven by ticks), the DiT one request at a time on its runner."""
+
+    name = "continuous"
+    per_request = True  # the queue hands over one request per AR call
+
+    def __init__(self, pipe, *, max_rows: int = 16, mode: str | None = None, runners=None) -> None:
+        """``mode``: how the AR's rows run (``ArScheduler``: apart, invariant, batched; None: the
+        device's). ``runners``: the (AR, DiT) ``HandleRunner``s of stage workers (``pipe``: their
+        ``ModelFront``); None: ``pipe`` is a loaded ``GlmImage`` whose AR runs here."""
+        if runners is None:
+            why = continuous_supported(pipe)
+            if why is not None:
+                raise GlmImageError(
+                    f"--batching continuous: not available here: {why}; use --batching static"
+                )
+            self.pipe, self.front = pipe, ModelFront.of(pipe)
+            self.rows = _LocalRows(pipe.ar, max_rows, mode)
+            self.dit = HandleRunner("dit", pipe.handles[1])
+        else:
+            from .ticking import TickedRows
+
+            if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
+                raise GlmImageError(f"max_rows = {max_rows!r}; allowed: an integer >= 1")
+            self.pipe = self.front = pipe
+            self.rows, self.dit = TickedRows(runners[0], max_rows, mode), runners[1]
+        self._runners = runners or ()
+        self.hold_adapters: Callable[[], None] | None = None  # stage workers: run once they are up
+        self.stages = (Stage("ar", self._ar, max_rows), Stage("dit", self._dit, 1))
+        # requests the queue may hold in flight: max_rows in the AR, as many waiting for the DiT
+        self.in_flight = 2 * max_rows + 1
+        self._dit_waiting: list = []  # abandoned() of each request done with the AR, not yet in the DiT
+        self._died: str | None = None
+
+    @property
+    def scheduler(self):
+        """The in-process ``ArScheduler`` (None when the AR runs in a stage worker)."""
+        return getattr(self.rows, "scheduler", None)
+
+    @property
+    def broken(self) -> str | None:
+        return self._died or self.rows.broken or self.dit.broken
+
+    async def start(self) -> None:
+        runners = self._runners or (self.dit,)
+        results = await asyncio.gather(*(r.start() for r in runners), return_exceptions=True)
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if not failed and self.hold_adapters is not None:
+            try:  # every adapter checked on the workers before the first request
+                await asyncio.to_thread(self.hold_adapters)
+            except Exception as e:
+                failed = [e]
+        if failed:
+            await asyncio.gather(*(r.stop() for r in runners), return_exceptions=True)
+            raise failed[0]
+        await self.rows.start()
+
+    async def stop(self) -> None:
+        await self.rows.stop()
+        await asyncio.gather(*(r.stop() for r in self._runners or (self.dit,)), return_exceptions=True)
+
+    def describe(self) -> dict:
+        if self._runners:
+            return {"mode": self.name, "ar": self.rows.describe(), "dit": self.dit.describe()}
+        return {"mode": self.name, **self.rows.describe()}
+
+    async def _ar(self, requests: list, abandoned) -> tuple:
+        front = self.front
+        call = plan_call(requests, front.limits, front.ar_decoding, front.jacobi_window, front.jacobi)
+        # the request's adapters per stage (names checked now); the scheduler holds the AR's
+        adapters = front.lora.for_requests(requests) if front.lora is not None else {}
+        prior = await self.rows.run(dataclasses.replace(call, lora=adapters.get("ar")), abandoned)
         self._dit_waiting.append(abandoned)
-        return requests, prior_tokens_of(call, result, start), abandoned, adapters.get("dit")
+        return requests, prior, abandoned, adapters.get("dit")
 
     async def _dit(self, work: tuple, abandoned) -> list:
         requests, prior, mine, lora = work
         if mine in self._dit_waiting:
             self._dit_waiting.remove(mine)
         first = requests[0]
-        call = DitCall(prior, first.steps, first.guidance, self.front.dit_cache, lora)
-        dit = self.pipe.handles[1]
-        loop = asyncio.get_running_loop()
-        made = await loop.run_in_executor(self._dit_thread, dit.run, call, _stop_when(abandoned))
+        made = await self.dit.run(
+            DitCall(prior, first.steps, first.guidance, self.front.dit_cache, lora), abandoned
+        )
         return outputs_of(requests, prior, made)
 
     def metrics_text(self) -> str:
         """Prometheus lines: the AR's occupancy and the DiT's queue."""
-        stats = self.scheduler.stats()
+        stats = self.rows.stats()
         # a request abandoned while it waited for the DiT never enters it: not counted
         self._dit_waiting = [a for a in self._dit_waiting if not a()]
         samples = (

@@ -32,13 +32,18 @@ def staged_processes(
     threads: int | None = None,
     named_lora: list[tuple[str, str, float]] = (),
     fixed_lora: list[tuple[str, float]] = (),
+    batching: str = "static",
+    max_rows: int = 16,
 ):
     """A ``StagedExecutor`` whose AR and DiT run in two worker processes. The devices are
     checked here, before any worker starts; on a CPU (both stages) the cores are split between
     the two workers unless ``threads`` says otherwise. ``named_lora``: (name, path, scale) of
     ``serve --lora NAME=PATH``, held for requests to pick; ``fixed_lora``: (path, scale) of the
-    unnamed ``--lora``, on every request (unmerged)."""
+    unnamed ``--lora``, on every request (unmerged). ``batching``: ``static`` (a
+    ``StagedExecutor``: batches overlap stage by stage) or ``continuous`` / ``auto`` (a
+    ``ContinuousExecutor``: the AR worker's scheduler, driven by ticks, with ``max_rows`` rows)."""
     from ..device import resolve_device
+    from .continuous import BATCHING, ContinuousExecutor
     from .executors import HandleRunner, StagedExecutor
 
     where = {"ar": ar_device or device, "dit": dit_device or device}
@@ -57,7 +62,12 @@ def staged_processes(
         )
         for stage in ("ar", "dit")
     ]
-    executor = StagedExecutor(front, *runners, name="stages")
+    if batching not in BATCHING:
+        raise GlmImageError(f"batching = {batching!r}; allowed: {', '.join(BATCHING)}")
+    if batching == "static":
+        executor = StagedExecutor(front, *runners, name="stages")
+    else:
+        executor = ContinuousExecutor(front, max_rows=max_rows, runners=runners)
     if named_lora or fixed_lora:
         hold_adapters_on(executor, runners, named_lora, fixed_lora)
     return executor

@@ -53,8 +53,9 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
-from ..errors import Cancelled, GlmImageError, NonFiniteError, StageDied, StageError
+from ..errors import Cancelled, GlmImageError, StageDied, StageError
 from .handle import StageSpec
+from .ticks import error_of
 
 __all__ = ["ProcessStage", "answer_seconds", "process_state", "receive", "send"]
 
@@ -432,12 +433,8 @@ class ProcessStage:
                 )
         for rank in range(self.size):
             _, _, kind, value = replies[rank]
-            if kind == "invalid":
-                raise GlmImageError(value)
-            if kind == "nonfinite":
-                raise NonFiniteError(value)
-            if kind == "error":
-                raise StageError(f"rank {rank} of the {self.stage} stage: {value}")
+            if kind not in ("ok", "cancelled"):
+                raise error_of(kind, value, f"rank {rank} of the {self.stage} stage")
         if raised is None and any(replies[r][2] == "cancelled" for r in replies):
             raise Cancelled(f"the {self.stage} stage's call was stopped")
         return replies[0][3], raised

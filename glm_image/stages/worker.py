@@ -19,13 +19,13 @@ import signal
 import sys
 import threading
 import time
-import traceback
 from datetime import timedelta
 
 from ..errors import Cancelled
 from .handle import load_stage
 from .process import receive, send
 from .run import run_on
+from .ticks import reply_of
 
 __all__ = ["main"]
 
@@ -110,8 +110,6 @@ class _Progress:
 
 
 def _serve(conn, spec, engine, control, leads: bool) -> None:
-    from ..errors import GlmImageError, NonFiniteError
-
     while True:
         try:
             message = receive(conn)
@@ -128,14 +126,8 @@ def _serve(conn, spec, engine, control, leads: bool) -> None:
             # a call of the stage (``ArCall``, ``DitCall``), or a function of the engine itself
             result = run_on(spec.stage, engine, payload, progress)
             reply = ("ok", result if leads else None)
-        except Cancelled:
-            reply = ("cancelled", "")
-        except NonFiniteError as e:
-            reply = ("nonfinite", str(e))
-        except GlmImageError as e:
-            reply = ("invalid", str(e))
-        except Exception as e:
-            reply = ("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+        except Exception as e:  # said as the handle raises it (``ticks.error_of``)
+            reply = reply_of(e)
         _say(conn, ("reply", call_id, *reply))
         _BUSY.clear()
         if progress is not None and progress.stop:
