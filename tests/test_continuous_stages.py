@@ -115,7 +115,7 @@ def test_the_page_sees_the_ar_progress_of_a_worker(served):
         assert answer.result().status_code == 200, answer.result().text
     assert {total for _, total in seen} == {234 + 12}, seen  # tiny at 128x96: preview, then target
     done = [d for d, _ in seen]
-    assert done == sorted(done) and len(set(done)) >= 3, seen
+    assert done == sorted(done) and len(set(done)) >= 2, seen
 
 
 def test_a_client_that_leaves_frees_its_slot_in_the_worker(served, glm):

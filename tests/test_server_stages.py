@@ -146,17 +146,17 @@ def test_one_requests_ar_runs_while_another_requests_dit_runs(staged):
     url, app = staged
     spans = record_spans(app.state.executor)
     before = metrics(url)["glm_image_stage_overlap_seconds_total"]
-    # 40 steps: the first request's DiT runs long enough (~0.2 s here) that the next AR call
-    # starts inside it however late the event loop dispatches it
-    bodies = [{"prompt": f"overlap {i}", "size": "96x64", "seed": i, "steps": 40} for i in range(4)]
+    bodies = [{"prompt": f"overlap {i}", "size": "96x64", "seed": i, "steps": 8} for i in range(4)]
+    bodies[0]["steps"] = 200  # its DiT runs about a second here, long after the others arrive
+    dit_calls = 'glm_image_stage_calls{stage="dit"}'
+    started = metrics(url)[dit_calls]
     with ThreadPoolExecutor(len(bodies)) as pool:
-        # the first request is taken alone (a batch of its own) before the others arrive: they
-        # queue during its AR and are batched when the AR is free, while its DiT runs (had all
-        # four arrived at once, as a loaded machine can make them, they would share one call).
-        # The others are sent while the first runs, not after it is done: sent after, they can
-        # all arrive before the AR is free and share one call with nothing left to overlap.
+        # the first request is a batch of its own; the others are sent once its DiT has started,
+        # so their AR call (one batch: they arrive together) runs inside its DiT call. (Sent
+        # after it was done, they would share one call with nothing left to overlap; sent with
+        # it, as a loaded machine can make them arrive, all four would share one call.)
         first = pool.submit(post, url, OPENAI, bodies[0])
-        wait_until(lambda: metrics(url)["glm_image_running_jobs"] >= 1 or first.done(), timeout=60)
+        wait_until(lambda: metrics(url)[dit_calls] > started, timeout=120)
         rest = [pool.submit(post, url, OPENAI, body) for body in bodies[1:]]
         responses = [first.result(), *(r.result() for r in rest)]
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
@@ -312,12 +312,12 @@ def serve_command(argv: list[str], port: int):
 
     def up() -> bool:
         assert process.poll() is None, process.stdout.read().decode()
-        with contextlib.suppress(requests.ConnectionError):
-            return requests.get(url + "/health", timeout=1).status_code == 200
+        with contextlib.suppress(requests.RequestException):  # not listening yet, or slow to answer
+            return requests.get(url + "/health", timeout=5).status_code == 200
         return False
 
     try:
-        wait_until(up, timeout=180)
+        wait_until(up, timeout=300)
         yield process, url
     finally:
         if process.poll() is None:
