@@ -10,6 +10,9 @@ the last answer), latency p50/p90/p99 (arrival to answer), and for continuous th
 occupancy (rows run per iteration over ``--max-rows``) and mean running rows from ``/metrics``.
 ``continuous-batched`` forces the scheduler's batched rows (one forward per iteration over all
 rows: an accelerator's default; on a CPU not bit-exact) to show what batching the forward adds.
+``continuous-stages`` and ``static-stages`` serve with the AR and the DiT in two worker processes
+(``--stages separate``; the continuous scheduler then lives in the AR worker, driven by ticks),
+each compared with ``static-stages``; the others with ``static``.
 Every request must get status 200 and one PNG of its size; the run fails (exit 1) otherwise.
 """
 
@@ -27,6 +30,7 @@ import requests
 from _report import parse_size, write_report
 
 PATH = "/v1/images/generations"
+MODES = ("continuous", "static", "continuous-batched", "continuous-stages", "static-stages")
 
 
 def _metrics(url: str) -> dict[str, float]:
@@ -88,6 +92,21 @@ def _serve(pipe, args, batching: str, out_dir: Path):
         timeout=args.timeout,
         steps=args.steps,
     )
+    if batching.endswith("-stages"):  # the AR and the DiT in two worker processes: --stages separate
+        from glm_image.hub import resolve_checkpoint
+        from glm_image.server.executors import ModelFront
+        from glm_image.server.workers import staged_processes
+
+        front = ModelFront.from_checkpoint(args.model)
+        executor = staged_processes(
+            front,
+            str(resolve_checkpoint(args.model)),
+            device=args.device,
+            threads=args.threads,
+            batching=batching.removesuffix("-stages"),
+            max_rows=args.max_rows,
+        )
+        return ServerThread(create_app(front, settings, executor), startup_timeout=600)
     if batching == "continuous-batched":  # the accelerator's batched rows, forced (not exact on a CPU)
         from glm_image.server.continuous import ContinuousExecutor
 
@@ -164,6 +183,17 @@ def _load(url: str, args, arrivals: list[float]) -> dict:
     return report
 
 
+def _free_memory() -> None:
+    """Give back what objects let go of held, device memory too."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_open_loop(args) -> int:
     """The open-loop comparison; returns the exit status."""
     import torch
@@ -174,7 +204,14 @@ def run_open_loop(args) -> int:
         torch.set_num_threads(args.threads)
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     modes = [m.strip() for m in args.batching.split(",") if m.strip()]
-    pipe = GlmImage.from_pretrained(args.model, device=args.device)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise SystemExit(f"--batching {args.batching!r}; allowed: a comma list of {', '.join(MODES)}")
+    # the modes in the server process first: the pipeline is let go before the stage workers load
+    # theirs (on a GPU the released model would otherwise be on it three times)
+    modes.sort(key=lambda m: m.endswith("-stages"))
+    in_process = any(not m.endswith("-stages") for m in modes)
+    pipe = GlmImage.from_pretrained(args.model, device=args.device) if in_process or args.load else None
     capacity = _capacity(pipe, args) if args.load is not None else None
     rate = args.rate if args.rate is not None else args.load * capacity
     rng = random.Random(args.seed)
@@ -184,6 +221,10 @@ def run_open_loop(args) -> int:
         arrivals.append(at)
     results = []
     for mode in modes:
+        if mode.endswith("-stages") and pipe is not None:
+            pipe.close()
+            pipe = None
+            _free_memory()
         with (
             tempfile.TemporaryDirectory(prefix="glm-image-open-loop-") as out,
             _serve(pipe, args, mode, Path(out)) as url,
@@ -198,8 +239,11 @@ def run_open_loop(args) -> int:
                 }
             )
         print(json.dumps(results[-1]), file=sys.stderr, flush=True)  # each mode as it ends: long runs
-    static = next((r for r in results if r["batching"] == "static"), None)
     for result in results:
+        # each against static batching where the stages run alike: in the server process, or in
+        # worker processes (the "-stages" modes)
+        alike = "static-stages" if result["batching"].endswith("-stages") else "static"
+        static = next((r for r in results if r["batching"] == alike), None)
         if (
             static is not None
             and result is not static

@@ -50,8 +50,8 @@
 #   continuous continuous batching: AR tokens/s with 16 rows running in the scheduler against 1,
 #              batched rows with a graph per bucket of rows and eager (bench_continuous.py; goal:
 #              16 rows >= 8x one), then images/s and p50/p99 latency under open-loop Poisson
-#              arrivals at 0.8 of the measured capacity, continuous against static batching
-#              (load_server.py --load); GPU_RUN_CONTINUOUS_TOKENS (256) / _REQUESTS (32) / _STEPS (10)
+#              arrivals at 0.8 of the measured capacity, continuous against static batching, in the
+#              server process and with the stages in two worker processes (load_server.py --load); GPU_RUN_CONTINUOUS_TOKENS (256) / _REQUESTS (32) / _STEPS (10)
 #   scaling    bench speed on 2, 4 and 8 GPUs where the machine has them (skipped on one): the AR
 #              tensor parallel over all of them with the DiT CFG-parallel x Ulysses over the same
 #              ones, then the stages on separate halves; each JSON has per-stage times and the
@@ -230,7 +230,8 @@ if want continuous; then
     w=${size%x*} h=${size#*x}
     run continuous-load 150 python3 benchmarks/load_server.py --model "$model" --device "$device" \
         --load 0.8 --requests "${GPU_RUN_CONTINUOUS_REQUESTS:-32}" --steps "${GPU_RUN_CONTINUOUS_STEPS:-10}" \
-        --sizes "${size},${h}x${w}" --max-batch 4 --max-rows 16 --out "$out/bench_continuous_load.json"
+        --sizes "${size},${h}x${w}" --max-batch 4 --max-rows 16 \
+        --batching continuous,static,continuous-stages,static-stages --out "$out/bench_continuous_load.json"
 fi
 if want scaling; then
     gpus=$(python3 -c "import torch; print(torch.cuda.device_count())")

@@ -417,7 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     open_loop.add_argument(
         "--batching",
         default="continuous,static",
-        help="comma list: continuous, static, continuous-batched (default continuous,static)",
+        help="comma list: continuous, static, continuous-batched, and continuous-stages / "
+        "static-stages (the stages in two worker processes, --stages separate; each compared "
+        "with static-stages) (default continuous,static)",
     )
     open_loop.add_argument(
         "--max-rows", type=int, default=16, help="continuous: AR rows at once (default 16)"

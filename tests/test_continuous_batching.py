@@ -252,8 +252,10 @@ def test_gpu_run_continuous_stage_dry_run_on_the_cpu(tmp_path, gpu_run):
     assert all(r["tok_s"] > 0 and r["tokens"] == 4 * r["rows"] for r in ar["results"])
     load = json.loads((out / "bench_continuous_load.json").read_text())
     modes = {r["batching"]: r for r in load["results"]}
-    assert set(modes) == {"continuous", "static"} and all(r["ok"] for r in modes.values())
-    assert modes["continuous"]["ar"]["slot_occupancy"] > 0 and "throughput_vs_static" in modes["continuous"]
+    assert set(modes) == {"continuous", "static", "continuous-stages", "static-stages"}
+    assert all(r["ok"] for r in modes.values())
+    for continuous in ("continuous", "continuous-stages"):  # the AR in the server, then in a worker
+        assert modes[continuous]["ar"]["slot_occupancy"] > 0 and "throughput_vs_static" in modes[continuous]
 
 
 def test_each_request_hears_its_own_progress_per_iteration(engine):

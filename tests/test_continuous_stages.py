@@ -140,28 +140,27 @@ def test_a_client_that_leaves_frees_its_slot_in_the_worker(served, glm):
     )
 
 
-def test_a_killed_ar_worker_fails_the_requests_it_held_and_a_new_one_serves(tiny_checkpoint, glm, tmp_path):
-    front = ModelFront.from_checkpoint(str(tiny_checkpoint))
-    executor = staged_processes(front, str(tiny_checkpoint), device="cpu", batching="continuous", max_rows=2)
-    settings = ServerSettings(output_dir=tmp_path, steps=1)
-    with ServerThread(create_app(front, settings, executor), startup_timeout=180) as url:
-        first = requests.get(url + "/health", timeout=10).json()["executor"]["ar"]["pid"]
-        with ThreadPoolExecutor(2) as pool:
-            held = [pool.submit(post, url, {"prompt": f"held {i}", "size": "128x96"}) for i in range(2)]
-            wait_until(lambda: metrics(url)["glm_image_ar_running_rows"] == 2)
-            os.kill(first, signal.SIGKILL)
-            answers = [h.result() for h in held]
-        for answer in answers:
-            assert answer.status_code == 500, answer.text
-            message = answer.json()["error"]["message"]
-            assert f"the ar stage worker (pid {first}, cpu) stopped with signal SIGKILL" in message, message
-        body = {"prompt": "after", "size": "64x64", "seed": 3}
-        again = post(url, body)  # the new worker's scheduler
-        assert again.status_code == 200, again.text
-        assert np.abs(pixels(again.json()["data"][0]).astype(int) - solo_images(glm, body)[0]).max() <= 1
-        health = requests.get(url + "/health", timeout=10).json()
-        assert health["status"] == "ok" and health["executor"]["ar"]["restarts"] == 1
-        assert health["executor"]["ar"]["pid"] != first
+def test_a_killed_ar_worker_fails_the_requests_it_held_and_a_new_one_serves(served, glm):
+    """Last of the module's server tests: it replaces the AR worker."""
+    url, _ = served
+    first = requests.get(url + "/health", timeout=10).json()["executor"]["ar"]["pid"]
+    with ThreadPoolExecutor(2) as pool:
+        held = [pool.submit(post, url, {"prompt": f"held {i}", "size": "256x256"}) for i in range(2)]
+        wait_until(lambda: metrics(url)["glm_image_ar_running_rows"] == 2)
+        os.kill(first, signal.SIGKILL)
+        answers = [h.result() for h in held]
+    for answer in answers:
+        assert answer.status_code == 500, answer.text
+        message = answer.json()["error"]["message"]
+        assert f"the ar stage worker (pid {first}, cpu) stopped with signal SIGKILL" in message, message
+    body = {"prompt": "after", "size": "64x64", "seed": 3}
+    again = post(url, body)  # the new worker's scheduler
+    assert again.status_code == 200, again.text
+    assert np.abs(pixels(again.json()["data"][0]).astype(int) - solo_images(glm, body)[0]).max() <= 1
+    health = requests.get(url + "/health", timeout=10).json()
+    assert health["status"] == "ok" and health["executor"]["ar"]["restarts"] == 1
+    assert health["executor"]["ar"]["pid"] != first
+    assert metrics(url)["glm_image_ar_running_rows"] == 0
 
 
 def test_a_tick_answers_errors_as_a_handle_raises_them(tiny_checkpoint):
