@@ -1,7 +1,8 @@
 """`serve --stages separate --batching continuous`: the AR scheduler lives in the AR worker
 process and the server drives it tick by tick (``stages.ticks``, ``server.ticking``); the DiT
-worker takes one request at a time. Each image must equal its solo image (the in-process
-pipeline, ``GlmImage.run``) bit for bit, a client that leaves must free its slot, the page must
+worker takes one request at a time. Each image must equal its solo image through the same
+workers bit for bit (and the in-process pipeline's within the last bit; a request naming a LoRA
+adapter gets it applied in the workers), a client that leaves must free its slot, the page must
 see the AR's progress, and a killed AR worker must fail the requests it held, no other, with
 a new worker serving the next ones. Tiny model, CPU, two worker processes."""
 
@@ -40,10 +41,24 @@ OPENAI = "/v1/images/generations"
 
 @pytest.fixture(scope="module")
 def served(tiny_checkpoint, tmp_path_factory):
-    """(url, executor) of a continuous server over two stage workers, 3 AR rows."""
+    """(url, executor) of a continuous server over two stage workers, 3 AR rows, holding a LoRA
+    adapter ``a`` (AR and DiT) that requests may name (``serve --lora a=PATH``)."""
+    from lora_helpers import peft_ar, peft_dit
+
+    root = tmp_path_factory.mktemp("continuous-stages")
+    peft_ar(tiny_checkpoint, root / "a" / "vision_language_encoder", seed=1)
+    peft_dit(tiny_checkpoint, root / "a" / "transformer", seed=2, lora_alpha=8)
     front = ModelFront.from_checkpoint(str(tiny_checkpoint))
-    executor = staged_processes(front, str(tiny_checkpoint), device="cpu", batching="continuous", max_rows=3)
-    settings = ServerSettings(output_dir=tmp_path_factory.mktemp("continuous-stages"), steps=1)
+    executor = staged_processes(
+        front,
+        str(tiny_checkpoint),
+        device="cpu",
+        named_lora=[("a", str(root / "a"), 1.0)],
+        batching="continuous",
+        max_rows=3,
+    )
+    front.lora_scales = {"a": 1.0}
+    settings = ServerSettings(output_dir=root / "files", steps=1)
     with ServerThread(create_app(front, settings, executor), startup_timeout=180) as url:
         yield url, executor
 
@@ -69,7 +84,7 @@ def test_overlapping_requests_get_their_solo_images_from_the_workers(served, glm
     bodies = [
         {"prompt": "a tall blue 'SIGN'", "size": "128x96", "seed": 5},
         {"prompt": "两个红色的圆", "size": "64x64", "seed": 7, "n": 2},
-        {"prompt": "a wide field", "size": "64x128", "seed": 9},
+        {"prompt": "a wide field", "size": "64x128", "seed": 9, "lora": {"name": "a", "scale": 0.8}},
     ]
     before = metrics(url)
     with ThreadPoolExecutor(len(bodies)) as pool:
@@ -88,7 +103,10 @@ def test_overlapping_requests_get_their_solo_images_from_the_workers(served, glm
         assert len(got) == len(alone) == len(expected)
         for image, one, pipeline in zip(got, alone, expected, strict=True):
             assert np.array_equal(image, one)
-            assert np.abs(image.astype(int) - pipeline).max() <= 1
+            if "lora" in body:  # the worker applied the request's adapter, to its rows alone
+                assert np.abs(image.astype(int) - pipeline).max() > 10
+            else:
+                assert np.abs(image.astype(int) - pipeline).max() <= 1
     values = metrics(url)
     assert values["glm_image_ar_max_rows"] == 3 and values["glm_image_ar_running_rows"] == 0
     iterations = values["glm_image_ar_iterations_total"] - before["glm_image_ar_iterations_total"]
