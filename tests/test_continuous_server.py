@@ -147,15 +147,15 @@ def test_batching_choices_are_checked(glm):
         executor_for(Staged(), "continuous")
 
 
-def test_progress_shows_the_ar_tokens_of_a_continuous_request(glm, tmp_path):
-    """The page's AR bar (``X-Progress-Id``): the request's tokens as the scheduler writes them."""
-    tag = "c" * 32
-    with _serve(glm, tmp_path, max_rows=2) as (url, _), ThreadPoolExecutor(1) as pool:
-        body = {"prompt": "a tall 'SIGN'", "size": "128x96", "seed": 4}
+def assert_ar_progress_is_seen(url: str, tag: str) -> None:
+    """A 128x96 request sent with progress id ``tag``: the page's AR bar (``/v1/progress``),
+    polled while it runs, shows its tokens rising to their total."""
+    body = {"prompt": "a tall 'SIGN'", "size": "128x96", "seed": 4}
+    seen = []
+    with ThreadPoolExecutor(1) as pool:
         answer = pool.submit(
             requests.post, url + OPENAI, json=body, headers={"X-Progress-Id": tag}, timeout=300
         )
-        seen = []
         while not answer.done():
             stages = requests.get(f"{url}/v1/progress/{tag}", timeout=10).json().get("stages", {})
             if "ar" in stages:
@@ -166,3 +166,9 @@ def test_progress_shows_the_ar_tokens_of_a_continuous_request(glm, tmp_path):
     assert {t for _, t in seen} == {total}, seen
     done = [d for d, _ in seen]
     assert done == sorted(done) and len(set(done)) >= 2 and done[-1] <= total, seen
+
+
+def test_progress_shows_the_ar_tokens_of_a_continuous_request(glm, tmp_path):
+    """The page's AR bar (``X-Progress-Id``): the request's tokens as the scheduler writes them."""
+    with _serve(glm, tmp_path, max_rows=2) as (url, _):
+        assert_ar_progress_is_seen(url, "c" * 32)

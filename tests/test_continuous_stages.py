@@ -13,7 +13,6 @@ import io
 import os
 import signal
 import socket
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -27,7 +26,7 @@ from glm_image.request import GenerationRequest
 pytest.importorskip("fastapi", reason='the server tests need the serve extra: pip install -e ".[test,serve]"')
 
 import requests
-from test_continuous_server import metrics, wait_until
+from test_continuous_server import assert_ar_progress_is_seen, metrics, wait_until
 
 from glm_image.server.app import create_app
 from glm_image.server.executors import ModelFront
@@ -119,21 +118,7 @@ def test_overlapping_requests_get_their_solo_images_from_the_workers(served, glm
 
 
 def test_the_page_sees_the_ar_progress_of_a_worker(served):
-    url, _ = served
-    tag = "w" * 32
-    seen = []
-    with ThreadPoolExecutor(1) as pool:
-        body = {"prompt": "a tall 'SIGN'", "size": "128x96", "seed": 4}
-        answer = pool.submit(post, url, body, headers={"X-Progress-Id": tag})
-        while not answer.done():
-            stages = requests.get(f"{url}/v1/progress/{tag}", timeout=10).json().get("stages", {})
-            if "ar" in stages:
-                seen.append((stages["ar"]["done"], stages["ar"]["total"]))
-            time.sleep(0.005)
-        assert answer.result().status_code == 200, answer.result().text
-    assert {total for _, total in seen} == {234 + 12}, seen  # tiny at 128x96: preview, then target
-    done = [d for d, _ in seen]
-    assert done == sorted(done) and len(set(done)) >= 2, seen
+    assert_ar_progress_is_seen(served[0], "w" * 32)
 
 
 def test_a_client_that_leaves_frees_its_slot_in_the_worker(served, glm):

@@ -39,7 +39,7 @@ from collections.abc import Callable
 from ..errors import Cancelled, GlmImageError
 from ..stages import DitCall, outputs_of, plan_call
 from ..stages.run import ar_arguments, prior_tokens_of
-from .executors import HandleRunner, ModelFront, Stage, Watch
+from .executors import HandleRunner, ModelFront, Stage, Watch, start_runners
 from .metrics import _number
 
 __all__ = ["BATCHING", "ContinuousExecutor", "continuous_supported", "executor_for"]
@@ -183,17 +183,7 @@ class ContinuousExecutor:
         return self._died or self.rows.broken or self.dit.broken
 
     async def start(self) -> None:
-        runners = self._runners or (self.dit,)
-        results = await asyncio.gather(*(r.start() for r in runners), return_exceptions=True)
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if not failed and self.hold_adapters is not None:
-            try:  # every adapter checked on the workers before the first request
-                await asyncio.to_thread(self.hold_adapters)
-            except Exception as e:
-                failed = [e]
-        if failed:
-            await asyncio.gather(*(r.stop() for r in runners), return_exceptions=True)
-            raise failed[0]
+        await start_runners(self._runners or (self.dit,), self.hold_adapters)
         await self.rows.start()
 
     async def stop(self) -> None:

@@ -50,6 +50,7 @@ __all__ = [
     "Stage",
     "StagedExecutor",
     "Watch",
+    "start_runners",
 ]
 
 log = logging.getLogger("glm_image.server")
@@ -283,6 +284,22 @@ class HandleRunner:
             self._ready.set()
 
 
+async def start_runners(runners, hold_adapters: Callable[[], None] | None = None) -> None:
+    """Start ``runners`` at once (their workers load together), then ``hold_adapters`` (every
+    adapter checked on the workers before the first request); if anything fails, every runner
+    is stopped, so nothing is left running, and the first error is raised."""
+    results = await asyncio.gather(*(r.start() for r in runners), return_exceptions=True)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if not failed and hold_adapters is not None:
+        try:
+            await asyncio.to_thread(hold_adapters)
+        except Exception as e:
+            failed = [e]
+    if failed:
+        await asyncio.gather(*(r.stop() for r in runners), return_exceptions=True)
+        raise failed[0]
+
+
 class StagedExecutor:
     """The AR stage and the DiT stage on separate runners, overlapped by the queue: while one
     batch's DiT runs, the next batch's AR runs. Only ``PriorTokens`` crosses between them."""
@@ -307,17 +324,7 @@ class StagedExecutor:
         return self.ar.broken or self.dit.broken
 
     async def start(self) -> None:
-        # both load at once; if one fails the other is stopped, so nothing is left running
-        results = await asyncio.gather(self.ar.start(), self.dit.start(), return_exceptions=True)
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if not failed and self.hold_adapters is not None:
-            try:  # every adapter checked on the workers before the first request
-                await asyncio.to_thread(self.hold_adapters)
-            except Exception as e:
-                failed = [e]
-        if failed:
-            await self.stop()
-            raise failed[0]
+        await start_runners((self.ar, self.dit), self.hold_adapters)
 
     async def stop(self) -> None:
         await asyncio.gather(self.ar.stop(), self.dit.stop())
