@@ -414,6 +414,7 @@ def test_a_stopped_worker_fails_its_request_and_is_replaced(tiny_checkpoint, tmp
         (["--ray", "--ar-gpus", "1", "--ar-tp", "2"], "allowed: --ar-gpus 2, or 0 (the ranks on the CPU)"),
         (["--ray", "--dit-gpus", "2", "--dit-sp", "4"], "--dit-gpus 2 with 4 rank(s) per DiT replica"),
         (["--ray", "--placement", "separate"], "--placement separate with --ray"),
+        (["--ray", "--batching", "continuous"], "with --ray use --batching static (or auto)"),
         (
             ["--stages", "separate", "--ar-tp", "2"],
             "--stages separate runs each stage in one worker on one device",

@@ -275,6 +275,11 @@ def ray_options_from_args(args: argparse.Namespace):
         if given:
             raise GlmImageError(f"--{given[0].replace('_', '-')} needs --ray")
         return None
+    if args.batching == "continuous":  # a replica's calls go to any replica: no scheduler state to keep
+        raise GlmImageError(
+            "--batching continuous drives the AR in the server process or a --stages separate "
+            "worker; with --ray use --batching static (or auto)"
+        )
     ar_tp, dit_cfg, dit_sp = _replica_ranks(args)
     return RayOptions(
         address=args.ray_address,

@@ -146,11 +146,6 @@ def _run(args: argparse.Namespace) -> None:
     stages, ray = stage_options_from_args(args), ray_options_from_args(args)
     if args.max_rows < 1:
         raise GlmImageError(f"--max-rows {args.max_rows}; allowed: an integer >= 1")
-    if args.batching == "continuous" and ray is not None:
-        raise GlmImageError(
-            "--batching continuous drives the AR in the server process or a --stages separate "
-            "worker; with --ray use --batching static (or auto)"
-        )
     parallel_config(args).check()  # the heads and the device count are checked as the model loads
     FileStore(settings.output_dir)  # a bad --output-dir fails now, not after the model loads
     sockets = listen(args.host, args.port)  # so does a busy --port or a wrong --host
