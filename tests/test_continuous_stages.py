@@ -147,6 +147,7 @@ def test_a_killed_ar_worker_fails_the_requests_it_held_and_a_new_one_serves(serv
     """Last of the module's server tests: it replaces the AR worker."""
     url, _ = served
     first = requests.get(url + "/health", timeout=10).json()["executor"]["ar"]["pid"]
+    before = metrics(url)
     with ThreadPoolExecutor(2) as pool:
         held = [pool.submit(post, url, {"prompt": f"held {i}", "size": "256x256"}) for i in range(2)]
         wait_until(lambda: metrics(url)["glm_image_ar_running_rows"] == 2)
@@ -163,7 +164,11 @@ def test_a_killed_ar_worker_fails_the_requests_it_held_and_a_new_one_serves(serv
     health = requests.get(url + "/health", timeout=10).json()
     assert health["status"] == "ok" and health["executor"]["ar"]["restarts"] == 1
     assert health["executor"]["ar"]["pid"] != first
-    assert metrics(url)["glm_image_ar_running_rows"] == 0
+    after = metrics(url)
+    assert after["glm_image_ar_running_rows"] == 0
+    for counter in ("iterations", "row_iterations", "busy_seconds"):  # counted on across workers
+        name = f"glm_image_ar_{counter}_total"
+        assert after[name] > before[name], name
 
 
 def test_a_tick_answers_errors_as_a_handle_raises_them(tiny_checkpoint):
@@ -187,3 +192,29 @@ def test_a_tick_answers_errors_as_a_handle_raises_them(tiny_checkpoint):
     assert torch.equal(prior.prior_token_ids, engine.generate("p", 64, 64, seeds=[2]).prior_tokens.cpu())
     kind, text = reply_of(RuntimeError("boom"))
     assert kind == "error" and "RuntimeError: boom" in str(error_of(kind, text, "rank 0 of the ar stage"))
+
+
+def test_the_counters_count_on_across_a_replaced_worker():
+    """/metrics' AR counters never go back: a new worker's scheduler starts at 0, and the
+    driver adds the old worker's last numbers to it."""
+    from glm_image.server.ticking import TickedRows
+    from glm_image.stages.ticks import Ticked
+
+    class Runner:
+        broken = None
+
+    rows = TickedRows(Runner(), max_rows=4)
+    rows._answer(Ticked([], {}, 2, 0, 100, 180, 1.5, "invariant"))
+    rows._answer(Ticked([], {}, 1, 0, 120, 200, 2.0, "invariant"))
+    assert (rows.stats().iterations, rows.stats().row_iterations, rows.stats().busy_seconds) == (
+        120,
+        200,
+        2.0,
+    )
+    rows._answer(Ticked([], {}, 1, 0, 3, 3, 0.25, "invariant"))  # the new worker's first tick
+    assert (rows.stats().iterations, rows.stats().row_iterations, rows.stats().busy_seconds) == (
+        123,
+        203,
+        2.25,
+    )
+    assert rows.stats().running_rows == 1 and rows.mode == "invariant"

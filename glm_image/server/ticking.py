@@ -45,6 +45,9 @@ class TickedRows:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._stats = SchedulerStats(max_rows, 0, 0, 0, 0, 0.0)
+        # the counters of the workers before this one (a replaced worker's scheduler starts at 0):
+        # /metrics' counters never go back
+        self._before = self._last = (0, 0, 0.0)
 
     @property
     def broken(self) -> str | None:
@@ -120,13 +123,18 @@ class TickedRows:
             if report is not None:
                 report("ar", done, total)
         self.mode = answer.mode
+        counters = (answer.iterations, answer.row_iterations, answer.busy_seconds)
+        if counters[0] < self._last[0]:  # a new worker's scheduler: count on from the old one's
+            self._before = tuple(b + last for b, last in zip(self._before, self._last, strict=True))
+        self._last = counters
+        iterations, row_iterations, busy = (b + c for b, c in zip(self._before, counters, strict=True))
         self._stats = SchedulerStats(
             self.max_rows,
             answer.running_rows,
             answer.queued_requests + len(self._pending),
-            answer.iterations,
-            answer.row_iterations,
-            answer.busy_seconds,
+            iterations,
+            row_iterations,
+            busy,
         )
 
     def _fail(self, requests, error: BaseException) -> None:
