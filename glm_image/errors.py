@@ -59,3 +59,31 @@ class Cancelled(Exception):
 
 class StageError(RuntimeError):
     """An unexpected error inside a stage's process (a rank, a worker): its type and traceback."""
+
+
+def reply_of(error: BaseException) -> tuple[str, str]:
+    """(kind, text) of an error on a stage's side, as its process reports it to the handle:
+    "cancelled", "nonfinite", "invalid" (a ``GlmImageError``) or "error" (anything else, with
+    its traceback); ``error_of`` turns it back into the error the handle raises."""
+    import traceback
+
+    if isinstance(error, Cancelled):
+        return "cancelled", ""
+    if isinstance(error, NonFiniteError):
+        return "nonfinite", str(error)
+    if isinstance(error, GlmImageError):
+        return "invalid", str(error)
+    text = "".join(traceback.format_exception(error))
+    return "error", f"{type(error).__name__}: {error}\n{text}"
+
+
+def error_of(kind: str, text: str, where: str) -> BaseException:
+    """The error a handle raises for a stage's (kind, text) (``reply_of``); ``where`` names the
+    stage (and rank) for an unexpected error."""
+    if kind == "cancelled":
+        return Cancelled(text or f"{where}: the call was stopped")
+    if kind == "nonfinite":
+        return NonFiniteError(text)
+    if kind == "invalid":
+        return GlmImageError(text)
+    return StageError(f"{where}: {text}")

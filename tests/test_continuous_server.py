@@ -125,7 +125,7 @@ def test_limits_answer_429_and_503_with_a_message(glm, tmp_path):
         assert "queue is full (1 requests waiting)" in full.json()["error"]["message"]
         assert running.result().status_code == 200 and queued.result().status_code == 200
     with _serve(glm, tmp_path, max_rows=1) as (url, executor):
-        executor._died = "the AR scheduler stopped (RuntimeError)"  # as its thread records a fault
+        executor.rows.broken = "the AR scheduler stopped (RuntimeError)"  # as its thread records a fault
         answer = post(url, {"prompt": "p", "size": "64x64"})
         assert answer.status_code == 503
         assert "the AR scheduler stopped" in answer.json()["error"]["message"]

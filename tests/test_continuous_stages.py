@@ -28,12 +28,13 @@ pytest.importorskip("fastapi", reason='the server tests need the serve extra: pi
 import requests
 from test_continuous_server import assert_ar_progress_is_seen, metrics, wait_until
 
+from glm_image.errors import error_of, reply_of
 from glm_image.server.app import create_app
 from glm_image.server.executors import ModelFront
 from glm_image.server.runner import ServerThread
 from glm_image.server.settings import ServerSettings
 from glm_image.server.workers import staged_processes
-from glm_image.stages.ticks import Tick, error_of, reply_of, tick
+from glm_image.stages.ticks import Tick, tick
 
 OPENAI = "/v1/images/generations"
 

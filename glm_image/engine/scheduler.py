@@ -58,7 +58,7 @@ from .choices import DEFAULT_CONTINUED, DEFAULT_COUPLED, DEFAULT_DRAFTS, DEFAULT
 from .decode import DecodeStats, start_sequential, start_sequential_chunked
 from .protocol import upsample_grid
 
-__all__ = ["MODES", "ArScheduler", "ArTicket", "SchedulerStats"]
+__all__ = ["MODES", "ArScheduler", "ArTicket", "SchedulerStats", "check_max_rows"]
 
 _log = logging.getLogger(__name__)
 
@@ -118,7 +118,12 @@ class _Row:
     next_step: int = 0  # pooled: the step its next forward writes
     prefill: object = None  # a chunked prefill under way (``decode.start_sequential_chunked``)
     lora: tuple = ()  # the row's adapters, ((name, scale), ...); a row with any runs apart
-    done: int = 0  # tokens written so far (its prefill writes the first)
+    done: int = 0  # a row stepped apart: tokens written so far (its prefill writes the first)
+
+    @property
+    def written(self) -> int:
+        """Tokens the row has written (a pooled row: the step its next forward writes)."""
+        return self.next_step if self.pooled else self.done
 
 
 @dataclass(frozen=True)
@@ -162,8 +167,7 @@ class ArScheduler:
         in ``batched`` mode, whole prefills otherwise."""
         if mode is not None and mode not in MODES:
             raise GlmImageError(f"mode = {mode!r}; allowed: {', '.join(MODES)} or None (auto)")
-        if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
-            raise GlmImageError(f"max_rows = {max_rows!r}; allowed: an integer >= 1")
+        check_max_rows(max_rows)
         if max_queued is not None and (not isinstance(max_queued, int) or max_queued < 0):
             raise GlmImageError(f"max_queued = {max_queued!r}; allowed: an integer >= 0, or None (no limit)")
         self.engine, self.max_rows, self.max_queued = engine, max_rows, max_queued
@@ -298,11 +302,16 @@ class ArScheduler:
                 if not self._queue and not self._running:
                     self._cv.wait(poll)
                     continue
-            try:
-                self.step()
-            except Exception as e:  # a fault outside any one row: the requests in flight fail with it
-                self.cancel_all(e)
+            self.safe_step()
         self.cancel_all(Cancelled())
+
+    def safe_step(self) -> None:
+        """``step``; a fault outside any one row fails the requests in flight with it (the
+        scheduler goes on with the next ones)."""
+        try:
+            self.step()
+        except Exception as e:
+            self.cancel_all(e)
 
     def wake(self) -> None:
         """Have ``run_forever`` look again now (e.g. after a request was abandoned)."""
@@ -352,8 +361,6 @@ class ArScheduler:
                 done, failed = [], [(row, e) for row in self._pool.rows]
             for row, error in failed:  # a row's own fault (its sampling) fails its request alone
                 self._fail(row.ticket, error)
-            for row in self._pool.rows:
-                row.done = row.next_step
             for row in done:
                 if row in self._running:  # not a request that failed in this iteration
                     self._row_done(row)
@@ -375,7 +382,7 @@ class ArScheduler:
         for ticket, rows in mine.items():
             steps = ticket.plan[3]
             finished = sum(steps for part in ticket.parts if part is not None)
-            self._tell(ticket, (finished + sum(min(r.done, steps) for r in rows)) // len(ticket.parts))
+            self._tell(ticket, (finished + sum(min(r.written, steps) for r in rows)) // len(ticket.parts))
 
     def _tell(self, ticket: ArTicket, done: int) -> bool:
         """``ticket.progress("ar", done, steps)`` if ``done`` is news; False if it raised (the
@@ -444,12 +451,9 @@ class ArScheduler:
         (read from their sources on first use, as ``lora.applied`` does)."""
         if lora is None:
             return [()] * rows
-        from ..lora.apply import LoraSet
-        from ..lora.stage import hold
+        from ..lora.stage import held
 
-        for name, source in lora.sources:
-            hold(self.engine.model, "ar", name, source)
-        LoraSet.of(self.engine.model).check(lora.selection)
+        held(self.engine, "ar", lora).check(lora.selection)
         chosen = lora.selection if isinstance(lora.selection, list) else [lora.selection] * rows
         return [tuple(row) for row in chosen]
 
@@ -589,3 +593,9 @@ def _check_lora(lora, rows: int) -> None:
             f"lora: a selection for {len(lora.selection)} images; the request has {rows} "
             "(allowed: one selection for every image, or one per image)"
         )
+
+
+def check_max_rows(max_rows) -> None:
+    """``max_rows`` (rows a scheduler decodes at once) before anything is made: an integer >= 1."""
+    if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
+        raise GlmImageError(f"max_rows = {max_rows!r}; allowed: an integer >= 1")

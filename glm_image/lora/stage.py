@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from .apply import LoraSet, Selection, fit, merge
 from .formats import LoraError, read_adapters
 
-__all__ = ["StageLora", "applied", "check_on", "hold_on", "merge_on"]
+__all__ = ["StageLora", "applied", "check_on", "held", "hold_on", "merge_on"]
 
 
 @dataclass(frozen=True)
@@ -65,16 +65,22 @@ def hold(model, stage: str, name: str, source: str) -> LoraSet:
     return lset
 
 
+def held(engine, stage: str, lora: StageLora) -> LoraSet:
+    """The engine's adapters with every one ``lora`` names among them (read from its source on
+    first use): what applies ``lora.selection``."""
+    model = _model(engine)
+    for name, source in lora.sources:
+        hold(model, stage, name, source)
+    return LoraSet.of(model)
+
+
 @contextlib.contextmanager
 def applied(engine, stage: str, lora: StageLora | None) -> Iterator[None]:
     """Within the block the engine's forwards apply ``lora`` (nothing without one)."""
     if lora is None:
         yield
         return
-    model = _model(engine)
-    for name, source in lora.sources:
-        hold(model, stage, name, source)
-    with LoraSet.of(model).selected(lora.selection):
+    with held(engine, stage, lora).selected(lora.selection):
         yield
 
 

@@ -42,7 +42,7 @@ from ..stages.run import ar_arguments, prior_tokens_of
 from .executors import HandleRunner, ModelFront, Stage, Watch, start_runners
 from .metrics import _number
 
-__all__ = ["BATCHING", "ContinuousExecutor", "continuous_supported", "executor_for"]
+__all__ = ["BATCHING", "ContinuousExecutor", "check_batching", "continuous_supported", "executor_for"]
 
 log = logging.getLogger("glm_image.server")
 
@@ -66,12 +66,16 @@ def continuous_supported(pipe) -> str | None:
     return None
 
 
+def check_batching(batching: str) -> None:
+    if batching not in BATCHING:
+        raise GlmImageError(f"batching = {batching!r}; allowed: {', '.join(BATCHING)}")
+
+
 def executor_for(pipe, batching: str = "auto", max_rows: int = 16):
     """The executor ``serve --batching`` asks for over a loaded ``pipe``: a
     ``ContinuousExecutor``, or None for the static default (``InProcessExecutor``). ``auto``:
     continuous where ``continuous_supported``; ``continuous`` where it is not is an error."""
-    if batching not in BATCHING:
-        raise GlmImageError(f"batching = {batching!r}; allowed: {', '.join(BATCHING)}")
+    check_batching(batching)
     if batching == "static" or (batching == "auto" and continuous_supported(pipe) is not None):
         return None
     return ContinuousExecutor(pipe, max_rows=max_rows)
@@ -161,39 +165,31 @@ class ContinuousExecutor:
         else:
             from .ticking import TickedRows
 
-            if not isinstance(max_rows, int) or isinstance(max_rows, bool) or max_rows < 1:
-                raise GlmImageError(f"max_rows = {max_rows!r}; allowed: an integer >= 1")
             self.pipe = self.front = pipe
             self.rows, self.dit = TickedRows(runners[0], max_rows, mode), runners[1]
-        self._runners = runners or ()
+        self._runners = tuple(runners) if runners else (self.dit,)  # what it starts and stops
         self.hold_adapters: Callable[[], None] | None = None  # stage workers: run once they are up
         self.stages = (Stage("ar", self._ar, max_rows), Stage("dit", self._dit, 1))
         # requests the queue may hold in flight: max_rows in the AR, as many waiting for the DiT
         self.in_flight = 2 * max_rows + 1
         self._dit_waiting: list = []  # abandoned() of each request done with the AR, not yet in the DiT
-        self._died: str | None = None
-
-    @property
-    def scheduler(self):
-        """The in-process ``ArScheduler`` (None when the AR runs in a stage worker)."""
-        return getattr(self.rows, "scheduler", None)
 
     @property
     def broken(self) -> str | None:
-        return self._died or self.rows.broken or self.dit.broken
+        return self.rows.broken or self.dit.broken
 
     async def start(self) -> None:
-        await start_runners(self._runners or (self.dit,), self.hold_adapters)
+        await start_runners(self._runners, self.hold_adapters)
         await self.rows.start()
 
     async def stop(self) -> None:
         await self.rows.stop()
-        await asyncio.gather(*(r.stop() for r in self._runners or (self.dit,)), return_exceptions=True)
+        await asyncio.gather(*(r.stop() for r in self._runners), return_exceptions=True)
 
     def describe(self) -> dict:
-        if self._runners:
-            return {"mode": self.name, "ar": self.rows.describe(), "dit": self.dit.describe()}
-        return {"mode": self.name, **self.rows.describe()}
+        if isinstance(self.rows, _LocalRows):
+            return {"mode": self.name, **self.rows.describe()}
+        return {"mode": self.name, "ar": self.rows.describe(), "dit": self.dit.describe()}
 
     async def _ar(self, requests: list, abandoned) -> tuple:
         front = self.front

@@ -19,9 +19,9 @@ import functools
 import itertools
 import logging
 
-from ..engine.scheduler import SchedulerStats
-from ..errors import Cancelled
-from ..stages.ticks import Tick, error_of, tick
+from ..engine.scheduler import SchedulerStats, check_max_rows
+from ..errors import Cancelled, error_of
+from ..stages.ticks import Tick, tick
 
 __all__ = ["TickedRows"]
 
@@ -36,7 +36,9 @@ class TickedRows:
     """An AR scheduler in a stage worker, behind ``runner`` (see the module docstring)."""
 
     def __init__(self, runner, max_rows: int, mode: str | None = None) -> None:
-        self.runner, self.max_rows, self.mode = runner, max_rows, mode
+        check_max_rows(max_rows)
+        # what every tick asks for (a new worker's scheduler too), and what the worker's reported
+        self.runner, self.max_rows, self.asked, self.mode = runner, max_rows, mode, mode
         self._ids = itertools.count()
         self._pending: list[tuple[int, object]] = []  # (id, ArCall) not yet handed over
         self._futures: dict[int, tuple[asyncio.Future, object]] = {}  # id -> (answer, abandoned)
@@ -91,7 +93,7 @@ class TickedRows:
             submit, self._pending = tuple(self._pending), []
             self._sent.update(r for r, _ in submit)
             self._dropped |= gone
-            order = Tick(self.max_rows, self.mode, submit, tuple(sorted(gone)))
+            order = Tick(self.max_rows, self.asked, submit, tuple(sorted(gone)))
             try:
                 answer = await self.runner.run(functools.partial(tick, order), _never)
             except asyncio.CancelledError:

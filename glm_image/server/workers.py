@@ -43,9 +43,10 @@ def staged_processes(
     ``StagedExecutor``: batches overlap stage by stage) or ``continuous`` / ``auto`` (a
     ``ContinuousExecutor``: the AR worker's scheduler, driven by ticks, with ``max_rows`` rows)."""
     from ..device import resolve_device
-    from .continuous import BATCHING, ContinuousExecutor
+    from .continuous import ContinuousExecutor, check_batching
     from .executors import HandleRunner, StagedExecutor
 
+    check_batching(batching)
     where = {"ar": ar_device or device, "dit": dit_device or device}
     resolved = {stage: resolve_device(name) for stage, name in where.items()}
     if threads is None and all(d.type == "cpu" for d in resolved.values()):
@@ -62,8 +63,6 @@ def staged_processes(
         )
         for stage in ("ar", "dit")
     ]
-    if batching not in BATCHING:
-        raise GlmImageError(f"batching = {batching!r}; allowed: {', '.join(BATCHING)}")
     if batching == "static":
         executor = StagedExecutor(front, *runners, name="stages")
     else:

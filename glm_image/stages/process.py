@@ -53,9 +53,8 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
-from ..errors import Cancelled, GlmImageError, StageDied, StageError
+from ..errors import Cancelled, GlmImageError, StageDied, StageError, error_of
 from .handle import StageSpec
-from .ticks import error_of
 
 __all__ = ["ProcessStage", "answer_seconds", "process_state", "receive", "send"]
 

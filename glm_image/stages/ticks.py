@@ -21,39 +21,12 @@ import time
 import weakref
 from dataclasses import dataclass, field
 
-from ..errors import Cancelled, GlmImageError, NonFiniteError, StageError
+from ..errors import reply_of
 from .calls import ArCall
 
-__all__ = ["Tick", "Ticked", "error_of", "reply_of", "tick"]
+__all__ = ["Tick", "Ticked", "tick"]
 
 _SCHEDULERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # engine -> _State
-
-
-def reply_of(error: BaseException) -> tuple[str, str]:
-    """(kind, text) of an error on a stage's side, as a handle reports it: "cancelled",
-    "nonfinite", "invalid" (a ``GlmImageError``) or "error" (anything else, with its traceback)."""
-    import traceback
-
-    if isinstance(error, Cancelled):
-        return "cancelled", ""
-    if isinstance(error, NonFiniteError):
-        return "nonfinite", str(error)
-    if isinstance(error, GlmImageError):
-        return "invalid", str(error)
-    text = "".join(traceback.format_exception(error))
-    return "error", f"{type(error).__name__}: {error}\n{text}"
-
-
-def error_of(kind: str, text: str, where: str) -> BaseException:
-    """The error a handle raises for a stage's (kind, text) (``reply_of``); ``where`` names the
-    stage (and rank) for an unexpected error."""
-    if kind == "cancelled":
-        return Cancelled(text or f"{where}: the call was stopped")
-    if kind == "nonfinite":
-        return NonFiniteError(text)
-    if kind == "invalid":
-        return GlmImageError(text)
-    return StageError(f"{where}: {text}")
 
 
 @dataclass(frozen=True)
@@ -86,17 +59,17 @@ class Ticked:
 class _State:
     scheduler: object  # ArScheduler
     dropped: set = field(default_factory=set)
-    finished: list = field(default_factory=list)  # (id, ticket, call, start)
+    finished: list = field(default_factory=list)  # (id, ArResult or None, error or None, call, start)
     progress: dict = field(default_factory=dict)
 
 
 def _state(engine, t: Tick) -> _State:
+    """The engine's scheduler and what its ticks share, made by the first tick (one server
+    drives a worker: the later ticks ask for the same rows)."""
     state = _SCHEDULERS.get(engine)
-    if state is None or state.scheduler.max_rows != t.max_rows:
+    if state is None:
         from ..engine.scheduler import ArScheduler
 
-        if state is not None:
-            state.scheduler.cancel_all(Cancelled("the scheduler was replaced"))
         state = _SCHEDULERS[engine] = _State(ArScheduler(engine, max_rows=t.max_rows, mode=t.mode))
     return state
 
@@ -112,7 +85,7 @@ def tick(t: Tick, engine) -> Ticked:
         start = time.perf_counter()
 
         def done(ticket, request=request, call=call, start=start) -> None:
-            state.finished.append((request, ticket, call, start))
+            state.finished.append((request, ticket.result, ticket.error, call, start))
 
         def progress(stage, written, total, request=request) -> None:
             state.progress[request] = (written, total)
@@ -130,25 +103,20 @@ def tick(t: Tick, engine) -> Ticked:
                 **kwargs,
             )
         except Exception as e:  # a request the scheduler refuses fails alone
-            state.finished.append((request, e, call, start))
-    began, ran = time.perf_counter(), 0
-    while not state.finished and not scheduler.idle:
-        if ran >= t.iterations or time.perf_counter() - began >= t.seconds:
+            state.finished.append((request, None, e, call, start))
+    began = time.perf_counter()
+    for _ in range(t.iterations):
+        if state.finished or scheduler.idle or time.perf_counter() - began >= t.seconds:
             break
-        try:
-            scheduler.step()
-        except Exception as e:  # a fault outside any one row: the requests in flight fail with it
-            scheduler.cancel_all(e)
-        ran += 1
+        scheduler.safe_step()
     answered = []
-    for request, ticket, call, start in state.finished:
+    for request, result, error, call, start in state.finished:
         state.progress.pop(request, None)
         state.dropped.discard(request)
-        error = ticket if isinstance(ticket, BaseException) else ticket.error
         if error is not None:
             answered.append((request, None, reply_of(error)))
         else:
-            answered.append((request, prior_tokens_of(call, ticket.result, start), None))
+            answered.append((request, prior_tokens_of(call, result, start), None))
     state.finished = []
     stats = scheduler.stats()
     return Ticked(

@@ -21,11 +21,10 @@ import threading
 import time
 from datetime import timedelta
 
-from ..errors import Cancelled
+from ..errors import Cancelled, reply_of
 from .handle import load_stage
 from .process import receive, send
 from .run import run_on
-from .ticks import reply_of
 
 __all__ = ["main"]
 
