@@ -28,14 +28,17 @@ def _everyone(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- AR
 
 
-def ar_generate(engine, prompts, height=128, width=128, seed=3, logits=True, decode_step=None, **kwargs):
-    """(logits (steps, B, V) or None, tokens of every rank (ranks, B, steps)) of ``engine.generate``."""
-    saved = engine.decode_step
-    engine.decode_step = decode_step or saved
+def ar_generate(
+    engine, prompts, height=128, width=128, seed=3, logits=True, decode_step=None, sampling=None, **kwargs
+):
+    """(logits (steps, B, V) or None, tokens of every rank (ranks, B, steps)) of ``engine.generate``;
+    ``decode_step`` and ``sampling`` (a ``SamplingParams``) replace the engine's for this call."""
+    saved = engine.decode_step, engine.sampling
+    engine.decode_step, engine.sampling = decode_step or saved[0], sampling or saved[1]
     try:
         result = engine.generate(prompts, height, width, seeds=seed, return_logits=logits, **kwargs)
     finally:
-        engine.decode_step = saved
+        engine.decode_step, engine.sampling = saved
     return (torch.stack(result.logits) if logits else None), _everyone(result.tokens)
 
 

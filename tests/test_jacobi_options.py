@@ -262,7 +262,15 @@ def test_greedy_tokens_stay_the_sequential_ones(engine, coupled, continued, draf
 )
 def test_options_hold_in_a_batch_and_on_the_static_step(engine, coupled, continued, drafts, monkeypatch):
     """Each row alone equals its row of a batch decoded together (rows not decoded apart), and
-    the capturable step equals the eager one; the histogram adds up to forwards and tokens."""
+    the capturable step equals the eager one; the histogram adds up to forwards and tokens.
+
+    The steps are compared with attention reading the whole cache in both (the eager step reads
+    it only up to its furthest window): ATen's attention kernel rounds a row's last bit differently with the
+    number of masked keys that trail it (``ar_engine``'s docstring), and a draft drawn by the
+    inverse CDF from the random model's near-uniform distribution over 16512 tokens turns a last
+    bit into another draft about once in a hundred draws (seen on an Intel Xeon, AVX-512). What
+    is compared is the loops: no host read per iteration, iterations queued unread, finished
+    rows that run on, the uniform stream's refills."""
     call = {"seeds": [3, 8], "max_new_tokens": 40, "coupled": coupled, "continued": continued}
     call["drafts"] = drafts
     monkeypatch.setattr(engine, "batch_invariant", False)
@@ -270,6 +278,9 @@ def test_options_hold_in_a_batch_and_on_the_static_step(engine, coupled, continu
     for i, (prompt, seed) in enumerate(zip(PROMPTS, [3, 8], strict=True)):
         alone = _run(engine, prompt, **(call | {"seeds": [seed]}))
         assert torch.equal(alone.tokens[0], together.tokens[i])
+    whole = engine.model.ops.window_attention
+    monkeypatch.setattr(engine.model.ops, "window_attention", lambda *a, length=None, **k: whole(*a, **k))
+    together = _run(engine, PROMPTS, **call)
     monkeypatch.setattr(engine, "decode_step", "static")
     static = _run(engine, PROMPTS, **call)
     assert torch.equal(static.tokens, together.tokens)
