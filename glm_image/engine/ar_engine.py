@@ -29,7 +29,8 @@ seed and stays the default.
 Tensor parallel (``tp``, ``glm_image.parallel``): every rank of the group runs this engine on
 its shard of the decoder, with the same call; the prompt ids and every token are decided by the
 group's first rank and sent to the others, so the ranks cannot diverge, and only that rank draws
-sampling noise (seeded sampling gives the tokens of one process).
+sampling noise (seeded sampling gives the tokens of one process, unless a draw lands within the
+last bits where the shards' sums round differently: docs/decoding-jacobi.md).
 
 Device graphs (``decode_step`` auto on CUDA or Ascend): the decode step is captured once per
 bucket (batch, KV capacity, sampling, LoRA; ``engine.graphs``) and kept, ``graph_buckets`` of
