@@ -19,7 +19,15 @@ from collections import defaultdict
 import numpy as np
 import pytest
 import torch
-from test_jacobi import PROMPTS, SAMPLES, _chi_square_p, _same_distribution, _sample, sharp_engine  # noqa: F401
+from test_jacobi import (  # noqa: F401
+    PROMPTS,
+    SAMPLES,
+    _chi_square_p,
+    _same_distribution,
+    _sample,
+    _sequential,
+    sharp_engine,
+)
 from test_speculative import LENGTH, VOCAB, WINDOW, TableModel, _accept_cells, _cells, _residual
 
 from glm_image.engine import jacobi
@@ -346,9 +354,7 @@ def test_each_option_samples_the_sequential_distribution(sharp_engine, monkeypat
     from test_jacobi import WINDOW as W
 
     engine, call = sharp_engine, {"num_images_per_prompt": BATCH, "max_new_tokens": N}
-    # the rows' distribution does not need batch invariance, and decoding 250 rows apart is slow
-    monkeypatch.setattr(engine, "batch_invariant", False)
-    sequential = _sample(lambda s: engine.generate(PROMPTS[0], 64, 64, seeds=s, **call).tokens, 0)
+    sequential = _sequential(engine, call, monkeypatch)
 
     def runner(coupled, continued):
         def run(seed):
