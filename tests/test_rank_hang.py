@@ -159,7 +159,7 @@ def test_serve_with_a_stopped_rank_fails_the_request_reports_it_and_leaves_nothi
 
     import requests
     from test_parallel_launch import _children
-    from test_server import OPENAI, post
+    from test_server import OPENAI, post, wait_until
     from test_server_stages import free_port, serve_command
 
     port = free_port()
@@ -177,14 +177,18 @@ def test_serve_with_a_stopped_rank_fails_the_request_reports_it_and_leaves_nothi
             assert len(ranks) == 2
             body = {"prompt": "a cat", "size": "64x64", "steps": 2}
             assert post(url, OPENAI, body).status_code == 200
-            # stopped while it decodes a long AR call (1281 tokens), so the call is under way
+            # stopped while it decodes a long AR call (1281 tokens): once the ranks report tokens
+            # (a fixed wait could end before the call is sent, on a busy machine)
             with ThreadPoolExecutor(1) as pool:
-                started = time.monotonic()
-                running = pool.submit(post, url, OPENAI, {**body, "size": "1024x1024", "steps": 1})
-                time.sleep(1.5)
+                long = {**body, "size": "1024x1024", "steps": 1}
+                running = pool.submit(
+                    post, url, OPENAI, long, headers={"X-Progress-Id": "rank-hang-progress"}
+                )
+                wait_until(lambda: _ar_done(url, "rank-hang-progress") > 0, timeout=120)
                 os.kill(ranks[1], signal.SIGSTOP)
+                started = time.monotonic()
                 failed = running.result(timeout=60)
-            assert time.monotonic() - started < 40
+            assert time.monotonic() - started < TIMEOUT + 30
             assert failed.status_code == 500, failed.text
             message = failed.json()["error"]["message"]
             assert f"(pid {ranks[1]}, cpu) stopped answering" in message, message
@@ -197,3 +201,11 @@ def test_serve_with_a_stopped_rank_fails_the_request_reports_it_and_leaves_nothi
         assert _wait_gone(ranks)
     finally:
         _kill(ranks)
+
+
+def _ar_done(url: str, tag: str) -> int:
+    """The AR tokens the request sent with ``X-Progress-Id: tag`` has written (0 before it starts)."""
+    import requests
+
+    stages = requests.get(f"{url}/v1/progress/{tag}", timeout=10).json().get("stages", {})
+    return stages.get("ar", {}).get("done", 0)

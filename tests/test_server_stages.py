@@ -307,11 +307,21 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def serve_command(argv: list[str], port: int):
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
+    """The server command in a process of its own, until the block ends (killed if still up).
+    Its output goes to a file, not a pipe: a pipe nobody reads fills up with the request log
+    (a line per poll of /metrics) and then blocks the server mid-test."""
+    import tempfile
+
+    log = tempfile.TemporaryFile()  # noqa: SIM115 (the server's lifetime)
+    process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
 
+    def output() -> str:
+        log.seek(0)
+        return log.read().decode(errors="replace")[-5000:]
+
     def up() -> bool:
-        assert process.poll() is None, process.stdout.read().decode()
+        assert process.poll() is None, output()
         with contextlib.suppress(requests.RequestException):  # not listening yet, or slow to answer
             return requests.get(url + "/health", timeout=5).status_code == 200
         return False
@@ -322,7 +332,8 @@ def serve_command(argv: list[str], port: int):
     finally:
         if process.poll() is None:
             process.kill()
-        process.communicate(timeout=30)
+        process.wait(timeout=30)
+        log.close()
 
 
 def test_a_killed_worker_fails_its_request_and_nothing_outlives_the_server(tiny_copy, tmp_path):
