@@ -15,6 +15,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -78,12 +79,19 @@ def test_serve_ray_command_starts_and_stops_cleanly(tiny_checkpoint, tmp_path):
     argv = [sys.executable, "-m", "glm_image.cli", "serve", "--ray", "--model", str(tiny_checkpoint)]
     argv += ["--port", str(port), "--output-dir", str(tmp_path), "--steps", "1"]
     argv += ["--ar-cpus", "0.5", "--dit-cpus", "0.5", "--dit-replicas", "2"]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
+    # output to a file, not a pipe nobody reads until the end: a full pipe would block the server
+    output = tempfile.TemporaryFile()  # noqa: SIM115 (the server's lifetime)
+    process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
+
+    def log() -> str:
+        output.seek(0)
+        return output.read().decode(errors="replace")
+
     try:
 
         def up() -> bool:
-            assert process.poll() is None, process.stdout.read().decode()
+            assert process.poll() is None, log()[-5000:]
             with contextlib.suppress(requests.RequestException):  # the proxy is up before the app
                 return requests.get(url + "/health", timeout=2).status_code == 200
             return False
@@ -101,8 +109,10 @@ def test_serve_ray_command_starts_and_stops_cleanly(tiny_checkpoint, tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
-        log = process.communicate(timeout=30)[0].decode()
-    assert "Traceback" not in log, log[-3000:]
+        process.wait(timeout=30)
+    text = log()
+    output.close()
+    assert "Traceback" not in text, text[-3000:]
     wait_until(
         lambda: (
             not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie" for pid in started)
