@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _report import build_report, ratio, save_report
-from bench_kernels import Bench  # do_bench's median on CUDA, a wall-clock median of 3 elsewhere
+from bench_kernels import Bench  # do_bench's median on CUDA, one call's wall time elsewhere
 
 RELEASED = {"heads": 32, "kv": 2, "head_dim": 128, "capacity": 4608, "fill": 4500}
 TINY = {"heads": 4, "kv": 2, "head_dim": 32, "capacity": 96, "fill": 80}
