@@ -198,6 +198,7 @@ def test_a_tick_answers_errors_as_a_handle_raises_them(tiny_checkpoint):
 def test_the_counters_count_on_across_a_replaced_worker():
     """/metrics' AR counters never go back: a new worker's scheduler starts at 0, and the
     driver adds the old worker's last numbers to it."""
+    from glm_image.engine.scheduler import SchedulerStats
     from glm_image.server.ticking import TickedRows
     from glm_image.stages.ticks import Ticked
 
@@ -205,14 +206,16 @@ def test_the_counters_count_on_across_a_replaced_worker():
         broken = None
 
     rows = TickedRows(Runner(), max_rows=4)
-    rows._answer(Ticked([], {}, 2, 0, 100, 180, 1.5, "invariant"))
-    rows._answer(Ticked([], {}, 1, 0, 120, 200, 2.0, "invariant"))
+    rows._answer(Ticked([], {}, SchedulerStats(4, 2, 0, 100, 180, 1.5), "invariant"))
+    rows._answer(Ticked([], {}, SchedulerStats(4, 1, 0, 120, 200, 2.0), "invariant"))
     assert (rows.stats().iterations, rows.stats().row_iterations, rows.stats().busy_seconds) == (
         120,
         200,
         2.0,
     )
-    rows._answer(Ticked([], {}, 1, 0, 3, 3, 0.25, "invariant"))  # the new worker's first tick
+    rows._answer(
+        Ticked([], {}, SchedulerStats(4, 1, 0, 3, 3, 0.25), "invariant")
+    )  # the new worker's first tick
     assert (rows.stats().iterations, rows.stats().row_iterations, rows.stats().busy_seconds) == (
         123,
         203,

@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import os
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +41,7 @@ from test_server import (  # noqa: E402
     same_pixels,
     wait_until,
 )
-from test_server_stages import free_port  # noqa: E402
+from test_server_stages import free_port, read_log, serve_command  # noqa: E402
 
 from glm_image.errors import (  # noqa: E402
     Cancelled,
@@ -79,39 +77,18 @@ def test_serve_ray_command_starts_and_stops_cleanly(tiny_checkpoint, tmp_path):
     argv = [sys.executable, "-m", "glm_image.cli", "serve", "--ray", "--model", str(tiny_checkpoint)]
     argv += ["--port", str(port), "--output-dir", str(tmp_path), "--steps", "1"]
     argv += ["--ar-cpus", "0.5", "--dit-cpus", "0.5", "--dit-replicas", "2"]
-    # output to a file, not a pipe nobody reads until the end: a full pipe would block the server
-    output = tempfile.TemporaryFile()  # noqa: SIM115 (the server's lifetime)
-    process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, env=os.environ.copy())
-    url = f"http://127.0.0.1:{port}"
-
-    def log() -> str:
-        output.seek(0)
-        return output.read().decode(errors="replace")
-
-    try:
-
-        def up() -> bool:
-            assert process.poll() is None, log()[-5000:]
-            with contextlib.suppress(requests.RequestException):  # the proxy is up before the app
-                return requests.get(url + "/health", timeout=2).status_code == 200
-            return False
-
-        wait_until(up, timeout=300)
-        r = post(url, BIGMODEL, {"model": "glm-image", "prompt": "p", "size": "64x64"})
-        assert r.status_code == 200, r.text
-        assert png(requests.get(r.json()["data"][0]["url"], timeout=10).content).size == (64, 64)
-        health = requests.get(url + "/health", timeout=10).json()
-        assert health["executor"]["mode"] == "ray" and health["executor"]["dit"]["slots"] == 2
-        started = {p.pid for p in psutil.Process(process.pid).children(recursive=True)}
-        assert ray_processes() - before, "no Ray process was started"
-        process.send_signal(signal.SIGINT)  # Ctrl-C
-        assert process.wait(timeout=120) == 0
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=30)
-    text = log()
-    output.close()
+    with tempfile.TemporaryFile() as output:
+        with serve_command(argv, port, output) as (process, url):
+            r = post(url, BIGMODEL, {"model": "glm-image", "prompt": "p", "size": "64x64"})
+            assert r.status_code == 200, r.text
+            assert png(requests.get(r.json()["data"][0]["url"], timeout=10).content).size == (64, 64)
+            health = requests.get(url + "/health", timeout=10).json()
+            assert health["executor"]["mode"] == "ray" and health["executor"]["dit"]["slots"] == 2
+            started = {p.pid for p in psutil.Process(process.pid).children(recursive=True)}
+            assert ray_processes() - before, "no Ray process was started"
+            process.send_signal(signal.SIGINT)  # Ctrl-C
+            assert process.wait(timeout=120) == 0
+        text = read_log(output)
     assert "Traceback" not in text, text[-3000:]
     wait_until(
         lambda: (

@@ -11,10 +11,8 @@ import base64
 import contextlib
 import http.client
 import io
-import os
 import re
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -539,29 +537,20 @@ def test_serve_settings_from_the_command_line(monkeypatch, tmp_path):
 
 def test_glm_image_serve_command(tiny_checkpoint, tmp_path):
     """The console command end to end: loads the model once, listens, answers, stops on SIGTERM."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    import tempfile
+
+    from test_server_stages import free_port, read_log, serve_command
+
+    port = free_port()
     command = [sys.executable, "-m", "glm_image.cli", "serve", "--model", str(tiny_checkpoint)]
     command += ["--port", str(port), "--output-dir", str(tmp_path / "files"), "--steps", "1"]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy()
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-
-        def up() -> bool:
-            assert process.poll() is None, process.stdout.read().decode()
-            with contextlib.suppress(requests.RequestException):  # not listening yet, or slow to answer
-                return requests.get(url + "/health", timeout=5).status_code == 200
-            return False
-
-        wait_until(up, timeout=300)  # a cold process: imports and the model load, on a loaded machine
-        r = post(url, BIGMODEL, {"model": "glm-image", "prompt": "p", "size": "64x64"})
-        assert r.status_code == 200 and png(
-            requests.get(r.json()["data"][0]["url"], timeout=10).content
-        ).size == (64, 64)
-    finally:
-        process.terminate()
-        log = process.communicate(timeout=30)[0].decode()
+    with tempfile.TemporaryFile() as output:
+        with serve_command(command, port, output) as (process, url):
+            r = post(url, BIGMODEL, {"model": "glm-image", "prompt": "p", "size": "64x64"})
+            assert r.status_code == 200 and png(
+                requests.get(r.json()["data"][0]["url"], timeout=10).content
+            ).size == (64, 64)
+            process.terminate()
+            process.wait(timeout=30)
+        log = read_log(output)
     assert f"POST {BIGMODEL} 200" in log and "Traceback" not in log

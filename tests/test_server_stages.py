@@ -305,35 +305,40 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def read_log(log) -> str:
+    """Everything written to the binary file ``log`` so far, as text."""
+    log.seek(0)
+    return log.read().decode(errors="replace")
+
+
 @contextlib.contextmanager
-def serve_command(argv: list[str], port: int):
-    """The server command in a process of its own, until the block ends (killed if still up).
-    Its output goes to a file, not a pipe: a pipe nobody reads fills up with the request log
-    (a line per poll of /metrics) and then blocks the server mid-test."""
+def serve_command(argv: list[str], port: int, log=None):
+    """The server command in a process of its own, until the block ends (killed if still up);
+    yields (process, url) once /health answers. Its output goes to ``log`` (a binary file the
+    caller reads with ``read_log``; default a temporary one), not a pipe: a pipe nobody reads
+    fills up with the request log (a line per poll of /metrics) and then blocks the server."""
     import tempfile
 
-    log = tempfile.TemporaryFile()  # noqa: SIM115 (the server's lifetime)
+    own = log is None
+    log = tempfile.TemporaryFile() if own else log  # noqa: SIM115 (the server's lifetime)
     process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy())
     url = f"http://127.0.0.1:{port}"
 
-    def output() -> str:
-        log.seek(0)
-        return log.read().decode(errors="replace")[-5000:]
-
     def up() -> bool:
-        assert process.poll() is None, output()
+        assert process.poll() is None, read_log(log)[-5000:]
         with contextlib.suppress(requests.RequestException):  # not listening yet, or slow to answer
             return requests.get(url + "/health", timeout=5).status_code == 200
         return False
 
     try:
-        wait_until(up, timeout=300)
+        wait_until(up, timeout=300)  # a cold process: imports and the model load, on a loaded machine
         yield process, url
     finally:
         if process.poll() is None:
             process.kill()
         process.wait(timeout=30)
-        log.close()
+        if own:
+            log.close()
 
 
 def test_a_killed_worker_fails_its_request_and_nothing_outlives_the_server(tiny_copy, tmp_path):

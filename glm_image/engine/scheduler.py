@@ -134,9 +134,7 @@ class SchedulerStats:
     running_rows: int
     queued_requests: int
     iterations: int
-    row_iterations: (
-        int  # sum over iterations of the rows that ran: occupancy = this / (iterations * max_rows)
-    )
+    row_iterations: int  # rows run, summed over iterations: occupancy = this / (iterations * max_rows)
     busy_seconds: float
 
 

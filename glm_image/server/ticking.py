@@ -15,6 +15,7 @@ the runner starts a new one; requests not yet handed over go to the new worker.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import itertools
 import logging
@@ -96,8 +97,6 @@ class TickedRows:
             order = Tick(self.max_rows, self.asked, submit, tuple(sorted(gone)))
             try:
                 answer = await self.runner.run(functools.partial(tick, order), _never)
-            except asyncio.CancelledError:
-                raise
             except Exception as e:  # the worker died (a new one starts) or cannot run: its requests fail
                 log.error("the AR scheduler's tick failed: %s", e)
                 self._fail(self._sent, e)
@@ -124,19 +123,18 @@ class TickedRows:
             report = getattr(watch, "report", None)
             if report is not None:
                 report("ar", done, total)
-        self.mode = answer.mode
-        counters = (answer.iterations, answer.row_iterations, answer.busy_seconds)
+        self.mode, worker = answer.mode, answer.stats
+        counters = (worker.iterations, worker.row_iterations, worker.busy_seconds)
         if counters[0] < self._last[0]:  # a new worker's scheduler: count on from the old one's
             self._before = tuple(b + last for b, last in zip(self._before, self._last, strict=True))
         self._last = counters
         iterations, row_iterations, busy = (b + c for b, c in zip(self._before, counters, strict=True))
-        self._stats = SchedulerStats(
-            self.max_rows,
-            answer.running_rows,
-            answer.queued_requests + len(self._pending),
-            iterations,
-            row_iterations,
-            busy,
+        self._stats = dataclasses.replace(
+            worker,
+            queued_requests=worker.queued_requests + len(self._pending),
+            iterations=iterations,
+            row_iterations=row_iterations,
+            busy_seconds=busy,
         )
 
     def _fail(self, requests, error: BaseException) -> None:

@@ -47,11 +47,7 @@ class Ticked:
 
     done: list[tuple[int, object, tuple[str, str] | None]]  # (id, PriorTokens or None, error reply)
     progress: dict[int, tuple[int, int]]  # id -> (tokens per image written, per image in all)
-    running_rows: int
-    queued_requests: int
-    iterations: int  # the scheduler's, since it started
-    row_iterations: int
-    busy_seconds: float
+    stats: object  # the scheduler's ``SchedulerStats`` (its counters since it started)
     mode: str
 
 
@@ -118,14 +114,4 @@ def tick(t: Tick, engine) -> Ticked:
         else:
             answered.append((request, prior_tokens_of(call, result, start), None))
     state.finished = []
-    stats = scheduler.stats()
-    return Ticked(
-        answered,
-        dict(state.progress),
-        stats.running_rows,
-        stats.queued_requests,
-        stats.iterations,
-        stats.row_iterations,
-        stats.busy_seconds,
-        scheduler.mode,
-    )
+    return Ticked(answered, dict(state.progress), scheduler.stats(), scheduler.mode)

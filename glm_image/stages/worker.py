@@ -125,7 +125,7 @@ def _serve(conn, spec, engine, control, leads: bool) -> None:
             # a call of the stage (``ArCall``, ``DitCall``), or a function of the engine itself
             result = run_on(spec.stage, engine, payload, progress)
             reply = ("ok", result if leads else None)
-        except Exception as e:  # said as the handle raises it (``ticks.error_of``)
+        except Exception as e:  # said so the handle raises it again (``errors.error_of``)
             reply = reply_of(e)
         _say(conn, ("reply", call_id, *reply))
         _BUSY.clear()
